@@ -1,0 +1,111 @@
+"""Model and causal-structure configs, plus the named model presets.
+
+Field names follow diffusers' ``WanTransformer3DModel`` config where one exists (so a converted
+checkpoint's ``config.json`` maps one-to-one); ``action_dim`` is ours (world models).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # informational: which preset the values came from
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    in_channels: int = 3
+    out_channels: int = 3
+    text_dim: int = 32
+    text_len: int = 8  # tokens of the text context the built-in conditioner produces
+    freq_dim: int = 32
+    ffn_dim: int = 256
+    num_layers: int = 2
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    action_dim: int = 0  # 0 = no action conditioning
+    param_dtype: str = "float32"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclass
+class CausalConfig:
+    """How attention is restricted in time (DESIGN.md section 2)."""
+
+    chunk_frames: int = 1  # latent frames per chunk; 1 = frame-wise
+    window_chunks: int = 0  # most recent chunks visible (incl. own); 0 = unlimited
+    sink_chunks: int = 0  # first chunks always visible (long rollouts)
+    attention_backend: str = "auto"
+
+
+MODEL_PRESETS: dict[str, dict] = {
+    # CPU-sized: trains in minutes on 2 cores on 32x32 RGB "latents" (patch 1x4x4 -> 64 tokens/frame).
+    "tiny": dict(patch_size=[1, 4, 4], num_attention_heads=4, attention_head_dim=16, in_channels=3,
+                 out_channels=3, text_dim=32, text_len=8, freq_dim=32, ffn_dim=256, num_layers=4),
+    # A few hundred million parameters: multi-GPU plumbing tests at modest cost.
+    "small": dict(patch_size=[1, 2, 2], num_attention_heads=8, attention_head_dim=128, in_channels=16,
+                  out_channels=16, text_dim=4096, text_len=512, freq_dim=256, ffn_dim=4096, num_layers=8),
+    # Wan2.1 T2V 1.3B (diffusers config of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
+    "wan2.1-1.3b": dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, text_len=512, freq_dim=256, ffn_dim=8960, num_layers=30),
+    # Wan2.1 T2V 14B.
+    "wan2.1-14b": dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, text_len=512, freq_dim=256, ffn_dim=13824, num_layers=40),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset, with field overrides."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError("model.preset", name, f"one of {sorted(MODEL_PRESETS)}")
+    known = {f.name for f in fields(ModelConfig)}
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"model.{key}", overrides[key], f"a field of ModelConfig: {sorted(known)}")
+    return ModelConfig(preset=name, **{**MODEL_PRESETS[name], **overrides})
+
+
+def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
+    """Fail early, naming the key, on values that cannot build a working model."""
+    if len(cfg.patch_size) != 3 or any(int(p) <= 0 for p in cfg.patch_size):
+        raise ConfigError(f"{prefix}.patch_size", cfg.patch_size, "three positive ints [t, h, w]")
+    positive = ["num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+                "text_len", "freq_dim", "ffn_dim", "num_layers", "rope_max_seq_len"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{prefix}.{name}", getattr(cfg, name), "a positive integer")
+    if cfg.attention_head_dim % 2:
+        raise ConfigError(f"{prefix}.attention_head_dim", cfg.attention_head_dim, "an even number (RoPE rotates pairs)")
+    if cfg.attention_head_dim // 6 < 1:
+        raise ConfigError(f"{prefix}.attention_head_dim", cfg.attention_head_dim, ">= 6 (3-D RoPE splits it into t/h/w)")
+    if cfg.freq_dim % 2:
+        raise ConfigError(f"{prefix}.freq_dim", cfg.freq_dim, "an even number (cos/sin halves)")
+    if cfg.action_dim < 0:
+        raise ConfigError(f"{prefix}.action_dim", cfg.action_dim, ">= 0 (0 disables action conditioning)")
+    if cfg.eps <= 0:
+        raise ConfigError(f"{prefix}.eps", cfg.eps, "a positive float")
+    if cfg.param_dtype not in ("float32", "bfloat16", "float16", "float64"):
+        raise ConfigError(f"{prefix}.param_dtype", cfg.param_dtype, "float32, bfloat16, float16 or float64")
+
+
+def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: str = "causal") -> None:
+    from ..ops.attention import available_backends
+
+    if cfg.chunk_frames <= 0:
+        raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames, "a positive integer (1 = frame-wise)")
+    if num_frames is not None and num_frames % cfg.chunk_frames:
+        divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
+        raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames,
+                          f"a divisor of the {num_frames} latent frames: {divisors}")
+    if cfg.window_chunks < 0:
+        raise ConfigError(f"{prefix}.window_chunks", cfg.window_chunks, ">= 0 (0 = unlimited)")
+    if cfg.sink_chunks < 0:
+        raise ConfigError(f"{prefix}.sink_chunks", cfg.sink_chunks, ">= 0")
+    if cfg.attention_backend not in available_backends():
+        raise ConfigError(f"{prefix}.attention_backend", cfg.attention_backend, f"one of {available_backends()}")

@@ -1,0 +1,278 @@
+"""Causal Wan2.1-style video DiT.
+
+Causality lives only in the attention mask and in the per-frame timesteps, so one set of weights
+serves bidirectional (full mask, diffusers parity), frame-/chunk-wise block-causal, teacher-forcing
+([clean ; noisy] sequences) and KV-cached streaming use. Inputs are *segments* (a video or a part
+of one, with its own per-frame timesteps and absolute frame offset) whose tokens are concatenated
+into one sequence; the caller supplies the :class:`GroupMask` over that sequence.
+
+Timesteps use Wan's scale: t in [0, 1000] is 1000 x the flow-matching noise level.
+
+Every forward can carry tangents (d latents, d timestep) and returns the output's tangent:
+``forward_with_tangent`` equals ``torch.func.jvp`` of ``forward`` (tested in float64).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config.model import CausalConfig, ModelConfig, validate_model
+from ..ops import dual
+from ..ops.masks import ChunkVisibility, GroupMask, kv_cache_mask
+from .kv_cache import KVCache
+from .layers import AttentionContext, WanBlock
+from .rope import grid_positions, rope_cos_sin
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Segment:
+    """A run of latent frames in the token sequence."""
+
+    latents: torch.Tensor  # [B, C, F, H, W]
+    timestep: torch.Tensor  # [B, F'] per (patched) frame, or [B], or a scalar
+    frame_offset: int = 0  # absolute index of the first (patched) frame: RoPE and chunk ids
+    tangent: torch.Tensor | None = None  # d latents
+    timestep_tangent: torch.Tensor | None = None  # d timestep, same shape as timestep
+    actions: torch.Tensor | None = None  # [B, F', action_dim] (world models)
+
+
+class _MLP2(nn.Module):
+    """linear_1 -> act -> linear_2 with diffusers' key names."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, act):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_hidden)
+        self.linear_2 = nn.Linear(d_hidden, d_out)
+        self.act = act
+
+    def forward(self, x, tx=None):
+        h, th = dual.linear(x, tx, self.linear_1.weight, self.linear_1.bias)
+        h, th = self.act(h, th)
+        return dual.linear(h, th, self.linear_2.weight, self.linear_2.bias)
+
+
+class _ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = _MLP2(cfg.freq_dim, d, d, dual.silu)
+        self.time_proj = nn.Linear(d, 6 * d)
+        self.text_embedder = _MLP2(cfg.text_dim, d, d, dual.gelu_tanh)
+
+
+class CausalWanModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: CausalConfig | None = None):
+        super().__init__()
+        validate_model(cfg)
+        self.cfg = cfg
+        self.causal = causal or CausalConfig()
+        d = cfg.hidden_size
+        p = tuple(int(x) for x in cfg.patch_size)
+        self.patch = p
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
+        self.condition_embedder = _ConditionEmbedder(cfg)
+        self.action_embedder = _MLP2(cfg.action_dim, d, d, dual.silu) if cfg.action_dim > 0 else None
+        self.blocks = nn.ModuleList(
+            WanBlock(d, cfg.ffn_dim, cfg.num_attention_heads, cfg.eps, cfg.cross_attn_norm) for _ in range(cfg.num_layers)
+        )
+        self.proj_out = nn.Linear(d, cfg.out_channels * p[0] * p[1] * p[2])
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        self.gradient_checkpointing = False
+        if self.action_embedder is not None:  # a converted teacher starts exactly as it was
+            nn.init.zeros_(self.action_embedder.linear_2.weight)
+            nn.init.zeros_(self.action_embedder.linear_2.bias)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.patch
+        if height % ph or width % pw:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch {ph}x{pw}")
+        return (height // ph) * (width // pw)
+
+    def visibility(self) -> ChunkVisibility:
+        return ChunkVisibility(self.causal.window_chunks, self.causal.sink_chunks)
+
+    def new_kv_cache(self, height: int, width: int) -> KVCache:
+        tokens = self.tokens_per_frame(height, width) * self.causal.chunk_frames
+        return KVCache(len(self.blocks), tokens, self.visibility())
+
+    # ------------------------------------------------------------------ public forwards
+    def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0):
+        """Denoiser output for latents x [B, C, F, H, W] (flow-matching velocity for Wan teachers)."""
+        seg = Segment(x, timestep, frame_offset, actions=actions)
+        return self.forward_segments([seg], context, mask)[0][0]
+
+    def forward_with_tangent(self, x, timestep, context, tangent=None, timestep_tangent=None,
+                             mask: GroupMask | None = None, actions=None, frame_offset: int = 0):
+        """(output, d output) along (d x, d timestep) in one pass; equals torch.func.jvp of forward."""
+        seg = Segment(x, timestep, frame_offset, tangent, timestep_tangent, actions)
+        return self.forward_segments([seg], context, mask)[0]
+
+    def forward_teacher_forcing(self, clean, noisy, timestep, context, mask: GroupMask, tangent=None,
+                                timestep_tangent=None, actions=None):
+        """Run [clean (t = 0) ; noisy (t)] of the same video; returns (output, tangent) for the noisy part.
+
+        Both copies share RoPE positions (frame_offset 0); the clean context carries no tangent.
+        """
+        t0 = torch.zeros_like(self._frame_timesteps(timestep, noisy))
+        segs = [Segment(clean, t0, 0, actions=actions),
+                Segment(noisy, timestep, 0, tangent, timestep_tangent, actions)]
+        return self.forward_segments(segs, context, mask)[1]
+
+    def forward_chunk(self, x, timestep, context, cache: KVCache, chunk: int, write_cache: bool = False,
+                      actions=None, tangent=None, timestep_tangent=None):
+        """One chunk against the KV cache of earlier chunks; ``write_cache`` appends this chunk's K/V."""
+        frames = x.shape[2] // self.patch[0]
+        if frames != self.causal.chunk_frames:
+            raise ValueError(f"forward_chunk takes one chunk of {self.causal.chunk_frames} latent frames, got {frames}")
+        seg = Segment(x, timestep, chunk * self.causal.chunk_frames, tangent, timestep_tangent, actions)
+        return self.forward_segments([seg], context, mask=None, cache=cache, write_cache=write_cache,
+                                     cache_chunk=chunk)[0]
+
+    # ------------------------------------------------------------------ the one code path
+    def forward_segments(self, segments: list[Segment], context, mask: GroupMask | None = None,
+                         cache: KVCache | None = None, write_cache: bool = False, cache_chunk: int | None = None):
+        dtype = self.dtype
+        ce = self.condition_embedder
+        text, _ = ce.text_embedder(context.to(dtype))
+
+        tokens, ttokens, temb, ttemb, positions, grids = [], [], [], [], [], []
+        for seg in segments:
+            x, tx, grid = self._patchify(seg.latents.to(dtype), None if seg.tangent is None else seg.tangent.to(dtype))
+            t = self._frame_timesteps(seg.timestep, seg.latents)
+            tt = None if seg.timestep_tangent is None else self._frame_timesteps(seg.timestep_tangent, seg.latents)
+            e, te = self._time_embedding(t, tt, seg.actions)
+            tokens.append(x), ttokens.append(tx), temb.append(e), ttemb.append(te), grids.append(grid)
+            positions.append(grid_positions(*grid, frame_offset=seg.frame_offset, device=x.device))
+        tpf = grids[0][1] * grids[0][2]
+        if any(g[1] * g[2] != tpf for g in grids):
+            raise ValueError("all segments must have the same spatial size (tokens per frame)")
+
+        x = torch.cat(tokens, dim=1)
+        tx = _cat_optional(ttokens, tokens)
+        e = torch.cat(temb, dim=1)  # [B, F_total, D]
+        te = _cat_optional(ttemb, temb)
+        mod, tmod = dual.linear(*dual.silu(e, te), ce.time_proj.weight, ce.time_proj.bias)
+        mod = mod.unflatten(-1, (6, -1))
+        tmod = None if tmod is None else tmod.unflatten(-1, (6, -1))
+
+        pos = torch.cat(positions)
+        cos, sin = rope_cos_sin(pos, self.cfg.attention_head_dim, torch.promote_types(dtype, torch.float32))
+        if cache is not None:
+            mask = kv_cache_mask(cache.chunks, cache.tokens_per_chunk, cache_chunk, x.shape[1], cache.visibility)
+        elif mask is not None and mask.shape != (x.shape[1], x.shape[1]):
+            raise ValueError(f"mask covers {mask.shape} tokens but the segments make a sequence of {x.shape[1]}")
+        if mask is not None and mask.is_full():
+            mask = None
+        if mask is not None:
+            mask = mask.to(x.device)
+        actx = AttentionContext(cos, sin, mask, self.causal.attention_backend, cache, cache_chunk, write_cache)
+
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self.blocks):
+            if use_ckpt:
+                x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, use_reentrant=False)
+            else:
+                x, tx = block(x, tx, mod, tmod, text, actx, i)
+        if cache is not None and write_cache:
+            cache.commit(cache_chunk)
+
+        y, ty = self._head(x, tx, e, te)
+        outs, start, fstart = [], 0, 0
+        for grid in grids:
+            n, f = grid[0] * tpf, grid[0]
+            ys = self._unpatchify(y[:, start:start + n], grid)
+            tys = None if ty is None else self._unpatchify(ty[:, start:start + n], grid)
+            outs.append((ys, tys))
+            start, fstart = start + n, fstart + f
+        return outs
+
+    # ------------------------------------------------------------------ pieces
+    def _frame_timesteps(self, t, latents) -> torch.Tensor:
+        b, frames = latents.shape[0], latents.shape[2] // self.patch[0]
+        t = torch.as_tensor(t, device=latents.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        if t.dim() == 1:
+            t = t[:, None].expand(b, frames)
+        if t.shape != (b, frames):
+            raise ValueError(f"timestep must be a scalar, [B] or [B, frames]=[{b}, {frames}]; got {tuple(t.shape)}")
+        return t
+
+    def _time_embedding(self, t, tt, actions):
+        ce = self.condition_embedder
+        dtype = self.dtype
+        s, ts = dual.sinusoidal_embedding(t, tt, ce.freq_dim)
+        e, te = ce.time_embedder(s.to(dtype), None if ts is None else ts.to(dtype))
+        if self.action_embedder is not None:
+            if actions is None:
+                raise ValueError(f"this model is action-conditioned (action_dim={self.cfg.action_dim}): pass actions "
+                                 "[B, frames, action_dim]")
+            if actions.shape[:2] != t.shape or actions.shape[-1] != self.cfg.action_dim:
+                raise ValueError(f"actions must be [B, frames, {self.cfg.action_dim}] = "
+                                 f"[{t.shape[0]}, {t.shape[1]}, {self.cfg.action_dim}], got {tuple(actions.shape)}")
+            a, _ = self.action_embedder(actions.to(dtype))
+            e = e + a
+        elif actions is not None:
+            raise ValueError("actions were given but model.action_dim = 0; set model.action_dim to the action size")
+        return e, te
+
+    def _patchify(self, x, tx):
+        if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"latents must be [B, {self.cfg.in_channels}, F, H, W], got {tuple(x.shape)}")
+        pt, ph, pw = self.patch
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent shape {tuple(x.shape[2:])} is not divisible by the patch {self.patch}")
+        w = self.patch_embedding
+        y = nn.functional.conv3d(x, w.weight, w.bias, stride=self.patch)
+        grid = tuple(y.shape[2:])
+        y = y.flatten(2).transpose(1, 2)
+        ty = None
+        if tx is not None:
+            ty = nn.functional.conv3d(tx, w.weight, None, stride=self.patch).flatten(2).transpose(1, 2)
+        return y, ty, grid
+
+    def _head(self, x, tx, e, te):
+        frames = e.shape[1]
+        mod = self.scale_shift_table.unsqueeze(0) + e.unsqueeze(2)  # [B, F, 2, D]
+        shift, scale = (m.unsqueeze(2) for m in dual.upcast(mod).unbind(2))
+        t_shift = t_scale = None
+        if te is not None:
+            t_shift = t_scale = dual.upcast(te).unsqueeze(2)
+        xf = x.unflatten(1, (frames, -1))
+        txf = None if tx is None else tx.unflatten(1, (frames, -1))
+        n, tn = dual.layer_norm(dual.upcast(xf), None if txf is None else dual.upcast(txf), eps=self.cfg.eps)
+        h, th = dual.modulate(n, tn, shift, t_shift, scale, t_scale)
+        h, th = h.to(x.dtype).flatten(1, 2), None if th is None else th.to(x.dtype).flatten(1, 2)
+        return dual.linear(h, th, self.proj_out.weight, self.proj_out.bias)
+
+    def _unpatchify(self, y, grid):
+        f, h, w = grid
+        pt, ph, pw = self.patch
+        b = y.shape[0]
+        y = y.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return y.reshape(b, y.shape[1], f * pt, h * ph, w * pw)
+
+
+def _cat_optional(tangents, primals):
+    """Concatenate tangents along dim 1, zero-filling missing ones; None if all are missing."""
+    if all(t is None for t in tangents):
+        return None
+    return torch.cat([torch.zeros_like(p) if t is None else t for t, p in zip(tangents, primals)], dim=1)
+
+
+def build_model(cfg: ModelConfig, causal: CausalConfig | None = None, device="cpu") -> CausalWanModel:
+    """Build in the configured parameter dtype; ``device='meta'`` allocates nothing (real-size shape checks)."""
+    with torch.device(device):
+        model = CausalWanModel(cfg, causal)
+    return model.to(DTYPES[cfg.param_dtype]) if device != "meta" else model.to(dtype=DTYPES[cfg.param_dtype])

@@ -1,0 +1,84 @@
+"""KV cache for streaming (chunk-by-chunk) generation and self-forcing rollouts.
+
+After a chunk is denoised it is re-run at t = 0 with ``write=True``; each self-attention layer then
+appends the chunk's (normed, rotated) keys and values. Later chunks attend to the cache plus
+themselves. Eviction follows the same :class:`ChunkVisibility` rule as the training mask (sink
+chunks + a window of recent chunks), so memory stays flat over arbitrarily long rollouts and the
+cached answer equals the block-causal full-sequence answer. Cross-attention keys/values of the text
+context are computed once per video and kept here too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.masks import ChunkVisibility
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor | None = None  # [B, S_cache, H, D]
+    v: torch.Tensor | None = None
+    cross_k: torch.Tensor | None = None  # [B, L, H, D]
+    cross_v: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    num_layers: int
+    tokens_per_chunk: int
+    visibility: ChunkVisibility = field(default_factory=ChunkVisibility)
+    chunks: list[int] = field(default_factory=list)  # chunk index of each cached chunk, in cache order
+    layers: list[LayerCache] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.layers:
+            self.layers = [LayerCache() for _ in range(self.num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chunks) * self.tokens_per_chunk
+
+    def keys_values(self, layer: int):
+        c = self.layers[layer]
+        return c.k, c.v
+
+    def append(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add one chunk's keys/values for one layer (the chunk index list is updated by :meth:`commit`)."""
+        if k.shape[1] != self.tokens_per_chunk:
+            raise ValueError(f"KVCache expects {self.tokens_per_chunk} tokens per chunk, got {k.shape[1]}")
+        c = self.layers[layer]
+        k, v = k.detach(), v.detach()
+        c.k = k if c.k is None else torch.cat([c.k, k], dim=1)
+        c.v = v if c.v is None else torch.cat([c.v, v], dim=1)
+
+    def commit(self, chunk: int) -> None:
+        """Record that every layer appended ``chunk``; then evict chunks no future chunk can see."""
+        if self.chunks and chunk <= self.chunks[-1]:
+            raise ValueError(f"KVCache chunks must be appended in order: got {chunk} after {self.chunks[-1]}")
+        self.chunks.append(chunk)
+        keep = self._kept_positions(next_chunk=chunk + 1)
+        if len(keep) == len(self.chunks):
+            return
+        t = self.tokens_per_chunk
+        idx = torch.cat([torch.arange(p * t, (p + 1) * t) for p in keep])
+        for c in self.layers:
+            if c.k is not None:
+                idx_d = idx.to(c.k.device)
+                c.k = c.k.index_select(1, idx_d)
+                c.v = c.v.index_select(1, idx_d)
+        self.chunks = [self.chunks[p] for p in keep]
+
+    def _kept_positions(self, next_chunk: int) -> list[int]:
+        w, s = self.visibility.window, self.visibility.sink
+        if w == 0:
+            return list(range(len(self.chunks)))
+        return [p for p, c in enumerate(self.chunks) if c < s or next_chunk - c < w]
+
+    def reset(self) -> None:
+        self.chunks = []
+        self.layers = [LayerCache() for _ in range(self.num_layers)]

@@ -1,0 +1,166 @@
+"""Wan2.1 building blocks with an optional tangent riding along (see ``ops/dual.py``).
+
+Parameter names and shapes mirror diffusers' ``WanTransformer3DModel`` exactly (``attn1.to_q``,
+``attn1.norm_q``, ``ffn.net.0.proj``, ``scale_shift_table`` ...), so a state dict converts by name.
+Every ``forward`` takes ``(x, tx)`` and returns ``(y, ty)``; ``tx=None`` is the plain forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops import dual
+from ..ops.attention import attention_jvp
+from ..ops.masks import GroupMask
+from .rope import apply_rope
+
+
+@dataclass
+class AttentionContext:
+    """What self-attention needs besides its input: positions, mask, cache, backend."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    mask: GroupMask | None
+    backend: str = "auto"
+    cache: object | None = None  # KVCache
+    cache_chunk: int | None = None  # chunk index being appended when writing the cache
+    write_cache: bool = False
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention of a Wan block, with q/k RMSNorm across heads."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.eps = eps
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def _heads(self, x):
+        return None if x is None else x.unflatten(-1, (self.heads, -1))
+
+    def project_kv(self, src, tsrc):
+        k, tk = dual.linear(src, tsrc, self.to_k.weight, self.to_k.bias)
+        k, tk = dual.rms_norm(k, tk, self.norm_k.weight, self.eps)
+        v, tv = dual.linear(src, tsrc, self.to_v.weight, self.to_v.bias)
+        return self._heads(k), self._heads(tk), self._heads(v), self._heads(tv)
+
+    def _out(self, o, to):
+        return dual.linear(o.flatten(-2), None if to is None else to.flatten(-2),
+                           self.to_out[0].weight, self.to_out[0].bias)
+
+    def self_attention(self, x, tx, ctx: AttentionContext, layer: int):
+        q, tq = dual.linear(x, tx, self.to_q.weight, self.to_q.bias)
+        q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps)
+        q, tq = self._heads(q), self._heads(tq)
+        k, tk, v, tv = self.project_kv(x, tx)
+        rot = lambda t: None if t is None else apply_rope(t, ctx.rope_cos, ctx.rope_sin)  # noqa: E731
+        q, tq, k, tk = rot(q), rot(tq), rot(k), rot(tk)
+        if ctx.cache is not None:
+            ck, cv = ctx.cache.keys_values(layer)
+            if ctx.write_cache:
+                ctx.cache.append(layer, ctx.cache_chunk, k, v)
+            if ck is not None:
+                zeros = lambda t, c: None if t is None else torch.cat([torch.zeros_like(c), t], dim=1)  # noqa: E731
+                tk, tv = zeros(tk, ck), zeros(tv, cv)
+                k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+        o, to = attention_jvp(q, k, v, tq, tk, tv, mask=ctx.mask, backend=ctx.backend)
+        return self._out(o, to)
+
+    def cross_attention(self, x, tx, context, cache_layer=None, backend: str = "auto"):
+        """Attend to the (tangent-free) text context; its keys/values may come from the cache."""
+        q, tq = dual.linear(x, tx, self.to_q.weight, self.to_q.bias)
+        q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps)
+        q, tq = self._heads(q), self._heads(tq)
+        if cache_layer is not None and cache_layer.cross_k is not None:
+            k, v = cache_layer.cross_k, cache_layer.cross_v
+        else:
+            k, _, v, _ = self.project_kv(context, None)
+            if cache_layer is not None:
+                cache_layer.cross_k, cache_layer.cross_v = k.detach(), v.detach()
+        o, to = attention_jvp(q, k, v, tq, None, None, mask=None, backend=backend)
+        return self._out(o, to)
+
+
+class _GeluProjection(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear; keys ``net.0.proj`` and ``net.2`` as in diffusers."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.net = nn.ModuleList([_GeluProjection(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x, tx):
+        h, th = dual.linear(x, tx, self.net[0].proj.weight, self.net[0].proj.bias)
+        h, th = dual.gelu_tanh(h, th)
+        return dual.linear(h, th, self.net[2].weight, self.net[2].bias)
+
+
+def _up(x, tx):
+    """Norms run in >= fp32 and hand fp32 to the modulation (diffusers' FP32LayerNorm)."""
+    return dual.upcast(x), None if tx is None else dual.upcast(tx)
+
+
+def _per_frame(x, frames: int):
+    """[B, S, D] -> [B, frames, S/frames, D] so per-frame modulation broadcasts over a frame's tokens."""
+    return None if x is None else x.unflatten(1, (frames, -1))
+
+
+class WanBlock(nn.Module):
+    """Self-attention, text cross-attention and FFN, each under per-frame AdaLN modulation."""
+
+    def __init__(self, dim: int, ffn_dim: int, heads: int, eps: float, cross_attn_norm: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.attn1 = Attention(dim, heads, eps)
+        self.attn2 = Attention(dim, heads, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True) if cross_attn_norm else None
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, tx, temb, ttemb, context, ctx: AttentionContext, layer: int):
+        """x [B, S, D]; temb [B, F, 6, D] per-frame modulation (F frames of S/F tokens each)."""
+        frames = temb.shape[1]
+        mod = self.scale_shift_table.unsqueeze(0) + dual.upcast(temb)  # [B, F, 6, D]
+        m = [t.unsqueeze(2) for t in mod.unbind(2)]  # 6 x [B, F, 1, D]
+        tm = [None] * 6 if ttemb is None else [t.unsqueeze(2) for t in dual.upcast(ttemb).unbind(2)]
+        shift, scale, gate, c_shift, c_scale, c_gate = m
+        t_shift, t_scale, t_gate, tc_shift, tc_scale, tc_gate = tm
+        xf, txf = _per_frame(x, frames), _per_frame(tx, frames)
+
+        n, tn = dual.layer_norm(*_up(xf, txf), eps=self.eps)
+        h, th = dual.modulate(n, tn, shift, t_shift, scale, t_scale)
+        h, th = h.to(x.dtype).flatten(1, 2), None if th is None else th.to(x.dtype).flatten(1, 2)
+        a, ta = self.attn1.self_attention(h, th, ctx, layer)
+        xf, txf = dual.gated_residual(xf, txf, _per_frame(a, frames), _per_frame(ta, frames), gate, t_gate)
+
+        x, tx = xf.flatten(1, 2), None if txf is None else txf.flatten(1, 2)
+        if self.norm2 is not None:
+            n, tn = dual.layer_norm(*_up(x, tx), self.norm2.weight, self.norm2.bias, eps=self.eps)
+            n, tn = n.to(x.dtype), None if tn is None else tn.to(x.dtype)
+        else:
+            n, tn = x, tx
+        cache_layer = None if ctx.cache is None else ctx.cache.layers[layer]
+        c, tc = self.attn2.cross_attention(n, tn, context, cache_layer, backend=ctx.backend)
+        x, tx = dual.add(x, tx, c, tc)
+
+        xf, txf = _per_frame(x, frames), _per_frame(tx, frames)
+        n, tn = dual.layer_norm(*_up(xf, txf), eps=self.eps)
+        h, th = dual.modulate(n, tn, c_shift, tc_shift, c_scale, tc_scale)
+        h, th = h.to(x.dtype), None if th is None else th.to(x.dtype)
+        f, tf = self.ffn(h, th)
+        xf, txf = dual.gated_residual(xf, txf, f, tf, c_gate, tc_gate)
+        return xf.flatten(1, 2), None if txf is None else txf.flatten(1, 2)

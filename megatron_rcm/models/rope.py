@@ -1,0 +1,49 @@
+"""3-D rotary position embedding of Wan2.1, computed from explicit (frame, row, col) positions.
+
+Diffusers precomputes a table indexed by grid position; we compute angles from per-token positions
+instead, because causal training needs positions that are not a plain grid: the clean and noisy
+copies of a frame in the teacher-forcing sequence share their positions, and a streamed chunk
+starts at an absolute frame offset. Head dim splits as in Wan: h = w = 2 * (D // 6), t = the rest.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def grid_positions(num_frames: int, height: int, width: int, frame_offset: int = 0, device=None) -> torch.Tensor:
+    """int64 [F*H*W, 3] (frame, row, col) of tokens in (f, h, w) raster order."""
+    f = torch.arange(frame_offset, frame_offset + num_frames, device=device)
+    h = torch.arange(height, device=device)
+    w = torch.arange(width, device=device)
+    return torch.stack(torch.meshgrid(f, h, w, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """float64 [S, head_dim // 2] rotation angles; pair i of the head uses angle[:, i]."""
+    parts = []
+    for axis, dim in enumerate(rope_axis_dims(head_dim)):
+        inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2] / dim)
+        parts.append(positions[:, axis].to(torch.float64)[:, None] * inv[None, :])
+    return torch.cat(parts, dim=1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    ang = rope_angles(positions, head_dim)
+    return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, D] by per-token angles [S, D/2].
+
+    Linear in x, so the tangent of a rotated tensor is the rotated tangent.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)

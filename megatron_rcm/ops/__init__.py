@@ -1,0 +1,1 @@
+"""Attention, masks and tangent rules: the numerical core shared by models and kernels."""

@@ -1,0 +1,101 @@
+"""Attention dispatch: one call site in the model, several interchangeable implementations.
+
+A backend provides ``forward(q, k, v, mask, scale) -> O`` (differentiable w.r.t. q, k, v) and
+``forward_jvp(q, k, v, tq, tk, tv, mask, scale) -> (O, dO)``. ``"reference"`` is plain PyTorch
+and defines correctness; ``"sdpa"`` uses ``F.scaled_dot_product_attention`` for the forward
+(fast on GPU, no forward-mode AD, so its JVP falls back to the reference formulas);
+``"fused"`` is the CUDA extension in ``csrc/`` (registered by :mod:`megatron_rcm.ops.fused_attention`
+when it is built). ``"auto"`` picks the fused kernel on CUDA when available, else SDPA on CUDA,
+else the reference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention_reference import attention_reference, attention_reference_jvp
+from .masks import GroupMask
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    forward: Callable
+    forward_jvp: Callable
+    available: Callable[[torch.Tensor], bool]
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    return ["auto", *sorted(_BACKENDS)]
+
+
+def _sdpa_forward(q, k, v, mask: GroupMask | None, scale):
+    attn_mask = None
+    if mask is not None and not mask.is_full():
+        attn_mask = mask.dense().to(q.device)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=attn_mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+def _reference_forward(q, k, v, mask, scale):
+    return attention_reference(q, k, v, mask=mask, scale=scale)
+
+
+def _reference_jvp(q, k, v, tq, tk, tv, mask, scale):
+    return attention_reference_jvp(q, k, v, tq, tk, tv, mask=mask, scale=scale)
+
+
+register_backend(AttentionBackend("reference", _reference_forward, _reference_jvp, lambda t: True))
+register_backend(AttentionBackend("sdpa", _sdpa_forward, _reference_jvp, lambda t: True))
+
+
+def _ensure_fused_registered() -> None:
+    if "fused" not in _BACKENDS:
+        try:  # registers itself on import when the extension is importable
+            from . import fused_attention  # noqa: F401
+        except ImportError:
+            pass
+
+
+def resolve_backend(name: str, like: torch.Tensor) -> AttentionBackend:
+    _ensure_fused_registered()
+    if name == "auto":
+        if like.is_cuda:
+            fused = _BACKENDS.get("fused")
+            if fused is not None and fused.available(like):
+                return fused
+            return _BACKENDS["sdpa"]
+        return _BACKENDS["reference"]
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {available_backends()}")
+    backend = _BACKENDS[name]
+    if not backend.available(like):
+        raise RuntimeError(f"attention backend {name!r} is not available for {like.device}/{like.dtype} inputs")
+    return backend
+
+
+def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None, backend: str = "auto"):
+    """O = softmax(scale q k^T + mask) v over [B, S, H, D] tensors."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return resolve_backend(backend, q).forward(q, k, v, mask, scale)
+
+
+def attention_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale: float | None = None,
+                  backend: str = "auto"):
+    """(O, dO) in one call; tangents may be None (zero)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if tq is None and tk is None and tv is None:
+        return attention(q, k, v, mask, scale, backend), None
+    return resolve_backend(backend, q).forward_jvp(q, k, v, tq, tk, tv, mask, scale)

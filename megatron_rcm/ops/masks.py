@@ -1,0 +1,227 @@
+"""Attention masks for causal video DiTs, as token *groups* plus a group-visibility matrix.
+
+Why groups: every mask this project needs (full, frame-/chunk-wise block-causal, teacher-forcing
+[clean ; noisy], local windows with sink chunks, KV-cache decoding) is constant over blocks of
+tokens. Storing one small integer per token and a ``G x G`` boolean matrix is O(S + G^2) memory,
+expands to the dense ``S x S`` mask for reference code, and gives an exact tile summary
+(skip / full / partial) for kernels without ever materialising ``S x S``.
+
+Group ids used by the builders: chunk ``c`` clean (or plain causal) tokens -> ``2c``,
+chunk ``c`` noisy tokens (teacher forcing) -> ``2c + 1``. Clean and noisy copies of a frame share
+RoPE positions; that is the model's business, not the mask's.
+
+A fused kernel consumes ``q_groups`` (int32 [Sq]), ``k_groups`` (int32 [Sk]), ``allow``
+(bool [G, G]) and ``tile_summary(block_q, block_k)`` (int8 [ceil(Sq/bq), ceil(Sk/bk)]): it never
+loads a SKIP tile, applies no element mask on a FULL tile, and on a PARTIAL tile masks element
+(i, j) iff ``not allow[q_groups[i], k_groups[j]]``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TILE_SKIP = 0
+TILE_FULL = 1
+TILE_PARTIAL = 2
+
+
+@dataclass(frozen=True)
+class ChunkVisibility:
+    """Which earlier chunks a chunk may attend to.
+
+    ``window``: number of most recent chunks visible, counting the chunk itself (0 = unlimited).
+    ``sink``: the first ``sink`` chunks stay visible to every later chunk (attention sinks for
+    long rollouts), whatever the window.
+    """
+
+    window: int = 0
+    sink: int = 0
+
+    def __post_init__(self):
+        if self.window < 0:
+            raise ValueError(f"ChunkVisibility.window must be >= 0 (0 = unlimited), got {self.window}")
+        if self.sink < 0:
+            raise ValueError(f"ChunkVisibility.sink must be >= 0, got {self.sink}")
+
+    def matrix(self, num_chunks: int, device=None) -> torch.Tensor:
+        """bool [C, C]: entry (i, j) says whether chunk i may see chunk j (j <= i)."""
+        i = torch.arange(num_chunks, device=device)[:, None]
+        j = torch.arange(num_chunks, device=device)[None, :]
+        vis = j <= i
+        if self.window > 0:
+            vis = vis & ((i - j < self.window) | (j < self.sink))
+        return vis
+
+    def visible_chunks(self, current: int) -> list[int]:
+        """Chunks (<= current) that chunk ``current`` attends to; what a KV cache must keep."""
+        return [j for j in range(current + 1) if self.matrix(current + 1)[current, j].item()]
+
+
+@dataclass
+class GroupMask:
+    """A mask given by per-token group ids and a group-to-group visibility matrix."""
+
+    q_groups: torch.Tensor  # int32 [Sq]
+    k_groups: torch.Tensor  # int32 [Sk]
+    allow: torch.Tensor  # bool [G, G]; allow[a, b]: a query of group a may see a key of group b
+
+    def __post_init__(self):
+        if self.q_groups.dim() != 1 or self.k_groups.dim() != 1:
+            raise ValueError("GroupMask.q_groups and k_groups must be 1-D (one id per token)")
+        if self.allow.dim() != 2 or self.allow.shape[0] != self.allow.shape[1]:
+            raise ValueError(f"GroupMask.allow must be square [G, G], got {tuple(self.allow.shape)}")
+        self.q_groups = self.q_groups.to(torch.int32)
+        self.k_groups = self.k_groups.to(torch.int32)
+        self.allow = self.allow.to(torch.bool)
+        g = self.allow.shape[0]
+        for name, ids in (("q_groups", self.q_groups), ("k_groups", self.k_groups)):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= g):
+                raise ValueError(f"GroupMask.{name} has ids outside [0, {g}) of the allow matrix")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q_groups.numel(), self.k_groups.numel())
+
+    @property
+    def num_groups(self) -> int:
+        return self.allow.shape[0]
+
+    def to(self, device) -> "GroupMask":
+        return GroupMask(self.q_groups.to(device), self.k_groups.to(device), self.allow.to(device))
+
+    def is_full(self) -> bool:
+        """True when every query sees every key (so plain unmasked attention is exact)."""
+        qg = torch.unique(self.q_groups)
+        kg = torch.unique(self.k_groups)
+        return bool(self.allow[qg][:, kg].all())
+
+    def dense(self, q_slice: slice | None = None) -> torch.Tensor:
+        """bool [Sq, Sk] (or the rows of ``q_slice``): True where attention is allowed."""
+        qg = self.q_groups if q_slice is None else self.q_groups[q_slice]
+        return self.allow[qg.long()[:, None], self.k_groups.long()[None, :]]
+
+    def tile_summary(self, block_q: int, block_k: int) -> torch.Tensor:
+        """int8 [ceil(Sq/block_q), ceil(Sk/block_k)] of TILE_SKIP / TILE_FULL / TILE_PARTIAL.
+
+        Exact for arbitrary group layouts: a tile is FULL iff every (query group, key group) pair
+        present in it is allowed, SKIP iff none is. Ragged last tiles only count real tokens.
+        """
+        if block_q <= 0 or block_k <= 0:
+            raise ValueError(f"tile sizes must be positive, got block_q={block_q}, block_k={block_k}")
+        pq = _group_presence(self.q_groups, block_q, self.num_groups)  # [Tq, G]
+        pk = _group_presence(self.k_groups, block_k, self.num_groups)  # [Tk, G]
+        allow = self.allow.to(torch.float32)
+        allowed_pairs = pq @ allow @ pk.T
+        total_pairs = pq.sum(1)[:, None] * pk.sum(1)[None, :]
+        out = torch.full(allowed_pairs.shape, TILE_PARTIAL, dtype=torch.int8, device=allow.device)
+        out[allowed_pairs == 0] = TILE_SKIP
+        out[allowed_pairs == total_pairs] = TILE_FULL
+        return out
+
+    def density(self) -> float:
+        """Fraction of allowed (query, key) pairs, computed at the group level."""
+        g = self.num_groups
+        cq = torch.bincount(self.q_groups.long(), minlength=g).to(torch.float64)
+        ck = torch.bincount(self.k_groups.long(), minlength=g).to(torch.float64)
+        allowed = cq @ self.allow.to(torch.float64) @ ck
+        return float(allowed / (cq.sum() * ck.sum()))
+
+
+def _group_presence(groups: torch.Tensor, block: int, num_groups: int) -> torch.Tensor:
+    n = groups.numel()
+    tiles = math.ceil(n / block)
+    tile_of_token = torch.arange(n, device=groups.device) // block
+    presence = torch.zeros(tiles, num_groups, dtype=torch.float32, device=groups.device)
+    presence[tile_of_token, groups.long()] = 1.0
+    return presence
+
+
+def _check_layout(num_frames: int, tokens_per_frame: int, chunk_frames: int) -> int:
+    if num_frames <= 0 or tokens_per_frame <= 0:
+        raise ValueError(f"num_frames and tokens_per_frame must be positive, got {num_frames}, {tokens_per_frame}")
+    if chunk_frames <= 0 or num_frames % chunk_frames:
+        raise ValueError(
+            f"chunk_frames={chunk_frames} must be positive and divide num_frames={num_frames}; "
+            f"choose a divisor of {num_frames}"
+        )
+    return num_frames // chunk_frames
+
+
+def chunk_ids(num_frames: int, tokens_per_frame: int, chunk_frames: int, first_chunk: int = 0) -> torch.Tensor:
+    """Chunk index of every token of a [frames x tokens_per_frame] sequence."""
+    _check_layout(num_frames, tokens_per_frame, chunk_frames)
+    frame = torch.arange(num_frames).repeat_interleave(tokens_per_frame)
+    return (frame // chunk_frames + first_chunk).to(torch.int32)
+
+
+def full_mask(num_q: int, num_k: int | None = None) -> GroupMask:
+    """Bidirectional attention (the mask of the original Wan2.1 model)."""
+    num_k = num_q if num_k is None else num_k
+    one = torch.ones(1, 1, dtype=torch.bool)
+    return GroupMask(torch.zeros(num_q, dtype=torch.int32), torch.zeros(num_k, dtype=torch.int32), one)
+
+
+def block_causal_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    chunk_frames: int = 1,
+    visibility: ChunkVisibility = ChunkVisibility(),
+) -> GroupMask:
+    """Block-causal mask: bidirectional inside a chunk, causal across chunks.
+
+    ``chunk_frames=1`` is the frame-wise variant. Groups are the chunks (ids ``2c``); the odd ids
+    stay unused so that the group space matches :func:`teacher_forcing_mask`.
+    """
+    n_chunks = _check_layout(num_frames, tokens_per_frame, chunk_frames)
+    ids = 2 * chunk_ids(num_frames, tokens_per_frame, chunk_frames)
+    allow = torch.zeros(2 * n_chunks, 2 * n_chunks, dtype=torch.bool)
+    allow[0::2, 0::2] = visibility.matrix(n_chunks)
+    return GroupMask(ids, ids, allow)
+
+
+def teacher_forcing_mask(
+    num_frames: int,
+    tokens_per_frame: int,
+    chunk_frames: int = 1,
+    visibility: ChunkVisibility = ChunkVisibility(),
+) -> GroupMask:
+    """Mask over the teacher-forcing sequence [clean frames ; noisy frames] of one video.
+
+    Clean chunk i sees clean chunks j <= i (subject to ``visibility``); noisy chunk i sees clean
+    chunks j < i (same visibility) and itself, never other noisy chunks. This is exactly what noisy
+    chunk i would see at inference with a KV cache of clean chunks.
+    """
+    n_chunks = _check_layout(num_frames, tokens_per_frame, chunk_frames)
+    c = chunk_ids(num_frames, tokens_per_frame, chunk_frames)
+    ids = torch.cat([2 * c, 2 * c + 1])
+    vis = visibility.matrix(n_chunks)
+    allow = torch.zeros(2 * n_chunks, 2 * n_chunks, dtype=torch.bool)
+    allow[0::2, 0::2] = vis  # clean -> clean
+    allow[1::2, 0::2] = vis & ~torch.eye(n_chunks, dtype=torch.bool)  # noisy -> strictly earlier clean
+    allow[1::2, 1::2] = torch.eye(n_chunks, dtype=torch.bool)  # noisy -> itself
+    return GroupMask(ids, ids, allow)
+
+
+def kv_cache_mask(
+    cached_chunks: list[int] | torch.Tensor,
+    tokens_per_chunk: int,
+    current_chunk: int,
+    num_query_tokens: int | None = None,
+    visibility: ChunkVisibility = ChunkVisibility(),
+) -> GroupMask:
+    """Queries of ``current_chunk`` against keys [cached chunks ; current chunk].
+
+    ``cached_chunks`` lists the chunk index of each cached chunk in cache order (a rolling cache
+    may hold a sink chunk followed by recent ones). Chunks the visibility rule hides are masked,
+    so a cache that kept more than needed still gives the block-causal answer.
+    """
+    cached = torch.as_tensor(cached_chunks, dtype=torch.int32).reshape(-1)
+    if cached.numel() and int(cached.max()) >= current_chunk:
+        raise ValueError(f"kv cache holds chunk {int(cached.max())} >= current chunk {current_chunk}")
+    nq = tokens_per_chunk if num_query_tokens is None else num_query_tokens
+    n_chunks = current_chunk + 1
+    k_ids = torch.cat([cached.repeat_interleave(tokens_per_chunk), torch.full((nq,), current_chunk, dtype=torch.int32)])
+    q_ids = torch.full((nq,), current_chunk, dtype=torch.int32)
+    return GroupMask(q_ids, k_ids, visibility.matrix(n_chunks))

@@ -1,0 +1,16 @@
+"""Shared test setup: float64 reference math, deterministic seeds, small helpers."""
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error |a - b| / |b| (b is the reference)."""
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))

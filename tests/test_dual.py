@@ -1,0 +1,52 @@
+"""Each tangent rule against torch.func.jvp of the same primal function (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from megatron_rcm.ops import dual
+
+
+def _check(rule, primal_fn, *primals):
+    tangents = [torch.randn_like(p) for p in primals]
+    y, ty = rule(*[v for pair in zip(primals, tangents) for v in pair])
+    ry, rty = torch.func.jvp(primal_fn, tuple(primals), tuple(tangents))
+    assert rel_err(y, ry) < 1e-13
+    assert rel_err(ty, rty) < 1e-11
+
+
+X = lambda: torch.randn(3, 5, 16, dtype=torch.float64)  # noqa: E731
+
+
+def test_layer_norm():
+    w, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    _check(lambda x, tx: dual.layer_norm(x, tx, w, b, 1e-6), lambda x: F.layer_norm(x, (16,), w, b, 1e-6), X())
+    _check(lambda x, tx: dual.layer_norm(x, tx, eps=1e-6), lambda x: F.layer_norm(x, (16,), eps=1e-6), X())
+
+
+def test_rms_norm():
+    w = torch.randn(16, dtype=torch.float64)
+    _check(lambda x, tx: dual.rms_norm(x, tx, w, 1e-6), lambda x: F.rms_norm(x, (16,), w, 1e-6), X())
+
+
+@pytest.mark.parametrize("name", ["gelu_tanh", "silu"])
+def test_activations(name):
+    ref = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}[name]
+    _check(getattr(dual, name), ref, X() * 3)
+
+
+def test_linear_modulate_residual():
+    w, b = torch.randn(7, 16, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    _check(lambda x, tx: dual.linear(x, tx, w, b), lambda x: F.linear(x, w, b), X())
+    _check(dual.modulate, lambda x, sh, sc: x * (1 + sc) + sh, X(), X(), X())
+    _check(dual.gated_residual, lambda x, br, g: x + br * g, X(), X(), X())
+
+
+def test_sinusoidal_embedding_matches_diffusers_and_its_derivative():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.rand(6, dtype=torch.float64) * 1000
+    y, _ = dual.sinusoidal_embedding(t.float(), None, 32)
+    ref = get_timestep_embedding(t.float(), 32, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert rel_err(y, ref) < 1e-6
+    _check(lambda a, ta: dual.sinusoidal_embedding(a, ta, 32),
+           lambda a: dual.sinusoidal_embedding(a, None, 32)[0], t)
