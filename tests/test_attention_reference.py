@@ -95,7 +95,7 @@ def test_fully_masked_rows_give_zero():
 
 def test_dispatch_on_cpu_uses_reference_and_rejects_unknown_backend():
     q, k, v = _qkv()
-    assert resolve_backend("auto", q).name == "reference"
+    assert resolve_backend("auto", q).name == "sdpa"
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         attention(q, k, v, backend="nope")
     mask = block_causal_mask(6, 4, 2)

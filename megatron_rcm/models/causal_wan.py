@@ -67,6 +67,8 @@ class _ConditionEmbedder(nn.Module):
 
 
 class CausalWanModel(nn.Module):
+    parallel = None  # megatron_rcm.parallel.ParallelContext when wrapped; None = single process
+
     def __init__(self, cfg: ModelConfig, causal: CausalConfig | None = None):
         super().__init__()
         validate_model(cfg)
@@ -177,17 +179,28 @@ class CausalWanModel(nn.Module):
         if mask is not None:
             mask = mask.to(x.device)
         actx = AttentionContext(cos, sin, mask, self.causal.attention_backend, cache, cache_chunk, write_cache)
+        par = self.parallel
+        if par is not None and par.cp > 1:  # context parallel: this rank keeps a contiguous run of frames
+            x, tx, mod, tmod, e, te = par.scatter_frames(x, tx, mod, tmod, e, te)
+        if par is not None and par.pp > 1:  # pipeline: later stages take (x, tx) from the previous stage
+            x, tx = par.pipeline_recv(x, tx)
 
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
+            if par is not None and not par.owns_layer(i):
+                continue
             if use_ckpt:
                 x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, use_reentrant=False)
             else:
                 x, tx = block(x, tx, mod, tmod, text, actx, i)
         if cache is not None and write_cache:
             cache.commit(cache_chunk)
+        if par is not None and par.pp > 1 and not par.pipeline_send(x, tx):
+            return [(None, None)] * len(segments)  # not the last stage: the output lives there
 
         y, ty = self._head(x, tx, e, te)
+        if par is not None and par.cp > 1:
+            y, ty = par.gather_frames(y, ty)
         outs, start, fstart = [], 0, 0
         for grid in grids:
             n, f = grid[0] * tpf, grid[0]

@@ -31,7 +31,13 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Self- or cross-attention of a Wan block, with q/k RMSNorm across heads."""
+    """Self- or cross-attention of a Wan block, with q/k RMSNorm across heads.
+
+    ``parallel`` (set by :func:`megatron_rcm.parallel.parallelize_model`, default None = single
+    process) supplies the tensor-/context-parallel collectives; see ``megatron_rcm/parallel/model.py``.
+    """
+
+    parallel = None
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -49,19 +55,32 @@ class Attention(nn.Module):
 
     def project_kv(self, src, tsrc):
         k, tk = dual.linear(src, tsrc, self.to_k.weight, self.to_k.bias)
-        k, tk = dual.rms_norm(k, tk, self.norm_k.weight, self.eps)
+        k, tk = dual.rms_norm(k, tk, self.norm_k.weight, self.eps, reduce=self._norm_reduce())
         v, tv = dual.linear(src, tsrc, self.to_v.weight, self.to_v.bias)
         return self._heads(k), self._heads(tk), self._heads(v), self._heads(tv)
 
+    def _norm_reduce(self):
+        return None if self.parallel is None else self.parallel.norm_reduce
+
     def _out(self, o, to):
-        return dual.linear(o.flatten(-2), None if to is None else to.flatten(-2),
-                           self.to_out[0].weight, self.to_out[0].bias)
+        o, to = o.flatten(-2), None if to is None else to.flatten(-2)
+        if self.parallel is not None:  # row-parallel: partial sums all-reduced, bias added once
+            return self.parallel.row_linear(o, to, self.to_out[0].weight, self.to_out[0].bias)
+        return dual.linear(o, to, self.to_out[0].weight, self.to_out[0].bias)
+
+    def _in(self, x, tx):
+        """Column-parallel input: identity forward, gradient all-reduced over TP in backward."""
+        return (x, tx) if self.parallel is None else self.parallel.column_input(x, tx)
 
     def self_attention(self, x, tx, ctx: AttentionContext, layer: int):
+        x, tx = self._in(x, tx)
         q, tq = dual.linear(x, tx, self.to_q.weight, self.to_q.bias)
-        q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps)
+        q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps, reduce=self._norm_reduce())
         q, tq = self._heads(q), self._heads(tq)
         k, tk, v, tv = self.project_kv(x, tx)
+        par = self.parallel
+        if par is not None and par.cp > 1:  # Ulysses: local tokens x local heads -> all tokens x heads/cp
+            q, k, v, tq, tk, tv = par.seq_to_heads(q, k, v, tq, tk, tv)
         rot = lambda t: None if t is None else apply_rope(t, ctx.rope_cos, ctx.rope_sin)  # noqa: E731
         q, tq, k, tk = rot(q), rot(tq), rot(k), rot(tk)
         if ctx.cache is not None:
@@ -73,12 +92,17 @@ class Attention(nn.Module):
                 tk, tv = zeros(tk, ck), zeros(tv, cv)
                 k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         o, to = attention_jvp(q, k, v, tq, tk, tv, mask=ctx.mask, backend=ctx.backend)
+        if par is not None and par.cp > 1:
+            o, to = par.heads_to_seq(o, to)
         return self._out(o, to)
 
     def cross_attention(self, x, tx, context, cache_layer=None, backend: str = "auto"):
         """Attend to the (tangent-free) text context; its keys/values may come from the cache."""
+        x, tx = self._in(x, tx)
+        if self.parallel is not None:
+            context, _ = self.parallel.column_input(context, None)
         q, tq = dual.linear(x, tx, self.to_q.weight, self.to_q.bias)
-        q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps)
+        q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps, reduce=self._norm_reduce())
         q, tq = self._heads(q), self._heads(tq)
         if cache_layer is not None and cache_layer.cross_k is not None:
             k, v = cache_layer.cross_k, cache_layer.cross_v
@@ -103,9 +127,15 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([_GeluProjection(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
 
+    parallel = None  # see Attention.parallel
+
     def forward(self, x, tx):
+        if self.parallel is not None:
+            x, tx = self.parallel.column_input(x, tx)
         h, th = dual.linear(x, tx, self.net[0].proj.weight, self.net[0].proj.bias)
         h, th = dual.gelu_tanh(h, th)
+        if self.parallel is not None:
+            return self.parallel.row_linear(h, th, self.net[2].weight, self.net[2].bias)
         return dual.linear(h, th, self.net[2].weight, self.net[2].bias)
 
 

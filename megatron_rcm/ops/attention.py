@@ -5,8 +5,8 @@ A backend provides ``forward(q, k, v, mask, scale) -> O`` (differentiable w.r.t.
 and defines correctness; ``"sdpa"`` uses ``F.scaled_dot_product_attention`` for the forward
 (fast on GPU, no forward-mode AD, so its JVP falls back to the reference formulas);
 ``"fused"`` is the CUDA extension in ``csrc/`` (registered by :mod:`megatron_rcm.ops.fused_attention`
-when it is built). ``"auto"`` picks the fused kernel on CUDA when available, else SDPA on CUDA,
-else the reference.
+when it is built). ``"auto"`` picks the fused kernel on CUDA when available, else SDPA (also on CPU,
+where its fused kernel is ~9x faster than the reference on the tiny model's training step).
 """
 from __future__ import annotations
 
@@ -72,12 +72,10 @@ def _ensure_fused_registered() -> None:
 def resolve_backend(name: str, like: torch.Tensor) -> AttentionBackend:
     _ensure_fused_registered()
     if name == "auto":
-        if like.is_cuda:
-            fused = _BACKENDS.get("fused")
-            if fused is not None and fused.available(like):
-                return fused
-            return _BACKENDS["sdpa"]
-        return _BACKENDS["reference"]
+        fused = _BACKENDS.get("fused")
+        if like.is_cuda and fused is not None and fused.available(like):
+            return fused
+        return _BACKENDS["sdpa"]
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {available_backends()}")
     backend = _BACKENDS[name]

@@ -54,17 +54,26 @@ def layer_norm(x, tx: Tangent, weight=None, bias=None, eps: float = 1e-6):
     return y.to(x.dtype), ty
 
 
-def rms_norm(x, tx: Tangent, weight=None, eps: float = 1e-6):
-    """RMSNorm over the last dim: y = x / rms(x) * w;  dy = (dx - x mean(x dx) / rms^2) / rms * w."""
+def rms_norm(x, tx: Tangent, weight=None, eps: float = 1e-6, reduce=None):
+    """RMSNorm over the last dim: y = x / rms(x) * w;  dy = (dx - x mean(x dx) / rms^2) / rms * w.
+
+    ``reduce`` (tensor parallel, where the last dim is a shard of the normalised dim): a callable
+    mapping the local statistics ``(mean(x^2), mean(x dx) or None)`` to the global ones, so the
+    primal and the tangent statistic can travel in one collective. None = single process.
+    """
     xf = upcast(x)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    tf = None if tx is None else upcast(tx)
+    ms = xf.pow(2).mean(-1, keepdim=True)
+    mxd = None if tf is None else (xf * tf).mean(-1, keepdim=True)
+    if reduce is not None:
+        ms, mxd = reduce(ms, mxd)
+    rstd = torch.rsqrt(ms + eps)
     y = xf * rstd
     if weight is not None:
         y = y * upcast(weight)
     ty = None
     if tx is not None:
-        tf = upcast(tx)
-        ty = (tf - xf * (xf * tf).mean(-1, keepdim=True) * rstd.pow(2)) * rstd
+        ty = (tf - xf * mxd * rstd.pow(2)) * rstd
         if weight is not None:
             ty = ty * upcast(weight)
         ty = ty.to(x.dtype)

@@ -1,0 +1,111 @@
+// torch bindings for the fused masked attention kernels (shape checks, allocation, launch).
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <optional>
+#include "fused_attention_kernels.cuh"
+
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return 0;
+  if (t.scalar_type() == at::kBFloat16) return 1;
+  TORCH_CHECK(false, "fused attention supports fp16/bf16 only, got ", t.scalar_type());
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "fused attention needs CUDA tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "expected [B, S, H, D]");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "expected contiguous tensors");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+              "q/k/v shape mismatch");
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "head dim must be 64 or 128");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "dtype mismatch");
+}
+
+mrcm::AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qg, const at::Tensor& kg,
+                             const at::Tensor& allow, const at::Tensor& tiles, int64_t G, double scale) {
+  TORCH_CHECK(qg.scalar_type() == at::kInt && kg.scalar_type() == at::kInt, "groups must be int32");
+  TORCH_CHECK(allow.scalar_type() == at::kByte && tiles.scalar_type() == at::kChar, "allow uint8, tiles int8");
+  TORCH_CHECK(qg.numel() == q.size(1) && kg.numel() == k.size(1), "group ids do not match sequence lengths");
+  TORCH_CHECK(allow.numel() == G * G && tiles.dim() == 2, "bad allow / tile summary");
+  TORCH_CHECK(qg.is_cuda() && kg.is_cuda() && allow.is_cuda() && tiles.is_cuda(), "mask tensors must be on CUDA");
+  mrcm::AttnParams p{};
+  p.B = q.size(0); p.Sq = q.size(1); p.H = q.size(2); p.Sk = k.size(1);
+  p.G = G; p.Tq = tiles.size(0); p.Tk = tiles.size(1); p.scale = scale;
+  p.q_groups = qg.data_ptr<int>(); p.k_groups = kg.data_ptr<int>();
+  p.allow = allow.data_ptr<uint8_t>(); p.tiles = tiles.data_ptr<int8_t>();
+  return p;
+}
+
+void check_err(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fused attention launch failed: ", cudaGetErrorString(e)); }
+
+std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor qg, at::Tensor kg, at::Tensor allow,
+                            at::Tensor tiles, int64_t G, double scale) {
+  check_qkv(q, k, v);
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
+  TORCH_CHECK(p.Tq == (p.Sq + mrcm::FWD_BQ - 1) / mrcm::FWD_BQ && p.Tk == (p.Sk + mrcm::FWD_BK - 1) / mrcm::FWD_BK,
+              "tile summary not made for the forward tile sizes");
+  auto o = at::empty_like(q);
+  auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = o.data_ptr(); p.lse = lse.data_ptr<float>();
+  check_err(mrcm::launch_fwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+  return {o, lse};
+}
+
+std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> tq,
+                                std::optional<at::Tensor> tk, std::optional<at::Tensor> tv, at::Tensor qg,
+                                at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale) {
+  check_qkv(q, k, v);
+  c10::cuda::CUDAGuard guard(q.device());
+  auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
+  TORCH_CHECK(p.Tq == (p.Sq + mrcm::JVP_BQ - 1) / mrcm::JVP_BQ && p.Tk == (p.Sk + mrcm::JVP_BK - 1) / mrcm::JVP_BK,
+              "tile summary not made for the JVP tile sizes");
+  auto chk = [&](const std::optional<at::Tensor>& t, const at::Tensor& like) -> const void* {
+    if (!t.has_value()) return nullptr;
+    TORCH_CHECK(t->sizes() == like.sizes() && t->scalar_type() == like.scalar_type() && t->is_contiguous(),
+                "tangent must match its primal (shape, dtype, contiguous)");
+    return t->data_ptr();
+  };
+  auto o = at::empty_like(q);
+  auto to = at::empty_like(q);
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.tq = chk(tq, q); p.tk = chk(tk, k); p.tv = chk(tv, v);
+  p.o = o.data_ptr(); p.to = to.data_ptr();
+  check_err(mrcm::launch_fwd_jvp(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+  return {o, to};
+}
+
+std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
+                            at::Tensor delta, at::Tensor qg, at::Tensor kg, at::Tensor allow, at::Tensor tiles,
+                            int64_t G, double scale) {
+  check_qkv(q, k, v);
+  c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "bad dO");
+  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.scalar_type() == at::kFloat &&
+              delta.scalar_type() == at::kFloat, "lse/delta must be contiguous float32 [B, H, Sq]");
+  auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
+  TORCH_CHECK(p.Tq == (p.Sq + mrcm::BWD_BQ - 1) / mrcm::BWD_BQ && p.Tk == (p.Sk + mrcm::BWD_BK - 1) / mrcm::BWD_BK,
+              "tile summary not made for the backward tile sizes");
+  auto dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.dout = dout.data_ptr();
+  p.lse = lse.data_ptr<float>(); p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq.data_ptr<float>(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  check_err(mrcm::launch_bwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+  dq.mul_(scale);
+  return {dq.to(q.scalar_type()), dk, dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &fwd, "masked attention forward -> (O, LSE)");
+  m.def("fwd_jvp", &fwd_jvp, "masked attention forward + JVP -> (O, dO)");
+  m.def("bwd", &bwd, "masked attention backward -> (dQ, dK, dV)");
+  m.attr("FWD_TILES") = pybind11::make_tuple(mrcm::FWD_BQ, mrcm::FWD_BK);
+  m.attr("JVP_TILES") = pybind11::make_tuple(mrcm::JVP_BQ, mrcm::JVP_BK);
+  m.attr("BWD_TILES") = pybind11::make_tuple(mrcm::BWD_BQ, mrcm::BWD_BK);
+}

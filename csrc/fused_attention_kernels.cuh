@@ -1,0 +1,33 @@
+// Plain-CUDA interface of the fused masked attention kernels (no torch types, so the .cu file
+// compiles and can be checked without the torch headers).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace mrcm {
+
+// Tensors are contiguous [B, S, H, D]; lse / delta are float32 [B, H, Sq].
+struct AttnParams {
+  const void* q; const void* k; const void* v;
+  const void* tq; const void* tk; const void* tv;  // tangents (JVP only; may be null)
+  const void* dout;                                 // backward only
+  void* o; void* to;                                // outputs
+  float* lse; const float* delta;                   // LSE (fwd writes, bwd reads), rowsum(dO*O)
+  float* dq_accum; void* dk; void* dv;              // backward outputs (dq in fp32, unscaled sum)
+  const int* q_groups; const int* k_groups; const uint8_t* allow; const int8_t* tiles;
+  int B, H, Sq, Sk, G, Tq, Tk;                      // Tq x Tk tile summary for the kernel's tiles
+  float scale;
+};
+
+// dtype: 0 = fp16, 1 = bf16. Return cudaError_t of the launch.
+cudaError_t launch_fwd(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
+cudaError_t launch_fwd_jvp(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
+cudaError_t launch_bwd(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
+
+// All kernels run 4 warps, one per 16 rows (BQ=128 with 8 warps measured slower).
+// Tile sizes the Python side must summarise the mask with.
+constexpr int FWD_BQ = 64, FWD_BK = 64;
+constexpr int JVP_BQ = 64, JVP_BK = 32;
+constexpr int BWD_BQ = 64, BWD_BK = 64;
+
+}  // namespace mrcm

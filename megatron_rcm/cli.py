@@ -1,0 +1,83 @@
+"""``megatron-rcm``: the command line. Each subcommand is a thin shim over a library function."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config.errors import ConfigError
+
+
+def _cmd_train(args) -> int:
+    from .config.run import load_config
+    from .training.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    results = Trainer(cfg, device=args.device).run()
+    for r in results:
+        extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.metrics.items())
+        print(f"phase {r.name}: {r.steps} steps, final loss {r.final_loss:.4g}, skipped {r.skipped_steps} {extra}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .config.run import load_config, to_yaml
+    from .models import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model, cfg.causal, device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    print(to_yaml(cfg))
+    print(f"parameters: {n:,} ({n / 1e9:.3f} B)")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML run config (see examples/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. phases.0.steps=50 model.num_layers=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-rcm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run the training phases of a config (teacher -> TF-CM -> SF-DMD)")
+    _add_config_args(p)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("info", help="print the resolved config and the model size")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_info)
+
+    from .launch import add_launch_arguments, run_launch
+
+    p = sub.add_parser("launch", help="start a (multi-node / SLURM) torchrun job: launch [opts] -- train CFG ...")
+    add_launch_arguments(p)
+    p.set_defaults(func=run_launch)
+
+    try:
+        from .convert.cli import add_convert_arguments, run_convert
+
+        p = sub.add_parser("convert", help="convert between diffusers WanTransformer3DModel folders and our checkpoints")
+        add_convert_arguments(p)
+        p.set_defaults(func=run_convert)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

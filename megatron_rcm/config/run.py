@@ -1,0 +1,151 @@
+"""The run config: YAML file + ``key=value`` overrides -> a validated, typed :class:`RunConfig`.
+
+omegaconf structured configs give type checking and unknown-key detection for free; every failure
+is re-raised as :class:`ConfigError` naming the full key, so users see ``phases.1.steps`` instead of
+a stack trace. Cross-field checks (heads vs hidden, chunk vs frames, parallel sizes) run here too,
+before any model is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..data.synthetic import DataConfig, validate_data
+from .errors import ConfigError
+from .model import MODEL_PRESETS, CausalConfig, ModelConfig, model_preset, validate_causal, validate_model
+
+PHASE_KINDS = ("teacher", "tf_cm", "sf_dmd")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase: which objective trains which model, for how long."""
+
+    name: str = MISSING
+    kind: str = MISSING  # teacher | tf_cm | sf_dmd
+    objective: str = MISSING  # flow_matching | dcm | scm | meanflow | dmd | rcm
+    steps: int = 100
+    batch_size: int = 0  # 0 = data.batch_size
+    init_from: str = "scratch"  # scratch | <earlier phase name> | diffusers:<dir>
+    teacher_from: str = ""  # earlier phase whose EMA weights are the frozen teacher ("" = none)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema_decay: float = 0.99
+    objective_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0 = only at the end of each phase
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    deterministic: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_videos: int = 16
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    teacher_steps: int = 32
+    cfg_scale: float = 3.0
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _key_of(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    return str(key) if key else "<config>"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML + dotlist overrides onto the schema, apply the model preset, validate."""
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(bad[0], bad[0], "overrides of the form key=value (e.g. phases.0.steps=50)")
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        user = OmegaConf.load(path) if path else OmegaConf.create()
+        dotlist = OmegaConf.from_dotlist(overrides)
+        preset = OmegaConf.select(dotlist, "model.preset", default=None) or \
+            OmegaConf.select(user, "model.preset", default=ModelConfig.preset)
+        if preset not in MODEL_PRESETS:
+            raise ConfigError("model.preset", preset, f"one of {sorted(MODEL_PRESETS)}")
+        merged = OmegaConf.merge(schema, {"model": OmegaConf.structured(model_preset(preset))}, user)
+        for item in overrides:  # one at a time so list entries (phases.0.steps=...) can be addressed
+            key, value = item.split("=", 1)
+            if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+                raise ConfigError(key, value, "an existing config key (see `megatron-rcm info CONFIG`)")
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        raise ConfigError(_key_of(err), getattr(err, "value", None), f"a valid value ({msg})") from None
+    validate_run(cfg)
+    return cfg
+
+
+def validate_run(cfg: RunConfig) -> None:
+    validate_model(cfg.model)
+    validate_data(cfg.data)
+    for data_key, model_key in (("channels", "in_channels"), ("text_dim", "text_dim"), ("text_len", "text_len"),
+                                ("action_dim", "action_dim")):
+        if getattr(cfg.data, data_key) != getattr(cfg.model, model_key):
+            raise ConfigError(f"data.{data_key}", getattr(cfg.data, data_key),
+                              f"model.{model_key} = {getattr(cfg.model, model_key)} (the two must agree)")
+    frames = cfg.data.num_frames // int(cfg.model.patch_size[0])
+    validate_causal(cfg.causal, num_frames=frames)
+    ph, pw = int(cfg.model.patch_size[1]), int(cfg.model.patch_size[2])
+    if cfg.data.height % ph or cfg.data.width % pw:
+        raise ConfigError("data.height/width", (cfg.data.height, cfg.data.width), f"multiples of the patch {ph}x{pw}")
+    if cfg.train.precision not in ("fp32", "bf16"):
+        raise ConfigError("train.precision", cfg.train.precision, "fp32 or bf16")
+    seen: list[str] = []
+    for i, phase in enumerate(cfg.phases):
+        key = f"phases.{i}"
+        if phase.kind not in PHASE_KINDS:
+            raise ConfigError(f"{key}.kind", phase.kind, f"one of {PHASE_KINDS}")
+        if phase.steps < 0:
+            raise ConfigError(f"{key}.steps", phase.steps, ">= 0")
+        if phase.name in seen:
+            raise ConfigError(f"{key}.name", phase.name, "a name not used by an earlier phase")
+        for ref_key in ("init_from", "teacher_from"):
+            ref = getattr(phase, ref_key)
+            if ref and ref != "scratch" and not ref.startswith("diffusers:") and ref not in seen:
+                raise ConfigError(f"{key}.{ref_key}", ref, f"'scratch', 'diffusers:<dir>' or an earlier phase: {seen}")
+        from ..training.registry import validate_objective  # objectives depend on config, not vice versa
+
+        validate_objective(phase, key)
+        seen.append(phase.name)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,283 @@
+"""Conversion between CausalWanModel and diffusers' WanTransformer3DModel folders.
+
+Our parameter names equal diffusers' keys, so conversion is a strict by-name copy plus a config
+mapping. We refuse anything diffusers can express that our model cannot (I2V image branch, other
+q/k norms), because silently dropping it would give a model that loads but computes something else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config.model import ModelConfig
+from ..models.causal_wan import DTYPES, CausalWanModel, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CLASS_NAME = "WanTransformer3DModel"
+DIFFUSERS_VERSION = "0.42.1"
+_SHARED = ["patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+           "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "rope_max_seq_len"]
+_EXTRA_KEY = "_megatron_rcm"  # leading underscore: diffusers ignores it when loading
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted faithfully; the message names the offending key(s)."""
+
+
+def _list_keys(keys) -> str:
+    keys = sorted(keys)
+    head = ", ".join(keys[:5])
+    return f"{len(keys)} key(s): {head}" + (", ..." if len(keys) > 5 else "")
+
+
+# ---------------------------------------------------------------------- config
+def model_config_from_diffusers(config: dict, text_len: int | None = None) -> ModelConfig:
+    """Map a diffusers config.json dict to ModelConfig, failing on features our model lacks."""
+    cls = config.get("_class_name", CLASS_NAME)
+    if cls != CLASS_NAME:
+        raise ConversionError(f"config key '_class_name' = {cls!r}: only {CLASS_NAME} is supported")
+    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if config.get(key) is not None:
+            raise ConversionError(f"config key '{key}' = {config[key]!r} is not supported "
+                                  "(image-to-video / image-embedding branch); it must be null")
+    qk = config.get("qk_norm", "rms_norm_across_heads")
+    if qk != "rms_norm_across_heads":
+        raise ConversionError(f"config key 'qk_norm' = {qk!r} is not supported; only 'rms_norm_across_heads'")
+    known = set(_SHARED) | {"qk_norm", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len"}
+    unknown = [k for k in config if not k.startswith("_") and k not in known]
+    if unknown:
+        raise ConversionError(f"config key(s) {unknown} are not known to this converter")
+    defaults = ModelConfig()
+    kw = {k: config[k] for k in _SHARED if k in config}
+    if "patch_size" in kw:
+        kw["patch_size"] = [int(p) for p in kw["patch_size"]]
+    if kw.get("out_channels") is None:  # diffusers: out_channels = out_channels or in_channels
+        kw["out_channels"] = kw.get("in_channels", defaults.in_channels)
+    extra = config.get(_EXTRA_KEY) or {}
+    kw["text_len"] = int(text_len or extra.get("text_len") or 512)  # Wan's umT5 context length
+    kw["preset"] = extra.get("preset", "diffusers")
+    return ModelConfig(**kw)
+
+
+def diffusers_config_from_model(cfg: ModelConfig) -> dict:
+    """A diffusers config.json dict for ``cfg`` (our extra fields ride along under '_megatron_rcm')."""
+    out = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION}
+    for k in _SHARED:
+        v = getattr(cfg, k)
+        out[k] = [int(p) for p in v] if k == "patch_size" else v
+    out.update(qk_norm="rms_norm_across_heads", image_dim=None, added_kv_proj_dim=None, pos_embed_seq_len=None)
+    out[_EXTRA_KEY] = {"text_len": cfg.text_len, "preset": cfg.preset}
+    return out
+
+
+# ---------------------------------------------------------------------- weights in
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"diffusers config not found: {path}")
+    return json.loads(path.read_text())
+
+
+def load_diffusers_state_dict(folder) -> dict[str, torch.Tensor]:
+    """All tensors of a diffusers folder, single-file or sharded (index.json + shards)."""
+    folder = Path(folder)
+    _read_config(folder)
+    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
+    if single.is_file():
+        return load_file(str(single))
+    if not index.is_file():
+        raise FileNotFoundError(f"diffusers weights not found: neither {single} nor {index} exists")
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: no 'weight_map' object")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = folder / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"diffusers weight shard not found: {path} (listed in {index})")
+        tensors = load_file(str(path))
+        state.update({k: v for k, v in tensors.items()})
+    missing = set(weight_map) - set(state)
+    if missing:
+        raise ConversionError(f"{index} lists tensors absent from their shards: {_list_keys(missing)}")
+    return state
+
+
+def _load_strict(model: CausalWanModel, state: dict, allow_missing_action: bool, source: str) -> None:
+    """Copy ``state`` into ``model`` by name; any unknown/missing key, shape or dtype problem is an error."""
+    own = model.state_dict()
+    unexpected = set(state) - set(own)
+    if unexpected:
+        raise ConversionError(f"{source}: unexpected {_list_keys(unexpected)} (not in CausalWanModel)")
+    missing = set(own) - set(state)
+    if allow_missing_action:
+        missing = {k for k in missing if not k.startswith("action_embedder.")}
+    if missing:
+        raise ConversionError(f"{source}: missing {_list_keys(missing)}")
+    bad_dtype = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in _SUPPORTED_DTYPES]
+    if bad_dtype:
+        raise ConversionError(f"{source}: unsupported dtype for {_list_keys(bad_dtype)}; "
+                              "expected float32/bfloat16/float16/float64")
+    bad_shape = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+                 if tuple(v.shape) != tuple(own[k].shape)]
+    if bad_shape:
+        raise ConversionError(f"{source}: shape mismatch for {_list_keys(bad_shape)}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def _stored_dtype(state: dict) -> torch.dtype:
+    dtypes = {v.dtype for v in state.values() if v.dtype in _SUPPORTED_DTYPES}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed (fp32-kept modules) -> float32
+
+
+def import_diffusers(folder, dtype: torch.dtype | None = None, action_dim: int = 0,
+                     text_len: int | None = None) -> CausalWanModel:
+    """Build our model from a diffusers WanTransformer3DModel folder (strict by-name load).
+
+    ``dtype`` None keeps the stored dtype (float32 if mixed). ``action_dim`` > 0 adds a
+    zero-initialised action embedder, so the imported teacher computes exactly what it did.
+    """
+    folder = Path(folder)
+    cfg = model_config_from_diffusers(_read_config(folder), text_len=text_len)
+    cfg.action_dim = int(action_dim)
+    state = load_diffusers_state_dict(folder)
+    if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+        raise ConversionError(f"dtype {dtype} is not supported; expected one of {list(_DTYPE_NAMES)}")
+    cfg.param_dtype = _DTYPE_NAMES[dtype or torch.float32]
+    model = build_model(cfg)
+    _load_strict(model, state, allow_missing_action=cfg.action_dim > 0, source=str(folder))
+    target = dtype or _stored_dtype(state)
+    if target != model.dtype:
+        model = model.to(target)
+        model.cfg.param_dtype = _DTYPE_NAMES[target]
+    return model
+
+
+# ---------------------------------------------------------------------- weights out
+def _shard(state: dict, max_shard_size: int) -> list[dict]:
+    """Greedy in key order, like diffusers/transformers: a tensor larger than the limit gets its own shard."""
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_size:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                       ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
+                     drop_action_embedder: bool = False) -> Path:
+    """Write a diffusers folder (config.json + safetensors, sharded with index.json above max_shard_size).
+
+    Written into a temp folder beside the target and renamed, so a crash never leaves a half folder.
+    """
+    folder = Path(folder)
+    cfg = model.cfg
+    if cfg.action_dim > 0 and not drop_action_embedder:
+        raise ConversionError(f"model.action_dim = {cfg.action_dim}: diffusers has no action embedder; pass "
+                              "drop_action_embedder=True to export the model without it")
+    if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+        raise ConversionError(f"dtype {dtype} is not supported; expected one of {list(_DTYPE_NAMES)}")
+    limit = _parse_size(max_shard_size)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("action_embedder."):
+            continue
+        v = v.detach().cpu()
+        state[k] = (v.to(dtype) if dtype is not None else v).contiguous()
+    config = diffusers_config_from_model(cfg)
+    if cfg.action_dim > 0:
+        config[_EXTRA_KEY]["dropped_action_dim"] = cfg.action_dim
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        shards = _shard(state, limit)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                for k, v in shard.items():
+                    weight_map[k] = name
+                    total += v.numel() * v.element_size()
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "x")
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# ---------------------------------------------------------------------- CLI
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``megatron-rcm convert``; pair with :func:`run_convert`."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-diffusers", metavar="DIR", help="diffusers WanTransformer3DModel folder -> our CKPT")
+    src.add_argument("--to-diffusers", metavar="CKPT", help="our CKPT (.safetensors + .json sidecar) -> diffusers DIR")
+    parser.add_argument("--out", required=True, help="output CKPT file or diffusers folder")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    parser.add_argument("--max-shard-size", default="5GB", help="diffusers shard size, e.g. 5GB, 500MB, bytes")
+    parser.add_argument("--action-dim", type=int, default=0, help="on import: add a zero-init action embedder")
+    parser.add_argument("--text-len", type=int, default=None, help="on import: text context length (default 512)")
+    parser.add_argument("--drop-action-embedder", action="store_true", help="on export: drop action weights")
+    return parser
+
+
+def run_convert(ns: argparse.Namespace) -> int:
+    """Run the conversion the parsed arguments describe; returns 0 (a CLI exit status)."""
+    from .native import load_model_checkpoint, save_model_checkpoint
+
+    dtype = DTYPES[ns.dtype] if ns.dtype else None
+    if ns.from_diffusers:
+        model = import_diffusers(ns.from_diffusers, dtype=dtype, action_dim=ns.action_dim, text_len=ns.text_len)
+        out = save_model_checkpoint(model, ns.out)
+    else:
+        model = load_model_checkpoint(ns.to_diffusers)
+        out = export_diffusers(model, ns.out, max_shard_size=ns.max_shard_size, dtype=dtype,
+                               drop_action_embedder=ns.drop_action_embedder)
+    print(f"wrote {out}")
+    return 0
+
+
+def convert_main(argv=None) -> int:
+    parser = add_convert_arguments(argparse.ArgumentParser(prog="megatron-rcm convert"))
+    return run_convert(parser.parse_args(argv))

@@ -1,0 +1,47 @@
+"""Minimal native checkpoint: one safetensors file of the state dict plus a JSON sidecar with the ModelConfig."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config.model import ModelConfig
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".json")
+
+
+def save_model_checkpoint(model, path) -> Path:
+    """Write ``path`` (safetensors) and ``path.json`` (config); each written to a temp name then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    side_tmp = path.with_name(path.name + ".json.tmp")
+    side_tmp.write_text(json.dumps({"model": dataclasses.asdict(model.cfg)}, indent=2))
+    os.replace(tmp, path)
+    os.replace(side_tmp, _sidecar(path))
+    return path
+
+
+def load_model_checkpoint(path, dtype: torch.dtype | None = None):
+    """Rebuild the model from the sidecar config and load its weights strictly."""
+    from ..models.causal_wan import build_model
+    from .diffusers_wan import _load_strict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    side = _sidecar(path)
+    if not side.is_file():
+        raise FileNotFoundError(f"checkpoint config sidecar not found: {side}")
+    cfg = ModelConfig(**json.loads(side.read_text())["model"])
+    model = build_model(cfg)
+    _load_strict(model, load_file(str(path)), allow_missing_action=False, source=str(path))
+    return model if dtype is None else model.to(dtype)

@@ -1,0 +1,7 @@
+"""Quality numbers for few-step students against many-step teachers (DESIGN.md section 6)."""
+from .extractor import VideoFeatureExtractor, classifier_accuracy, train_feature_extractor
+from .metrics import (evaluate_samples, frechet_distance, frechet_distance_gaussians, per_frame_mse,
+                      psnr_from_mse)
+
+__all__ = ["VideoFeatureExtractor", "classifier_accuracy", "train_feature_extractor", "evaluate_samples",
+           "frechet_distance", "frechet_distance_gaussians", "per_frame_mse", "psnr_from_mse"]

@@ -1,0 +1,183 @@
+"""Streaming generation: chunk by chunk, 1-4 steps, rolling KV cache, progressive output.
+
+Each chunk is sampled with the same few-step x0-prediction + re-noise sampler the student was
+distilled with (:func:`megatron_rcm.selfforcing.rollout.sample_chunk`), then re-run at t = 0 to
+append its keys/values to the cache. The cache evicts by the model's ``ChunkVisibility`` (sink
+chunks + window), so videos of any length keep a flat cache while RoPE positions keep increasing.
+The noise order matches :func:`self_forcing_rollout`, so a stream reproduces a rollout from one seed.
+
+World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, chunk_frames, A]`` is called
+before each chunk (``frames_so_far`` = list of the chunks produced so far), e.g.
+:func:`stdin_action_reader` for interactive play.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..selfforcing.rollout import denoise_levels, sample_chunk
+
+
+@dataclass
+class StreamConfig:
+    steps: int = 2  # 1-4 few-step sampling
+    timesteps: list[float] | None = None  # explicit Wan timesteps; default: evenly spaced from 1000
+    shift: float = 1.0
+    guidance_scale: float = 1.0  # CFG (1 = off; distilled students usually need none)
+
+
+@dataclass
+class ChunkOutput:
+    index: int
+    frames: torch.Tensor  # [B, C, chunk latent frames, H, W]
+    latency_s: float  # wall time to produce this chunk (sampling + cache write)
+    cache_tokens: int  # KV cache size after this chunk
+
+
+def default_timesteps(steps: int) -> list[float]:
+    """[1000], [1000, 500], [1000, 750, 500, 250], ...: evenly spaced from pure noise."""
+    if not 1 <= steps <= 8:
+        raise ValueError(f"steps must be in 1..8 for few-step streaming, got {steps}")
+    return [1000.0 * (steps - k) / steps for k in range(steps)]
+
+
+def _denoiser(model, context, uncond_context, scale, caches, chunk, actions):
+    """Guided velocity for one chunk. CFG keeps a second KV cache: the uncond branch sees its own history
+    (the same clean chunks, encoded with the uncond context), as a cond/uncond pair of streams would."""
+    if len(caches) == 1:
+        return lambda x, t: model.forward_chunk(x, t, context, caches[0], chunk, actions=actions)[0]
+
+    def fn(x, t):
+        vc = model.forward_chunk(x, t, context, caches[0], chunk, actions=actions)[0]
+        vu = model.forward_chunk(x, t, uncond_context, caches[1], chunk, actions=actions)[0]
+        return vu + scale * (vc - vu)
+
+    return fn
+
+
+@torch.no_grad()
+def stream_video(model, context, num_frames: int, height: int, width: int, cfg: StreamConfig | None = None,
+                 uncond_context=None, action_fn: Callable | None = None, generator=None,
+                 sync: Callable[[], None] | None = None, prefix=None) -> Iterator[ChunkOutput]:
+    """Yield each chunk as soon as it is denoised (a generator). ``num_frames`` may exceed training length.
+
+    ``prefix`` [B, C, P, H, W] (P a multiple of the chunk): given clean frames (e.g. the world model's
+    current observation) written to the cache first; ``num_frames`` new frames follow them, with chunk
+    indices (and RoPE positions) continuing after the prefix. ``action_fn`` is asked for every chunk,
+    prefix chunks included (their actions condition the cached K/V).
+    """
+    cfg = cfg or StreamConfig()
+    levels = denoise_levels(cfg.timesteps or default_timesteps(cfg.steps), cfg.shift)
+    b = context.shape[0]
+    cf = model.causal.chunk_frames * model.patch[0]
+    if num_frames % cf:
+        raise ValueError(f"num_frames={num_frames} must be a multiple of the chunk size {cf} latent frames")
+    use_cfg = cfg.guidance_scale != 1.0 and uncond_context is not None
+    caches = [model.new_kv_cache(height, width) for _ in range(2 if use_cfg else 1)]
+    c_in = model.cfg.in_channels
+    sync = sync or (lambda: torch.cuda.synchronize() if context.is_cuda else None)
+    produced: list[torch.Tensor] = []
+    zeros = torch.zeros(b, model.causal.chunk_frames, dtype=model.dtype, device=context.device)
+
+    def get_actions(chunk):
+        if action_fn is None:
+            return None
+        a = torch.as_tensor(action_fn(chunk, produced), dtype=model.dtype, device=context.device)
+        return a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a
+
+    first = 0
+    if prefix is not None:
+        if prefix.shape[2] % cf:
+            raise ValueError(f"prefix has {prefix.shape[2]} frames, not a multiple of the chunk size {cf}")
+        for chunk in range(prefix.shape[2] // cf):
+            x0 = prefix[:, :, chunk * cf:(chunk + 1) * cf].to(model.dtype)
+            actions = get_actions(chunk)
+            for cache, ctx in zip(caches, (context, uncond_context)):
+                model.forward_chunk(x0, zeros, ctx, cache, chunk, write_cache=True, actions=actions)
+            produced.append(x0)
+        first = prefix.shape[2] // cf
+    for chunk in range(first, first + num_frames // cf):
+        t0 = time.perf_counter()
+        actions = get_actions(chunk)
+        noise = torch.randn((b, c_in, cf, height, width), generator=generator, device=context.device, dtype=model.dtype)
+        fn = _denoiser(model, context, uncond_context, cfg.guidance_scale, caches, chunk, actions)
+        x0 = sample_chunk(fn, noise, levels, len(levels) - 1, grad=False, generator=generator)
+        for cache, ctx in zip(caches, (context, uncond_context)):
+            model.forward_chunk(x0, zeros, ctx, cache, chunk, write_cache=True, actions=actions)
+        sync()
+        produced.append(x0)
+        yield ChunkOutput(chunk, x0, time.perf_counter() - t0, caches[0].num_tokens)
+
+
+def generate_video(model, context, num_frames: int, height: int, width: int, steps: int = 2,
+                   timesteps: list[float] | None = None, shift: float = 1.0, guidance_scale: float = 1.0,
+                   uncond_context=None, action_fn: Callable | None = None, seed: int | None = 0, generator=None,
+                   writer=None, decode: Callable | None = None, log: Callable[[str], None] | None = print,
+                   prefix=None, writer_sample: int | None = 0):
+    """Generate a video by streaming; returns the new frames [B, C, num_frames, H, W] (after ``prefix``).
+
+    ``writer`` receives each chunk as soon as it exists: ``utils.video.StreamingVideoWriter`` (``append``),
+    anything with ``write``, or a callable. It gets batch element ``writer_sample`` ([C, f, H, W]; None =
+    the whole [B, C, f, H, W] chunk), decoded by ``decode`` (latents -> pixels) first if given.
+    Per-chunk latency goes to ``log`` (print by default; None = silent).
+    """
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=context.device)
+        generator.manual_seed(seed)
+    cfg = StreamConfig(steps=steps, timesteps=timesteps, shift=shift, guidance_scale=guidance_scale)
+    chunks = []
+    for out in stream_video(model, context, num_frames, height, width, cfg, uncond_context, action_fn, generator,
+                            prefix=prefix):
+        chunks.append(out.frames)
+        if writer is not None:
+            frames = decode(out.frames) if decode is not None else out.frames
+            frames = frames if writer_sample is None else frames[writer_sample]
+            put = getattr(writer, "append", None) or getattr(writer, "write", None) or writer
+            put(frames.detach().float().cpu())
+        if log is not None:
+            log(f"chunk {out.index}: {out.frames.shape[2]} frames in {out.latency_s * 1e3:.1f} ms "
+                f"(kv cache {out.cache_tokens} tokens)")
+    return torch.cat(chunks, dim=2)
+
+
+def one_hot_actions(ids, action_dim: int, chunk_frames: int, batch: int = 1) -> torch.Tensor:
+    """Action ids (one for the chunk, or one per frame) -> one-hot [B, chunk_frames, action_dim]."""
+    ids = list(ids)
+    if len(ids) == 1:
+        ids = ids * chunk_frames
+    if len(ids) != chunk_frames:
+        raise ValueError(f"give 1 or {chunk_frames} action ids per chunk, got {len(ids)}")
+    if any(not 0 <= i < action_dim for i in ids):
+        raise ValueError(f"action ids must be in [0, {action_dim}), got {ids}")
+    a = torch.nn.functional.one_hot(torch.tensor(ids), action_dim).float()
+    return a.unsqueeze(0).expand(batch, -1, -1)
+
+
+def stdin_action_reader(action_dim: int, chunk_frames: int, batch: int = 1, stream=None, prompt: bool = True,
+                        default: int = 0) -> Callable:
+    """An ``action_fn`` that reads one line of action ids per chunk (e.g. "2" or "0 0 3 3").
+
+    Empty line or EOF repeats the previous action; invalid input is reported and repeats it too.
+    """
+    state = {"ids": [default]}
+
+    def action_fn(chunk_index, frames_so_far):
+        src = stream or sys.stdin
+        if prompt:
+            print(f"chunk {chunk_index}: action ids (0..{action_dim - 1}), enter = repeat {state['ids']}: ",
+                  end="", flush=True, file=sys.stderr)
+        line = src.readline()
+        if line.strip():
+            try:
+                ids = [int(tok) for tok in line.replace(",", " ").split()]
+                one_hot_actions(ids, action_dim, chunk_frames)
+                state["ids"] = ids
+            except ValueError as err:
+                print(f"ignored ({err}); repeating {state['ids']}", file=sys.stderr)
+        return one_hot_actions(state["ids"], action_dim, chunk_frames, batch)
+
+    return action_fn

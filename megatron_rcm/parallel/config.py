@@ -1,0 +1,59 @@
+"""``ParallelConfig``: the sizes of the tensor/context/pipeline/data-parallel groups, validated early.
+
+Every check raises :class:`ConfigError` naming the key, so a bad launch fails before any process
+group exists (and with the same message on every rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config.errors import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel: attention heads and FFN columns
+    cp: int = 1  # context parallel (Ulysses): video frames of the token sequence
+    pp: int = 1  # pipeline parallel: contiguous runs of transformer blocks
+    dp: int = -1  # data parallel; -1 = world_size / (tp * cp * pp)
+
+    def resolved(self, world_size: int) -> "ParallelConfig":
+        """A copy with ``dp`` filled in; checks that the sizes multiply to the world size."""
+        for key in ("tp", "cp", "pp"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"parallel.{key}", v, "an integer >= 1")
+        inner = self.tp * self.cp * self.pp
+        dp = self.dp
+        if dp == -1:
+            if world_size % inner:
+                raise ConfigError("parallel.tp*cp*pp", inner, f"a divisor of the world size {world_size}")
+            dp = world_size // inner
+        if not isinstance(dp, int) or dp < 1:
+            raise ConfigError("parallel.dp", dp, "an integer >= 1 or -1 (auto)")
+        if dp * inner != world_size:
+            raise ConfigError("parallel.dp", dp, f"tp*cp*pp*dp = world size {world_size} (tp*cp*pp = {inner})")
+        return ParallelConfig(self.tp, self.cp, self.pp, dp)
+
+
+def validate_parallel(par: ParallelConfig, model_cfg, num_frames: int | None = None,
+                      chunk_frames: int | None = None, world_size: int | None = None) -> None:
+    """Model-dependent checks: head/FFN split, layer split, frame split for context parallelism.
+
+    ``num_frames`` is the number of patched frames of the token sequence (2x the video for a
+    teacher-forcing [clean ; noisy] sequence); ``chunk_frames`` the chunk of a KV-cached forward.
+    """
+    if world_size is not None:
+        par = par.resolved(world_size)
+    heads = model_cfg.num_attention_heads
+    if heads % (par.tp * par.cp):
+        raise ConfigError("parallel.tp*cp", par.tp * par.cp, f"a divisor of num_attention_heads = {heads}")
+    if model_cfg.ffn_dim % par.tp:
+        raise ConfigError("parallel.tp", par.tp, f"a divisor of ffn_dim = {model_cfg.ffn_dim}")
+    if model_cfg.num_layers % par.pp:
+        raise ConfigError("parallel.pp", par.pp, f"a divisor of num_layers = {model_cfg.num_layers}")
+    if num_frames is not None and num_frames % par.cp:
+        raise ConfigError("parallel.cp", par.cp, f"a divisor of the sequence's latent frames ({num_frames})")
+    if chunk_frames is not None and chunk_frames % par.cp:
+        raise ConfigError("parallel.cp", par.cp, f"a divisor of causal.chunk_frames = {chunk_frames} "
+                          "(a KV-cached chunk is split by frames over the context-parallel ranks)")

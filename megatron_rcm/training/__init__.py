@@ -1,0 +1,1 @@
+"""Phased trainer: teacher -> TF consistency distillation -> self-forcing DMD."""

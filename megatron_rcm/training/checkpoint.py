@@ -1,0 +1,156 @@
+"""Atomic, verifiable training checkpoints.
+
+A checkpoint is a folder ``step_XXXXXXXX/`` holding tensors (safetensors) and the non-tensor state
+(``state.pt``: optimizer, RNG, data position), plus ``manifest.json`` with each file's size and
+sha256. It is written under a temporary name and renamed when complete; the ``latest`` pointer is
+replaced (write temp + rename) only afterwards. A kill at any moment therefore leaves the previous
+checkpoint and pointer intact. Loading verifies the manifest; a corrupt or partial checkpoint is
+reported by file name and the loader falls back to the newest older checkpoint that verifies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+                    keep: int = 2) -> Path:
+    """Write ``tensors`` (group -> state dict, each a safetensors file) and ``state`` atomically."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {}
+    for group, sd in tensors.items():
+        name = f"{group}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / name))
+        files[name] = None
+    torch.save(state, tmp / "state.pt")
+    files["state.pt"] = None
+    for name in files:
+        p = tmp / name
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace atomically-ish
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> None:
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint manifest {manifest} is corrupt: {e}") from None
+    for name, meta in files.items():
+        p = path / name
+        if not p.exists():
+            raise CheckpointError(f"checkpoint file {p} is missing")
+        if p.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint file {p} has {p.stat().st_size} bytes, manifest says {meta['bytes']}")
+        if _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file {p} fails its sha256 check (corrupt)")
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete-looking checkpoints, newest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    verify_checkpoint(path)
+    tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    return tensors, state
+
+
+def load_latest(root: str | Path):
+    """(path, tensors, state) of the newest checkpoint that verifies, or None. Bad ones are reported and skipped."""
+    root = Path(root)
+    candidates = list_checkpoints(root)
+    pointer = root / LATEST
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for path in candidates:
+        try:
+            tensors, state = load_checkpoint(path)
+            return path, tensors, state
+        except (CheckpointError, OSError, RuntimeError) as e:
+            log.warning("skipping unusable checkpoint: %s", e)
+            print(f"[checkpoint] skipping unusable checkpoint: {e}", flush=True)
+    return None

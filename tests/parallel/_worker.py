@@ -1,0 +1,211 @@
+"""One rank of a multi-process layout check (launched by ``_launch_ranks.py``; env RANK/WORLD_SIZE/MASTER_*).
+
+Every rank builds the same float64 tiny model and inputs from one seed, computes the single-process
+reference (outputs, JVP tangent, loss, gradients, parameters after one optimizer step), then shards a
+copy for the layout and compares each tensor. Mismatches are written to ``$OUT_DIR/rank{r}.json``.
+"""
+import copy
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+from megatron_rcm.config.model import CausalConfig, model_preset
+from megatron_rcm.models import build_model
+from megatron_rcm.ops.masks import block_causal_mask, teacher_forcing_mask
+from megatron_rcm.parallel import (ParallelConfig, batch_for_rank, destroy_parallel, initialize_parallel,
+                                   parallelize_model, pipeline_forward_backward, shard_like, sharded_optimizer,
+                                   sync_gradients)
+
+B, C, F, H, W = 2, 3, 4, 8, 8
+TOL = 1e-9
+
+
+CHECKED = [0]  # comparisons made: a kind that compared nothing is reported as an error
+
+
+def rel(a, b):
+    CHECKED[0] += 1
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def make_model(chunk):
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", num_layers=2, param_dtype="float64")
+    model = build_model(cfg, CausalConfig(chunk_frames=chunk, attention_backend="reference"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "scale_shift" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            if "action" in name:
+                p.normal_()
+    return model
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(clean=r(B, C, F, H, W), x=r(B, C, F, H, W), t=torch.rand(B, F, generator=g, dtype=torch.float64) * 1000,
+                ctx=r(B, 8, 32), dx=r(B, C, F, H, W), dt=r(B, F) * 10, w1=r(B, C, F, H, W), w2=r(B, C, F, H, W))
+
+
+def run(model, kind, inp, sl):
+    """Forward (+tangent) for mask ``kind`` on the batch slice ``sl``; loss uses output AND tangent."""
+    y, ty = forward(model, kind, inp, sl)
+    return y, ty, loss_of(y, ty, inp, sl)
+
+
+def loss_of(y, ty, inp, sl):
+    return (y * sl(inp["w1"])).mean() + 0.1 * (ty * sl(inp["w2"])).mean()
+
+
+def forward(model, kind, inp, sl):
+    s = lambda k: sl(inp[k])  # noqa: E731
+    tpf = model.tokens_per_frame(H, W)
+    if kind == "tf":
+        mask = teacher_forcing_mask(F, tpf, 1)
+        y, ty = model.forward_teacher_forcing(s("clean"), s("x"), s("t"), s("ctx"), mask, s("dx"), s("dt"))
+    else:
+        mask = block_causal_mask(F, tpf, 1 if kind == "frame" else 2)
+        y, ty = model.forward_with_tangent(s("x"), s("t"), s("ctx"), s("dx"), s("dt"), mask=mask)
+    return y, ty
+
+
+def check(layout, groups, kind, errors):
+    """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches."""
+    chunk = 2 if kind == "chunk" else 1
+    inp = make_inputs()
+    ref = make_model(chunk)
+    par = parallelize_model(copy.deepcopy(ref), groups)
+    mkind = "frame" if kind == "accum" else kind
+    y, ty, loss = run(ref, mkind, inp, lambda t: t)
+    loss.backward()
+    if kind == "accum" or groups.cfg.pp > 1:  # micro-batches of one sample through the (GPipe) schedule
+        local = lambda t: batch_for_rank(t, groups)  # noqa: E731
+        micro = lambda m: (lambda t: local(t)[m:m + 1])  # noqa: E731
+        outs = []
+
+        def fwd(model, m):
+            outs.append(forward(model, mkind, inp, micro(m)))
+            return outs[-1]
+
+        ploss = pipeline_forward_backward(par, list(range(B // groups.cfg.dp)), fwd,
+                                          lambda o, m: loss_of(o[0], o[1], inp, micro(m)))
+        py = None if outs[0][0] is None else torch.cat([o[0] for o in outs])
+        pty = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
+    else:
+        py, pty, ploss = run(par, mkind, inp, lambda t: batch_for_rank(t, groups))
+        ploss.backward()
+    sync_gradients(par, groups)
+    gl = ploss.detach().clone()
+    torch.distributed.all_reduce(gl, group=groups.dp_group)
+    gl /= groups.cfg.dp
+
+    def cmp(what, a, b):
+        e = rel(a, b)
+        if not e < TOL:
+            errors.append(f"layout {layout} mask {kind}: {what} differs, rel err {e:.3e}")
+
+    if py is not None:  # (pipeline: only the last stage has the output)
+        cmp("output", py, batch_for_rank(y, groups))
+        cmp("jvp tangent", pty, batch_for_rank(ty, groups))
+    cmp("loss", gl, loss)
+    rp = dict(ref.named_parameters())
+    for name, p in par.named_parameters():
+        cmp(f"grad of {name}", p.grad, shard_like(name, rp[name].grad, groups))
+    # one optimizer step (AdamW, state sharded over data x context parallel)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    popt = sharded_optimizer(par.parameters(), groups, lr=1e-2)
+    ropt.step(), popt.step()
+    for name, p in par.named_parameters():
+        cmp(f"param after step {name}", p, shard_like(name, rp[name], groups))
+
+
+def check_cache(layout, groups, errors):
+    """KV-cached chunk-wise streaming (chunk = 2 frames, with tangent) under the layout."""
+    inp = make_inputs()
+    ref = make_model(2)
+    par = parallelize_model(copy.deepcopy(ref), groups)
+    with torch.no_grad():
+        for name, model, sl in (("ref", ref, lambda t: t), ("par", par, lambda t: batch_for_rank(t, groups))):
+            cache = model.new_kv_cache(H, W)
+            outs = []
+            for c in range(F // 2):
+                f = slice(2 * c, 2 * c + 2)
+                outs.append(model.forward_chunk(sl(inp["x"])[:, :, f], sl(inp["t"])[:, f], sl(inp["ctx"]), cache, c,
+                                                write_cache=True, tangent=sl(inp["dx"])[:, :, f],
+                                                timestep_tangent=sl(inp["dt"])[:, f]))
+            if name == "ref":
+                ry = torch.cat([o[0] for o in outs], 2)
+                rty = torch.cat([o[1] for o in outs], 2)
+            else:
+                for what, a, b in (("cached output", torch.cat([o[0] for o in outs], 2), ry),
+                                   ("cached jvp tangent", torch.cat([o[1] for o in outs], 2), rty)):
+                    e = rel(a, batch_for_rank(b, groups))
+                    if not e < TOL:
+                        errors.append(f"layout {layout} kv cache: {what} differs, rel err {e:.3e}")
+
+
+def check_scm(layout, groups, errors):
+    """The sCM objective (teacher with CFG, JVP of the student) under the layout (dp = 1: same batch)."""
+    from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
+
+    inp = make_inputs()
+    ref, teacher = make_model(1), make_model(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    par, pteacher = (parallelize_model(copy.deepcopy(m), groups) for m in (ref, teacher))
+    batch = dict(latents=inp["clean"], context=inp["ctx"], uncond_context=0.5 * inp["ctx"])
+    cfg = SCMConfig(r_warmup_steps=0, cfg_scale=3.0)
+    losses = []
+    for student, t in ((ref, teacher), (par, pteacher)):
+        torch.manual_seed(5)
+        loss, _ = SCMObjective(t, cfg).loss(student, batch, step=1)
+        loss.backward()
+        losses.append(loss.detach())
+    sync_gradients(par, groups)
+    rp = dict(ref.named_parameters())
+    checks = [("sCM loss", losses[1], losses[0])]
+    checks += [(f"sCM grad of {n}", p.grad, shard_like(n, rp[n].grad, groups)) for n, p in par.named_parameters()]
+    for what, a, b in checks:
+        e = rel(a, b)
+        if not e < TOL:
+            errors.append(f"layout {layout} sCM (tf mask): {what} differs, rel err {e:.3e}")
+
+
+def main():
+    layout, kinds, out_dir = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    tp, cp, dp, pp = (int(v) for v in (layout + "x1").split("x")[:4])
+    torch.set_num_threads(1)
+    errors = []
+    try:
+        groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp))
+        for kind in kinds:
+            before = CHECKED[0]
+            _run_kind(kind, tp, cp, dp, pp, groups, errors)
+            if CHECKED[0] == before:
+                errors.append(f"kind {kind}: nothing was compared")
+        destroy_parallel()
+    except Exception:
+        errors.append(traceback.format_exc())
+    print(f"rank {os.environ['RANK']}: {CHECKED[0]} comparisons, {len(errors)} errors")
+    with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(errors, f)
+
+
+def _run_kind(kind, tp, cp, dp, pp, groups, errors):
+    layout = f"tp{tp}-cp{cp}-dp{dp}-pp{pp}"
+    if kind == "scm":
+        check_scm(layout, groups, errors)
+    elif kind == "cache":
+        check_cache(layout, groups, errors)
+    else:
+        check(layout, groups, kind, errors)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Every parallel layout reproduces the single-process model: output, JVP tangent, loss, gradients
+and parameters after one AdamW step (float64, gloo, 2-4 local processes), for frame-wise,
+chunk-wise and teacher-forcing masks; plus gradient accumulation (``accum``) and KV-cached
+streaming (``cache``) and the sCM objective's loss and gradients (``scm``, teacher with CFG). Layout strings are ``tp x cp x dp [x pp]``. A failure lists layout, mask
+and the differing tensor."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _launch_ranks import launch  # noqa: E402
+
+MASKS = "frame,chunk,tf"
+
+
+@pytest.mark.parametrize("nprocs,layout,kinds", [
+    (1, "1x1x1", "frame,accum"),  # one process: every hook is a no-op
+    (2, "2x1x1", MASKS + ",scm"),  # TP2 (+ sCM loss)
+    (2, "1x2x1", MASKS + ",accum,cache,scm"),  # CP2 (+ grad accumulation, KV cache, sCM)
+    (2, "1x1x2", MASKS),  # DP2, ZeRO-1 AdamW
+    (4, "2x2x1", MASKS + ",accum,cache,scm"),  # TP2 x CP2
+    (4, "2x1x2", "tf"),  # TP2 x DP2
+    (4, "1x2x2", "chunk,tf"),  # CP2 x DP2
+    (2, "1x1x1x2", MASKS),  # PP2 (GPipe, 2 micro-batches)
+    (4, "2x1x1x2", "tf"),  # TP2 x PP2
+    (4, "1x2x1x2", "tf"),  # CP2 x PP2
+    (4, "1x1x2x2", "frame"),  # DP2 x PP2
+], ids=["single", "tp2", "cp2", "dp2", "tp2-cp2", "tp2-dp2", "cp2-dp2", "pp2", "tp2-pp2", "cp2-pp2", "dp2-pp2"])
+def test_layout_matches_single_process(nprocs, layout, kinds):
+    errors = launch("_worker.py", nprocs, [layout, kinds], timeout=150)
+    assert not errors, f"layout tp x cp x dp [x pp] = {layout}:\n" + "\n".join(errors[:30])

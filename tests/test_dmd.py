@@ -1,0 +1,221 @@
+"""DMD: analytic Gaussian gradient, critic training, wiring to the student, rCM weighting."""
+import copy
+
+import pytest
+import torch
+
+from megatron_rcm.config.model import CausalConfig, model_preset
+from megatron_rcm.models import build_model
+from megatron_rcm.objectives.dmd import DMDConfig, SelfForcingDMD, dmd_gradient, dmd_loss
+from megatron_rcm.objectives.rcm import RCMConfig, RCMObjective
+from megatron_rcm.selfforcing.rollout import RolloutConfig
+
+SHAPE = (2, 3, 4, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gauss_x0(x_s, s, mu):
+    """E[x0 | x_s] for x0 ~ N(mu, I), x_s = (1-s) x0 + s eps."""
+    a = (1 - s) / ((1 - s) ** 2 + s**2)
+    return mu + a * (x_s - (1 - s) * mu)
+
+
+class GaussianScore(torch.nn.Module):
+    """Exact FM velocity of N(mu, I) data, with the model call signature."""
+    patch = (1, 1, 1)
+
+    def __init__(self, mu):
+        super().__init__()
+        self.mu = mu
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, context, mask=None, actions=None):
+        s = (t[:, 0] / 1000).view(-1, 1, 1, 1, 1)
+        return (x - _gauss_x0(x, s, self.mu)) / s + 0 * self.dummy
+
+
+def test_dmd_gradient_gaussians_direction_and_scale():
+    torch.manual_seed(0)
+    mu_r, mu_f, s = 1.0, -0.5, 0.5
+    x0 = mu_f + torch.randn(SHAPE, dtype=torch.float64)
+    x_s = (1 - s) * x0 + s * torch.randn(SHAPE, dtype=torch.float64)
+    real, fake = _gauss_x0(x_s, s, mu_r), _gauss_x0(x_s, s, mu_f)
+    g = dmd_gradient(x0, real, fake)
+    k = s**2 / ((1 - s) ** 2 + s**2)  # x0_fake - x0_real = k (mu_f - mu_r), a constant field
+    norm = (x0 - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    torch.testing.assert_close(g, (k * (mu_f - mu_r) / norm).expand_as(g))
+    x = x0.clone().requires_grad_(True)
+    dmd_loss(x, g).backward()
+    torch.testing.assert_close(x.grad, g / g.numel())
+    assert float(((-x.grad).mean()) * (mu_r - mu_f)) > 0  # descent moves samples from mu_f towards mu_r
+
+
+def test_selfforcing_dmd_loss_matches_analytic_scores():
+    """End-to-end through SelfForcingDMD with analytic teacher (real) and critic (fake) scores."""
+    mu_r, mu_f = 1.0, -0.5
+    cfg = DMDConfig(guidance_scale=1.0, min_s=0.4, max_s=0.4, score_mask="full")
+    obj = SelfForcingDMD(GaussianScore(mu_r), cfg, critic=GaussianScore(mu_f))
+    x0 = (mu_f + torch.randn(SHAPE)).requires_grad_(True)
+    batch = {"context": torch.zeros(2, 8, 32), "uncond_context": None}
+    loss, m = obj.loss_from_sample(x0, batch)
+    loss.backward()
+    s = 0.4
+    k = s**2 / ((1 - s) ** 2 + s**2)
+    step = -x0.grad * x0.numel()  # = -grad
+    # -grad = k (mu_r - mu_f) / mean|x0 - x0_real| per sample: positive and constant within a sample
+    for b in range(2):
+        assert torch.allclose(step[b], step[b].mean().expand_as(step[b]), atol=1e-4)
+        assert float(step[b].mean()) > 0
+    ratio = step[0].mean() / (k * (mu_r - mu_f))
+    assert 0.2 < float(1 / ratio) < 5  # 1/ratio is the normalizer, an O(1) mean |x0 - x0_real|
+    assert m["dmd_loss"] > 0
+
+
+def _tiny(seed=0, chunk_frames=1):
+    torch.manual_seed(seed)
+    return build_model(model_preset("tiny", num_layers=1), CausalConfig(chunk_frames=chunk_frames))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    return {"latents": torch.zeros(SHAPE), "context": torch.randn(2, 8, 32, generator=g),
+            "uncond_context": torch.zeros(2, 8, 32)}
+
+
+def test_dmd_grads_reach_student_only_and_state_roundtrip():
+    teacher, student = _tiny(0), _tiny(1, chunk_frames=2)
+    cfg = DMDConfig(guidance_scale=3.0, rollout=RolloutConfig(denoising_steps=[1000, 500]), critic_ratio=2)
+    obj = SelfForcingDMD(teacher, cfg)
+    loss, m = obj.loss(student, _batch(), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and m["dmd_loss"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in obj.critic.parameters())
+    assert obj.trainable_parameters() == []
+    before = copy.deepcopy(obj.critic.state_dict())
+    out = obj.after_student_step(student, _batch(), 0)
+    assert "critic_loss" in out and all(p.grad is None for p in teacher.parameters())
+    changed = any(not torch.equal(before[k], v) for k, v in obj.critic.state_dict().items())
+    assert changed
+    state = obj.extra_state()
+    obj2 = SelfForcingDMD(_tiny(0), cfg)
+    obj2.load_extra_state(state)
+    for k, v in obj.critic.state_dict().items():
+        assert torch.equal(v, obj2.critic.state_dict()[k])
+    m1 = obj.critic_step(_batch(), student=student)
+    m2 = obj2.critic_step(_batch(), sample=obj._last_sample)
+    assert m1["critic_loss"] == pytest.approx(m2["critic_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["block_causal", "full"])
+def test_critic_loss_decreases(mask):
+    teacher, student = _tiny(0), _tiny(1)
+    obj = SelfForcingDMD(teacher, DMDConfig(critic_lr=2e-3, score_mask=mask,
+                                            rollout=RolloutConfig(denoising_steps=[1000])))
+    batch = _batch()
+    with torch.no_grad():
+        sample = obj.rollout(student, batch, grad=False).video
+    losses = [obj.critic_step(batch, sample=sample)["critic_loss"] for _ in range(40)]
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+
+
+class _StubLoss:
+    """loss = coef * sum(w . p): a deterministic objective with a known gradient."""
+
+    def __init__(self, coef, tag):
+        self.coef, self.tag, self.after = coef, tag, 0
+
+    def loss(self, student, batch, step):
+        l = self.coef * sum(p.sum() for p in student.parameters())
+        return l, {"part": float(l.detach())}
+
+    def after_student_step(self, student, batch, step):
+        self.after += 1
+        return {"critic_loss": 1.0}
+
+    def extra_state(self):
+        return {"tag": self.tag}
+
+    def load_extra_state(self, st):
+        self.tag = st["tag"]
+
+
+def test_rcm_applies_weights_exactly():
+    student = torch.nn.Linear(3, 2)
+    cm, dmd = _StubLoss(2.0, "cm"), _StubLoss(-0.5, "dmd")
+    obj = RCMObjective(cm, dmd, RCMConfig(cm_weight=0.3, dmd_weight=2.5))
+    total, m = obj.loss(student, {}, 0)
+    l_cm, _ = cm.loss(student, {}, 0)
+    l_dmd, _ = dmd.loss(student, {}, 0)
+    torch.testing.assert_close(total, 0.3 * l_cm + 2.5 * l_dmd)
+    assert m["cm_loss"] == pytest.approx(float(l_cm.detach())) and m["dmd_loss"] == pytest.approx(float(l_dmd.detach()))
+    assert m["rcm_loss"] == pytest.approx(float(total.detach()))
+    total.backward()
+    n = sum(p.numel() for p in student.parameters())
+    for p in student.parameters():  # d total / d p = 0.3 * 2.0 + 2.5 * (-0.5)
+        torch.testing.assert_close(p.grad, torch.full_like(p, 0.3 * 2.0 - 2.5 * 0.5))
+    assert n > 0
+    out = obj.after_student_step(student, {}, 0)
+    assert cm.after == 1 and dmd.after == 1 and "critic_loss" in out and "cm/critic_loss" in out
+    st = obj.extra_state()
+    assert st == {"dmd": {"tag": "dmd"}, "cm": {"tag": "cm"}}
+    obj.load_extra_state(st)
+    assert obj.trainable_parameters() == []
+
+
+def test_rcm_with_real_dmd_reports_both_parts():
+    teacher, student = _tiny(0), _tiny(1)
+    dmd = SelfForcingDMD(teacher, DMDConfig(rollout=RolloutConfig(denoising_steps=[1000, 500])))
+    obj = RCMObjective(_StubLoss(1.0, "cm"), dmd, RCMConfig(cm_weight=1.0, dmd_weight=0.25))
+    total, m = obj.loss(student, _batch(), 0)
+    assert total.item() == pytest.approx(m["cm_loss"] + 0.25 * m["dmd_loss"], rel=1e-5)
+    assert "dmd/dmd_grad_norm" in m and "dmd/sf_exit_step" in m
+
+
+def test_dmd_with_actions_and_cfg():
+    torch.manual_seed(0)
+    cfg_m = model_preset("tiny", num_layers=1, action_dim=3)
+    teacher = build_model(cfg_m, CausalConfig(chunk_frames=2))
+    student = build_model(cfg_m, CausalConfig(chunk_frames=2))
+    batch = {**_batch(), "actions": torch.nn.functional.one_hot(torch.randint(3, (2, 4)), 3).float()}
+    obj = SelfForcingDMD(teacher, DMDConfig(guidance_scale=2.0, rollout=RolloutConfig(denoising_steps=[1000, 500])))
+    loss, _ = obj.loss(student, batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert "critic_loss" in obj.after_student_step(student, batch, 0)
+
+
+def test_rcm_with_scm_and_dmd():
+    """The real sCM objective + self-forcing DMD: weights exact, adaptive weight trained and checkpointed."""
+    from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
+
+    teacher, student = _tiny(0), _tiny(1)
+    scm = SCMObjective(teacher, SCMConfig(cfg_scale=2.0))
+    dmd = SelfForcingDMD(teacher, DMDConfig(rollout=RolloutConfig(denoising_steps=[1000, 500])))
+    obj = RCMObjective(scm, dmd, RCMConfig(cm_weight=0.7, dmd_weight=0.25))
+    batch = {**_batch(), "latents": torch.randn(SHAPE)}
+    total, m = obj.loss(student, batch, 5)
+    assert total.item() == pytest.approx(0.7 * m["cm_loss"] + 0.25 * m["dmd_loss"], rel=1e-5)
+    assert any(k.startswith("cm/") for k in m) and any(k.startswith("dmd/") for k in m)
+    total.backward()
+    assert any(p.grad is not None for p in student.parameters())
+    if scm.weighting is not None:
+        assert obj.trainable_parameters() and "cm_weighting" in "".join(obj.state_dict())
+    assert "critic_loss" in obj.after_student_step(student, batch, 5)
+
+
+def test_dmd_config_from_dict():
+    c = DMDConfig.from_dict({"critic_ratio": 5, "rollout": {"denoising_steps": [1000, 500], "shift": 5.0},
+                             "critic_betas": [0.0, 0.99]})
+    assert c.critic_ratio == 5 and c.rollout.denoising_steps == [1000, 500] and c.critic_betas == (0.0, 0.99)
+    with pytest.raises(ValueError, match="unknown DMDConfig keys"):
+        DMDConfig.from_dict({"critic_rate": 1})

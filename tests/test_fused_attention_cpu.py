@@ -1,0 +1,86 @@
+"""CPU-side checks of the fused attention backend: mask packing, dispatch fallback, build hook."""
+import gc
+import importlib.util
+import os
+
+import torch
+
+from megatron_rcm.ops import attention as A
+from megatron_rcm.ops import fused_attention as fa
+from megatron_rcm.ops import masks as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("mrcm_csrc_build", os.path.join(ROOT, "csrc", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pack_mask_matches_tile_summary_and_caches():
+    mask = M.teacher_forcing_mask(3, 130, 1)
+    qg, kg, allow, tiles, g = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
+    assert qg.dtype == torch.int32 and kg.dtype == torch.int32
+    assert allow.dtype == torch.uint8 and allow.shape == (g * g,) and g == mask.num_groups
+    assert torch.equal(allow.bool().view(g, g), mask.allow)
+    bq, bk = fa.JVP_TILES
+    assert tiles.dtype == torch.int8 and tiles.shape == (-(-780 // bq), -(-780 // bk))
+    assert torch.equal(tiles, mask.tile_summary(*fa.JVP_TILES))
+    again = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
+    assert again[3] is tiles  # cached per mask object
+    other = fa.pack_mask(mask, 780, 780, fa.FWD_TILES, "cpu")
+    assert other[3].shape == (-(-780 // fa.FWD_TILES[0]), -(-780 // fa.FWD_TILES[1]))
+
+
+def test_pack_cache_entry_dies_with_mask():
+    mask = M.block_causal_mask(2, 100, 1)
+    fa.pack_mask(mask, 200, 200, fa.FWD_TILES, "cpu")
+    key = id(mask)
+    assert key in fa._PACK_CACHE
+    del mask
+    gc.collect()
+    assert key not in fa._PACK_CACHE
+
+
+def test_pack_none_mask_is_full_and_shape_checked():
+    *_, tiles, g = fa.pack_mask(None, 100, 70, fa.FWD_TILES, "cpu")
+    assert g == 1 and (tiles == M.TILE_FULL).all() and tiles.shape == (-(-100 // fa.FWD_TILES[0]), 2)
+    try:
+        fa.pack_mask(M.full_mask(10), 11, 10, fa.FWD_TILES, "cpu")
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("shape mismatch not caught")
+
+
+def test_kv_cache_mask_tiles_skip_hidden_chunks():
+    mask = M.kv_cache_mask([0, 1, 2, 3], 64, 4, visibility=M.ChunkVisibility(window=2, sink=1))
+    *_, tiles, _ = fa.pack_mask(mask, 64, 320, fa.FWD_TILES, "cpu")
+    assert tiles.tolist() == [[M.TILE_FULL, M.TILE_SKIP, M.TILE_SKIP, M.TILE_FULL, M.TILE_FULL]]
+
+
+def test_dispatch_falls_back_on_cpu():
+    x = torch.randn(1, 8, 2, 64)
+    assert A.resolve_backend("auto", x).name == "sdpa"
+    assert not fa.fused_available(x)
+    assert not fa.fused_available(x.to(torch.bfloat16))
+    if torch.cuda.is_available():
+        return
+    assert fa._C is None and "fused" not in A.available_backends()
+
+
+def test_build_hook_returns_nothing_without_cuda():
+    build = _load_build()
+    if torch.version.cuda is None:
+        assert build.get_extensions() == []
+    assert [os.path.basename(p) for p in build.source_paths()] == ["fused_attention.cpp", "fused_attention_kernels.cu"]
+    assert all(os.path.exists(p) for p in build.source_paths())
+    assert build.EXT_NAME == "megatron_rcm._fused_attention_C"
+
+
+def test_tile_constants_match_header():
+    text = open(os.path.join(ROOT, "csrc", "fused_attention_kernels.cuh")).read()
+    for name, (bq, bk) in (("FWD", fa.FWD_TILES), ("JVP", fa.JVP_TILES), ("BWD", fa.BWD_TILES)):
+        assert f"{name}_BQ = {bq}, {name}_BK = {bk};" in text

@@ -1,0 +1,131 @@
+"""Self-forcing rollout: cache == cache-free reference, one differentiable step per chunk, flat graph."""
+import pytest
+import torch
+
+from megatron_rcm.config.model import CausalConfig, model_preset
+from megatron_rcm.models import build_model
+from megatron_rcm.selfforcing.rollout import RolloutConfig, denoise_levels, self_forcing_rollout
+
+SHAPE = (2, 3, 4, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids spin-wait contention on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(chunk_frames, window=0, sink=0, seed=0):
+    torch.manual_seed(seed)
+    return build_model(model_preset("tiny", num_layers=1), CausalConfig(chunk_frames=chunk_frames,
+                                                                       window_chunks=window, sink_chunks=sink))
+
+
+def _ctx(seed=1):
+    return torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _gen(seed=5):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("chunk_frames,window,sink", [(1, 0, 0), (2, 0, 0), (1, 2, 1)])
+def test_cache_rollout_equals_full_sequence_reference(chunk_frames, window, sink):
+    model, ctx = _model(chunk_frames, window, sink), _ctx()
+    n_chunks = SHAPE[2] // chunk_frames
+    exits = [3, 1, 2, 0][:n_chunks]
+    a = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=exits, use_cache=True)
+    b = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=exits, use_cache=False)
+    assert a.video.shape == SHAPE
+    torch.testing.assert_close(a.video, b.video, atol=2e-5, rtol=1e-4)
+    assert a.exit_steps == exits
+
+
+def test_only_the_exit_step_is_differentiable():
+    model, ctx = _model(2), _ctx()
+    levels = denoise_levels([1000, 750, 500, 250])
+    grads_enabled = []
+    orig = model.forward_chunk
+
+    def spy(*a, **k):
+        grads_enabled.append((torch.is_grad_enabled(), k.get("write_cache", False)))
+        return orig(*a, **k)
+
+    model.forward_chunk = spy
+    res = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[2, 3])
+    model.forward_chunk = orig
+    # chunk 0: 3 steps (grad only on the last) + cache write; chunk 1: 4 steps (grad only on the last)
+    assert grads_enabled == [(False, False), (False, False), (True, False), (False, True),
+                             (False, False), (False, False), (False, False), (True, False)]
+    assert len(levels) == 4
+    # gradient equals a hand-written version where only the exit step is differentiable
+    res.video[:, :, :2].pow(2).sum().backward()
+    g_rollout = [_g(p) for p in model.parameters()]
+    assert sum(float(g.abs().sum()) for g in g_rollout) > 0
+    model.zero_grad()
+    g = _gen()
+    cache = model.new_kv_cache(8, 8)
+    noise = torch.randn((2, 3, 2, 8, 8), generator=g)
+    fn = lambda x, t: model.forward_chunk(x, t, ctx, cache, 0)[0]
+    with torch.no_grad():
+        x = noise
+        for k in range(2):
+            x0 = x - levels[k] * fn(x, torch.full((2, 2), 1000 * levels[k]))
+            x = (1 - levels[k + 1]) * x0 + levels[k + 1] * torch.randn(noise.shape, generator=g)
+    x0 = x - levels[2] * fn(x, torch.full((2, 2), 1000 * levels[2]))
+    x0.pow(2).sum().backward()
+    for a, b in zip(g_rollout, model.parameters()):
+        torch.testing.assert_close(a, _g(b), atol=1e-5, rtol=1e-4)
+
+
+def _g(p):
+    return torch.zeros_like(p) if p.grad is None else p.grad.clone()
+
+
+def _graph_size(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(f for f, _ in n.next_functions)
+    return len(seen)
+
+
+def test_graph_does_not_grow_with_steps():
+    model, ctx = _model(1), _ctx()
+    sizes = []
+    for steps in ([1000, 500], [1000, 750, 500, 250]):
+        cfg = RolloutConfig(denoising_steps=steps)
+        res = self_forcing_rollout(model, ctx, SHAPE, cfg, generator=_gen(), exit_steps=[len(steps) - 1] * 4)
+        sizes.append(_graph_size(res.video.sum()))
+    assert sizes[0] == sizes[1]
+
+
+def test_random_exit_sync_and_per_chunk():
+    import random
+    model, ctx = _model(1), _ctx()
+    res = self_forcing_rollout(model, ctx, SHAPE, RolloutConfig(), generator=_gen(), rng=random.Random(0), grad=False)
+    assert len(set(res.exit_steps)) == 1 and not res.video.requires_grad
+    res = self_forcing_rollout(model, ctx, SHAPE, RolloutConfig(sync_exit_across_chunks=False), generator=_gen(),
+                               rng=random.Random(3), grad=False)
+    assert len(res.exit_steps) == 4 and all(0 <= e < 4 for e in res.exit_steps)
+
+
+def test_actions_flow_into_rollout():
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=1, action_dim=3), CausalConfig(chunk_frames=2))
+    torch.nn.init.normal_(model.action_embedder.linear_2.weight)
+    ctx = _ctx()
+    a0 = torch.zeros(2, 4, 3); a0[..., 0] = 1
+    a1 = torch.zeros(2, 4, 3); a1[..., 1] = 1
+    r0 = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a0, grad=False)
+    r1 = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a1, grad=False)
+    r0b = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a0, grad=False,
+                               use_cache=False)
+    assert not torch.allclose(r0.video, r1.video)
+    torch.testing.assert_close(r0.video, r0b.video, atol=2e-5, rtol=1e-4)

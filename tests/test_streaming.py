@@ -1,0 +1,152 @@
+"""Streaming inference: progressive chunks, equality with a non-streamed rollout, flat cache, actions, CFG."""
+import io
+
+import pytest
+import torch
+
+from megatron_rcm.config.model import CausalConfig, model_preset
+from megatron_rcm.inference.streaming import (StreamConfig, default_timesteps, generate_video, one_hot_actions,
+                                              stdin_action_reader, stream_video)
+from megatron_rcm.models import build_model
+from megatron_rcm.selfforcing.rollout import RolloutConfig, self_forcing_rollout
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(chunk_frames=1, window=0, sink=0, action_dim=0):
+    torch.manual_seed(0)
+    m = build_model(model_preset("tiny", num_layers=1, action_dim=action_dim),
+                    CausalConfig(chunk_frames=chunk_frames, window_chunks=window, sink_chunks=sink))
+    if action_dim:
+        torch.nn.init.normal_(m.action_embedder.linear_2.weight)
+    return m.eval()
+
+
+CTX = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _g(seed=7):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("chunk_frames,steps", [(1, 2), (2, 4), (2, 1)])
+def test_stream_is_progressive_and_equals_rollout(chunk_frames, steps):
+    model = _model(chunk_frames)
+    calls = []
+    orig = model.forward_chunk
+    model.forward_chunk = lambda *a, **k: (calls.append(a[4]), orig(*a, **k))[1]
+    it = stream_video(model, CTX, 4, 8, 8, StreamConfig(steps=steps), generator=_g())
+    first = next(it)
+    assert first.index == 0 and set(calls) == {0}  # nothing of chunk 1 computed before chunk 0 was yielded
+    assert first.latency_s > 0
+    rest = list(it)
+    model.forward_chunk = orig
+    video = torch.cat([first.frames] + [c.frames for c in rest], dim=2)
+    n_chunks = 4 // chunk_frames
+    ref = self_forcing_rollout(model, CTX, (2, 3, 4, 8, 8), RolloutConfig(denoising_steps=default_timesteps(steps)),
+                               generator=_g(), exit_steps=[steps - 1] * n_chunks, use_cache=False, grad=False)
+    torch.testing.assert_close(video, ref.video, atol=2e-5, rtol=1e-4)
+    written, logs = [], []
+    out = generate_video(model, CTX, 4, 8, 8, steps=steps, generator=_g(), writer=written.append, log=logs.append)
+    torch.testing.assert_close(out, video)
+    assert len(written) == n_chunks and len(logs) == n_chunks and "ms" in logs[0]
+    torch.testing.assert_close(torch.cat(written, dim=1), video[0])
+
+
+def test_long_rollout_keeps_cache_flat_and_matches_windowed_mask():
+    model = _model(chunk_frames=1, window=2, sink=1)
+    outs = list(stream_video(model, CTX, 16, 8, 8, StreamConfig(steps=2), generator=_g()))  # 4x training length
+    tpc = model.tokens_per_frame(8, 8)
+    bound = (1 + 2 - 1) * tpc  # sink + (window - 1) chunks kept for the next chunk
+    sizes = [o.cache_tokens for o in outs]
+    assert max(sizes) == bound and sizes[-1] == bound
+    video = torch.cat([o.frames for o in outs], dim=2)
+    ref = self_forcing_rollout(model, CTX, (2, 3, 16, 8, 8), RolloutConfig(denoising_steps=[1000, 500]),
+                               generator=_g(), exit_steps=[1] * 16, use_cache=False, grad=False)
+    torch.testing.assert_close(video, ref.video, atol=2e-5, rtol=1e-4)
+    assert torch.isfinite(video).all()
+
+
+def test_action_callback_changes_output_and_stdin_reader():
+    model = _model(chunk_frames=2, action_dim=3)
+    seen = []
+
+    def act(k):
+        def fn(chunk, frames_so_far):
+            seen.append((chunk, len(frames_so_far)))
+            return one_hot_actions([k], 3, 2, batch=2)
+        return fn
+
+    a = generate_video(model, CTX, 4, 8, 8, steps=2, action_fn=act(0), log=None)
+    b = generate_video(model, CTX, 4, 8, 8, steps=2, action_fn=act(2), log=None)
+    assert seen[:2] == [(0, 0), (1, 1)]
+    assert not torch.allclose(a[:, :, :2], b[:, :, :2])
+    reader = stdin_action_reader(3, 2, batch=2, stream=io.StringIO("2\n\n"), prompt=False)
+    c = generate_video(model, CTX, 4, 8, 8, steps=2, action_fn=reader, log=None)
+    torch.testing.assert_close(c, b)  # "2" then empty line (= repeat) gives the same actions as act(2)
+    assert reader(5, [])[0, :, 2].eq(1).all()  # EOF repeats the last action
+    bad = stdin_action_reader(3, 2, stream=io.StringIO("7\n"), prompt=False)
+    assert bad(0, [])[0, :, 0].eq(1).all()  # invalid id ignored -> default action
+
+
+def test_cfg_stream():
+    model = _model(chunk_frames=2)
+    unc = torch.zeros_like(CTX)
+    plain = generate_video(model, CTX, 4, 8, 8, steps=2, log=None)
+    same = generate_video(model, CTX, 4, 8, 8, steps=2, guidance_scale=1.0, uncond_context=unc, log=None)
+    torch.testing.assert_close(plain, same)
+    guided = generate_video(model, CTX, 4, 8, 8, steps=2, guidance_scale=3.0, uncond_context=unc, log=None)
+    assert guided.shape == plain.shape and torch.isfinite(guided).all() and not torch.allclose(guided, plain)
+
+
+def test_cfg_stream_equals_cache_free_guided_reference():
+    """CFG keeps a cond and an uncond cache; equals full-sequence cond/uncond forwards (2 layers)."""
+    from megatron_rcm.ops.masks import block_causal_mask
+
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=2), CausalConfig(chunk_frames=2)).eval()
+    unc, w, levels = torch.zeros_like(CTX), 2.5, [1.0, 0.5]
+    video = generate_video(model, CTX, 4, 8, 8, steps=2, guidance_scale=w, uncond_context=unc, generator=_g(), log=None)
+    g, clean = _g(), []
+    with torch.no_grad():
+        for chunk in range(2):
+            x = torch.randn((2, 3, 2, 8, 8), generator=g)
+            for k, s in enumerate(levels):
+                xs = torch.cat(clean + [x], dim=2)
+                ts = torch.cat([torch.zeros(2, 2 * chunk), torch.full((2, 2), 1000 * s)], dim=1)
+                mask = block_causal_mask(xs.shape[2], 4, 2)
+                vc, vu = (model(xs, ts, c, mask)[:, :, -2:] for c in (CTX, unc))
+                x0 = x - s * (vu + w * (vc - vu))
+                if k + 1 < len(levels):
+                    x = (1 - levels[k + 1]) * x0 + levels[k + 1] * torch.randn(x.shape, generator=g)
+            clean.append(x0)
+    torch.testing.assert_close(video, torch.cat(clean, dim=2), atol=2e-5, rtol=1e-4)
+
+
+def test_prefix_frames_condition_the_stream():
+    """World-model start: given clean frames prefill the cache; the first new chunk equals a full forward."""
+    from megatron_rcm.ops.masks import block_causal_mask
+
+    model = _model(chunk_frames=1)
+    prefix = torch.randn(2, 3, 1, 8, 8, generator=_g(3))
+    out = generate_video(model, CTX, 3, 8, 8, steps=1, generator=_g(), prefix=prefix, log=None)
+    assert out.shape == (2, 3, 3, 8, 8)
+    noise = torch.randn((2, 3, 1, 8, 8), generator=_g())
+    with torch.no_grad():
+        v = model(torch.cat([prefix, noise], 2), torch.tensor([[0.0, 1000.0]] * 2), CTX, block_causal_mask(2, 4, 1))
+    torch.testing.assert_close(out[:, :, :1], noise - v[:, :, 1:], atol=2e-5, rtol=1e-4)
+
+
+def test_streaming_video_writer_receives_chunks(tmp_path):
+    from megatron_rcm.utils.video import StreamingVideoWriter
+
+    model = _model(chunk_frames=2)
+    with StreamingVideoWriter(str(tmp_path / "s.gif"), fps=4, scale=1) as w:
+        generate_video(model, CTX, 4, 8, 8, steps=1, writer=w, log=None)
+        assert w.frames_written == 4
