@@ -21,7 +21,7 @@ def _extensions():
         spec = importlib.util.spec_from_file_location("megatron_rcm_csrc_build", build_py)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        exts = mod.cuda_extensions()
+        exts = mod.get_extensions()
     except Exception as e:  # no torch / no nvcc: CPU install
         print(f"megatron_rcm: skipping CUDA extension ({type(e).__name__}: {e})")
         return [], {}

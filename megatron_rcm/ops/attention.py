@@ -44,8 +44,11 @@ def _sdpa_forward(q, k, v, mask: GroupMask | None, scale):
     attn_mask = None
     if mask is not None and not mask.is_full():
         attn_mask = mask.dense().to(q.device)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=attn_mask, scale=scale)
+    try:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=attn_mask, scale=scale)
+    except NotImplementedError:  # forward-mode AD (torch.func.jvp) has no SDPA rule: use the reference math
+        return attention_reference(q, k, v, mask=mask, scale=scale)
     return o.transpose(1, 2)
 
 
