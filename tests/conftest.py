@@ -14,3 +14,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative Frobenius error |a - b| / |b| (b is the reference)."""
     a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def one_thread():
+    """Run single-threaded: small rollouts are faster (and steadier) on one thread of a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,12 +13,7 @@ from megatron_rcm.selfforcing.rollout import RolloutConfig
 SHAPE = (2, 3, 4, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gauss_x0(x_s, s, mu):

@@ -135,3 +135,24 @@ def test_causal_chunk_sampler_matches_block_causal_forward():
         return model(seq, tt, ctx, mask)[:, :, 2:]
     ref1 = samplers.euler_fm(fn, noise[:, :, 2:], 2, 3.0)
     assert torch.allclose(out[:, :, 2:], ref1, atol=1e-9)
+
+
+def test_guided_causal_chunk_sample_uses_one_doubled_cache_correctly():
+    """Guidance with uncond == cond must equal the unguided sample; a real uncond context must change it."""
+    from functools import partial
+
+    from megatron_rcm.config.model import CausalConfig, model_preset
+    from megatron_rcm.diffusion.samplers import causal_chunk_sample, euler_fm
+    from megatron_rcm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=1, param_dtype="float64"),
+                        CausalConfig(chunk_frames=2, attention_backend="reference")).eval()
+    noise = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+    ctx, uctx = torch.randn(2, 8, 32, dtype=torch.float64), torch.randn(2, 8, 32, dtype=torch.float64)
+    smp = partial(euler_fm, steps=3)
+    plain = causal_chunk_sample(model, noise, ctx, smp)
+    same = causal_chunk_sample(model, noise, ctx, smp, uncond_context=ctx, guidance_scale=3.0)
+    assert torch.allclose(plain, same, rtol=1e-10, atol=1e-10)
+    guided = causal_chunk_sample(model, noise, ctx, smp, uncond_context=uctx, guidance_scale=3.0)
+    assert not torch.allclose(plain, guided, atol=1e-6)

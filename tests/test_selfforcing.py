@@ -9,13 +9,7 @@ from megatron_rcm.selfforcing.rollout import RolloutConfig, denoise_levels, self
 SHAPE = (2, 3, 4, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids spin-wait contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(chunk_frames, window=0, sink=0, seed=0):

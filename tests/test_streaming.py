@@ -11,12 +11,7 @@ from megatron_rcm.models import build_model
 from megatron_rcm.selfforcing.rollout import RolloutConfig, self_forcing_rollout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(chunk_frames=1, window=0, sink=0, action_dim=0):

@@ -11,7 +11,6 @@ error naming the file, never a silent skip.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,19 +22,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..utils.files import sha256_file
+
 MANIFEST = "manifest.json"
 
 
 class ShardError(RuntimeError):
     """A shard (or manifest) that cannot be read; the message names the file."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _npy_bytes(t: torch.Tensor) -> bytes:
@@ -90,7 +83,7 @@ class ShardWriter:
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
         self.entries.append({"file": name, "count": len(self.pending), "bytes": os.path.getsize(path),
-                             "sha256": _sha256(path)})
+                             "sha256": sha256_file(path)})
         self.pending = []
 
     def close(self) -> str:
@@ -195,7 +188,7 @@ class LatentShardDataset:
             size = os.path.getsize(path)
             if "bytes" in entry and size != int(entry["bytes"]):
                 raise ShardError(f"shard {path} is truncated or changed: {size} bytes, manifest says {entry['bytes']}")
-            if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            if "sha256" in entry and sha256_file(path) != entry["sha256"]:
                 raise ShardError(f"shard {path} is corrupt: sha256 does not match the manifest")
             self._verified.add(i)
         data = _read_shard(path)

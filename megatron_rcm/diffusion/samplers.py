@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .guidance import cfg_combine
+
 from .flow_matching import WAN_T_SCALE, fm_sigmas, fm_x0_eps
 from .trigflow import fm_from_trig, trig_F_from_v, trig_x0
 
@@ -74,22 +76,33 @@ def cm_sample(denoise_fn, z, sigma_d: float, times=(torch.pi / 2,), generator=No
 
 
 @torch.no_grad()
-def causal_chunk_sample(model, noise, context, chunk_sampler, actions=None):
+def causal_chunk_sample(model, noise, context, chunk_sampler, actions=None, uncond_context=None,
+                        guidance_scale: float = 1.0):
     """Generate chunk by chunk with a KV cache, as at streaming inference.
 
     ``chunk_sampler(denoise_fn, noise_chunk) -> x0_chunk`` is any sampler above (partial-applied).
     After a chunk is denoised it is re-run at t = 0 with ``write_cache=True`` so later chunks see it.
+    With guidance, cond and uncond run as one doubled batch with one doubled-batch cache: every call,
+    the cache write included, sees [context ; uncond_context], so each half keeps its own history.
     """
     b, _, frames, h, w = noise.shape
     cf = model.causal.chunk_frames * model.patch[0]
+    guided = guidance_scale != 1.0 and uncond_context is not None
+    ctx = torch.cat([context, uncond_context]) if guided else context
+    dup = (lambda a: None if a is None else torch.cat([a, a])) if guided else (lambda a: a)
     cache = model.new_kv_cache(h, w)
     out = []
     for chunk in range(frames // cf):
         sl = slice(chunk * cf, (chunk + 1) * cf)
-        act = None if actions is None else actions[:, sl]
-        fn = lambda x, t: model.forward_chunk(x, t, context, cache, chunk, actions=act)[0]
+        act = dup(None if actions is None else actions[:, sl])
+
+        def fn(x, t, chunk=chunk, act=act):
+            t = torch.as_tensor(t, device=x.device)
+            v = model.forward_chunk(dup(x), dup(t) if t.dim() else t, ctx, cache, chunk, actions=act)[0]
+            return cfg_combine(*v.chunk(2), guidance_scale) if guided else v
+
         x0 = chunk_sampler(fn, noise[:, :, sl])
         zeros = torch.zeros(b, cf // model.patch[0], dtype=noise.dtype, device=noise.device)
-        model.forward_chunk(x0, zeros, context, cache, chunk, write_cache=True, actions=act)
+        model.forward_chunk(dup(x0), dup(zeros), ctx, cache, chunk, write_cache=True, actions=act)
         out.append(x0)
     return torch.cat(out, dim=2)

@@ -9,7 +9,6 @@ reported by file name and the loader falls back to the newest older checkpoint t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -27,14 +28,6 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,7 +76,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
         p = tmp / name
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
-        files[name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace atomically-ish
@@ -117,7 +110,7 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(f"checkpoint file {p} is missing")
         if p.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"checkpoint file {p} has {p.stat().st_size} bytes, manifest says {meta['bytes']}")
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file {p} fails its sha256 check (corrupt)")
 
 

@@ -64,12 +64,25 @@ def feature_extractor(trainer):
         torch.set_num_threads(threads)
 
 
+@torch.no_grad()
 def teacher_samples(trainer, teacher_phase: str, teacher, prompts) -> torch.Tensor:
+    """The reference: the teacher's deterministic many-step ODE (2nd-order multistep, CFG), chunk by chunk."""
+    from functools import partial
+
+    from ..diffusion.samplers import causal_chunk_sample, multistep2_fm
+
     path = trainer.phase_dir(teacher_phase) / "eval_teacher_samples.safetensors"
     if path.exists():
         return load_file(str(path))["video"].to(trainer.device)
-    e = trainer.cfg.eval
-    video = sample(trainer, teacher, prompts, e.teacher_steps, e.cfg_scale)
+    e, d = trainer.cfg.eval, trainer.cfg.data
+    gen = torch.Generator().manual_seed(e.seed)
+    noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=gen)
+    was_training = teacher.training
+    teacher.eval()
+    video = causal_chunk_sample(teacher, noise.to(trainer.device, teacher.dtype), prompts["context"],
+                                partial(multistep2_fm, steps=e.teacher_steps), actions=prompts.get("actions"),
+                                uncond_context=prompts["uncond_context"], guidance_scale=e.cfg_scale)
+    teacher.train(was_training)
     save_file({"video": video.float().cpu().contiguous()}, str(path))
     return video
 
