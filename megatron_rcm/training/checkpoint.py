@@ -60,25 +60,33 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
     """Write ``tensors`` (group -> state dict, each a safetensors file) and ``state`` atomically."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp = fresh_temp_dir(root, step, f"tmp-{os.getpid()}")
+    for group, sd in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{group}.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    return commit_checkpoint(root, tmp, step, keep)
+
+
+def fresh_temp_dir(root: Path, step: int, suffix: str) -> Path:
+    """An empty ``root/.step_XXXXXXXX.<suffix>`` (a leftover of a killed save is removed first)."""
+    tmp = root / f".{checkpoint_name(step)}.{suffix}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, keep: int, info: dict | None = None) -> Path:
+    """Finish a checkpoint written into ``tmp``: manifest (every file's size + sha256), fsync, rename to
+    ``step_XXXXXXXX``, then move ``latest`` and prune to the newest ``keep``. ``info`` joins the manifest."""
     files = {}
-    for group, sd in tensors.items():
-        name = f"{group}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / name))
-        files[name] = None
-    torch.save(state, tmp / "state.pt")
-    files["state.pt"] = None
-    for name in files:
-        p = tmp / name
+    for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
-        files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        files[p.relative_to(tmp).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, **(info or {}), "files": files}, indent=1))
     _fsync_dir(tmp)
+    final = root / checkpoint_name(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace atomically-ish
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -122,15 +130,19 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    verify_checkpoint(path)
+def load_checkpoint(path: Path, verify: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    if verify:
+        verify_checkpoint(path)
     tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return tensors, state
 
 
-def load_latest(root: str | Path):
-    """(path, tensors, state) of the newest checkpoint that verifies, or None. Bad ones are reported and skipped."""
+def valid_checkpoints(root: str | Path):
+    """Checkpoints that verify, best first: the one ``latest`` names, then newest to oldest.
+
+    Each bad one is reported (with the offending file) and skipped. A generator, so only as many
+    are verified as the caller needs."""
     root = Path(root)
     candidates = list_checkpoints(root)
     pointer = root / LATEST
@@ -141,9 +153,24 @@ def load_latest(root: str | Path):
             candidates.insert(0, named)
     for path in candidates:
         try:
-            tensors, state = load_checkpoint(path)
+            verify_checkpoint(path)
+        except (CheckpointError, OSError) as e:
+            report_unusable(e)
+            continue
+        yield path
+
+
+def report_unusable(error: Exception) -> None:
+    log.warning("skipping unusable checkpoint: %s", error)
+    print(f"[checkpoint] skipping unusable checkpoint: {error}", flush=True)
+
+
+def load_latest(root: str | Path):
+    """(path, tensors, state) of the newest checkpoint that verifies, or None. Bad ones are reported and skipped."""
+    for path in valid_checkpoints(root):
+        try:
+            tensors, state = load_checkpoint(path, verify=False)  # just verified
             return path, tensors, state
         except (CheckpointError, OSError, RuntimeError) as e:
-            log.warning("skipping unusable checkpoint: %s", e)
-            print(f"[checkpoint] skipping unusable checkpoint: {e}", flush=True)
+            report_unusable(e)
     return None
