@@ -135,6 +135,13 @@ def _owned(opt, named_params: dict) -> list[tuple[str, torch.nn.Parameter]]:
     return owned
 
 
+def _pairs(optimizers: dict | None):
+    """(name, optimizer, named params) for each optimizer; a name may hold a list of (opt, named) pairs."""
+    for oname, spec in (optimizers or {}).items():
+        for opt, named in (spec if isinstance(spec, list) else [spec]):
+            yield oname, opt, named
+
+
 def _stage(t: torch.Tensor, copy_now: bool) -> torch.Tensor:
     t = t.detach()
     return t.to("cpu", copy=True) if copy_now else t.cpu()
@@ -182,7 +189,7 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
 
     ``tensors``: group -> this rank's state dict (parameter names as in the unsharded model; TP-sharded
     per :func:`tp_shard_dim`, except groups listed in ``replicated``). ``optimizers``: name ->
-    (optimizer, {global param name: param}). ``shared``: picklable state, identical on all ranks
+    (optimizer, {global param name: param}), or a list of such pairs. ``shared``: picklable state, identical on all ranks
     (rank 0's is kept). ``rank_state``: this rank's own state (RNG, data position). ``meta``: JSON
     (e.g. the model config, read by the diffusers export). Returns the committed path, or a
     :class:`PendingSave` when ``async_save``.
@@ -195,8 +202,8 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
     for group, sd in tensors.items():
         for name, t in sd.items():
             state[f"{group}.{name}"] = tp.wrap(name, _stage(t, async_save), group not in replicated)
-    hyper = {}
-    for oname, (opt, named) in (optimizers or {}).items():
+    hyper: dict[str, list] = {}
+    for oname, opt, named in _pairs(optimizers):
         inner = _inner_optimizer(opt)
         for name, p in _owned(opt, named):
             for k, v in inner.state.get(p, {}).items():
@@ -206,7 +213,7 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
                     state[key] = tp.wrap(name, v) if v.shape == p.shape else v
                 else:
                     state[key] = copy.deepcopy(v)
-        hyper[oname] = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        hyper.setdefault(oname, []).append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
     files = {}
     if rank_state is not None:
         files[_rank_file(rank)] = copy.deepcopy(rank_state) if async_save else rank_state
@@ -282,7 +289,7 @@ def _load_targets(md: dict, tensors, optimizers, tp: _TensorParallel, replicated
                 missing.append(key)
                 continue
             state[key] = tp.wrap(name, torch.empty(t.shape, dtype=t.dtype), group not in replicated)
-    for oname, (opt, named) in (optimizers or {}).items():
+    for oname, opt, named in _pairs(optimizers):
         for name, p in _owned(opt, named):
             prefix = f"{oname}.state.{name}."
             keys = [k for k in md if k.startswith(prefix) and "." not in k[len(prefix):]]
@@ -299,22 +306,39 @@ def _load_targets(md: dict, tensors, optimizers, tp: _TensorParallel, replicated
     return state, optim_targets, missing
 
 
-def load_distributed(root, tensors: dict[str, dict[str, torch.Tensor]], optimizers: dict[str, tuple] | None = None,
-                     groups=None, replicated: tuple[str, ...] = ()) -> Resumed | None:
-    """Collectively load the newest complete checkpoint under ``root`` into this rank's tensors/optimizers.
+def choose_checkpoint(root) -> Path | None:
+    """Collectively: the checkpoint to resume from (rank 0 verifies and decides, everyone gets its answer).
 
-    The layout may differ from the saved one: each rank reads exactly its slices. Rank 0 picks the
-    checkpoint (``latest`` if it verifies, else the newest older one that does; each bad one is
-    reported with the offending file). Returns None when there is no usable checkpoint.
+    ``latest`` if it verifies, else the newest older one that does; each bad one is reported with
+    the offending file. None when there is no usable checkpoint."""
+    wait_for_pending_save()
+    pg = _ckpt_group()
+    path = next(ckpt.valid_checkpoints(root), None) if _rank_world()[0] == 0 else None
+    path = _broadcast(None if path is None else str(path), pg)
+    return None if path is None else Path(path)
+
+
+def read_shared_state(path) -> dict:
+    """The ``shared`` dict saved with checkpoint ``path`` (cheap: no tensors are read)."""
+    return torch.load(Path(path) / SHARED, map_location="cpu", weights_only=False)["state"]
+
+
+def load_distributed(root, tensors: dict[str, dict[str, torch.Tensor]], optimizers: dict[str, tuple] | None = None,
+                     groups=None, replicated: tuple[str, ...] = (), path=None) -> Resumed | None:
+    """Collectively load the newest complete checkpoint under ``root`` (or ``path``, chosen before by
+    :func:`choose_checkpoint`) into this rank's tensors and optimizers.
+
+    The layout may differ from the saved one: each rank reads exactly its slices. ``optimizers``:
+    name -> (optimizer, {global param name: param}) or a list of such pairs (e.g. ZeRO-1 for the
+    model plus a plain AdamW for small side modules: state is keyed by parameter name, so the split
+    may differ from the saved one). Returns None when there is no usable checkpoint.
     """
     wait_for_pending_save()
     rank, world = _rank_world()
     pg = _ckpt_group()
-    path = next(ckpt.valid_checkpoints(root), None) if rank == 0 else None
-    path = _broadcast(None if path is None else str(path), pg)
+    path = choose_checkpoint(root) if path is None else Path(path)
     if path is None:
         return None
-    path = Path(path)
     md = _storage_metadata(path)
     tp = _TensorParallel(groups)
     state, optim_targets, missing = _load_targets(md, tensors, optimizers, tp, replicated)
@@ -345,8 +369,11 @@ def load_distributed(root, tensors: dict[str, dict[str, torch.Tensor]], optimize
         else:
             inner.state.pop(p, None)
     shared = torch.load(path / SHARED, map_location="cpu", weights_only=False)
-    for oname, (opt, _) in (optimizers or {}).items():
-        _set_hyperparameters(opt, shared["param_groups"].get(oname, []), oname)
+    index: dict[str, int] = {}
+    for oname, opt, _ in _pairs(optimizers):
+        saved = shared["param_groups"].get(oname) or [[]]
+        i = index[oname] = index.get(oname, -1) + 1
+        _set_hyperparameters(opt, saved[min(i, len(saved) - 1)], oname)
     info = json.loads((path / META).read_text())
     rank_state = None
     if info["layout"] == _layout_of(groups) and (path / _rank_file(rank)).is_file():
@@ -360,6 +387,8 @@ def _set_hyperparameters(opt, saved: list[dict], name: str) -> None:
     if _inner_optimizer(opt) is not opt:
         targets.append(_inner_optimizer(opt).param_groups)
     for groups in targets:
+        if len(saved) == 1:  # one saved group (the usual case) fits any split into optimizers / groups
+            saved = saved * len(groups)
         if len(groups) != len(saved):
             raise ckpt.CheckpointError(f"optimizer '{name}' has {len(groups)} param groups, the checkpoint "
                                        f"{len(saved)}")
