@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage + the error (or --help); keep main() returning
+    except SystemExit as e:  # argparse printed usage + the error (or --help); main() still returns the code
         return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -1,4 +1,5 @@
 """The run-folder commands (sample, eval, generate-data, generate) on a tiny trained run, in-process."""
+import contextlib
 import io
 import os
 import shutil
@@ -29,17 +30,29 @@ phases:
 FRAMES, CHUNK = 4, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models run ~100x faster on one thread of a busy 2-core box than on two (OpenMP spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, single_thread):
     """A trained two-phase run folder (teacher -> tf_scm), made by the train command itself."""
     root = tmp_path_factory.mktemp("cli")
     (root / "run.yaml").write_text(YAML)
-    assert main(["train", str(root / "run.yaml"), *TINY, f"output_dir={root / 'run'}"]) == 0
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        assert main(["train", str(root / "run.yaml"), *TINY, f"output_dir={root / 'run'}"]) == 0
+    (root / "train.log").write_text(log.getvalue())
     return root / "run"
 
 
 @pytest.fixture(scope="module")
-def action_run(tmp_path_factory):
+def action_run(tmp_path_factory, single_thread):
     """A run folder of an action-conditioned model (untrained weights: only the folder layout matters)."""
     root = tmp_path_factory.mktemp("cli_actions") / "run"
     cfg = load_config(None, TINY + ["data.action_dim=4", "model.action_dim=4", f"output_dir={root}",
@@ -47,7 +60,9 @@ def action_run(tmp_path_factory):
     (root / "phases" / "wm").mkdir(parents=True)
     (root / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(0)
-    save_file(build_model(cfg.model, cfg.causal).state_dict(), str(root / "phases" / "wm" / "ema.safetensors"))
+    model = build_model(cfg.model, cfg.causal)
+    torch.nn.init.normal_(model.action_embedder.linear_2.weight, std=0.5)  # zero-initialised: make actions matter
+    save_file(model.state_dict(), str(root / "phases" / "wm" / "ema.safetensors"))
     return root
 
 
@@ -78,6 +93,9 @@ def test_eval_prints_a_row_per_requested_step_count(run, capsys):
     rows = [line.split("|") for line in lines[head[0] + 2:head[0] + 4]]
     assert [int(r[0]) for r in rows] == [1, 3]
     assert all(float(r[1]) >= 0 and float(r[2]) > 0 for r in rows)  # mse, psnr
+    # same EMA weights, prompts, seeds and cached reference: the 1-step row equals the trainer's own report
+    trained = (run.parent / "train.log").read_text().splitlines()
+    assert lines[head[0] + 2] in trained
     # a different number of prompts recomputes the reference instead of reusing (or clobbering) the cache
     cache = run / "phases" / "teacher" / "eval_teacher_samples.safetensors"
     before = cache.read_bytes()
@@ -129,8 +147,12 @@ def test_generate_with_actions_and_interactive_stdin(action_run, tmp_path, capsy
                  "--out", str(typed)]) == 0
     assert stdin.readline() == "0\n", "one line per chunk: 2 chunks consume exactly 2 lines"
     assert capsys.readouterr().err.count("action ids") == 2
-    # the typed actions are the ones used: same video as giving them up front
+    # the typed actions are the ones used: same video as giving them up front, another video for others
     assert (read_video(str(typed)) == read_video(str(given))).all()
+    other = tmp_path / "other.gif"
+    assert main(["generate", str(action_run), "--phase", "wm", "--frames", "4", "--actions", "3,0",
+                 "--out", str(other)]) == 0
+    assert not (read_video(str(other)) == read_video(str(given))).all()
 
 
 def test_errors_name_the_problem_and_exit_2(run, action_run, tmp_path, capsys):
@@ -138,6 +160,8 @@ def test_errors_name_the_problem_and_exit_2(run, action_run, tmp_path, capsys):
     assert "does not exist" in _error(capsys, ["sample", str(tmp_path / "nope"), "--phase", "teacher", "--out", out])
     (tmp_path / "empty").mkdir()
     assert "config.yaml" in _error(capsys, ["eval", str(tmp_path / "empty"), "--phase", "tf_scm"])
+    (tmp_path / "empty" / "config.yaml").write_text("phases: [\n")
+    assert "cannot read" in _error(capsys, ["eval", str(tmp_path / "empty"), "--phase", "tf_scm"])
     err = _error(capsys, ["generate", str(run), "--phase", "student", "--out", out])
     assert "unknown phase 'student'" in err and "['teacher', 'tf_scm']" in err
     moved = run / "phases" / "tf_scm" / "model.safetensors"

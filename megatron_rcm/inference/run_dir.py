@@ -37,7 +37,12 @@ def load_run_config(run_dir: str | Path):
     if not path.is_file():
         raise RunDirError(f"{path} is missing: {run_dir} is not a training run folder "
                           "(`megatron-rcm train CONFIG output_dir=...` writes config.yaml there)")
-    cfg = load_config(path)
+    try:
+        cfg = load_config(path)
+    except ConfigError:
+        raise
+    except Exception as err:  # unreadable YAML: name the file instead of a parser trace
+        raise RunDirError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     cfg.output_dir = str(run_dir)
     return cfg
 
