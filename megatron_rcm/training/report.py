@@ -106,7 +106,8 @@ def phase_report(trainer, phase, model, teacher) -> dict:
         trainer.logger.print(f"[{phase.name}] teacher {e.teacher_steps}-step samples: {path}; "
                              f"motion accuracy {stats['motion_acc_teacher']:.3f}")
         return {"teacher_motion_acc": stats["motion_acc_teacher"]}
-    ref = teacher_samples(trainer, phase.teacher_from, teacher, prompts)
+    # no teacher (e.g. MeanFlow from data): no reference videos, only the student's own motion accuracy
+    ref = teacher_samples(trainer, phase.teacher_from, teacher, prompts) if teacher is not None else None
     rows, metrics = [], {}
     for k in e.student_steps:
         writer = None
@@ -115,7 +116,9 @@ def phase_report(trainer, phase, model, teacher) -> dict:
         video = sample(trainer, model, prompts, k, 1.0, writer=writer)
         if writer is not None:
             writer.close()
-        stats = evaluate_samples(video, ref, prompts["class_id"], extractor)
+        stats = evaluate_samples(video, video if ref is None else ref, prompts["class_id"], extractor)
+        if ref is None:
+            stats = {k: v for k, v in stats.items() if k == "motion_acc_student"}
         rows.append((k, stats))
         for name in _SCALARS:
             if name in stats:
@@ -129,6 +132,6 @@ def format_quality_table(name: str, teacher_steps: int, rows) -> str:
     lines = [f"[{name}] quality vs the teacher's {teacher_steps}-step samples (same prompts and seeds):",
              "  steps |    mse |  psnr |     fd | motion acc (student / teacher)"]
     for k, s in rows:
-        lines.append(f"  {k:5d} | {s['mse']:.4f} | {s['psnr']:5.2f} | {s.get('fd', float('nan')):6.3f} | "
+        lines.append(f"  {k:5d} | {s.get('mse', float('nan')):.4f} | {s.get('psnr', float('nan')):5.2f} | {s.get('fd', float('nan')):6.3f} | "
                      f"{s.get('motion_acc_student', float('nan')):.3f} / {s.get('motion_acc_teacher', float('nan')):.3f}")
     return "\n".join(lines)
