@@ -119,5 +119,5 @@ class MeanFlowObjective:
         per = delta.flatten(1).mean(1)  # per-sample MSE
         w = 1.0 / (per.detach() + self.cfg.adaptive_c) ** self.cfg.adaptive_p
         loss = (w * per).mean()
-        return loss, {"meanflow_loss": float(loss.detach()), "meanflow_mse": float(per.mean())}
+        return loss, {"meanflow_loss": float(loss.detach()), "meanflow_mse": float(per.detach().mean())}
 
