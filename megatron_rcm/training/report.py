@@ -131,7 +131,8 @@ def phase_report(trainer, phase, model, teacher) -> dict:
 def format_quality_table(name: str, teacher_steps: int, rows) -> str:
     lines = [f"[{name}] quality vs the teacher's {teacher_steps}-step samples (same prompts and seeds):",
              "  steps |    mse |  psnr |     fd | motion acc (student / teacher)"]
-    for k, s in rows:
-        lines.append(f"  {k:5d} | {s.get('mse', float('nan')):.4f} | {s.get('psnr', float('nan')):5.2f} | {s.get('fd', float('nan')):6.3f} | "
-                     f"{s.get('motion_acc_student', float('nan')):.3f} / {s.get('motion_acc_teacher', float('nan')):.3f}")
+    for k, s in rows:  # a phase without a teacher has only the student's motion accuracy (nan elsewhere)
+        g = lambda name: s.get(name, float("nan"))  # noqa: E731
+        lines.append(f"  {k:5d} | {g('mse'):.4f} | {g('psnr'):5.2f} | {g('fd'):6.3f} | "
+                     f"{g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
     return "\n".join(lines)
