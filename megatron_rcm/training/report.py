@@ -117,7 +117,8 @@ def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: 
 
     prompts = eval_prompts(ctx)
     extractor = feature_extractor(ctx)
-    ref = teacher_samples(ctx, phase.teacher_from, teacher, prompts)
+    # no teacher (e.g. MeanFlow from data): no reference videos, only the student's own motion accuracy
+    ref = teacher_samples(ctx, phase.teacher_from, teacher, prompts) if teacher is not None else None
     rows, metrics = [], {}
     for k in steps:
         writer = None
@@ -126,7 +127,9 @@ def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: 
         video = sample(ctx, model, prompts, k, 1.0, writer=writer)
         if writer is not None:
             writer.close()
-        stats = evaluate_samples(video, ref, prompts["class_id"], extractor)
+        stats = evaluate_samples(video, video if ref is None else ref, prompts["class_id"], extractor)
+        if ref is None:
+            stats = {n: v for n, v in stats.items() if n == "motion_acc_student"}
         rows.append((k, stats))
         for name in _SCALARS:
             if name in stats:
@@ -160,7 +163,8 @@ def phase_report(ctx: ReportContext, phase, model, teacher) -> dict:
 def format_quality_table(name: str, teacher_steps: int, rows) -> str:
     lines = [f"[{name}] quality vs the teacher's {teacher_steps}-step samples (same prompts and seeds):",
              "  steps |    mse |  psnr |     fd | motion acc (student / teacher)"]
-    for k, s in rows:
-        lines.append(f"  {k:5d} | {s['mse']:.4f} | {s['psnr']:5.2f} | {s.get('fd', float('nan')):6.3f} | "
-                     f"{s.get('motion_acc_student', float('nan')):.3f} / {s.get('motion_acc_teacher', float('nan')):.3f}")
+    for k, s in rows:  # a phase without a teacher has only the student's motion accuracy (nan elsewhere)
+        g = lambda name: s.get(name, float("nan"))  # noqa: E731
+        lines.append(f"  {k:5d} | {g('mse'):.4f} | {g('psnr'):5.2f} | {g('fd'):6.3f} | "
+                     f"{g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
     return "\n".join(lines)
