@@ -76,14 +76,24 @@ def fresh_temp_dir(root: Path, step: int, suffix: str) -> Path:
     return tmp
 
 
-def commit_checkpoint(root: Path, tmp: Path, step: int, keep: int, info: dict | None = None) -> Path:
+def file_digest(path: Path) -> dict:
+    """fsync ``path`` and return its manifest entry (size and sha256)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, keep: int, info: dict | None = None,
+                      digests: dict | None = None) -> Path:
     """Finish a checkpoint written into ``tmp``: manifest (every file's size + sha256), fsync, rename to
-    ``step_XXXXXXXX``, then move ``latest`` and prune to the newest ``keep``. ``info`` joins the manifest."""
+    ``step_XXXXXXXX``, then move ``latest`` and prune to the newest ``keep``. ``info`` joins the manifest;
+    ``digests`` (relative name -> :func:`file_digest`) are entries already computed, e.g. by the rank
+    that wrote the file."""
+    digests = digests or {}
     files = {}
     for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-        files[p.relative_to(tmp).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        name = p.relative_to(tmp).as_posix()
+        files[name] = digests[name] if name in digests else file_digest(p)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, **(info or {}), "files": files}, indent=1))
     _fsync_dir(tmp)
     final = root / checkpoint_name(step)

@@ -236,10 +236,17 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
             torch.save(obj, tmp / name)
         if rank == 0:
             (tmp / META).write_text(json.dumps(info, indent=1, default=str))
+        # each rank hashes what it wrote (DCP names its files __<rank>_<n>.distcp); rank 0 the rest
+        mine = {p.name: ckpt.file_digest(p) for p in tmp.iterdir()
+                if p.name.startswith(f"__{rank}_") or p.name == _rank_file(rank)}
         maybe_fail("save", step)  # fault-tolerance tests: die with the folder half written
-        _barrier(pg)
+        digests = [mine]
+        if pg is not None:
+            digests = [None] * world
+            dist.all_gather_object(digests, mine, group=pg)
         if rank == 0:
-            ckpt.commit_checkpoint(root, tmp, step, keep, info={"format": FORMAT, "world_size": world})
+            ckpt.commit_checkpoint(root, tmp, step, keep, info={"format": FORMAT, "world_size": world},
+                                   digests={k: v for d in digests for k, v in d.items()})
         _barrier(pg)  # nobody reads 'latest' before it moved
         return root / ckpt.checkpoint_name(step)
 
