@@ -114,7 +114,11 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, truncated or corrupt file.
+
+    ``part`` = (k, n) checks only the k-th of every n files of the manifest, so n processes can
+    share the work."""
     manifest = path / MANIFEST
     if not manifest.exists():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete")
@@ -122,7 +126,8 @@ def verify_checkpoint(path: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"checkpoint manifest {manifest} is corrupt: {e}") from None
-    for name, meta in files.items():
+    k, n = part
+    for name, meta in list(files.items())[k::n]:
         p = path / name
         if not p.exists():
             raise CheckpointError(f"checkpoint file {p} is missing")
@@ -148,11 +153,8 @@ def load_checkpoint(path: Path, verify: bool = True) -> tuple[dict[str, dict[str
     return tensors, state
 
 
-def valid_checkpoints(root: str | Path):
-    """Checkpoints that verify, best first: the one ``latest`` names, then newest to oldest.
-
-    Each bad one is reported (with the offending file) and skipped. A generator, so only as many
-    are verified as the caller needs."""
+def candidate_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders in the order to try them: the one ``latest`` names, then newest to oldest."""
     root = Path(root)
     candidates = list_checkpoints(root)
     pointer = root / LATEST
@@ -161,7 +163,15 @@ def valid_checkpoints(root: str | Path):
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    for path in candidates:
+    return candidates
+
+
+def valid_checkpoints(root: str | Path):
+    """Checkpoints that verify, best first: the one ``latest`` names, then newest to oldest.
+
+    Each bad one is reported (with the offending file) and skipped. A generator, so only as many
+    are verified as the caller needs."""
+    for path in candidate_checkpoints(root):
         try:
             verify_checkpoint(path)
         except (CheckpointError, OSError) as e:

@@ -314,15 +314,30 @@ def _load_targets(md: dict, tensors, optimizers, tp: _TensorParallel, replicated
 
 
 def choose_checkpoint(root) -> Path | None:
-    """Collectively: the checkpoint to resume from (rank 0 verifies and decides, everyone gets its answer).
+    """Collectively: the checkpoint to resume from, the same on every rank.
 
-    ``latest`` if it verifies, else the newest older one that does; each bad one is reported with
-    the offending file. None when there is no usable checkpoint."""
+    ``latest`` if it verifies, else the newest older one that does (the ranks share the hashing); each
+    bad one is reported (rank 0) with the offending file. None when there is no usable checkpoint."""
     wait_for_pending_save()
     pg = _ckpt_group()
-    path = next(ckpt.valid_checkpoints(root), None) if _rank_world()[0] == 0 else None
-    path = _broadcast(None if path is None else str(path), pg)
-    return None if path is None else Path(path)
+    if pg is None:
+        return next(ckpt.valid_checkpoints(root), None)
+    rank, world = _rank_world()
+    candidates = _broadcast([str(p) for p in ckpt.candidate_checkpoints(root)] if rank == 0 else None, pg)
+    for path in map(Path, candidates):
+        error = None
+        try:
+            ckpt.verify_checkpoint(path, part=(rank, world))  # every rank hashes its share of the files
+        except (ckpt.CheckpointError, OSError) as e:
+            error = str(e)
+        errors = [None] * world
+        dist.all_gather_object(errors, error, group=pg)
+        errors = [e for e in errors if e]
+        if not errors:
+            return path
+        if rank == 0:
+            ckpt.report_unusable(ckpt.CheckpointError("; ".join(errors)))
+    return None
 
 
 def read_shared_state(path) -> dict:

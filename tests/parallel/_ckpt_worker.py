@@ -4,11 +4,15 @@ Save under TP2 (steps 1 and 2) and under DP2 (ZeRO-1, step 3), each time recordi
 EMA and AdamW states by gathering the shards by hand (independent of DCP); then load each checkpoint
 under other layouts (DP2, CP2, PP2, TP2) into a differently initialised model and compare every
 local tensor and optimizer state with the matching slice of the record, exactly (``torch.equal``).
+Then corrupt one shard of step 2: the ranks (sharing the hashing) report it and load step 1.
 Rank 0 leaves the records in ``<root>/ref_step<N>.pt`` for the single-process checks in the test.
 """
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -145,6 +149,21 @@ def main():
             errors.append("steps 1 and 2 saved equal weights: the check could not tell them apart")
         for layout in ("1x1x2", "1x2x1", "1x1x1x2", "2x1x1"):
             check_load(root, layout, rec2, 2, layout == "2x1x1", errors)
+        # a corrupt shard of step 2 (found by whichever rank hashes it) -> both ranks fall back to step 1
+        croot = Path(root) / "corrupt"
+        if dist.get_rank() == 0:
+            for name in ("step_00000001", "step_00000002", "latest"):
+                copy = shutil.copytree if name.startswith("step") else shutil.copy
+                copy(Path(root) / name, croot / name)
+            with open(croot / "step_00000002" / "__1_0.distcp", "r+b") as f:
+                f.seek(500)
+                f.write(b"\x00corrupt\x00")
+        dist.barrier()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            check_load(croot, "1x1x2", rec1, 1, False, errors)
+        if dist.get_rank() == 0 and "step_00000002/__1_0.distcp fails its sha256" not in printed.getvalue():
+            errors.append(f"corrupt shard not reported by name: {printed.getvalue()!r}")
         # ZeRO-1 partitions (DP2) -> TP2
         zroot = os.path.join(root, "zero")
         groups, model, opt = setup("1x1x2", seed=0)
