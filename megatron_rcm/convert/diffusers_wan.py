@@ -263,7 +263,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-diffusers", metavar="DIR", help="diffusers WanTransformer3DModel folder -> our CKPT")
     src.add_argument("--to-diffusers", metavar="CKPT", help="our CKPT (.safetensors + .json sidecar, or a sharded "
-                     "training checkpoint folder of any parallel layout: step_* or its checkpoints/ root) -> diffusers DIR")
+                     "training checkpoint folder of any parallel layout: step_* or its checkpoints/ root) "
+                     "-> diffusers DIR")
     parser.add_argument("--out", required=True, help="output CKPT file or diffusers folder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="diffusers shard size, e.g. 5GB, 500MB, bytes")

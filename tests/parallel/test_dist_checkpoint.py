@@ -127,6 +127,7 @@ def test_export_from_sharded_checkpoint_equals_single_process_export(tp2_root, t
     export_diffusers(model, tmp_path / "single", max_shard_size="40KB")
     a, b = load_diffusers_state_dict(out), load_diffusers_state_dict(tmp_path / "single")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "single" / "config.json").read_text())
+    single_config = json.loads((tmp_path / "single" / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == single_config
     with pytest.raises(ckpt.CheckpointError, match="no tensors of group 'critic'"):
         dck.read_full_tensors(tp2_root, "critic")
