@@ -114,6 +114,7 @@ def test_export_from_sharded_checkpoint_equals_single_process_export(tp2_root, t
     pytest.importorskip("diffusers")
     from megatron_rcm.cli import main
     from megatron_rcm.convert import export_diffusers, load_diffusers_state_dict
+    from megatron_rcm.convert.native import load_sharded_checkpoint_model
 
     assert main(["convert", "--to-diffusers", str(tp2_root), "--out", str(tmp_path / "from_tp2"),
                  "--weights", "ema", "--max-shard-size", "40KB"]) == 0
@@ -129,5 +130,8 @@ def test_export_from_sharded_checkpoint_equals_single_process_export(tp2_root, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     single_config = json.loads((tmp_path / "single" / "config.json").read_text())
     assert json.loads((out / "config.json").read_text()) == single_config
+    raw = load_sharded_checkpoint_model(tp2_root / "step_00000001", weights="model")  # raw weights, a step folder
+    record1 = torch.load(tp2_root / "ref_step1.pt")
+    assert all(torch.equal(p, record1[f"model.{n}"]) for n, p in raw.named_parameters())
     with pytest.raises(ckpt.CheckpointError, match="no tensors of group 'critic'"):
         dck.read_full_tensors(tp2_root, "critic")
