@@ -281,8 +281,9 @@ def _broadcast(obj, pg):
 
 def _storage_metadata(path: Path) -> dict:
     if not is_sharded_checkpoint(path):
-        raise ckpt.CheckpointError(f"{path} is not a sharded checkpoint (no {DCP_METADATA}); it was written by "
-                                   "the single-process checkpoint format (training/checkpoint.py)")
+        raise ckpt.CheckpointError(f"{path} is not a sharded checkpoint (no {DCP_METADATA}): it is in the "
+                                   "single-process format of training/checkpoint.py (older versions of the trainer); "
+                                   "resume it with that version or start a new output_dir")
     return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 
@@ -342,6 +343,7 @@ def choose_checkpoint(root) -> Path | None:
 
 def read_shared_state(path) -> dict:
     """The ``shared`` dict saved with checkpoint ``path`` (cheap: no tensors are read)."""
+    _storage_metadata(Path(path))  # a clear error for a folder in the single-process format
     return torch.load(Path(path) / SHARED, map_location="cpu", weights_only=False)["state"]
 
 

@@ -135,3 +135,10 @@ def test_export_from_sharded_checkpoint_equals_single_process_export(tp2_root, t
     assert all(torch.equal(p, record1[f"model.{n}"]) for n, p in raw.named_parameters())
     with pytest.raises(ckpt.CheckpointError, match="no tensors of group 'critic'"):
         dck.read_full_tensors(tp2_root, "critic")
+
+
+def test_single_process_format_is_refused_with_a_clear_message(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, {"student": {"w": torch.zeros(3)}}, {"step": 1})
+    path = dck.choose_checkpoint(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="not a sharded checkpoint"):
+        dck.read_shared_state(path)
