@@ -26,6 +26,7 @@ import torch
 
 from ..diffusion.flow_matching import time_shift
 from ..ops.masks import block_causal_mask
+from ..parallel.noise import dp_draw
 
 WAN_T = 1000.0
 
@@ -59,7 +60,7 @@ def denoise_levels(denoising_steps, shift: float = 1.0) -> list[float]:
 
 
 def _randn(shape, like_device, dtype, generator):
-    return torch.randn(shape, generator=generator, device=like_device, dtype=dtype)
+    return dp_draw(lambda s: torch.randn(s, generator=generator, device=like_device, dtype=dtype), shape)
 
 
 def sample_chunk(denoise, noise, levels, exit_step: int, grad: bool, generator=None):

@@ -72,7 +72,9 @@ def validate_objective(phase, key: str) -> None:
         _from_dict(_config_classes()[phase.objective], args, akey)
 
 
-def build_objective(phase, run_cfg, student, teacher, trainer=None):
+def build_objective(phase, run_cfg, student, teacher, trainer=None, critic=None):
+    """``critic``: the DMD fake-score model (default: a copy of ``teacher``; pass one when the teacher
+    is already sharded for model parallelism, since sharded models cannot be copied)."""
     from ..objectives import DCMObjective, FlowMatchingObjective, SCMObjective
     from ..objectives.dmd import SelfForcingDMD
     from ..objectives.rcm import RCMObjective
@@ -80,7 +82,7 @@ def build_objective(phase, run_cfg, student, teacher, trainer=None):
     args, key = dict(phase.objective_args), f"phases.{phase.name}.objective_args"
     if phase.objective == "rcm":
         scm_cfg, dmd_cfg, rcm_cfg = _rcm_parts(args, key)
-        return RCMObjective(SCMObjective(teacher, scm_cfg), SelfForcingDMD(teacher, dmd_cfg), rcm_cfg)
+        return RCMObjective(SCMObjective(teacher, scm_cfg), SelfForcingDMD(teacher, dmd_cfg, critic=critic), rcm_cfg)
     cfg = _from_dict(_config_classes()[phase.objective], args, key)
     if phase.objective == "flow_matching":
         return FlowMatchingObjective(cfg)
@@ -91,4 +93,4 @@ def build_objective(phase, run_cfg, student, teacher, trainer=None):
         if obj.weighting is not None:  # the learned adaptive weight trains with the student
             obj.trainable_parameters = lambda: list(obj.weighting.parameters())
         return obj
-    return SelfForcingDMD(teacher, cfg)
+    return SelfForcingDMD(teacher, cfg, critic=critic)

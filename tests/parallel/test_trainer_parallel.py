@@ -1,0 +1,103 @@
+"""``megatron-rcm train`` under torchrun-style multi-process layouts equals one process with the same
+global batch: teacher flow matching, then TF-sCM (teacher with CFG, adaptive weight), float64,
+gloo. Compared: every tensor of the phase outputs (raw and EMA weights, gathered to full weights
+by rank 0). Plus the launch path (``megatron-rcm launch`` -> torchrun, 2 CPU processes) and the
+layout checks that run at config load and at init against the world size."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_rcm.config.errors import ConfigError
+from megatron_rcm.config.run import load_config, validate_run_parallel
+from megatron_rcm.training.logger import RunLogger
+from megatron_rcm.training.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _launch_ranks import ROOT, free_port, launch  # noqa: E402
+
+YAML = """
+phases:
+  - {name: teacher, kind: teacher, objective: flow_matching, steps: 2, optim: {lr: 1.0e-3}}
+  - {name: tf_scm, kind: tf_cm, objective: scm, steps: 2, init_from: teacher, teacher_from: teacher,
+     objective_args: {sigma_d: 0.5, cfg_scale: 2.0, r_warmup_steps: 2}}
+"""
+ARGS = ["model.num_layers=1", "model.param_dtype=float64", "data.height=8", "data.width=8", "data.num_frames=4",
+        "data.batch_size=2", "causal.chunk_frames=2", "train.checkpoint_every=0", "eval.at_phase_end=false"]
+PHASES = ("teacher", "tf_scm")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "run.yaml"
+    path.write_text(YAML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(config, tmp_path_factory):
+    """The one-process reference run (global batch 2)."""
+    out = tmp_path_factory.mktemp("single")
+    cfg = load_config(config, ARGS + [f"output_dir={out}"])
+    Trainer(cfg, logger=RunLogger(out, tensorboard=False)).run()
+    return out
+
+
+def assert_same_weights(ref: Path, got: Path):
+    """Whole-model relative error <= 1e-9 and every tensor <= 1e-7 (Adam turns rounding-level noise in
+    near-zero gradients into ~1e-9 relative on single small tensors; a real bug is O(1e-3) or worse)."""
+    for phase in PHASES:
+        for which in ("model", "ema"):
+            a = load_file(str(ref / "phases" / phase / f"{which}.safetensors"))
+            b = load_file(str(got / "phases" / phase / f"{which}.safetensors"))
+            assert a.keys() == b.keys(), f"{phase}/{which}: different tensor names"
+            diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
+            norm = sum(float(a[k].double().pow(2).sum()) for k in a) ** 0.5
+            assert diff / norm < 1e-9, f"{phase}/{which}: relative error {diff / norm:.3g}"
+            for k in a:
+                r = float((a[k] - b[k]).double().norm() / a[k].double().norm().clamp_min(1e-300))
+                assert r < 1e-7, f"{phase}/{which}/{k}: relative error {r:.3g}"
+
+
+def test_data_parallel_training_matches_one_process(config, single, tmp_path):
+    out = tmp_path / "dp2"
+    errors = launch("_train_rank.py", 2, [str(config), *ARGS, f"output_dir={out}", "parallel.dp=2"], timeout=240)
+    assert not errors, "\n".join(errors)
+    assert_same_weights(single, out)
+    # each rank checkpoints its own state (ZeRO-1 partition); only rank 0 writes phase outputs
+    assert (out / "checkpoints" / "rank_00000").is_dir() and (out / "checkpoints" / "rank_00001").is_dir()
+
+
+def test_launch_runs_tensor_parallel_training_on_two_processes(config, single, tmp_path):
+    """`megatron-rcm launch` -> torchrun -> 2 CPU ranks with TP2; the result equals one process."""
+    out = tmp_path / "tp2"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "megatron_rcm.cli", "launch", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "--", "train", str(config), *ARGS, f"output_dir={out}", "parallel.tp=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("phase tf_scm: 2 steps") == 1, proc.stdout[-2000:]  # rank 0 alone reports
+    assert_same_weights(single, out)
+
+
+def test_layout_errors_name_the_key(config):
+    with pytest.raises(ConfigError, match=r"parallel.tp\*cp"):
+        load_config(config, ARGS + ["parallel.tp=3"])  # 4 heads
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(config, ARGS + ["parallel.dp=4"])  # global batch 2
+    with pytest.raises(ConfigError, match="parallel.pp"):
+        load_config(config, ARGS + ["parallel.pp=2"])  # not run by the trainer yet
+    with pytest.raises(ConfigError, match="parallel.cp"):
+        load_config(config, ARGS + ["data.num_frames=3", "causal.chunk_frames=1", "parallel.cp=4", "parallel.tp=1"])
+    cfg = load_config(config, ARGS + ["parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"parallel.tp\*cp\*pp"):
+        validate_run_parallel(cfg, world_size=3)  # checked at init, before any process group
+    cfg = load_config(config, ARGS)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        validate_run_parallel(cfg, world_size=4)  # dp = 4 does not divide the global batch 2
