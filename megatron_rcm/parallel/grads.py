@@ -4,7 +4,8 @@
 
 - small modules outside the model that every rank holds and evaluates on the full (gathered) loss,
   e.g. sCM's adaptive weight: each rank already has the gradient of ITS samples' loss, replicated
-  over tensor/context parallel peers, so one average over the data x context group is exact;
+  over tensor/context parallel peers, so one average over the data x context group is exact (under
+  pipeline parallelism only the last stage has it: summed over the pipeline group);
 - clipping by the norm of the whole gradient as one process would see it: a tensor-parallel shard
   contributes its part once (summed over the TP group), a pipeline stage its blocks (summed over the
   PP group), and everything replicated (embeddings, norms, head, side modules, and all gradients
@@ -30,11 +31,14 @@ def average_replicated_gradients(params, groups: ParallelGroups) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     n = cfg.dp * cfg.cp
-    if n == 1 or not params:
+    if (n == 1 and cfg.pp == 1) or not params:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=groups.dp_cp_group)
-    flat /= n
+    if n > 1:
+        dist.all_reduce(flat, group=groups.dp_cp_group)
+        flat /= n
+    if cfg.pp > 1:  # only the last stage computes the loss: the others hold zeros
+        dist.all_reduce(flat, group=groups.pp_group)
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))

@@ -54,3 +54,30 @@ def pipeline_forward_backward(model, microbatches, forward_fn, loss_fn):
     if ctx.pp > 1:
         dist.all_reduce(total, group=ctx.groups.pp_group)  # only the last stage holds a non-zero loss
     return total
+
+
+def outputs_on_every_stage(model, outputs, likes):
+    """Make an objective's model call usable on every pipeline stage (no-op without pipeline parallelism).
+
+    ``outputs``: what the model returned (Nones before the last stage); ``likes``: tensors with the
+    outputs' shapes (the inputs), None where no output is expected (e.g. no tangent).
+    - no grad (teacher, target and JVP passes, whose outputs may feed the next call's INPUTS): the last
+      stage broadcasts the real outputs (primal and tangent in one message) to every stage;
+    - with grad (the student pass that the loss differentiates): earlier stages get zeros as
+      placeholders; the loss is only taken on the last stage (``pipeline_forward_backward``) and the
+      gradient reaches earlier stages through the pipeline's own backward.
+    """
+    ctx = getattr(model, "parallel", None)
+    if ctx is None or ctx.pp == 1 or (ctx.is_last_stage and torch.is_grad_enabled()):
+        return outputs
+    dtype = model.dtype
+    if torch.is_grad_enabled():
+        return tuple(None if like is None else torch.zeros_like(like, dtype=dtype) for like in likes)
+    shapes = [like.shape for like in likes if like is not None]
+    if ctx.is_last_stage:
+        buf = torch.stack([o.to(dtype) for o, like in zip(outputs, likes) if like is not None])
+    else:
+        buf = torch.empty((len(shapes), *shapes[0]), dtype=dtype, device=next(model.parameters()).device)
+    dist.broadcast(buf, src=dist.get_global_rank(ctx.groups.pp_group, ctx.pp - 1), group=ctx.groups.pp_group)
+    it = iter(buf.unbind(0))
+    return tuple(None if like is None else next(it) for like in likes)

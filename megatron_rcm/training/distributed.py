@@ -83,6 +83,27 @@ class TrainerParallel:
 
         return data_parallel_noise(self.dp_rank, self.dp)
 
+    @property
+    def pipelined(self) -> bool:
+        return self.groups is not None and self.groups.cfg.pp > 1
+
+    def pipeline_step(self, objective, model, batch: dict, step: int):
+        """Forward + backward of one step through the pipeline stages, the rank's batch as ONE micro-batch
+        (so the noise equals one process's; micro-batching the pipeline bubble away is left to do).
+        Returns (loss, metrics): the loss on every stage, the objective's metrics only on the last stage
+        (earlier stages compute on placeholders, see ``outputs_on_every_stage``)."""
+        from ..parallel import pipeline_forward_backward
+
+        seen: dict = {}
+
+        def forward(m, mb):
+            loss, metrics = objective.loss(m, mb, step)
+            seen.update(metrics or {})
+            return loss
+
+        loss = pipeline_forward_backward(model, [batch], forward, lambda out, mb: out)
+        return loss, (seen if model.parallel.is_last_stage else {})
+
     # ---------------------------------------------------------------- gradients
     def sync_and_clip(self, model: nn.Module, max_norm: float, extra=()) -> torch.Tensor:
         """Synchronise gradients (DP average, CP sum; side params averaged) and clip by the GLOBAL norm."""

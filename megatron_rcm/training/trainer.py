@@ -235,10 +235,13 @@ class Trainer:
         batch_size = phase.batch_size or cfg.data.batch_size  # global
         while step < phase.steps:
             batch = self._to_device(next(data_iter))
-            with autocast, par.noise():
-                loss, metrics = objective.loss(student, batch, step)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            with autocast, par.noise():
+                if par.pipelined:  # forward AND backward through the pipeline stages (GPipe)
+                    loss, metrics = par.pipeline_step(objective, student, batch, step)
+                else:
+                    loss, metrics = objective.loss(student, batch, step)
             mean_loss, finite = par.global_loss(loss)  # agreed by all ranks
             if not finite:
                 bad, skipped = bad + 1, skipped + 1
@@ -251,7 +254,8 @@ class Trainer:
                 step += 1
                 continue
             bad = 0
-            loss.backward()
+            if not par.pipelined:
+                loss.backward()
             grad_norm = par.sync_and_clip(student, o.grad_clip if o.grad_clip > 0 else math.inf, extra_params)
             for opt, scheduler in zip(optimizers, schedulers):
                 opt.step()
