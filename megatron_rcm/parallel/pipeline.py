@@ -20,9 +20,10 @@ def pipeline_forward_backward(model, microbatches, forward_fn, loss_fn):
     ``.grad`` (scaled by 1/len(microbatches)); call ``sync_gradients`` afterwards. Also valid with
     pp = 1 (plain gradient accumulation).
 
-    Limitation: stages before the last get ``None`` outputs, so objectives that call the model
-    several times and combine its outputs (``objectives/scm.py``, DMD) are not pipeline-aware yet;
-    with pp > 1 express the loss through ``forward_fn``/``loss_fn``.
+    Stages before the last get ``None`` outputs. Objectives that call the model several times (sCM,
+    dCM) run unchanged when their calls go through :func:`outputs_on_every_stage` (``TFContext``
+    does); the trainer passes ``objective.loss`` as ``forward_fn``. Self-forcing rollouts (DMD) are
+    not pipeline-aware yet (several grad-enabled forwards per micro-batch).
     """
     ctx = model.parallel
     n = len(microbatches)
