@@ -180,7 +180,8 @@ class TrainerParallel:
     def _comm_device(self):
         import torch.distributed as dist
 
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def barrier(self) -> None:
         if self.groups is not None:

@@ -157,12 +157,23 @@ class Trainer:
     def _ckpt_dir(self) -> Path:
         return self.ckpt_root if not self.par.distributed else self.ckpt_root / f"rank_{self.par.rank:05d}"
 
+    def _layout(self) -> list[int]:
+        g = self.par.groups
+        return [1, 1, 1, 1] if g is None else [g.cfg.tp, g.cfg.cp, g.cfg.pp, g.cfg.dp]
+
     def save_checkpoint(self, step: int, tensors: dict, state: dict) -> None:
+        state = {**state, "parallel_layout": self._layout()} if self.par.distributed else state
         ckpt.save_checkpoint(self._ckpt_dir(), step, tensors, state, keep=self.cfg.train.keep_checkpoints)
         self.par.barrier()
 
     def load_checkpoint(self):
+        other = (ckpt.list_checkpoints(self.ckpt_root) if self.par.distributed
+                 else sorted(self.ckpt_root.glob("rank_*")))
         found = ckpt.load_latest(self._ckpt_dir())
+        if found is None and other:
+            kind = "single" if self.par.distributed else "multi"
+            raise TrainingError(f"{self.ckpt_root} holds checkpoints of a {kind}-process run; resume it the same "
+                                "way (or use a new output_dir)")
         if self.par.distributed:
             import torch.distributed as dist
 
@@ -170,7 +181,12 @@ class Trainer:
             dist.all_gather_object(names, None if found is None else found[0].name)
             if len(set(names)) > 1:
                 raise TrainingError(f"ranks found different latest checkpoints under {self.ckpt_root}/rank_*: "
-                                    f"{names}; remove the newer ones so all ranks resume from the same step")
+                                    f"{names}; resume with the number of processes and parallel.* settings that "
+                                    "wrote them, or remove the newer ones so all ranks resume from the same step")
+            if found is not None and found[2].get("parallel_layout") != self._layout():
+                raise TrainingError(f"checkpoint {found[0]} was written with parallel (tp, cp, pp, dp) = "
+                                    f"{tuple(found[2].get('parallel_layout') or ())}, this run has "
+                                    f"{tuple(self._layout())}: resume with the same parallel.* settings")
         return found
 
     def run_phase(self, index: int, resume_state=None) -> PhaseResult:
@@ -266,7 +282,8 @@ class Trainer:
                     metrics.update(objective.after_student_step(student, batch, step) or {})
             step += 1
             last_loss = mean_loss
-            metrics = {"loss": last_loss, "grad_norm": float(grad_norm), "lr": schedulers[0].get_last_lr()[0], **metrics}
+            metrics = {"loss": last_loss, "grad_norm": float(grad_norm), "lr": schedulers[0].get_last_lr()[0],
+                       **metrics}
             self.logger.step(self._global_step(index, step), step, metrics, batch_size)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase.steps:
                 save(step)

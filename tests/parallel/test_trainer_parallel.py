@@ -18,19 +18,20 @@ from safetensors.torch import load_file
 from megatron_rcm.config.errors import ConfigError
 from megatron_rcm.config.run import load_config, validate_run_parallel
 from megatron_rcm.training.logger import RunLogger
-from megatron_rcm.training.trainer import Trainer
+from megatron_rcm.training.trainer import Trainer, TrainingError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _launch_ranks import ROOT, free_port, launch  # noqa: E402
 
 YAML = """
 phases:
-  - {name: teacher, kind: teacher, objective: flow_matching, steps: 2, optim: {lr: 1.0e-3}}
+  - {name: teacher, kind: teacher, objective: flow_matching, steps: 2, optim: {lr: 1.0e-3, grad_clip: 0.5}}
   - {name: tf_scm, kind: tf_cm, objective: scm, steps: 2, init_from: teacher, teacher_from: teacher,
-     objective_args: {sigma_d: 0.5, cfg_scale: 2.0, r_warmup_steps: 2}}
+     optim: {grad_clip: 0.5}, objective_args: {sigma_d: 0.5, cfg_scale: 2.0, r_warmup_steps: 2}}
 """
 ARGS = ["model.num_layers=2", "model.param_dtype=float64", "data.height=8", "data.width=8", "data.num_frames=4",
-        "data.batch_size=2", "causal.chunk_frames=2", "train.checkpoint_every=1", "train.keep_checkpoints=10", "eval.at_phase_end=false"]
+        "data.batch_size=2", "causal.chunk_frames=2", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+        "eval.at_phase_end=false"]
 PHASES = ("teacher", "tf_scm")
 
 
@@ -82,6 +83,8 @@ def test_data_parallel_training_and_resume_match_one_process(config, single, tmp
     for w, ref in final.items():
         got = load_file(str(out / "phases" / "tf_scm" / f"{w}.safetensors"))
         assert all(torch.equal(ref[k], got[k]) for k in ref), f"resumed {w} weights differ"
+    with pytest.raises(TrainingError, match="multi-process run"):  # one process cannot resume per-rank state
+        Trainer(load_config(config, ARGS + [f"output_dir={out}"]), logger=RunLogger(out, tensorboard=False)).run()
 
 
 def test_pipeline_parallel_training_matches_one_process(config, single, tmp_path):
@@ -111,7 +114,8 @@ def test_layout_errors_name_the_key(config, tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(config, ARGS + ["parallel.dp=4"])  # global batch 2
     dmd = tmp_path / "dmd.yaml"
-    dmd.write_text(YAML.split("  - {name: tf_scm")[0] + "  - {name: dmd, kind: sf_dmd, objective: dmd, teacher_from: teacher}\n")
+    dmd.write_text(YAML.split("  - {name: tf_scm")[0]
+                   + "  - {name: dmd, kind: sf_dmd, objective: dmd, teacher_from: teacher}\n")
     load_config(dmd, ARGS + ["parallel.tp=2"])
     with pytest.raises(ConfigError, match="parallel.pp") as e:
         load_config(dmd, ARGS + ["parallel.pp=2"])  # self-forcing under PP: not yet
