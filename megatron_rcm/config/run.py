@@ -57,6 +57,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0 = only at the end of each phase
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    grad_accum: int = 1  # micro-batches per optimizer step (each rank's rows split evenly; same noise as 1)
     deterministic: bool = True
 
 
@@ -129,6 +130,8 @@ def validate_run(cfg: RunConfig) -> None:
     ph, pw = int(cfg.model.patch_size[1]), int(cfg.model.patch_size[2])
     if cfg.data.height % ph or cfg.data.width % pw:
         raise ConfigError("data.height/width", (cfg.data.height, cfg.data.width), f"multiples of the patch {ph}x{pw}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError("train.grad_accum", cfg.train.grad_accum, "an integer >= 1")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError("train.precision", cfg.train.precision, "fp32 or bf16")
     seen: list[str] = []
@@ -180,11 +183,16 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
             validate_parallel(par, cfg.model, num_frames=frames, chunk_frames=cfg.causal.chunk_frames)
         if phase.kind in ("teacher", "tf_cm"):
             validate_parallel(par, cfg.model, num_frames=2 * frames)
+        accum = cfg.train.grad_accum
+        if accum > 1 and (phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm")):
+            raise ConfigError("train.grad_accum", accum, f"1 while phases.{i} is a self-forcing phase (its rollout "
+                              "and critic draw from their own generators, which micro-batching would desynchronise)")
         batch = phase.batch_size or cfg.data.batch_size
-        if par.dp != -1 and batch % par.dp:
+        split = (1 if par.dp == -1 else par.dp) * accum
+        if batch % split:
             key = f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size"
-            raise ConfigError(key, batch, f"a multiple of parallel.dp = {par.dp} (the global batch is split evenly "
-                              "over the data-parallel ranks)")
+            raise ConfigError(key, batch, f"a multiple of parallel.dp x train.grad_accum = {split} (the global batch "
+                              "is split evenly over the data-parallel ranks, then into micro-batches)")
 
 
 def to_yaml(cfg: RunConfig) -> str:

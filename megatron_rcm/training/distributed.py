@@ -87,22 +87,39 @@ class TrainerParallel:
     def pipelined(self) -> bool:
         return self.groups is not None and self.groups.cfg.pp > 1
 
-    def pipeline_step(self, objective, model, batch: dict, step: int):
-        """Forward + backward of one step through the pipeline stages, the rank's batch as ONE micro-batch
-        (so the noise equals one process's; micro-batching the pipeline bubble away is left to do).
-        Returns (loss, metrics): the loss on every stage, the objective's metrics only on the last stage
+    def accumulate_step(self, objective, model, batch: dict, step: int, micro: int):
+        """Forward + backward of one optimizer step over ``micro`` micro-batches of this rank's rows
+        (GPipe over the stages under pipeline parallelism); gradients accumulate, loss = their mean.
+
+        The noise equals one process's with the whole global batch: before each micro-batch the RNG
+        is reset to the step's start and the draw is made for the global batch, keeping the
+        micro-batch's rows (noise layout rank ``dp_rank * micro + i`` of ``dp * micro``); after the
+        last one the RNG is where one process would be. Returns (loss, metrics): the loss on every
+        rank, the objective's metrics of the last micro-batch, only on the last pipeline stage
         (earlier stages compute on placeholders, see ``outputs_on_every_stage``)."""
         from ..parallel import pipeline_forward_backward
+        from ..parallel.noise import data_parallel_noise
 
+        parts = split_batch(batch, micro)
+        start = _rng_snapshot()
         seen: dict = {}
 
-        def forward(m, mb):
-            loss, metrics = objective.loss(m, mb, step)
+        def forward(m, i):
+            _rng_restore(start)
+            with data_parallel_noise(self.dp_rank * micro + i, self.dp * micro):
+                loss, metrics = objective.loss(m, parts[i], step)
             seen.update(metrics or {})
             return loss
 
-        loss = pipeline_forward_backward(model, [batch], forward, lambda out, mb: out)
-        return loss, (seen if model.parallel.is_last_stage else {})
+        if self.pipelined:
+            loss = pipeline_forward_backward(model, list(range(micro)), forward, lambda out, i: out)
+            return loss, (seen if model.parallel.is_last_stage else {})
+        total = None
+        for i in range(micro):
+            loss = forward(model, i) / micro
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total, seen
 
     # ---------------------------------------------------------------- gradients
     def sync_and_clip(self, model: nn.Module, max_norm: float, extra=()) -> torch.Tensor:
@@ -202,3 +219,24 @@ class TrainerParallel:
             from ..parallel import destroy_parallel
 
             destroy_parallel()
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """``parts`` equal micro-batches along dim 0 of every tensor (non-tensors shared)."""
+    n = batch["latents"].shape[0]
+    if n % parts:
+        raise ConfigError("train.grad_accum", parts, f"a divisor of this rank's batch of {n} samples")
+    size = n // parts
+    return [{k: (v[i * size:(i + 1) * size] if torch.is_tensor(v) else v) for k, v in batch.items()}
+            for i in range(parts)]
+
+
+def _rng_snapshot():
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])

@@ -253,11 +253,13 @@ class Trainer:
             batch = self._to_device(next(data_iter))
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            with autocast, par.noise():
-                if par.pipelined:  # forward AND backward through the pipeline stages (GPipe)
-                    loss, metrics = par.pipeline_step(objective, student, batch, step)
-                else:
+            direct = cfg.train.grad_accum == 1 and not par.pipelined
+            if direct:
+                with autocast, par.noise():
                     loss, metrics = objective.loss(student, batch, step)
+            else:  # micro-batches (GPipe under pipeline parallelism): forward AND backward happen here
+                with autocast:
+                    loss, metrics = par.accumulate_step(objective, student, batch, step, cfg.train.grad_accum)
             mean_loss, finite = par.global_loss(loss)  # agreed by all ranks
             if not finite:
                 bad, skipped = bad + 1, skipped + 1
@@ -270,7 +272,7 @@ class Trainer:
                 step += 1
                 continue
             bad = 0
-            if not par.pipelined:
+            if direct:
                 loss.backward()
             grad_norm = par.sync_and_clip(student, o.grad_clip if o.grad_clip > 0 else math.inf, extra_params)
             for opt, scheduler in zip(optimizers, schedulers):

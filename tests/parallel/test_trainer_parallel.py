@@ -102,9 +102,11 @@ def test_data_parallel_training_and_resume_match_one_process(config_sf, single_s
 
 
 def test_pipeline_parallel_training_matches_one_process(config, single_sf, tmp_path):
-    """Teacher FM -> TF-sCM only; its phases equal the first two of the one-process SF run (phases reseed)."""
+    """Teacher FM -> TF-sCM only (its phases equal the first two of the one-process SF run: phases reseed),
+    2 micro-batches through the GPipe schedule."""
     out = tmp_path / "pp2"
-    errors = launch("_train_rank.py", 2, [str(config), *ARGS, f"output_dir={out}", "parallel.pp=2"], timeout=240)
+    args = [str(config), *ARGS, f"output_dir={out}", "parallel.pp=2", "train.grad_accum=2"]
+    errors = launch("_train_rank.py", 2, args, timeout=240)
     assert not errors, "\n".join(errors)
     assert_same_weights(single_sf, out, TF_PHASES)
 
@@ -123,6 +125,14 @@ def test_launch_runs_tensor_parallel_training_on_two_processes(config_sf, single
     assert_same_weights(single_sf, out, ALL_PHASES)
 
 
+def test_gradient_accumulation_matches_the_whole_batch(config, single_sf, tmp_path):
+    """One process, 2 micro-batches per step: same noise, same result as the whole batch at once."""
+    out = tmp_path / "accum2"
+    cfg = load_config(config, ARGS + [f"output_dir={out}", "train.grad_accum=2", "train.checkpoint_every=0"])
+    Trainer(cfg, logger=RunLogger(out, tensorboard=False)).run()
+    assert_same_weights(single_sf, out, TF_PHASES)
+
+
 def test_layout_errors_name_the_key(config, tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.tp\*cp"):
         load_config(config, ARGS + ["parallel.tp=3"])  # 4 heads
@@ -135,6 +145,10 @@ def test_layout_errors_name_the_key(config, tmp_path):
     with pytest.raises(ConfigError, match="parallel.pp") as e:
         load_config(dmd, ARGS + ["parallel.pp=2"])  # self-forcing under PP: not yet
     assert "phases.1" in str(e.value)
+    with pytest.raises(ConfigError, match="train.grad_accum"):
+        load_config(dmd, ARGS + ["train.grad_accum=2"])  # self-forcing generators: whole batches only
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(config, ARGS + ["parallel.dp=2", "train.grad_accum=2"])  # 2 samples, 4 micro-batches
     with pytest.raises(ConfigError, match="parallel.pp"):
         load_config(config, ARGS + ["parallel.pp=3"])  # 2 layers
     with pytest.raises(ConfigError, match="parallel.cp"):
