@@ -10,7 +10,8 @@ Decisions (README "Parallelism"):
   rank/world_size = dp rank/size); tensor/context-parallel peers load the same rows;
 - RNG: every rank seeds identically (same model init), every objective draws its noise for the
   global batch and keeps its rows (:mod:`megatron_rcm.parallel.noise`), so a DP run trains on
-  exactly the single-process noise;
+  exactly the single-process noise; ``train.grad_accum`` micro-batches rewind the RNG so they too
+  see the whole batch's noise;
 - rank 0 alone logs, writes phase outputs (full weights gathered from the shards) and runs the
   end-of-phase evaluation on full, unwrapped models; the others wait at a barrier.
 """
@@ -42,8 +43,9 @@ class TrainerParallel:
 
     @classmethod
     def from_env(cls, cfg, device: torch.device) -> "TrainerParallel":
-        """Groups for ``cfg.parallel`` when launched by torchrun/srun with more than one process."""
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        """Groups for ``cfg.parallel`` when started with ``WORLD_SIZE > 1`` (torchrun, ``megatron-rcm launch``;
+        SLURM jobs start torchrun per node, see launch.py), else the single-process view."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls.single()
         from ..config.run import validate_run_parallel
