@@ -125,6 +125,12 @@ def test_launch_runs_tensor_parallel_training_on_two_processes(config_sf, single
     assert_same_weights(single_sf, out, ALL_PHASES)
 
 
+def test_a_non_finite_loss_on_one_rank_is_seen_by_all():
+    """So every rank skips the step together instead of one waiting in a collective forever."""
+    errors = launch("_agree_rank.py", 2, [], timeout=120)
+    assert not errors, "\n".join(errors)
+
+
 def test_gradient_accumulation_matches_the_whole_batch(config, single_sf, tmp_path):
     """One process, 2 micro-batches per step: same noise, same result as the whole batch at once."""
     out = tmp_path / "accum2"
