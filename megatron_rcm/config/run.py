@@ -174,11 +174,6 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
     frames = cfg.data.num_frames // int(cfg.model.patch_size[0])
     validate_parallel(par, cfg.model)
     for i, phase in enumerate(cfg.phases):
-        if par.pp > 1 and (phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm")):
-            raise ConfigError("parallel.pp", par.pp, f"1 for phases.{i} (kind '{phase.kind}', objective "
-                              f"'{phase.objective}'): self-forcing rollouts feed each denoising step's output "
-                              "into the next step's input and take gradients through one step per chunk, which "
-                              "the GPipe schedule does not run yet; use tp/cp/dp for this phase's run")
         if phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm"):
             validate_parallel(par, cfg.model, num_frames=frames, chunk_frames=cfg.causal.chunk_frames)
         if phase.kind in ("teacher", "tf_cm"):

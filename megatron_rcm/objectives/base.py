@@ -3,9 +3,9 @@
 Every objective here trains on the TF sequence: noisy chunk i sees clean chunks < i and itself, all
 frames of a chunk share one noise level and chunks draw independent levels.
 
-Under pipeline parallelism the model calls go through ``outputs_on_every_stage``: no-grad outputs
-(teacher, JVP, target passes) are broadcast from the last stage, so objectives run unchanged on
-every stage; only the last stage's loss is used.
+Under pipeline parallelism the model calls go through ``outputs_on_every_stage``: outputs are
+broadcast from the last stage (which keeps its own, differentiable ones), so objectives run
+unchanged on every stage; only the last stage's loss is used.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..diffusion.flow_matching import time_shift
 from ..ops.masks import block_causal_mask
 from ..parallel.noise import dp_draw, randn_like
+from ..parallel.pipeline import outputs_on_every_stage, pipeline_forward_backward
 from ..selfforcing.rollout import RolloutConfig, self_forcing_rollout
 
 WAN_T = 1000.0
@@ -88,10 +89,11 @@ def sample_renoise_levels(batch: int, cfg: DMDConfig, generator=None, device="cp
 def guided_velocity(model, x, t, context, uncond_context, scale, mask, actions=None):
     """v_u + w (v_c - v_u) in one batched forward; plain conditional when w = 1 or no uncond context."""
     if scale == 1.0 or uncond_context is None:
-        return model(x, t, context, mask, actions=actions)
+        return outputs_on_every_stage(model, (model(x, t, context, mask, actions=actions),), (x,))[0]
     a2 = None if actions is None else torch.cat([actions, actions])
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]), mask, actions=a2)
-    vc, vu = v.chunk(2)
+    x2 = torch.cat([x, x])
+    v = model(x2, torch.cat([t, t]), torch.cat([context, uncond_context]), mask, actions=a2)
+    vc, vu = outputs_on_every_stage(model, (v,), (x2,))[0].chunk(2)
     return vu + scale * (vc - vu)
 
 
@@ -189,6 +191,7 @@ class SelfForcingDMD:
         x_s = (1 - sb) * x0 + sb * eps
         v = self.critic(x_s, self._per_frame(self.critic, s, x0), batch["context"], self._mask(self.critic, x0),
                         actions=batch.get("actions"))
+        v = outputs_on_every_stage(self.critic, (v,), (x_s,))[0]
         return F.mse_loss(v.float(), (eps - x0).float())
 
     def critic_step(self, batch, sample=None, student=None):
@@ -203,9 +206,14 @@ class SelfForcingDMD:
             else:
                 sample = self._last_sample
         self.critic.train()
-        loss = self.critic_loss(sample, batch)
         self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        ctx = getattr(self.critic, "parallel", None)
+        if ctx is not None and ctx.pp > 1:  # forward + backward through the critic's pipeline stages
+            loss = pipeline_forward_backward(self.critic, [batch], lambda m, mb: self.critic_loss(sample, mb),
+                                             lambda out, mb: out)
+        else:
+            loss = self.critic_loss(sample, batch)
+            loss.backward()
         max_norm = self.cfg.critic_grad_clip if self.cfg.critic_grad_clip > 0 else float("inf")
         if self.sync_and_clip is not None:  # multi-process: gradient sync + global-norm clipping
             gn = self.sync_and_clip(self.critic, max_norm)

@@ -98,7 +98,7 @@ class TrainerParallel:
         micro-batch's rows (noise layout rank ``dp_rank * micro + i`` of ``dp * micro``); after the
         last one the RNG is where one process would be. Returns (loss, metrics): the loss on every
         rank, the objective's metrics of the last micro-batch, only on the last pipeline stage
-        (earlier stages compute on placeholders, see ``outputs_on_every_stage``)."""
+        (that is where the loss lives)."""
         from ..parallel import pipeline_forward_backward
         from ..parallel.noise import data_parallel_noise
 

@@ -1,11 +1,10 @@
 """``megatron-rcm train`` under torchrun-style multi-process layouts equals one process with the same
-global batch: teacher flow matching, then TF-sCM (teacher with CFG, adaptive weight), float64,
-gloo. Compared: every tensor of the phase outputs (raw and EMA weights, gathered to full weights
-by rank 0). Layouts: DP2 (ZeRO-1; plus a resume from a mid-phase per-rank checkpoint) and TP2 with a
-further SF-DMD phase (critic synchronised too), PP2 (GPipe; the sCM teacher/JVP outputs broadcast
-from the last stage) on teacher -> TF-sCM; TP2 runs through the launch path
-(``megatron-rcm launch`` -> torchrun, 2 CPU processes); and the layout checks that run at config
-load and at init against the world size."""
+global batch (float64, gloo). Compared: every tensor of the phase outputs (raw and EMA weights,
+gathered to full weights by rank 0) of teacher FM -> TF-sCM -> SF-DMD (critic synchronised too).
+Layouts: DP2 (ZeRO-1; plus a resume from a mid-phase per-rank checkpoint), PP2 (GPipe, model outputs
+broadcast from the last stage), TP2 through the launch path (``megatron-rcm launch`` -> torchrun,
+2 CPU processes). Plus gradient accumulation, the non-finite agreement and the layout checks that
+run at config load and at init against the world size."""
 import os
 import shutil
 import subprocess
@@ -101,14 +100,13 @@ def test_data_parallel_training_and_resume_match_one_process(config_sf, single_s
         Trainer(load_config(config_sf, ARGS + [f"output_dir={out}"]), logger=RunLogger(out, tensorboard=False)).run()
 
 
-def test_pipeline_parallel_training_matches_one_process(config, single_sf, tmp_path):
-    """Teacher FM -> TF-sCM only (its phases equal the first two of the one-process SF run: phases reseed),
-    2 micro-batches through the GPipe schedule."""
+def test_pipeline_parallel_training_matches_one_process(config_sf, single_sf, tmp_path):
+    """GPipe: sCM's teacher and JVP outputs and every rollout step's output are broadcast from the last
+    stage; the rollout runs one grad-enabled forward per chunk; the critic trains through its own stages."""
     out = tmp_path / "pp2"
-    args = [str(config), *ARGS, f"output_dir={out}", "parallel.pp=2", "train.grad_accum=2"]
-    errors = launch("_train_rank.py", 2, args, timeout=240)
+    errors = launch("_train_rank.py", 2, [str(config_sf), *ARGS, f"output_dir={out}", "parallel.pp=2"], timeout=240)
     assert not errors, "\n".join(errors)
-    assert_same_weights(single_sf, out, TF_PHASES)
+    assert_same_weights(single_sf, out, ALL_PHASES)
 
 
 def test_launch_runs_tensor_parallel_training_on_two_processes(config_sf, single_sf, tmp_path):
@@ -148,11 +146,9 @@ def test_layout_errors_name_the_key(config, tmp_path):
     dmd.write_text(YAML.split("  - {name: tf_scm")[0]
                    + "  - {name: dmd, kind: sf_dmd, objective: dmd, teacher_from: teacher}\n")
     load_config(dmd, ARGS + ["parallel.tp=2"])
-    with pytest.raises(ConfigError, match="parallel.pp") as e:
-        load_config(dmd, ARGS + ["parallel.pp=2"])  # self-forcing under PP: not yet
-    assert "phases.1" in str(e.value)
-    with pytest.raises(ConfigError, match="train.grad_accum"):
+    with pytest.raises(ConfigError, match="train.grad_accum") as e:
         load_config(dmd, ARGS + ["train.grad_accum=2"])  # self-forcing generators: whole batches only
+    assert "phases.1" in str(e.value)
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_config(config, ARGS + ["parallel.dp=2", "train.grad_accum=2"])  # 2 samples, 4 micro-batches
     with pytest.raises(ConfigError, match="parallel.pp"):
