@@ -1,5 +1,7 @@
 """Streaming inference: progressive chunks, equality with a non-streamed rollout, flat cache, actions, CFG."""
+import gc
 import io
+import warnings
 
 import pytest
 import torch
@@ -66,6 +68,58 @@ def test_long_rollout_keeps_cache_flat_and_matches_windowed_mask():
                                generator=_g(), exit_steps=[1] * 16, use_cache=False, grad=False)
     torch.testing.assert_close(video, ref.video, atol=2e-5, rtol=1e-4)
     assert torch.isfinite(video).all()
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python objects (the cache, generator locals, ...)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some deprecated torch objects warns
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type != "meta":
+                st = obj.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for c in cache.layers for t in (c.k, c.v, c.cross_k, c.cross_v)
+               if t is not None)
+
+
+def test_long_interactive_rollout_holds_flat_memory():
+    """4x the training length (4 frames) with a rolling cache (1 sink + window 2) and per-chunk actions:
+    the K/V tensors held, the frames kept for ``action_fn`` and all live tensor bytes stop growing
+    once the window is full (measured at 2x and 4x the training length)."""
+    model = _model(chunk_frames=1, window=2, sink=1, action_dim=3)
+    caches, seen = [], []
+    new_cache = model.new_kv_cache
+    model.new_kv_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+    reader = stdin_action_reader(3, 1, batch=2, stream=io.StringIO("0\n1\n2\n" * 6), prompt=False)
+
+    def act(chunk, frames_so_far):
+        seen.append(len(frames_so_far))
+        return reader(chunk, frames_so_far)
+
+    cache_bytes, live, tokens = {}, {}, {}
+    before = _live_tensor_bytes()
+    for out in stream_video(model, CTX, 16, 8, 8, StreamConfig(steps=2), action_fn=act, generator=_g()):
+        n = out.index + 1
+        cache_bytes[n], tokens[n] = _cache_bytes(caches[0]), out.cache_tokens
+        if n in (8, 12, 16):
+            live[n] = _live_tensor_bytes() - before
+        del out  # a consumer that writes chunks out keeps nothing
+    tpc = model.tokens_per_frame(8, 8)
+    d, layers = model.cfg.hidden_size, model.cfg.num_layers
+    kept_chunks = 1 + 2 - 1  # sink + (window - 1): what the next chunk can see
+    bound = layers * 2 * (2 * kept_chunks * tpc * d + 2 * model.cfg.text_len * d) * 4  # (self + cross) K and V, fp32
+    assert max(tokens.values()) == kept_chunks * tpc
+    assert max(cache_bytes.values()) == bound and cache_bytes[8] == cache_bytes[16] == bound
+    assert max(seen) == 2 and seen[-1] == 2  # frames_so_far: the model's window, not the whole video
+    frame_bytes = 2 * 3 * 8 * 8 * 4  # one generated chunk: what unbounded history would add per chunk
+    assert abs(live[16] - live[8]) < frame_bytes and abs(live[12] - live[8]) < frame_bytes, live
+    assert live[16] < 2 * bound + 4 * frame_bytes, live
 
 
 def test_action_callback_changes_output_and_stdin_reader():
