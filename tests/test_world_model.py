@@ -20,14 +20,12 @@ An unconditioned model gives the same video for every action, so ``d_k - mean_j 
 relative check fails; the test verifies that by zeroing the action embedder of the trained model.
 """
 import math
-import os
-import time
 
 import pytest
 import torch
 
 from megatron_rcm.config.run import load_config
-from megatron_rcm.data import build_dataset
+from megatron_rcm.data import DataConfig, build_dataset
 from megatron_rcm.inference.streaming import generate_video, one_hot_actions
 from megatron_rcm.training import trainer as trainer_module
 from megatron_rcm.training.logger import RunLogger
@@ -40,11 +38,10 @@ SIZE = 16
 FRAMES = 4  # training length; the rollout stays within it (1 clean prefix frame + 3 generated)
 STEP_PX = 2.0  # data/synthetic.py: pixels moved per frame by an action
 
-_env = os.environ.get
-TRAIN_STEPS = int(_env("WM_STEPS", 500))
-LR = float(_env("WM_LR", 1e-2))
-SEED = int(_env("WM_SEED", 0))
-SHIFT = float(_env("WM_SHIFT", 5.0))
+SEED = 0
+# 250 steps at lr 1e-2 learn ~1.2-1.9 px/frame of the 2 px (seeds 0-7); FM shift 5 trains mostly at high
+# noise, where the next frame has to come from the previous frame and the action (shift 1: 2 of 3 seeds fail)
+TRAIN_STEPS, LR, SHIFT = 250, 1e-2, 5.0
 
 YAML = f"""
 phases:
@@ -98,7 +95,7 @@ def train_world_model(tmp_path):
     return cfg, model, results[0]
 
 
-def displacements(model, cfg, batch) -> torch.Tensor:
+def displacements(model, batch) -> torch.Tensor:
     """[ACTIONS, 2]: mean motion under each constant action, all from the same first frames and noise."""
     prefix = batch["latents"][:, :, :1]
     b = prefix.shape[0]
@@ -122,8 +119,7 @@ def action_effects(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def test_centroid_measure_on_rendered_data():
     """The measurement itself: on ground-truth action videos it recovers 2 px per frame along e_k."""
-    data = build_dataset(load_config(None, ["data.action_dim=4", "model.action_dim=4", f"data.height={SIZE}",
-                                            f"data.width={SIZE}", "data.num_frames=6"]).data, batch_size=16)
+    data = build_dataset(DataConfig(action_dim=ACTIONS, height=SIZE, width=SIZE, num_frames=6), batch_size=16)
     for i in range(2):
         s = data.batch_at(i)
         acts = s["actions"].argmax(-1)  # [B, F]
@@ -135,18 +131,15 @@ def test_centroid_measure_on_rendered_data():
 
 def test_trained_world_model_follows_actions(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "phase_report", lambda *a, **k: {})  # samples/metrics: not under test
-    t0 = time.process_time()
     cfg, model, result = train_world_model(tmp_path)
-    t_train = time.process_time() - t0
     batch = build_dataset(cfg.data, batch_size=8).batch_at(50_000)  # start frames unseen in training
-    proj, cos, absolute = action_effects(displacements(model, cfg, batch))
-    print(f"\nloss {result.final_loss:.4f} train cpu {t_train:.1f}s; relative px/frame {proj.tolist()}, "
-          f"cos {cos.tolist()}, absolute px/frame {absolute.tolist()}")
-    assert (proj > 0.5).all() and (cos > 0.8).all() and (absolute > 0.25).all()
+    proj, cos, absolute = action_effects(displacements(model, batch))
+    report = (f"final loss {result.final_loss:.4f}; px/frame along e_k (of {STEP_PX}): relative {proj.tolist()}, "
+              f"absolute {absolute.tolist()}; cosine {cos.tolist()}")
+    assert (proj > 0.8).all() and (cos > 0.9).all() and (absolute > 0.5).all(), report
 
     with torch.no_grad():  # the same model without its action pathway cannot follow actions
         model.action_embedder.linear_2.weight.zero_()
         model.action_embedder.linear_2.bias.zero_()
-    proj0, cos0, _ = action_effects(displacements(model, cfg, batch))
-    assert (proj0.abs() < 1e-4).all()
-    assert not (proj0 > 0.5).all()
+    proj0, _, _ = action_effects(displacements(model, batch))
+    assert (proj0.abs() < 1e-4).all()  # identical videos for every action: the check above would fail
