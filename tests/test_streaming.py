@@ -1,6 +1,7 @@
 """Streaming inference: progressive chunks, equality with a non-streamed rollout, flat cache, actions, CFG."""
 import gc
 import io
+import sys
 import warnings
 
 import pytest
@@ -199,3 +200,20 @@ def test_streaming_video_writer_receives_chunks(tmp_path):
     with StreamingVideoWriter(str(tmp_path / "s.gif"), fps=4, scale=1) as w:
         generate_video(model, CTX, 4, 8, 8, steps=1, writer=w, log=None)
         assert w.frames_written == 4
+
+
+def test_interactive_mode_reads_sys_stdin_once_per_chunk(monkeypatch, capsys):
+    """The default reader takes one line from sys.stdin per chunk, only when that chunk is due (prompt on
+    stderr); the stream equals one driven by the same actions from a callback."""
+    model = _model(chunk_frames=1, action_dim=3)
+    monkeypatch.setattr("sys.stdin", io.StringIO("1\n2\n\n"))
+    it = stream_video(model, CTX, 3, 8, 8, StreamConfig(steps=1), generator=_g(),
+                      action_fn=stdin_action_reader(3, 1, batch=2))
+    chunks = [next(it).frames]
+    assert sys.stdin.tell() == 2  # only chunk 0's line "1\n" was read before chunk 0 was yielded
+    chunks += [o.frames for o in it]
+    assert capsys.readouterr().err.count("action ids") == 3
+    ids = [1, 2, 2]  # the empty line repeats the previous action
+    ref = generate_video(model, CTX, 3, 8, 8, steps=1, generator=_g(), log=None,
+                         action_fn=lambda chunk, _f: one_hot_actions([ids[chunk]], 3, 1, batch=2))
+    torch.testing.assert_close(torch.cat(chunks, dim=2), ref)
