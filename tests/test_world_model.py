@@ -20,6 +20,7 @@ An unconditioned model gives the same video for every action, so ``d_k - mean_j 
 relative check fails; the test verifies that by zeroing the action embedder of the trained model.
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,11 @@ def test_trained_world_model_follows_actions(tmp_path, monkeypatch):
         model.action_embedder.linear_2.bias.zero_()
     proj0, _, _ = action_effects(displacements(model, batch))
     assert (proj0.abs() < 1e-4).all()  # identical videos for every action: the check above would fail
+
+
+def test_world_model_example_config_is_valid():
+    """examples/world_model.yaml (the users' starting point) resolves and validates: actions on both sides."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "world_model.yaml")
+    assert cfg.model.action_dim == cfg.data.action_dim == ACTIONS
+    assert [p.kind for p in cfg.phases] == ["teacher", "tf_cm", "sf_dmd"]
+    assert cfg.causal.window_chunks > 0 and cfg.causal.sink_chunks > 0  # rolling cache for long play
