@@ -123,6 +123,17 @@ def test_long_interactive_rollout_holds_flat_memory():
     assert live[16] < 2 * bound + 4 * frame_bytes, live
 
 
+def test_history_chunks_bounds_frames_so_far():
+    model = _model(chunk_frames=1, action_dim=3)  # unlimited window: all chunks by default
+    for history, expected in ((None, [0, 1, 2, 3]), (1, [0, 1, 1, 1])):
+        seen = []
+        act = lambda chunk, frames: seen.append(len(frames)) or one_hot_actions([0], 3, 1, batch=2)  # noqa: E731
+        list(stream_video(model, CTX, 4, 8, 8, StreamConfig(steps=1), action_fn=act, history_chunks=history))
+        assert seen == expected
+    with pytest.raises(ValueError, match="history_chunks"):
+        next(stream_video(model, CTX, 4, 8, 8, action_fn=act, history_chunks=-1))
+
+
 def test_action_callback_changes_output_and_stdin_reader():
     model = _model(chunk_frames=2, action_dim=3)
     seen = []
