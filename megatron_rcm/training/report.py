@@ -59,7 +59,7 @@ def feature_extractor(trainer):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny extractor trains faster single-threaded on a busy 2-core box
     try:
-        return train_feature_extractor(data, steps=120, seed=0, cache_path=str(path))
+        return train_feature_extractor(data, steps=120, seed=0, cache_path=str(path)).to(trainer.device)
     finally:
         torch.set_num_threads(threads)
 
@@ -90,7 +90,6 @@ def teacher_samples(trainer, teacher_phase: str, teacher, prompts) -> torch.Tens
 def phase_report(trainer, phase, model, teacher) -> dict:
     """Write the phase's sample video; for distillation phases also the quality numbers per step count."""
     from ..evaluation import evaluate_samples
-    from ..utils.video import StreamingVideoWriter
 
     e = trainer.cfg.eval
     prompts = eval_prompts(trainer)
@@ -107,22 +106,34 @@ def phase_report(trainer, phase, model, teacher) -> dict:
                              f"motion accuracy {stats['motion_acc_teacher']:.3f}")
         return {"teacher_motion_acc": stats["motion_acc_teacher"]}
     ref = teacher_samples(trainer, phase.teacher_from, teacher, prompts)
-    rows, metrics = [], {}
-    for k in e.student_steps:
-        writer = None
-        if k == 2:  # the streamed sample video: frames are written chunk by chunk as they are generated
-            writer = StreamingVideoWriter(str(samples_dir / f"{phase.name}_2step_streamed.mp4"))
-        video = sample(trainer, model, prompts, k, 1.0, writer=writer)
-        if writer is not None:
-            writer.close()
-        stats = evaluate_samples(video, ref, prompts["class_id"], extractor)
-        rows.append((k, stats))
+    video_2step = str(samples_dir / f"{phase.name}_2step_streamed.mp4")
+    rows = student_quality(trainer, model, prompts, ref, extractor, e.student_steps, video_2step=video_2step)
+    metrics = {}
+    for k, stats in rows:
         for name in _SCALARS:
             if name in stats:
                 metrics[f"{k}step_{name}"] = stats[name]
         trainer.logger.scalars(f"eval/{phase.name}", {n: stats[n] for n in _SCALARS if n in stats}, k)
     trainer.logger.print(format_quality_table(phase.name, e.teacher_steps, rows))
     return metrics
+
+
+def student_quality(trainer, model, prompts, ref, extractor, student_steps, video_2step: str | None = None) -> list:
+    """[(k, stats)] for k-step samples of ``model`` against the reference videos ``ref`` (same prompts/seeds).
+
+    With ``video_2step`` the 2-step samples are also streamed to that file chunk by chunk as they are made.
+    """
+    from ..evaluation import evaluate_samples
+    from ..utils.video import StreamingVideoWriter
+
+    rows = []
+    for k in student_steps:
+        writer = StreamingVideoWriter(video_2step) if (k == 2 and video_2step) else None
+        video = sample(trainer, model, prompts, k, 1.0, writer=writer)
+        if writer is not None:
+            writer.close()
+        rows.append((k, evaluate_samples(video, ref, prompts["class_id"], extractor)))
+    return rows
 
 
 def format_quality_table(name: str, teacher_steps: int, rows) -> str:

@@ -62,8 +62,12 @@ def _lr_lambda(warmup: int):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, device: str | torch.device = "cpu", logger: RunLogger | None = None):
+    def __init__(self, cfg: RunConfig, device: str | torch.device = "cpu", logger: RunLogger | None = None,
+                 on_step=None):
+        """``on_step(phase=, step=, student=, ema_model=, teacher=)`` runs after every optimizer step (e.g. to
+        measure quality along training); it must leave the models and the RNG as it found them."""
         self.cfg = cfg
+        self.on_step = on_step
         self.device = torch.device(device)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -207,6 +211,8 @@ class Trainer:
             last_loss = float(loss.detach())
             metrics = {"loss": last_loss, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], **metrics}
             self.logger.step(self._global_step(index, step), step, metrics, batch_size)
+            if self.on_step is not None:
+                self.on_step(phase=phase, step=step, student=student, ema_model=ema.model, teacher=teacher)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase.steps:
                 save(step)
         self.logger.end_phase()
