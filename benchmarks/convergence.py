@@ -38,7 +38,7 @@ import torch
 
 from megatron_rcm.config.run import OptimConfig, PhaseConfig, load_config, to_yaml, validate_run
 from megatron_rcm.training.logger import RunLogger
-from megatron_rcm.training.registry import OBJECTIVES, build_objective
+from megatron_rcm.training.registry import OBJECTIVES, build_objective, move_objective_modules
 from megatron_rcm.training.report import eval_prompts, feature_extractor, student_quality, teacher_samples
 from megatron_rcm.training.trainer import Trainer
 
@@ -211,6 +211,7 @@ def step_cost(trainer, cfg, units: dict, reps: int) -> dict:
     student = trainer._init_student(phase, cfg.seed)
     teacher = trainer._frozen(phase.teacher_from)
     objective = build_objective(phase, cfg, student=student, teacher=teacher, trainer=trainer)
+    move_objective_modules(objective, trainer.device)
     batch = trainer._to_device(next(iter(trainer.make_data(phase))))
     with count_network_passes({"student": student, "teacher": teacher}) as calls:
         loss, _ = objective.loss(student, batch, 10**9)

@@ -24,7 +24,7 @@ from ..models import CausalWanModel, build_model
 from . import checkpoint as ckpt
 from .ema import EMA
 from .logger import RunLogger
-from .registry import build_objective
+from .registry import build_objective, move_objective_modules
 from .report import phase_report
 
 
@@ -140,6 +140,7 @@ class Trainer:
         student = self._init_student(phase, seed)
         teacher = self._frozen(phase.teacher_from) if phase.teacher_from else None
         objective = build_objective(phase, cfg, student=student, teacher=teacher, trainer=self)
+        move_objective_modules(objective, self.device)
         # objectives may train small modules of their own with the student (e.g. sCM's adaptive weight)
         extra_params = list(getattr(objective, "trainable_parameters", lambda: [])())
         params = [p for p in student.parameters() if p.requires_grad] + extra_params
