@@ -39,7 +39,7 @@ import torch
 from megatron_rcm.config.run import OptimConfig, PhaseConfig, load_config, to_yaml, validate_run
 from megatron_rcm.training.logger import RunLogger
 from megatron_rcm.training.registry import OBJECTIVES, build_objective, move_objective_modules
-from megatron_rcm.training.report import eval_prompts, feature_extractor, student_quality, teacher_samples
+from megatron_rcm.training.report import quality_rows
 from megatron_rcm.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +55,6 @@ METHOD_ARGS = {
     "scm": {"sigma_d": 0.5, "cfg_scale": 2.0, "r_warmup_steps": 150, "p_mean": -1.0, "p_std": 1.4},
     "meanflow": {"cfg_scale": 2.0},
 }
-# model fields a method needs on its student (MeanFlow: the zero-init interval embedding)
-METHOD_MODEL = {"meanflow": {"interval_embedding": True}}
 
 QUICK = {"teacher_steps": 30, "budget_fe": 120.0, "points": 3, "overrides": [
     "model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=4", "data.batch_size=4",
@@ -71,6 +69,9 @@ def available_methods() -> list[str]:
 def base_config(args):
     cfg = load_config(args.recipe, list(args.overrides))
     cfg.eval.student_steps = [1, 2]
+    # MeanFlow needs the (zero-init) interval embedding; every method gets the same architecture, so all
+    # distil the same teacher (trained with it; without an interval the model uses Delta = t)
+    cfg.model.interval_embedding = True
     cfg.train.log_every = max(cfg.train.log_every, 100)
     teacher = cfg.phases[0]
     if teacher.kind != "teacher":
@@ -82,7 +83,7 @@ def base_config(args):
 
 
 def method_config(base, method: str, steps: int, args, out: Path):
-    cfg = dataclasses.replace(base, output_dir=str(out), model=dataclasses.replace(base.model, **METHOD_MODEL.get(method, {})),
+    cfg = dataclasses.replace(base, output_dir=str(out),
                               train=dataclasses.replace(base.train, checkpoint_every=0, keep_checkpoints=1))
     phase = PhaseConfig(name=method, kind="tf_cm", objective=method, steps=steps, init_from="teacher",
                         teacher_from="teacher", optim=OptimConfig(lr=args.lr, betas=[0.9, 0.99]),
@@ -242,27 +243,21 @@ def budget_fractions(points: int) -> list[float]:
 
 
 class QualityProbe:
-    """``Trainer.on_step`` hook: the quality number of the EMA student at chosen steps."""
+    """``Trainer.on_step`` hook: the quality number (``report.quality_rows``) of the EMA student at chosen steps."""
 
-    def __init__(self, trainer, teacher_phase: str, eval_at: dict[int, float]):
+    def __init__(self, trainer, eval_at: dict[int, float]):
         self.trainer, self.eval_at, self.rows = trainer, eval_at, {}
-        self.prompts = eval_prompts(trainer)
-        self.extractor = feature_extractor(trainer)
-        self.teacher_phase = teacher_phase
-        self.ref = None
 
-    def measure(self, model, teacher) -> dict:
-        if self.ref is None:
-            self.ref = teacher_samples(self.trainer, self.teacher_phase, teacher, self.prompts)
+    def measure(self, phase, model, teacher) -> dict:
         dev = self.trainer.device
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            rows = student_quality(self.trainer, model, self.prompts, self.ref, self.extractor,
+            rows, _ = quality_rows(self.trainer.report_context, phase, model, teacher,
                                    self.trainer.cfg.eval.student_steps)
-        return {k: stats for k, stats in rows}
+        return dict(rows)
 
     def __call__(self, phase, step, student, ema_model, teacher):
         if step in self.eval_at:
-            self.rows[step] = self.measure(ema_model, teacher)
+            self.rows[step] = self.measure(phase, ema_model, teacher)
 
 
 def run_method(base, method, teacher_dir, args, units=None):
@@ -283,10 +278,10 @@ def run_method(base, method, teacher_dir, args, units=None):
         eval_at.setdefault(round(f * steps), f)
     cfg = method_config(base, method, steps, args, out)
     trainer = Trainer(cfg, device=args.device, logger=_logger(out, cfg, args.quiet))
-    probe = QualityProbe(trainer, "teacher", eval_at)
+    probe = QualityProbe(trainer, eval_at)
     if 0 in eval_at:  # every method starts from the teacher's weights
-        probe.rows[0] = probe.measure(trainer.load_phase_weights(trainer.new_model(), "teacher"),
-                                      trainer._frozen("teacher"))
+        teacher = trainer._frozen("teacher")
+        probe.rows[0] = probe.measure(cfg.phases[1], teacher, teacher)
     trainer.on_step = probe
     t0 = time.perf_counter()
     trainer.run_phase(1)
@@ -398,14 +393,14 @@ def main(argv=None) -> dict:
     args.eval_teacher_steps, args.num_videos = base.eval.teacher_steps, base.eval.num_videos
     teacher_dir = train_teacher(base, Path(args.cache_dir), args.device, args.quiet)
     curves, costs, units = {}, {}, None
+    command = "python benchmarks/convergence.py " + " ".join(shlex.quote(a) for a in argv)
     for method in args.methods:
         units, costs[method], curves[method] = run_method(base, method, teacher_dir, args, units)
-    teacher_acc = curves[args.methods[0]][0.0][1][1]["motion_acc_teacher"]
-    command = "python benchmarks/convergence.py " + " ".join(shlex.quote(a) for a in argv)
-    report = format_report(curves, costs, units, args, device_description(args.device), teacher_acc, command)
+        teacher_acc = curves[args.methods[0]][0.0][1][1]["motion_acc_teacher"]
+        report = format_report(curves, costs, units, args, device_description(args.device), teacher_acc, command)
+        if args.out_md:  # after every method, so a run cut short still leaves its finished rows
+            Path(args.out_md).write_text(report)
     print(report)
-    if args.out_md:
-        Path(args.out_md).write_text(report)
     if args.write_results:
         with open(RESULTS, "a") as f:
             f.write("\n" + report)

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_info)
 
+    from .inference.cli import add_run_dir_commands
+
+    add_run_dir_commands(sub)
+
     from .launch import add_launch_arguments, run_launch
 
     p = sub.add_parser("launch", help="start a (multi-node / SLURM) torchrun job: launch [opts] -- train CFG ...")
@@ -68,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed usage + the error (or --help); main() still returns the code
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

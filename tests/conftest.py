@@ -1,8 +1,12 @@
 """Shared test setup: float64 reference math, deterministic seeds, small helpers."""
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Under pytest-xdist (README: `pytest -n 2` on 2 cores) each worker gets one thread: two workers with two
+# threads each oversubscribe the cores and small ops then wait on each other (seen: 10-100x slower).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)

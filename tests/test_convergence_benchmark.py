@@ -37,6 +37,8 @@ def test_quick_run_has_a_row_per_method_and_budget_point(tmp_path, monkeypatch, 
     # dCM: CFG teacher (x2) + stop-grad target + student forward/backward; sCM/MeanFlow: a JVP instead of the target
     assert costs["dcm"]["passes"] == "teacher fwd ×2, student fwd ×1, student fwd+bwd ×1"
     assert costs["scm"]["passes"] == "teacher fwd ×2, student jvp ×1, student fwd+bwd ×1"
+    if "meanflow" in methods:  # like sCM: CFG teacher velocity, one JVP for the target, the student's own pass
+        assert costs["meanflow"]["passes"] == costs["scm"]["passes"]
     assert costs["dcm"]["fe"] == pytest.approx(6) and costs["scm"]["fe"] == pytest.approx(7)
     assert (costs["dcm"]["steps"], costs["scm"]["steps"]) == (5, 4)  # round(28 / FE per step)
     for m in methods:

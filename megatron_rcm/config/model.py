@@ -1,7 +1,8 @@
 """Model and causal-structure configs, plus the named model presets.
 
 Field names follow diffusers' ``WanTransformer3DModel`` config where one exists (so a converted
-checkpoint's ``config.json`` maps one-to-one); ``action_dim`` is ours (world models).
+checkpoint's ``config.json`` maps one-to-one); ``action_dim`` (world models) and ``interval_embedding``
+(MeanFlow) are ours.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class ModelConfig:
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
     action_dim: int = 0  # 0 = no action conditioning
+    interval_embedding: bool = False  # MeanFlow: a zero-init embedding of the interval t - r (ours, not diffusers)
     param_dtype: str = "float32"
 
     @property
@@ -88,6 +90,9 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
         raise ConfigError(f"{prefix}.freq_dim", cfg.freq_dim, "an even number (cos/sin halves)")
     if cfg.action_dim < 0:
         raise ConfigError(f"{prefix}.action_dim", cfg.action_dim, ">= 0 (0 disables action conditioning)")
+    if not isinstance(cfg.interval_embedding, bool):
+        raise ConfigError(f"{prefix}.interval_embedding", cfg.interval_embedding,
+                          "true or false (true adds the MeanFlow interval embedding)")
     if cfg.eps <= 0:
         raise ConfigError(f"{prefix}.eps", cfg.eps, "a positive float")
     if cfg.param_dtype not in ("float32", "bfloat16", "float16", "float64"):

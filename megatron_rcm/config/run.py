@@ -143,7 +143,7 @@ def validate_run(cfg: RunConfig) -> None:
                 raise ConfigError(f"{key}.{ref_key}", ref, f"'scratch', 'diffusers:<dir>' or an earlier phase: {seen}")
         from ..training.registry import validate_objective  # objectives depend on config, not vice versa
 
-        validate_objective(phase, key)
+        validate_objective(phase, key, cfg.model)
         seen.append(phase.name)
 
 

@@ -198,6 +198,8 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
     """Write a diffusers folder (config.json + safetensors, sharded with index.json above max_shard_size).
 
     Written into a temp folder beside the target and renamed, so a crash never leaves a half folder.
+    An interval (MeanFlow) embedder is dropped only while its output layer is exactly zero (the model
+    then computes the plain model); otherwise export fails naming the key.
     """
     folder = Path(folder)
     cfg = model.cfg
@@ -206,10 +208,18 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
                               "drop_action_embedder=True to export the model without it")
     if dtype is not None and dtype not in _SUPPORTED_DTYPES:
         raise ConversionError(f"dtype {dtype} is not supported; expected one of {list(_DTYPE_NAMES)}")
+    interval = model.condition_embedder.interval_embedder
+    if interval is not None:  # an exactly-zero output layer adds nothing: dropping it is lossless
+        for name, p in interval.linear_2.named_parameters():
+            if torch.count_nonzero(p):
+                raise ConversionError(
+                    f"condition_embedder.interval_embedder.linear_2.{name} is non-zero: diffusers' {CLASS_NAME} has "
+                    "no interval (MeanFlow) embedding, so this model cannot be exported losslessly; export a model "
+                    "with model.interval_embedding=false (e.g. the teacher phase of a run without it)")
     limit = _parse_size(max_shard_size)
     state = {}
     for k, v in model.state_dict().items():
-        if k.startswith("action_embedder."):
+        if k.startswith(("action_embedder.", "condition_embedder.interval_embedder.")):
             continue
         v = v.detach().cpu()
         state[k] = (v.to(dtype) if dtype is not None else v).contiguous()

@@ -8,8 +8,14 @@ into one sequence; the caller supplies the :class:`GroupMask` over that sequence
 
 Timesteps use Wan's scale: t in [0, 1000] is 1000 x the flow-matching noise level.
 
-Every forward can carry tangents (d latents, d timestep) and returns the output's tangent:
+Every forward can carry tangents (d latents, d timestep, d interval) and returns the output's tangent:
 ``forward_with_tangent`` equals ``torch.func.jvp`` of ``forward`` (tested in float64).
+
+MeanFlow (``ModelConfig.interval_embedding``): a second timestep embedder sees the interval
+Delta = t - r (Wan scale, per frame), so the net is u(z, r, t) with r and t separable. Its last linear
+is zero-initialised, so a fresh or converted model computes exactly the plain model. When no interval
+is given, an interval model uses Delta = t (r = 0: the average velocity to the data, whose tangent is
+d timestep), so x0 = z_t - t u(z_t, 0, t) and the x0-prediction few-step samplers work unchanged.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ class Segment:
     tangent: torch.Tensor | None = None  # d latents
     timestep_tangent: torch.Tensor | None = None  # d timestep, same shape as timestep
     actions: torch.Tensor | None = None  # [B, F', action_dim] (world models)
+    interval: torch.Tensor | None = None  # Delta = t - r, like timestep; None = timestep (r = 0); interval models
+    interval_tangent: torch.Tensor | None = None  # d Delta; with interval None it is timestep_tangent
 
 
 class _MLP2(nn.Module):
@@ -64,6 +72,8 @@ class _ConditionEmbedder(nn.Module):
         self.time_embedder = _MLP2(cfg.freq_dim, d, d, dual.silu)
         self.time_proj = nn.Linear(d, 6 * d)
         self.text_embedder = _MLP2(cfg.text_dim, d, d, dual.gelu_tanh)
+        # MeanFlow interval Delta = t - r; zero-init last linear (set by the model) so it starts as a no-op
+        self.interval_embedder = _MLP2(cfg.freq_dim, d, d, dual.silu) if cfg.interval_embedding else None
 
 
 class CausalWanModel(nn.Module):
@@ -86,9 +96,11 @@ class CausalWanModel(nn.Module):
         self.proj_out = nn.Linear(d, cfg.out_channels * p[0] * p[1] * p[2])
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self.gradient_checkpointing = False
-        if self.action_embedder is not None:  # a converted teacher starts exactly as it was
-            nn.init.zeros_(self.action_embedder.linear_2.weight)
-            nn.init.zeros_(self.action_embedder.linear_2.bias)
+        # a converted teacher starts exactly as it was
+        for extra in (self.action_embedder, self.condition_embedder.interval_embedder):
+            if extra is not None:
+                nn.init.zeros_(extra.linear_2.weight)
+                nn.init.zeros_(extra.linear_2.bias)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -109,35 +121,40 @@ class CausalWanModel(nn.Module):
         return KVCache(len(self.blocks), tokens, self.visibility())
 
     # ------------------------------------------------------------------ public forwards
-    def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0):
-        """Denoiser output for latents x [B, C, F, H, W] (flow-matching velocity for Wan teachers)."""
-        seg = Segment(x, timestep, frame_offset, actions=actions)
+    def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
+                interval=None):
+        """Denoiser output for latents x [B, C, F, H, W] (flow-matching velocity for Wan teachers;
+        MeanFlow average velocity over [t - interval, t] for interval models)."""
+        seg = Segment(x, timestep, frame_offset, actions=actions, interval=interval)
         return self.forward_segments([seg], context, mask)[0][0]
 
     def forward_with_tangent(self, x, timestep, context, tangent=None, timestep_tangent=None,
-                             mask: GroupMask | None = None, actions=None, frame_offset: int = 0):
-        """(output, d output) along (d x, d timestep) in one pass; equals torch.func.jvp of forward."""
-        seg = Segment(x, timestep, frame_offset, tangent, timestep_tangent, actions)
+                             mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
+                             interval=None, interval_tangent=None):
+        """(output, d output) along (d x, d timestep, d interval) in one pass; equals torch.func.jvp of forward."""
+        seg = Segment(x, timestep, frame_offset, tangent, timestep_tangent, actions, interval, interval_tangent)
         return self.forward_segments([seg], context, mask)[0]
 
     def forward_teacher_forcing(self, clean, noisy, timestep, context, mask: GroupMask, tangent=None,
-                                timestep_tangent=None, actions=None):
+                                timestep_tangent=None, actions=None, interval=None, interval_tangent=None):
         """Run [clean (t = 0) ; noisy (t)] of the same video; returns (output, tangent) for the noisy part.
 
-        Both copies share RoPE positions (frame_offset 0); the clean context carries no tangent.
+        Both copies share RoPE positions (frame_offset 0); the clean context carries no tangent (and,
+        on interval models, the default interval 0).
         """
         t0 = torch.zeros_like(self._frame_timesteps(timestep, noisy))
         segs = [Segment(clean, t0, 0, actions=actions),
-                Segment(noisy, timestep, 0, tangent, timestep_tangent, actions)]
+                Segment(noisy, timestep, 0, tangent, timestep_tangent, actions, interval, interval_tangent)]
         return self.forward_segments(segs, context, mask)[1]
 
     def forward_chunk(self, x, timestep, context, cache: KVCache, chunk: int, write_cache: bool = False,
-                      actions=None, tangent=None, timestep_tangent=None):
+                      actions=None, tangent=None, timestep_tangent=None, interval=None, interval_tangent=None):
         """One chunk against the KV cache of earlier chunks; ``write_cache`` appends this chunk's K/V."""
         frames = x.shape[2] // self.patch[0]
         if frames != self.causal.chunk_frames:
             raise ValueError(f"forward_chunk takes one chunk of {self.causal.chunk_frames} latent frames, got {frames}")
-        seg = Segment(x, timestep, chunk * self.causal.chunk_frames, tangent, timestep_tangent, actions)
+        seg = Segment(x, timestep, chunk * self.causal.chunk_frames, tangent, timestep_tangent, actions,
+                      interval, interval_tangent)
         return self.forward_segments([seg], context, mask=None, cache=cache, write_cache=write_cache,
                                      cache_chunk=chunk)[0]
 
@@ -154,6 +171,7 @@ class CausalWanModel(nn.Module):
             t = self._frame_timesteps(seg.timestep, seg.latents)
             tt = None if seg.timestep_tangent is None else self._frame_timesteps(seg.timestep_tangent, seg.latents)
             e, te = self._time_embedding(t, tt, seg.actions)
+            e, te = self._add_interval_embedding(e, te, seg, t, tt)
             tokens.append(x), ttokens.append(tx), temb.append(e), ttemb.append(te), grids.append(grid)
             positions.append(grid_positions(*grid, frame_offset=seg.frame_offset, device=x.device))
         tpf = grids[0][1] * grids[0][2]
@@ -239,6 +257,27 @@ class CausalWanModel(nn.Module):
         elif actions is not None:
             raise ValueError("actions were given but model.action_dim = 0; set model.action_dim to the action size")
         return e, te
+
+    def _add_interval_embedding(self, e, te, seg: Segment, t, tt):
+        """e + interval_embedder(sin(Delta)); Delta defaults to t (r = 0), its tangent to dt."""
+        emb = self.condition_embedder.interval_embedder
+        if emb is None:
+            if seg.interval is not None or seg.interval_tangent is not None:
+                raise ValueError("an interval was given but model.interval_embedding = false; set "
+                                 "model.interval_embedding=true to build the MeanFlow interval embedding")
+            return e, te
+        if seg.interval is None:
+            if seg.interval_tangent is not None:
+                raise ValueError("interval_tangent needs an interval (without one the interval is the timestep)")
+            d, td = t, tt
+        else:
+            d = self._frame_timesteps(seg.interval, seg.latents)
+            td = None if seg.interval_tangent is None else self._frame_timesteps(seg.interval_tangent, seg.latents)
+        s, ts = dual.sinusoidal_embedding(d, td, self.condition_embedder.freq_dim)
+        a, ta = emb(s.to(self.dtype), None if ts is None else ts.to(self.dtype))
+        if ta is not None:
+            te = ta if te is None else te + ta
+        return e + a, te
 
     def _patchify(self, x, tx):
         if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:

@@ -3,4 +3,4 @@ from .base import Objective, TFContext, AdaptiveWeight
 from .flow_matching import FMConfig, FlowMatchingObjective
 from .dcm import DCMConfig, DCMObjective
 from .scm import SCMConfig, SCMObjective
-from .meanflow import MeanFlowConfig, MeanFlowObjective, MeanFlowNet
+from .meanflow import MeanFlowConfig, MeanFlowObjective, MeanFlowNet, TFMeanFlowNet

@@ -53,10 +53,14 @@ class TFContext:
         n = e.transpose(1, 2).reshape(b, self.n_chunks, -1).norm(dim=-1)
         return n.repeat_interleave(self.chunk * self.pt, dim=1)[:, None, :, None, None]
 
-    def run(self, model, noisy, t_wan, ctx=None, tangent=None, t_tangent=None):
-        """Velocity (and tangent) for the noisy copy given the clean context x0."""
+    def run(self, model, noisy, t_wan, ctx=None, tangent=None, t_tangent=None, interval=None, interval_tangent=None):
+        """Velocity (and tangent) for the noisy copy given the clean context x0.
+
+        ``interval`` (Wan scale t - r) only for interval (MeanFlow) models; None keeps their default r = 0.
+        """
         return model.forward_teacher_forcing(self.x0, noisy, t_wan, self.ctx if ctx is None else ctx, self.mask,
-                                             tangent=tangent, timestep_tangent=t_tangent, actions=self.actions)
+                                             tangent=tangent, timestep_tangent=t_tangent, actions=self.actions,
+                                             interval=interval, interval_tangent=interval_tangent)
 
     def guided(self, model, noisy, t_wan, scale: float, tangent=None, t_tangent=None):
         """CFG velocity (and tangent) with [cond ; uncond] batched in one TF forward."""

@@ -5,141 +5,166 @@ are from the teacher's many-step samples (MSE / PSNR), the Frechet distance betw
 under a small fixed classifier trained on the synthetic set, and "motion accuracy" (does the
 classifier recognise the prompt's motion in the generated video). Teacher samples are cached per
 teacher phase so every later phase is compared against the same videos.
+
+Everything here takes a :class:`ReportContext` (config, output folder, device, print), so the
+trainer and the ``megatron-rcm eval`` command share it without a Trainer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..inference.sampling import prompt_batch, student_sample, teacher_sample
+
 _SCALARS = ("mse", "psnr", "fd", "motion_acc_student", "motion_acc_teacher")
+TEACHER_SAMPLES = "eval_teacher_samples.safetensors"
 
 
-def eval_prompts(trainer) -> dict:
-    from ..data import build_dataset
-
-    cfg = trainer.cfg
-    data = build_dataset(cfg.data, batch_size=cfg.eval.num_videos)
-    batch = data.batch_at(10_000 + cfg.eval.seed)  # indices disjoint from the first training batches
-    return {k: v.to(trainer.device) for k, v in batch.items() if torch.is_tensor(v)}
+def _no_scalars(tag: str, values: dict, step: int) -> None:
+    return None
 
 
-def _action_fn(prompts, chunk_frames: int):
-    actions = prompts.get("actions")
-    if actions is None:
-        return None
-    return lambda chunk, _frames: actions[:, chunk * chunk_frames:(chunk + 1) * chunk_frames]
+@dataclass
+class ReportContext:
+    """What a report needs from a run: its config, output folder and device, and where to print."""
+
+    cfg: object  # RunConfig
+    out: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    print: Callable[[str], None] = print
+    scalars: Callable[[str, dict, int], None] = _no_scalars  # (tag, values, step), e.g. TensorBoard
+
+    def phase_dir(self, name: str) -> Path:
+        return Path(self.out) / "phases" / name
 
 
-@torch.no_grad()
-def sample(trainer, model, prompts, steps: int, guidance: float, writer=None):
-    from ..inference.streaming import generate_video
-
-    d = trainer.cfg.data
-    was_training = model.training
-    model.eval()
-    # many-step (teacher) sampling: an explicit uniform grid of noise levels, same x0 + re-noise sampler
-    timesteps = None if steps <= 4 else [1000.0 * (1 - i / steps) for i in range(steps)]
-    video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps, timesteps=timesteps,
-                           guidance_scale=guidance, uncond_context=prompts["uncond_context"],
-                           action_fn=_action_fn(prompts, model.causal.chunk_frames), seed=trainer.cfg.eval.seed,
-                           writer=writer, log=None)
-    model.train(was_training)
-    return video
+def eval_prompts(ctx: ReportContext) -> dict:
+    e = ctx.cfg.eval
+    return prompt_batch(ctx.cfg.data, e.num_videos, e.seed, ctx.device)
 
 
-def feature_extractor(trainer):
+def sample(ctx: ReportContext, model, prompts, steps: int, guidance: float, writer=None):
+    return student_sample(model, prompts, ctx.cfg.data, steps, guidance, seed=ctx.cfg.eval.seed, writer=writer)
+
+
+def feature_extractor(ctx: ReportContext):
     from ..data import build_dataset
     from ..evaluation import train_feature_extractor
 
-    path = Path(trainer.out) / "eval" / "extractor.safetensors"
+    path = Path(ctx.out) / "eval" / "extractor.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = build_dataset(trainer.cfg.data, batch_size=16)
+    data = build_dataset(ctx.cfg.data, batch_size=16)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny extractor trains faster single-threaded on a busy 2-core box
     try:
-        return train_feature_extractor(data, steps=120, seed=0, cache_path=str(path)).to(trainer.device)
+        return train_feature_extractor(data, steps=120, seed=0, cache_path=str(path)).to(ctx.device)
     finally:
         torch.set_num_threads(threads)
 
 
-@torch.no_grad()
-def teacher_samples(trainer, teacher_phase: str, teacher, prompts) -> torch.Tensor:
-    """The reference: the teacher's deterministic many-step ODE (2nd-order multistep, CFG), chunk by chunk."""
-    from functools import partial
+def _teacher_cache_key(ctx: ReportContext, num_videos: int) -> dict:
+    e, d = ctx.cfg.eval, ctx.cfg.data
+    return {"num_videos": str(num_videos), "teacher_steps": str(e.teacher_steps), "seed": str(e.seed),
+            "cfg_scale": repr(float(e.cfg_scale)), "shape": f"{d.channels}x{d.num_frames}x{d.height}x{d.width}"}
 
-    from ..diffusion.samplers import causal_chunk_sample, multistep2_fm
 
-    path = trainer.phase_dir(teacher_phase) / "eval_teacher_samples.safetensors"
-    if path.exists():
-        return load_file(str(path))["video"].to(trainer.device)
-    e, d = trainer.cfg.eval, trainer.cfg.data
-    gen = torch.Generator().manual_seed(e.seed)
-    noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=gen)
-    was_training = teacher.training
-    teacher.eval()
-    video = causal_chunk_sample(teacher, noise.to(trainer.device, teacher.dtype), prompts["context"],
-                                partial(multistep2_fm, steps=e.teacher_steps), actions=prompts.get("actions"),
-                                uncond_context=prompts["uncond_context"], guidance_scale=e.cfg_scale)
-    teacher.train(was_training)
-    save_file({"video": video.float().cpu().contiguous()}, str(path))
+def _cached_teacher_samples(path: Path, key: dict):
+    """The cached video if it was made with the same eval settings (older files: same batch size)."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    video = load_file(str(path))["video"]
+    if meta and any(meta.get(k) != v for k, v in key.items()):
+        return None
+    if not meta and video.shape[0] != int(key["num_videos"]):
+        return None
     return video
 
 
-def phase_report(trainer, phase, model, teacher) -> dict:
-    """Write the phase's sample video; for distillation phases also the quality numbers per step count."""
-    from ..evaluation import evaluate_samples
+@torch.no_grad()
+def teacher_samples(ctx: ReportContext, teacher_phase: str, teacher, prompts) -> torch.Tensor:
+    """The reference: the teacher's deterministic many-step ODE (2nd-order multistep, CFG), chunk by chunk.
 
-    e = trainer.cfg.eval
-    prompts = eval_prompts(trainer)
-    samples_dir = Path(trainer.out) / "samples"
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    extractor = feature_extractor(trainer)
-    if phase.kind == "teacher":
-        video = teacher_samples(trainer, phase.name, model, prompts)
-        from ..utils.video import write_video
-
-        path = write_video(str(samples_dir / f"{phase.name}_{e.teacher_steps}step.mp4"), video[: min(4, len(video))])
-        stats = evaluate_samples(video, video, prompts["class_id"], extractor)
-        trainer.logger.print(f"[{phase.name}] teacher {e.teacher_steps}-step samples: {path}; "
-                             f"motion accuracy {stats['motion_acc_teacher']:.3f}")
-        return {"teacher_motion_acc": stats["motion_acc_teacher"]}
-    ref = teacher_samples(trainer, phase.teacher_from, teacher, prompts)
-    video_2step = str(samples_dir / f"{phase.name}_2step_streamed.mp4")
-    rows = student_quality(trainer, model, prompts, ref, extractor, e.student_steps, video_2step=video_2step)
-    metrics = {}
-    for k, stats in rows:
-        for name in _SCALARS:
-            if name in stats:
-                metrics[f"{k}step_{name}"] = stats[name]
-        trainer.logger.scalars(f"eval/{phase.name}", {n: stats[n] for n in _SCALARS if n in stats}, k)
-    trainer.logger.print(format_quality_table(phase.name, e.teacher_steps, rows))
-    return metrics
+    Cached in the teacher's phase folder; a cache made with other eval settings is not used and not
+    overwritten (it stays the run's reference).
+    """
+    e = ctx.cfg.eval
+    path = ctx.phase_dir(teacher_phase) / TEACHER_SAMPLES
+    key = _teacher_cache_key(ctx, len(prompts["context"]))
+    cached = _cached_teacher_samples(path, key)
+    if cached is not None:
+        return cached.to(ctx.device)
+    video = teacher_sample(teacher, prompts, ctx.cfg.data, e.teacher_steps, e.cfg_scale, seed=e.seed)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"video": video.float().cpu().contiguous()}, str(path), metadata=key)
+    return video
 
 
-def student_quality(trainer, model, prompts, ref, extractor, student_steps, video_2step: str | None = None) -> list:
-    """[(k, stats)] for k-step samples of ``model`` against the reference videos ``ref`` (same prompts/seeds).
+def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: Path | None = None):
+    """(rows, metrics) of ``model``'s k-step samples vs its teacher phase's samples, for each k in ``steps``.
 
-    With ``video_2step`` the 2-step samples are also streamed to that file chunk by chunk as they are made.
+    With ``samples_dir`` the 2-step sample is also streamed to ``<phase>_2step_streamed.mp4`` there.
     """
     from ..evaluation import evaluate_samples
     from ..utils.video import StreamingVideoWriter
 
-    rows = []
-    for k in student_steps:
-        writer = StreamingVideoWriter(video_2step) if (k == 2 and video_2step) else None
-        video = sample(trainer, model, prompts, k, 1.0, writer=writer)
+    prompts = eval_prompts(ctx)
+    extractor = feature_extractor(ctx)
+    # no teacher (e.g. MeanFlow from data): no reference videos, only the student's own motion accuracy
+    ref = teacher_samples(ctx, phase.teacher_from, teacher, prompts) if teacher is not None else None
+    rows, metrics = [], {}
+    for k in steps:
+        writer = None
+        if k == 2 and samples_dir is not None:  # the streamed video: frames are written chunk by chunk
+            writer = StreamingVideoWriter(str(Path(samples_dir) / f"{phase.name}_2step_streamed.mp4"))
+        video = sample(ctx, model, prompts, k, 1.0, writer=writer)
         if writer is not None:
             writer.close()
-        rows.append((k, evaluate_samples(video, ref, prompts["class_id"], extractor)))
-    return rows
+        stats = evaluate_samples(video, video if ref is None else ref, prompts["class_id"], extractor)
+        if ref is None:
+            stats = {n: v for n, v in stats.items() if n == "motion_acc_student"}
+        rows.append((k, stats))
+        for name in _SCALARS:
+            if name in stats:
+                metrics[f"{k}step_{name}"] = stats[name]
+        ctx.scalars(f"eval/{phase.name}", {n: stats[n] for n in _SCALARS if n in stats}, k)
+    return rows, metrics
+
+
+def phase_report(ctx: ReportContext, phase, model, teacher) -> dict:
+    """Write the phase's sample video; for distillation phases also the quality numbers per step count."""
+    from ..evaluation import evaluate_samples
+    from ..utils.video import write_video
+
+    e = ctx.cfg.eval
+    samples_dir = Path(ctx.out) / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    if phase.kind == "teacher":
+        prompts = eval_prompts(ctx)
+        extractor = feature_extractor(ctx)
+        video = teacher_samples(ctx, phase.name, model, prompts)
+        path = write_video(str(samples_dir / f"{phase.name}_{e.teacher_steps}step.mp4"), video[: min(4, len(video))])
+        stats = evaluate_samples(video, video, prompts["class_id"], extractor)
+        ctx.print(f"[{phase.name}] teacher {e.teacher_steps}-step samples: {path}; "
+                  f"motion accuracy {stats['motion_acc_teacher']:.3f}")
+        return {"teacher_motion_acc": stats["motion_acc_teacher"]}
+    rows, metrics = quality_rows(ctx, phase, model, teacher, e.student_steps, samples_dir)
+    ctx.print(format_quality_table(phase.name, e.teacher_steps, rows))
+    return metrics
 
 
 def format_quality_table(name: str, teacher_steps: int, rows) -> str:
     lines = [f"[{name}] quality vs the teacher's {teacher_steps}-step samples (same prompts and seeds):",
              "  steps |    mse |  psnr |     fd | motion acc (student / teacher)"]
-    for k, s in rows:
-        lines.append(f"  {k:5d} | {s['mse']:.4f} | {s['psnr']:5.2f} | {s.get('fd', float('nan')):6.3f} | "
-                     f"{s.get('motion_acc_student', float('nan')):.3f} / {s.get('motion_acc_teacher', float('nan')):.3f}")
+    for k, s in rows:  # a phase without a teacher has only the student's motion accuracy (nan elsewhere)
+        g = lambda name: s.get(name, float("nan"))  # noqa: E731
+        lines.append(f"  {k:5d} | {g('mse'):.4f} | {g('psnr'):5.2f} | {g('fd'):6.3f} | "
+                     f"{g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
     return "\n".join(lines)

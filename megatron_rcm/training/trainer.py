@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .ema import EMA
 from .logger import RunLogger
 from .registry import build_objective, move_objective_modules
-from .report import phase_report
+from .report import ReportContext, phase_report
 
 
 class TrainingError(RuntimeError):
@@ -73,6 +73,10 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.logger = logger or RunLogger(self.out, cfg.train.log_every)
         self.results: list[PhaseResult] = []
+
+    @property
+    def report_context(self) -> ReportContext:
+        return ReportContext(self.cfg, self.out, self.device, self.logger.print, self.logger.scalars)
 
     # ------------------------------------------------------------------ models
     def new_model(self) -> CausalWanModel:
@@ -219,7 +223,7 @@ class Trainer:
         self.logger.end_phase()
         self._write_phase_outputs(phase.name, student, ema)
         result = PhaseResult(phase.name, step, last_loss, skipped)
-        result.metrics.update(phase_report(self, phase, ema.model, teacher) or {})
+        result.metrics.update(phase_report(self.report_context, phase, ema.model, teacher) or {})
         self.results.append(result)
         save(step, phase_done=True)
         return result

@@ -1,0 +1,233 @@
+"""The run-folder subcommands of ``megatron-rcm``: sample, eval, generate-data, generate.
+
+Each one opens a training run folder (:mod:`.run_dir`), loads one phase's weights and hands them to
+a library function (:mod:`.sampling`, :mod:`.streaming`, :mod:`megatron_rcm.training.report`,
+:mod:`megatron_rcm.data.shards`). Bad arguments are :class:`ConfigError` s naming the flag.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config.errors import ConfigError
+from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def _open(args):
+    """(cfg, phase, model) for ``args.run_dir`` / ``args.phase`` / ``args.weights``."""
+    cfg = load_run_config(args.run_dir)
+    phase = find_phase(cfg, args.phase)
+    model = load_phase_model(cfg, phase.name, args.weights, args.device)
+    return cfg, phase, model
+
+
+def _positive(flag: str, value: int, what: str) -> int:
+    if value < 1:
+        raise ConfigError(flag, value, what)
+    return value
+
+
+def _steps_for(phase, cfg, steps: int | None) -> int:
+    """Default: the eval ODE step count for teachers, 2 for distilled students."""
+    if steps is None:
+        return cfg.eval.teacher_steps if phase.kind == "teacher" else 2
+    return _positive("--steps", steps, "a positive number of sampling steps")
+
+
+def _guidance_for(phase, cfg, guidance: float | None) -> float:
+    """Default: the eval CFG scale for teachers; none (1.0) for students, which are distilled with it."""
+    if guidance is not None:
+        return guidance
+    return cfg.eval.cfg_scale if phase.kind == "teacher" else 1.0
+
+
+def _video_out(path: str) -> str:
+    if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
+        raise ConfigError("--out", path, f"a video file ending in one of {VIDEO_SUFFIXES}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def run_sample(args) -> int:
+    from ..utils.video import write_video
+    from .sampling import prompt_batch, sample_phase
+
+    out = _video_out(args.out)
+    num_videos = _positive("--num-videos", args.num_videos, "at least 1 video")
+    cfg, phase, model = _open(args)
+    steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
+    seed = cfg.eval.seed if args.seed is None else args.seed
+    prompts = prompt_batch(cfg.data, num_videos, seed, args.device, args.class_id)
+    video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed)
+    path = write_video(out, video)
+    sampler = "ODE (teacher)" if phase.kind == "teacher" else "few-step"
+    print(f"wrote {path}: {num_videos} video(s) x {video.shape[2]} frames, {steps}-step {sampler} sampling of "
+          f"phase '{phase.name}' ({args.weights} weights), guidance {guidance:g}, seed {seed}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def run_eval(args) -> int:
+    import torch
+
+    from ..training.report import ReportContext, format_quality_table, quality_rows
+
+    steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4") for k in args.steps]
+    cfg = load_run_config(args.run_dir)
+    phase = find_phase(cfg, args.phase)
+    if not phase.teacher_from or phase.teacher_from.startswith("diffusers:"):
+        students = [p.name for p in cfg.phases if p.teacher_from and not p.teacher_from.startswith("diffusers:")]
+        raise ConfigError("--phase", phase.name, f"a phase with teacher_from set (it is compared with that teacher "
+                          f"phase's many-step samples): one of {students}")
+    if args.num_videos is not None:
+        cfg.eval.num_videos = _positive("--num-videos", args.num_videos, "at least 1 video (2+ for the FD column)")
+    model = load_phase_model(cfg, phase.name, args.weights, args.device)
+    teacher = load_phase_model(cfg, phase.teacher_from, "ema", args.device)
+    ctx = ReportContext(cfg, Path(cfg.output_dir), torch.device(args.device), print)
+    rows, _ = quality_rows(ctx, phase, model, teacher, steps)
+    print(format_quality_table(phase.name, cfg.eval.teacher_steps, rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate-data
+def run_generate_data(args) -> int:
+    from ..data import build_dataset
+    from ..data.shards import write_teacher_shards
+    from .sampling import sample_phase
+
+    num_videos = _positive("--num-videos", args.num_videos, "at least 1 video")
+    shard_size = _positive("--shard-size", args.shard_size, "at least 1 video per shard")
+    cfg, phase, model = _open(args)
+    steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
+    dataset = build_dataset(cfg.data, batch_size=min(num_videos, cfg.data.batch_size))
+    calls = [0]
+
+    def sample_fn(batch):
+        prompts = {k: v.to(args.device) for k, v in batch.items() if hasattr(v, "to")}
+        seed = args.seed + calls[0]  # fresh noise per batch, reproducible from --seed
+        calls[0] += 1
+        return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed).float().cpu()
+
+    manifest = write_teacher_shards(sample_fn, dataset, args.out, num_videos, shard_size, args.format)
+    print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}' to {args.out} ({manifest}); "
+          f"train from them with: data.kind=latent_shards data.shard_dir={args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _parse_action_ids(text: str, num_chunks: int, action_dim: int) -> list[int]:
+    try:
+        ids = [int(tok) for tok in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError("--actions", text, "integer action ids separated by commas, e.g. 0,1,2") from None
+    if len(ids) != num_chunks:
+        raise ConfigError("--actions", text, f"one action id per chunk: {num_chunks} ids for this --frames")
+    if any(not 0 <= i < action_dim for i in ids):
+        raise ConfigError("--actions", text, f"ids in [0, {action_dim}) (model.action_dim = {action_dim})")
+    return ids
+
+
+def _action_fn(args, cfg, model, num_chunks: int):
+    """None, a fixed per-chunk list (--actions) or stdin (--interactive), matched against model.action_dim."""
+    from .streaming import one_hot_actions, stdin_action_reader
+
+    action_dim, chunk = cfg.model.action_dim, model.causal.chunk_frames
+    given = args.actions is not None or args.interactive
+    if action_dim and not given:
+        raise ConfigError("--actions", None, f"--actions ID,ID,... (one per chunk) or --interactive: this model is "
+                          f"action-conditioned (model.action_dim = {action_dim})")
+    if not action_dim and given:
+        raise ConfigError("--actions/--interactive", args.actions or "--interactive",
+                          "neither: this model takes no actions (model.action_dim = 0)")
+    if not action_dim:
+        return None
+    if args.interactive:
+        return stdin_action_reader(action_dim, chunk)
+    ids = _parse_action_ids(args.actions, num_chunks, action_dim)
+    return lambda index, _frames: one_hot_actions([ids[index]], action_dim, chunk)
+
+
+def run_generate(args) -> int:
+    from ..utils.video import StreamingVideoWriter
+    from .sampling import prompt_batch
+    from .streaming import generate_video
+
+    if not 1 <= args.steps <= 8:
+        raise ConfigError("--steps", args.steps, "1..8 few-step streaming steps")
+    if args.out is not None:
+        _video_out(args.out)
+    cfg, phase, model = _open(args)
+    d = cfg.data
+    chunk = model.causal.chunk_frames * model.patch[0]
+    frames = d.num_frames if args.frames is None else args.frames
+    if frames < 1 or frames % chunk:
+        raise ConfigError("--frames", frames, f"a positive multiple of the chunk size ({chunk} latent frames)")
+    action_fn = _action_fn(args, cfg, model, frames // chunk)
+    seed = cfg.eval.seed if args.seed is None else args.seed
+    prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
+    out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
+    print(f"streaming {frames} frames ({frames // chunk} chunks of {chunk}) from phase '{phase.name}', "
+          f"{args.steps} steps per chunk, to {out}")
+    writer = StreamingVideoWriter(out)
+    try:
+        generate_video(model, prompts["context"], frames, d.height, d.width, steps=args.steps,
+                       guidance_scale=args.guidance, uncond_context=prompts["uncond_context"], action_fn=action_fn,
+                       seed=seed, writer=writer, log=print)
+    finally:
+        path = writer.close()
+    print(f"wrote {path}: {writer.frames_written} frames")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _run_args(p: argparse.ArgumentParser, phase_help: str) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training output_dir (holds config.yaml and phases/)")
+    p.add_argument("--phase", required=True, help=phase_help)
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="the phase's EMA (default) or raw weights")
+    p.add_argument("--device", default="cpu")
+
+
+def add_run_dir_commands(sub) -> None:
+    """Register sample / eval / generate-data / generate on an argparse subparsers object."""
+    p = sub.add_parser("sample", help="sample a trained phase to a video file (ODE for teachers, few-step otherwise)")
+    _run_args(p, "the phase to sample")
+    p.add_argument("--steps", type=int, default=None, help="default: eval.teacher_steps for teachers, 2 otherwise")
+    p.add_argument("--num-videos", type=int, default=4, help="videos in the grid (default 4)")
+    p.add_argument("--class-id", type=int, default=None, help="prompt class for every video (synthetic data)")
+    p.add_argument("--seed", type=int, default=None, help="prompts and noise (default eval.seed)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: eval.cfg_scale for "
+                   "teachers, 1 for students)")
+    p.add_argument("--out", required=True, help="FILE.mp4 or FILE.gif")
+    p.set_defaults(func=run_sample)
+
+    p = sub.add_parser("eval", help="quality table of a distilled phase vs its teacher's many-step samples")
+    _run_args(p, "a phase with teacher_from (it is compared with that teacher)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts (default 1 2 4)")
+    p.add_argument("--num-videos", type=int, default=None, help="prompts compared (default eval.num_videos)")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("generate-data", help="teacher samples into latent shards (synthetic data for a later run)")
+    _run_args(p, "the (teacher) phase that generates")
+    p.add_argument("--num-videos", type=int, required=True)
+    p.add_argument("--out", required=True, help="shard folder (manifest.json + shards)")
+    p.add_argument("--format", choices=("safetensors", "tar"), default="safetensors")
+    p.add_argument("--shard-size", type=int, default=256, help="videos per shard")
+    p.add_argument("--steps", type=int, default=None, help="default: eval.teacher_steps for teachers, 2 otherwise")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default eval.cfg_scale for teachers)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (batch i uses seed + i)")
+    p.set_defaults(func=run_generate_data)
+
+    p = sub.add_parser("generate", help="stream a video chunk by chunk (any length; actions for world models)")
+    _run_args(p, "the phase to stream (a distilled student)")
+    p.add_argument("--steps", type=int, default=2, help="steps per chunk, 1..8 (default 2)")
+    p.add_argument("--frames", type=int, default=None, help="latent frames (default data.num_frames; may exceed it)")
+    p.add_argument("--class-id", type=int, default=None, help="prompt class (synthetic data)")
+    p.add_argument("--seed", type=int, default=None, help="prompt and noise (default eval.seed)")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1: off)")
+    p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
+    act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")
+    p.set_defaults(func=run_generate)

@@ -1,0 +1,104 @@
+"""Whole-video samplers shared by the end-of-phase report and the CLI.
+
+Two ways to sample a trained phase, both chunk by chunk with a KV cache:
+  * :func:`student_sample`: the few-step x0 + re-noise sampler the students are distilled for
+    (more than 4 steps: an explicit uniform grid of noise levels, same sampler);
+  * :func:`teacher_sample`: the teacher's deterministic many-step ODE (2nd-order multistep, CFG),
+    the reference the students are compared against.
+:func:`prompt_batch` gives the fixed evaluation prompts (disjoint from the first training batches).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..config.errors import ConfigError
+
+EVAL_INDEX_OFFSET = 10_000  # prompt batches used for evaluation sit far past the first training batches
+
+
+def prompt_batch(data_cfg, num_videos: int, seed: int, device, class_id: int | None = None) -> dict:
+    """Prompts (context, uncond_context, class_id, actions if any) for ``num_videos`` videos.
+
+    ``class_id`` replaces every prompt by that class's text context (built-in synthetic conditioner only).
+    """
+    from ..data import TextConditioner, build_dataset
+
+    data = build_dataset(data_cfg, batch_size=num_videos)
+    batch = data.batch_at(EVAL_INDEX_OFFSET + seed)
+    if class_id is not None:
+        if data_cfg.kind != "synthetic":
+            raise ConfigError("--class-id", class_id, f"no class id: data.kind={data_cfg.kind!r} has no class table "
+                              "(only data.kind=synthetic maps class ids to prompts)")
+        if not 0 <= class_id < data_cfg.num_classes:
+            raise ConfigError("--class-id", class_id, f"a class in [0, {data_cfg.num_classes}) (data.num_classes)")
+        text = TextConditioner(data_cfg.num_classes, data_cfg.text_len, data_cfg.text_dim)
+        batch["class_id"] = torch.full((num_videos,), class_id, dtype=torch.long)
+        batch["context"] = text(batch["class_id"])
+    return {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def _action_fn(prompts, chunk_frames: int):
+    actions = prompts.get("actions")
+    if actions is None:
+        return None
+    return lambda chunk, _frames: actions[:, chunk * chunk_frames:(chunk + 1) * chunk_frames]
+
+
+@torch.no_grad()
+def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float = 1.0, seed: int = 0,
+                   writer=None, log=None) -> torch.Tensor:
+    """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W]."""
+    from .streaming import generate_video
+
+    if steps < 1:
+        raise ConfigError("--steps", steps, "a positive number of sampling steps")
+    was_training = model.training
+    model.eval()
+    # many-step sampling: an explicit uniform grid of noise levels, same x0 + re-noise sampler
+    timesteps = None if steps <= 4 else [1000.0 * (1 - i / steps) for i in range(steps)]
+    d = data_cfg
+    video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
+                           timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
+                           action_fn=_action_fn(prompts, model.causal.chunk_frames), seed=seed, writer=writer,
+                           log=log)
+    model.train(was_training)
+    return video
+
+
+@torch.no_grad()
+def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The teacher's deterministic ``steps``-step ODE sample with CFG -> [B, C, F, H, W].
+
+    The noise comes from a CPU generator seeded with ``seed`` (or ``generator``, to continue a stream
+    of noise across calls), so the result does not depend on the device's RNG.
+    """
+    from ..diffusion.samplers import causal_chunk_sample, multistep2_fm
+
+    if steps < 1:
+        raise ConfigError("--steps", steps, "a positive number of ODE steps")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    d = data_cfg
+    noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=generator)
+    was_training = model.training
+    model.eval()
+    device = prompts["context"].device
+    video = causal_chunk_sample(model, noise.to(device, model.dtype), prompts["context"],
+                                partial(multistep2_fm, steps=steps), actions=prompts.get("actions"),
+                                uncond_context=prompts["uncond_context"], guidance_scale=guidance)
+    model.train(was_training)
+    return video
+
+
+def sample_phase(kind: str, model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int = 0,
+                 writer=None) -> torch.Tensor:
+    """Sample a trained phase the way it is meant to be sampled: the ODE for teachers, few-step otherwise.
+
+    ``writer`` (streamed output) is only used by the few-step sampler; the ODE returns the whole video.
+    """
+    if kind == "teacher":
+        return teacher_sample(model, prompts, data_cfg, steps, guidance, seed=seed)
+    return student_sample(model, prompts, data_cfg, steps, guidance, seed=seed, writer=writer)
