@@ -120,3 +120,26 @@ def build_objective(phase, run_cfg, student, teacher, trainer=None, critic=None)
             obj.trainable_parameters = lambda: list(obj.weighting.parameters())
         return obj
     return SelfForcingDMD(teacher, cfg, critic=critic)
+
+
+def move_objective_modules(objective, device) -> None:
+    """Put the modules an objective owns (e.g. sCM's adaptive weight, also inside rCM) on the training device.
+
+    Objectives are built on the CPU default; the student and teacher already live on ``device``
+    (for them ``.to`` is a no-op). Walks plain attributes recursively, never into modules.
+    """
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for value in vars(obj).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+            elif hasattr(value, "__dict__") and not isinstance(value, (type, torch.Tensor)) and not callable(value):
+                walk(value)
+
+    walk(objective)

@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .distributed import TrainerParallel
 from .ema import EMA
 from .logger import RunLogger
-from .registry import build_objective
+from .registry import build_objective, move_objective_modules
 from .report import ReportContext, phase_report
 
 
@@ -69,8 +69,11 @@ def _lr_lambda(warmup: int):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, device: str | torch.device = "cpu", logger: RunLogger | None = None,
-                 parallel: TrainerParallel | None = None):
+                 parallel: TrainerParallel | None = None, on_step=None):
+        """``on_step(phase=, step=, student=, ema_model=, teacher=)`` runs after every optimizer step (e.g. to
+        measure quality along training); it must leave the models and the RNG as it found them."""
         self.cfg = cfg
+        self.on_step = on_step
         self.device = torch.device(device)
         self.par = parallel or TrainerParallel.from_env(cfg, self.device)
         if self.par.distributed and self.device.type == "cuda":
@@ -209,6 +212,7 @@ class Trainer:
         dmd = objective if hasattr(objective, "critic_step") else getattr(objective, "dmd", None)
         if dmd is not None and par.distributed:
             dmd.sync_and_clip = par.sync_and_clip
+        move_objective_modules(objective, self.device)
         # objectives may train small modules of their own with the student (e.g. sCM's adaptive weight)
         extra_params = list(getattr(objective, "trainable_parameters", lambda: [])())
         o = phase.optim
@@ -291,6 +295,8 @@ class Trainer:
             metrics = {"loss": last_loss, "grad_norm": float(grad_norm), "lr": schedulers[0].get_last_lr()[0],
                        **metrics}
             self.logger.step(self._global_step(index, step), step, metrics, batch_size)
+            if self.on_step is not None:
+                self.on_step(phase=phase, step=step, student=student, ema_model=ema.model, teacher=teacher)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase.steps:
                 save(step)
         self.logger.end_phase()
