@@ -12,7 +12,10 @@ def _cmd_train(args) -> int:
     from .training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    results = Trainer(cfg, device=args.device).run()
+    trainer = Trainer(cfg, device=args.device)
+    results = trainer.run()
+    if not trainer.par.is_main:  # under torchrun only rank 0 reports
+        return 0
     for r in results:
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.metrics.items())
         print(f"phase {r.name}: {r.steps} steps, final loss {r.final_loss:.4g}, skipped {r.skipped_steps} {extra}")

@@ -1,5 +1,8 @@
 """Streaming inference: progressive chunks, equality with a non-streamed rollout, flat cache, actions, CFG."""
+import gc
 import io
+import sys
+import warnings
 
 import pytest
 import torch
@@ -66,6 +69,69 @@ def test_long_rollout_keeps_cache_flat_and_matches_windowed_mask():
                                generator=_g(), exit_steps=[1] * 16, use_cache=False, grad=False)
     torch.testing.assert_close(video, ref.video, atol=2e-5, rtol=1e-4)
     assert torch.isfinite(video).all()
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable from Python objects (the cache, generator locals, ...)."""
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some deprecated torch objects warns
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type != "meta":
+                st = obj.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for c in cache.layers for t in (c.k, c.v, c.cross_k, c.cross_v)
+               if t is not None)
+
+
+def test_long_interactive_rollout_holds_flat_memory():
+    """4x the training length (4 frames) with a rolling cache (1 sink + window 2) and per-chunk actions:
+    the K/V tensors held, the frames kept for ``action_fn`` and all live tensor bytes stop growing
+    once the window is full (measured at 2x and 4x the training length)."""
+    model = _model(chunk_frames=1, window=2, sink=1, action_dim=3)
+    caches, seen = [], []
+    new_cache = model.new_kv_cache
+    model.new_kv_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+    reader = stdin_action_reader(3, 1, batch=2, stream=io.StringIO("0\n1\n2\n" * 6), prompt=False)
+
+    def act(chunk, frames_so_far):
+        seen.append(len(frames_so_far))
+        return reader(chunk, frames_so_far)
+
+    cache_bytes, live, tokens = {}, {}, {}
+    before = _live_tensor_bytes()
+    for out in stream_video(model, CTX, 16, 8, 8, StreamConfig(steps=2), action_fn=act, generator=_g()):
+        n = out.index + 1
+        cache_bytes[n], tokens[n] = _cache_bytes(caches[0]), out.cache_tokens
+        if n in (8, 12, 16):
+            live[n] = _live_tensor_bytes() - before
+        del out  # a consumer that writes chunks out keeps nothing
+    tpc = model.tokens_per_frame(8, 8)
+    d, layers = model.cfg.hidden_size, model.cfg.num_layers
+    kept_chunks = 1 + 2 - 1  # sink + (window - 1): what the next chunk can see
+    bound = layers * 2 * (2 * kept_chunks * tpc * d + 2 * model.cfg.text_len * d) * 4  # (self + cross) K and V, fp32
+    assert max(tokens.values()) == kept_chunks * tpc
+    assert max(cache_bytes.values()) == bound and cache_bytes[8] == cache_bytes[16] == bound
+    assert max(seen) == 2 and seen[-1] == 2  # frames_so_far: the model's window, not the whole video
+    frame_bytes = 2 * 3 * 8 * 8 * 4  # one generated chunk: what unbounded history would add per chunk
+    assert abs(live[16] - live[8]) < frame_bytes and abs(live[12] - live[8]) < frame_bytes, live
+    assert live[16] < 2 * bound + 4 * frame_bytes, live
+
+
+def test_history_chunks_bounds_frames_so_far():
+    model = _model(chunk_frames=1, action_dim=3)  # unlimited window: all chunks by default
+    for history, expected in ((None, [0, 1, 2, 3]), (1, [0, 1, 1, 1])):
+        seen = []
+        act = lambda chunk, frames: seen.append(len(frames)) or one_hot_actions([0], 3, 1, batch=2)  # noqa: E731
+        list(stream_video(model, CTX, 4, 8, 8, StreamConfig(steps=1), action_fn=act, history_chunks=history))
+        assert seen == expected
+    with pytest.raises(ValueError, match="history_chunks"):
+        next(stream_video(model, CTX, 4, 8, 8, action_fn=act, history_chunks=-1))
 
 
 def test_action_callback_changes_output_and_stdin_reader():
@@ -145,3 +211,20 @@ def test_streaming_video_writer_receives_chunks(tmp_path):
     with StreamingVideoWriter(str(tmp_path / "s.gif"), fps=4, scale=1) as w:
         generate_video(model, CTX, 4, 8, 8, steps=1, writer=w, log=None)
         assert w.frames_written == 4
+
+
+def test_interactive_mode_reads_sys_stdin_once_per_chunk(monkeypatch, capsys):
+    """The default reader takes one line from sys.stdin per chunk, only when that chunk is due (prompt on
+    stderr); the stream equals one driven by the same actions from a callback."""
+    model = _model(chunk_frames=1, action_dim=3)
+    monkeypatch.setattr("sys.stdin", io.StringIO("1\n2\n\n"))
+    it = stream_video(model, CTX, 3, 8, 8, StreamConfig(steps=1), generator=_g(),
+                      action_fn=stdin_action_reader(3, 1, batch=2))
+    chunks = [next(it).frames]
+    assert sys.stdin.tell() == 2  # only chunk 0's line "1\n" was read before chunk 0 was yielded
+    chunks += [o.frames for o in it]
+    assert capsys.readouterr().err.count("action ids") == 3
+    ids = [1, 2, 2]  # the empty line repeats the previous action
+    ref = generate_video(model, CTX, 3, 8, 8, steps=1, generator=_g(), log=None,
+                         action_fn=lambda chunk, _f: one_hot_actions([ids[chunk]], 3, 1, batch=2))
+    torch.testing.assert_close(torch.cat(chunks, dim=2), ref)

@@ -88,3 +88,19 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:
         _cfg(tmp_path, "bad", [override])
     assert f"'{key}'" in str(err.value)
+
+
+def test_objective_modules_follow_the_training_device():
+    """sCM's adaptive weight is built on the CPU; the trainer must move it (alone or nested as in rCM)."""
+    import types
+
+    from megatron_rcm.objectives import SCMConfig, SCMObjective
+    from megatron_rcm.training.registry import move_objective_modules
+
+    teacher = torch.nn.Linear(2, 2)
+    scm = SCMObjective(teacher, SCMConfig())
+    nested = types.SimpleNamespace(cm=scm, trainable_parameters=lambda: list(scm.weighting.parameters()))
+    move_objective_modules(nested, "meta")
+    assert all(p.device.type == "meta" for p in scm.weighting.parameters())
+    assert all(b.device.type == "meta" for b in scm.weighting.buffers())
+    assert teacher.weight.device.type == "meta"

@@ -15,6 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.synthetic import DataConfig, validate_data
+from ..parallel.config import ParallelConfig, validate_parallel
 from .errors import ConfigError
 from .model import MODEL_PRESETS, CausalConfig, ModelConfig, model_preset, validate_causal, validate_model
 
@@ -56,6 +57,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0 = only at the end of each phase
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    grad_accum: int = 1  # micro-batches per optimizer step (each rank's rows split evenly; same noise as 1)
     deterministic: bool = True
 
 
@@ -66,6 +68,7 @@ class EvalConfig:
     teacher_steps: int = 32
     cfg_scale: float = 3.0
     seed: int = 1234
+    at_phase_end: bool = True  # false: skip the end-of-phase sample video + quality report (quick runs, tests)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used under torchrun (WORLD_SIZE > 1)
 
 
 def _key_of(err: OmegaConfBaseException) -> str:
@@ -126,6 +130,8 @@ def validate_run(cfg: RunConfig) -> None:
     ph, pw = int(cfg.model.patch_size[1]), int(cfg.model.patch_size[2])
     if cfg.data.height % ph or cfg.data.width % pw:
         raise ConfigError("data.height/width", (cfg.data.height, cfg.data.width), f"multiples of the patch {ph}x{pw}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError("train.grad_accum", cfg.train.grad_accum, "an integer >= 1")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError("train.precision", cfg.train.precision, "fp32 or bf16")
     seen: list[str] = []
@@ -145,6 +151,43 @@ def validate_run(cfg: RunConfig) -> None:
 
         validate_objective(phase, key, cfg.model)
         seen.append(phase.name)
+    validate_run_parallel(cfg)
+
+
+def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Layout checks that need the model and the phases (and, at launch, the world size).
+
+    Teacher and TF phases run the [clean ; noisy] sequence (2x the patched frames); self-forcing
+    phases run KV-cached chunks (context parallelism splits each chunk by frames) and block-causal
+    score passes over the video's frames. Each phase's global batch is split evenly over the
+    data-parallel ranks.
+    """
+    par = cfg.parallel
+    for key in ("tp", "cp", "pp"):
+        v = getattr(par, key)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"parallel.{key}", v, "an integer >= 1")
+    if par.dp != -1 and par.dp < 1:
+        raise ConfigError("parallel.dp", par.dp, "an integer >= 1 or -1 (auto: world size / (tp*cp*pp))")
+    if world_size is not None:
+        par = par.resolved(world_size)
+    frames = cfg.data.num_frames // int(cfg.model.patch_size[0])
+    validate_parallel(par, cfg.model)
+    for i, phase in enumerate(cfg.phases):
+        if phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm"):
+            validate_parallel(par, cfg.model, num_frames=frames, chunk_frames=cfg.causal.chunk_frames)
+        if phase.kind in ("teacher", "tf_cm"):
+            validate_parallel(par, cfg.model, num_frames=2 * frames)
+        accum = cfg.train.grad_accum
+        if accum > 1 and (phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm")):
+            raise ConfigError("train.grad_accum", accum, f"1 while phases.{i} is a self-forcing phase (its rollout "
+                              "and critic draw from their own generators, which micro-batching would desynchronise)")
+        batch = phase.batch_size or cfg.data.batch_size
+        split = (1 if par.dp == -1 else par.dp) * accum
+        if batch % split:
+            key = f"phases.{i}.batch_size" if phase.batch_size else "data.batch_size"
+            raise ConfigError(key, batch, f"a multiple of parallel.dp x train.grad_accum = {split} (the global batch "
+                              "is split evenly over the data-parallel ranks, then into micro-batches)")
 
 
 def to_yaml(cfg: RunConfig) -> str:

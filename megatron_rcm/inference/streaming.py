@@ -7,13 +7,15 @@ chunks + window), so videos of any length keep a flat cache while RoPE positions
 The noise order matches :func:`self_forcing_rollout`, so a stream reproduces a rollout from one seed.
 
 World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, chunk_frames, A]`` is called
-before each chunk (``frames_so_far`` = list of the chunks produced so far), e.g.
-:func:`stdin_action_reader` for interactive play.
+before each chunk (``frames_so_far`` = list of the latest chunks, oldest first), e.g.
+:func:`stdin_action_reader` for interactive play. Only as many chunks are kept as the model can
+still see (its window), so an endless interactive stream holds bounded memory.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -62,13 +64,16 @@ def _denoiser(model, context, uncond_context, scale, caches, chunk, actions):
 @torch.no_grad()
 def stream_video(model, context, num_frames: int, height: int, width: int, cfg: StreamConfig | None = None,
                  uncond_context=None, action_fn: Callable | None = None, generator=None,
-                 sync: Callable[[], None] | None = None, prefix=None) -> Iterator[ChunkOutput]:
+                 sync: Callable[[], None] | None = None, prefix=None,
+                 history_chunks: int | None = None) -> Iterator[ChunkOutput]:
     """Yield each chunk as soon as it is denoised (a generator). ``num_frames`` may exceed training length.
 
     ``prefix`` [B, C, P, H, W] (P a multiple of the chunk): given clean frames (e.g. the world model's
     current observation) written to the cache first; ``num_frames`` new frames follow them, with chunk
     indices (and RoPE positions) continuing after the prefix. ``action_fn`` is asked for every chunk,
-    prefix chunks included (their actions condition the cached K/V).
+    prefix chunks included (their actions condition the cached K/V). ``history_chunks``: how many of the
+    latest chunks ``frames_so_far`` holds; None = the model's ``window_chunks`` (all when unlimited).
+    Nothing is kept without an ``action_fn``.
     """
     cfg = cfg or StreamConfig()
     levels = denoise_levels(cfg.timesteps or default_timesteps(cfg.steps), cfg.shift)
@@ -80,13 +85,17 @@ def stream_video(model, context, num_frames: int, height: int, width: int, cfg: 
     caches = [model.new_kv_cache(height, width) for _ in range(2 if use_cfg else 1)]
     c_in = model.cfg.in_channels
     sync = sync or (lambda: torch.cuda.synchronize() if context.is_cuda else None)
-    produced: list[torch.Tensor] = []
+    if history_chunks is not None and history_chunks < 0:
+        raise ValueError(f"history_chunks must be >= 0 (or None for the model's window), got {history_chunks}")
+    if history_chunks is None:
+        history_chunks = model.causal.window_chunks or None  # None: an unlimited cache keeps everything too
+    produced: deque[torch.Tensor] = deque(maxlen=history_chunks if action_fn is not None else 0)
     zeros = torch.zeros(b, model.causal.chunk_frames, dtype=model.dtype, device=context.device)
 
     def get_actions(chunk):
         if action_fn is None:
             return None
-        a = torch.as_tensor(action_fn(chunk, produced), dtype=model.dtype, device=context.device)
+        a = torch.as_tensor(action_fn(chunk, list(produced)), dtype=model.dtype, device=context.device)
         return a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a
 
     first = 0

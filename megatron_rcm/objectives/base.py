@@ -2,6 +2,10 @@
 
 Every objective here trains on the TF sequence: noisy chunk i sees clean chunks < i and itself, all
 frames of a chunk share one noise level and chunks draw independent levels.
+
+Under pipeline parallelism the model calls go through ``outputs_on_every_stage``: outputs are
+broadcast from the last stage (which keeps its own, differentiable ones), so objectives run
+unchanged on every stage; only the last stage's loss is used.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import nn
 
 from ..diffusion.guidance import cfg_combine
 from ..ops.masks import teacher_forcing_mask
+from ..parallel.pipeline import outputs_on_every_stage
 
 
 class Objective(Protocol):
@@ -58,9 +63,10 @@ class TFContext:
 
         ``interval`` (Wan scale t - r) only for interval (MeanFlow) models; None keeps their default r = 0.
         """
-        return model.forward_teacher_forcing(self.x0, noisy, t_wan, self.ctx if ctx is None else ctx, self.mask,
-                                             tangent=tangent, timestep_tangent=t_tangent, actions=self.actions,
-                                             interval=interval, interval_tangent=interval_tangent)
+        out = model.forward_teacher_forcing(self.x0, noisy, t_wan, self.ctx if ctx is None else ctx, self.mask,
+                                            tangent=tangent, timestep_tangent=t_tangent, actions=self.actions,
+                                            interval=interval, interval_tangent=interval_tangent)
+        return outputs_on_every_stage(model, out, (noisy, tangent))
 
     def guided(self, model, noisy, t_wan, scale: float, tangent=None, t_tangent=None):
         """CFG velocity (and tangent) with [cond ; uncond] batched in one TF forward."""
@@ -68,9 +74,10 @@ class TFContext:
             return self.run(model, noisy, t_wan, tangent=tangent, t_tangent=t_tangent)
         cat = lambda a: None if a is None else torch.cat([a, a])
         acts = cat(self.actions)
-        v, dv = model.forward_teacher_forcing(cat(self.x0), cat(noisy), cat(t_wan), torch.cat([self.ctx, self.uctx]),
-                                              self.mask, tangent=cat(tangent), timestep_tangent=cat(t_tangent),
-                                              actions=acts)
+        out = model.forward_teacher_forcing(cat(self.x0), cat(noisy), cat(t_wan), torch.cat([self.ctx, self.uctx]),
+                                            self.mask, tangent=cat(tangent), timestep_tangent=cat(t_tangent),
+                                            actions=acts)
+        v, dv = outputs_on_every_stage(model, out, (cat(noisy), cat(tangent)))
         vc, vu = v.chunk(2)
         v = cfg_combine(vc, vu, scale)
         if dv is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.flow_matching import WAN_T_SCALE, bcast, fm_noise, fm_sigmas
+from ..parallel.noise import dp_draw, randn_like
 from .base import TFContext
 
 
@@ -41,8 +42,9 @@ class DCMObjective:
 
     def loss(self, student, batch, step):
         tf = TFContext(student, batch)
-        n = torch.randint(0, self.cfg.num_steps, (tf.batch, tf.n_chunks), device=tf.x0.device)
-        eps = torch.randn_like(tf.x0)
+        n = dp_draw(lambda shape: torch.randint(0, self.cfg.num_steps, shape, device=tf.x0.device),
+                    (tf.batch, tf.n_chunks))
+        eps = randn_like(tf.x0)
         x_hi, s_hi, f_tgt = self.target_and_inputs(student, tf, n, eps)
         v, _ = tf.run(student, x_hi, WAN_T_SCALE * s_hi)
         f = x_hi - bcast(s_hi, x_hi) * v

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from ..diffusion.flow_matching import time_shift
 from ..ops.masks import block_causal_mask
+from ..parallel.noise import dp_draw, randn_like
+from ..parallel.pipeline import outputs_on_every_stage, pipeline_forward_backward
 from ..selfforcing.rollout import RolloutConfig, self_forcing_rollout
 
 WAN_T = 1000.0
@@ -79,7 +81,7 @@ def dmd_loss(x0_gen, grad):
 
 def sample_renoise_levels(batch: int, cfg: DMDConfig, generator=None, device="cpu", dtype=torch.float32):
     """One FM level per sample, uniform in [min_s, max_s], then shifted."""
-    u = torch.rand(batch, generator=generator, device=device, dtype=dtype)
+    u = dp_draw(lambda shape: torch.rand(shape, generator=generator, device=device, dtype=dtype), (batch,))
     s = cfg.min_s + (cfg.max_s - cfg.min_s) * u
     return time_shift(s, cfg.shift) if cfg.shift != 1.0 else s
 
@@ -87,10 +89,11 @@ def sample_renoise_levels(batch: int, cfg: DMDConfig, generator=None, device="cp
 def guided_velocity(model, x, t, context, uncond_context, scale, mask, actions=None):
     """v_u + w (v_c - v_u) in one batched forward; plain conditional when w = 1 or no uncond context."""
     if scale == 1.0 or uncond_context is None:
-        return model(x, t, context, mask, actions=actions)
+        return outputs_on_every_stage(model, (model(x, t, context, mask, actions=actions),), (x,))[0]
     a2 = None if actions is None else torch.cat([actions, actions])
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context]), mask, actions=a2)
-    vc, vu = v.chunk(2)
+    x2 = torch.cat([x, x])
+    v = model(x2, torch.cat([t, t]), torch.cat([context, uncond_context]), mask, actions=a2)
+    vc, vu = outputs_on_every_stage(model, (v,), (x2,))[0].chunk(2)
     return vu + scale * (vc - vu)
 
 
@@ -118,6 +121,7 @@ class SelfForcingDMD:
         self.gen = None  # torch.Generator for critic noise, created on first use on the right device
         self._last_sample = None
         self._masks: dict = {}
+        self.sync_and_clip = None  # trainer hook: (critic, max_norm) -> grad norm, for data/model parallelism
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, device):
@@ -151,7 +155,7 @@ class SelfForcingDMD:
         cfg = self.cfg
         g = self._generator(x0_gen.device)
         s = sample_renoise_levels(x0_gen.shape[0], cfg, g, x0_gen.device, x0_gen.dtype)
-        eps = torch.randn(x0_gen.shape, generator=g, device=x0_gen.device, dtype=x0_gen.dtype)
+        eps = randn_like(x0_gen, generator=g)
         with torch.no_grad():
             sb = s.view(-1, 1, 1, 1, 1)
             x_s = (1 - sb) * x0_gen.detach() + sb * eps
@@ -182,11 +186,12 @@ class SelfForcingDMD:
         g = self._generator(x0.device)
         x0 = x0.detach()
         s = sample_renoise_levels(x0.shape[0], self.cfg, g, x0.device, x0.dtype)
-        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        eps = randn_like(x0, generator=g)
         sb = s.view(-1, 1, 1, 1, 1)
         x_s = (1 - sb) * x0 + sb * eps
         v = self.critic(x_s, self._per_frame(self.critic, s, x0), batch["context"], self._mask(self.critic, x0),
                         actions=batch.get("actions"))
+        v = outputs_on_every_stage(self.critic, (v,), (x_s,))[0]
         return F.mse_loss(v.float(), (eps - x0).float())
 
     def critic_step(self, batch, sample=None, student=None):
@@ -201,11 +206,19 @@ class SelfForcingDMD:
             else:
                 sample = self._last_sample
         self.critic.train()
-        loss = self.critic_loss(sample, batch)
         self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
-                                            self.cfg.critic_grad_clip if self.cfg.critic_grad_clip > 0 else float("inf"))
+        ctx = getattr(self.critic, "parallel", None)
+        if ctx is not None and ctx.pp > 1:  # forward + backward through the critic's pipeline stages
+            loss = pipeline_forward_backward(self.critic, [batch], lambda m, mb: self.critic_loss(sample, mb),
+                                             lambda out, mb: out)
+        else:
+            loss = self.critic_loss(sample, batch)
+            loss.backward()
+        max_norm = self.cfg.critic_grad_clip if self.cfg.critic_grad_clip > 0 else float("inf")
+        if self.sync_and_clip is not None:  # multi-process: gradient sync + global-norm clipping
+            gn = self.sync_and_clip(self.critic, max_norm)
+        else:
+            gn = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), max_norm)
         self.critic_opt.step()
         return {"critic_loss": float(loss.detach()), "critic_grad_norm": float(gn)}
 

@@ -14,6 +14,7 @@ import torch
 
 from ..diffusion.trigflow import fm_from_trig, sample_trig_times, trig_F_and_dFdt, trig_F_from_v
 from ..diffusion.flow_matching import WAN_T_SCALE, bcast
+from ..parallel.noise import dp_draw, randn_like
 from .base import AdaptiveWeight, TFContext
 
 
@@ -56,10 +57,10 @@ class SCMObjective:
         c = self.cfg
         tf = TFContext(student, batch)
         x0 = tf.x0
-        t_chunk = sample_trig_times((tf.batch, tf.n_chunks), c.sigma_d, c.p_mean, c.p_std, device=x0.device,
-                                    dtype=x0.dtype)
+        t_chunk = dp_draw(lambda shape: sample_trig_times(shape, c.sigma_d, c.p_mean, c.p_std, device=x0.device,
+                                                          dtype=x0.dtype), (tf.batch, tf.n_chunks))
         t = tf.chunk_to_frames(t_chunk)
-        x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * c.sigma_d * torch.randn_like(x0)
+        x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * c.sigma_d * randn_like(x0)
         r = self.warmup_r(step)
         F_m, g, _ = self.tangent(student, tf, x_t, t, r)
         g_norm = tf.chunk_norm(g)

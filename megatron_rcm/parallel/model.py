@@ -74,6 +74,9 @@ class ParallelContext:
         self.cp_rank = groups.cp_rank
         self.pp, self.pp_rank = groups.cfg.pp, groups.pp_rank
         self.layer_range = (0, 1 << 30)
+        # dtype of the (x, tx) messages between stages: the model's parameter dtype, so both sides agree
+        # under autocast (where the residual stream's dtype differs between embedding and blocks)
+        self.wire_dtype: torch.dtype | None = None
         self.pp_records: list[dict] = []  # per micro-batch: received input / sent output (for backward)
 
     @property
@@ -96,7 +99,7 @@ class ParallelContext:
         if self.is_first_stage:
             return x, tx
         packed, present = comm.pack(x, tx)
-        buf = torch.empty_like(packed)
+        buf = torch.empty_like(packed, dtype=self.wire_dtype or packed.dtype)
         dist.recv(buf, src=self.groups.pp_prev)
         if torch.is_grad_enabled():
             buf.requires_grad_(True)
@@ -108,6 +111,7 @@ class ParallelContext:
         if self.is_last_stage:
             return True
         packed, _ = comm.pack(x, tx)
+        packed = packed.to(self.wire_dtype or packed.dtype)  # differentiable: the backward's grad has this dtype
         dist.send(packed.detach().contiguous(), dst=self.groups.pp_next)
         if torch.is_grad_enabled():
             self.pp_records[-1]["outputs"] = packed
@@ -195,6 +199,7 @@ def parallelize_model(model: nn.Module, groups: ParallelGroups) -> nn.Module:
     mcfg = model.cfg
     validate_parallel(cfg, mcfg)  # heads by tp*cp, ffn by tp, layers by pp (ConfigError)
     ctx = ParallelContext(groups)
+    ctx.wire_dtype = next(model.parameters()).dtype
     tp, r = cfg.tp, groups.tp_rank
     per_stage = mcfg.num_layers // cfg.pp
     ctx.layer_range = (groups.pp_rank * per_stage, (groups.pp_rank + 1) * per_stage)

@@ -26,6 +26,8 @@ import torch
 
 from ..diffusion.flow_matching import time_shift
 from ..ops.masks import block_causal_mask
+from ..parallel.noise import dp_draw
+from ..parallel.pipeline import outputs_on_every_stage
 
 WAN_T = 1000.0
 
@@ -59,7 +61,7 @@ def denoise_levels(denoising_steps, shift: float = 1.0) -> list[float]:
 
 
 def _randn(shape, like_device, dtype, generator):
-    return torch.randn(shape, generator=generator, device=like_device, dtype=dtype)
+    return dp_draw(lambda s: torch.randn(s, generator=generator, device=like_device, dtype=dtype), shape)
 
 
 def sample_chunk(denoise, noise, levels, exit_step: int, grad: bool, generator=None):
@@ -122,7 +124,9 @@ def self_forcing_rollout(model, context, shape, cfg: RolloutConfig | None = None
         sl = slice(chunk * cf, (chunk + 1) * cf)
         act = None if actions is None else actions[:, chunk * model.causal.chunk_frames:(chunk + 1) * model.causal.chunk_frames]
         if use_cache:
-            denoise = lambda x, t, a=act, i=chunk: model.forward_chunk(x, t, context, cache, i, actions=a)[0]
+            def denoise(x, t, a=act, i=chunk):
+                return outputs_on_every_stage(model, (model.forward_chunk(x, t, context, cache, i, actions=a)[0],),
+                                              (x,))[0]
         else:
             denoise = _full_sequence_denoiser(model, context, clean, actions, chunk, tpf)
         noise = _randn((b, c, cf, h, w), device, dtype, generator)
@@ -148,7 +152,7 @@ def _full_sequence_denoiser(model, context, clean, actions, chunk, tpf):
         ts = torch.cat([torch.zeros(t.shape[0], chunk * cfr, dtype=t.dtype, device=t.device), t], dim=1)
         mask = block_causal_mask(frames, tpf, cfr, model.visibility())
         act = None if actions is None else actions[:, :frames]
-        v = model(xs, ts, context, mask, actions=act)
+        v = outputs_on_every_stage(model, (model(xs, ts, context, mask, actions=act),), (xs,))[0]
         return v[:, :, -x.shape[2]:]
 
     return denoise

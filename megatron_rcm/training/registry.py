@@ -95,7 +95,9 @@ def validate_objective(phase, key: str, model_cfg=None) -> None:
                           "second input; set model.interval_embedding=true (zero-init, teachers load into it)")
 
 
-def build_objective(phase, run_cfg, student, teacher, trainer=None):
+def build_objective(phase, run_cfg, student, teacher, trainer=None, critic=None):
+    """``critic``: the DMD fake-score model (default: a copy of ``teacher``; pass one when the teacher
+    is already sharded for model parallelism, since sharded models cannot be copied)."""
     from ..objectives import DCMObjective, FlowMatchingObjective, MeanFlowObjective, SCMObjective
     from ..objectives.dmd import SelfForcingDMD
     from ..objectives.rcm import RCMObjective
@@ -104,7 +106,7 @@ def build_objective(phase, run_cfg, student, teacher, trainer=None):
     if phase.objective == "rcm":
         cm, cm_cfg, dmd_cfg, rcm_cfg = _rcm_parts(args, key)
         cm_obj = SCMObjective(teacher, cm_cfg) if cm == "scm" else MeanFlowObjective(cm_cfg, teacher=teacher)
-        return RCMObjective(cm_obj, SelfForcingDMD(teacher, dmd_cfg), rcm_cfg)
+        return RCMObjective(cm_obj, SelfForcingDMD(teacher, dmd_cfg, critic=critic), rcm_cfg)
     cfg = _from_dict(_config_classes()[phase.objective], args, key)
     if phase.objective == "flow_matching":
         return FlowMatchingObjective(cfg)
@@ -117,4 +119,27 @@ def build_objective(phase, run_cfg, student, teacher, trainer=None):
         if obj.weighting is not None:  # the learned adaptive weight trains with the student
             obj.trainable_parameters = lambda: list(obj.weighting.parameters())
         return obj
-    return SelfForcingDMD(teacher, cfg)
+    return SelfForcingDMD(teacher, cfg, critic=critic)
+
+
+def move_objective_modules(objective, device) -> None:
+    """Put the modules an objective owns (e.g. sCM's adaptive weight, also inside rCM) on the training device.
+
+    Objectives are built on the CPU default; the student and teacher already live on ``device``
+    (for them ``.to`` is a no-op). Walks plain attributes recursively, never into modules.
+    """
+    import torch
+
+    seen: set[int] = set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for value in vars(obj).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+            elif hasattr(value, "__dict__") and not isinstance(value, (type, torch.Tensor)) and not callable(value):
+                walk(value)
+
+    walk(objective)

@@ -62,7 +62,7 @@ def feature_extractor(ctx: ReportContext):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny extractor trains faster single-threaded on a busy 2-core box
     try:
-        return train_feature_extractor(data, steps=120, seed=0, cache_path=str(path))
+        return train_feature_extractor(data, steps=120, seed=0, cache_path=str(path)).to(ctx.device)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,0 +1,244 @@
+"""The trainer's view of a multi-process run: which rank does what, and the few collectives it needs.
+
+One process (no torchrun) gets ``TrainerParallel.single()``: every method is the plain
+single-process operation, so the trainer has one code path. Under torchrun (``WORLD_SIZE > 1``)
+``from_env`` initialises the process groups for ``cfg.parallel`` (gloo on CPU, NCCL on CUDA).
+
+Decisions (README "Parallelism"):
+- batch: a phase's batch size is the GLOBAL batch; each data-parallel rank loads ``global / dp``
+  samples, the rows ``[r * b, (r + 1) * b)`` of the single-process batch (``build_dataset`` with
+  rank/world_size = dp rank/size); tensor/context-parallel peers load the same rows;
+- RNG: every rank seeds identically (same model init), every objective draws its noise for the
+  global batch and keeps its rows (:mod:`megatron_rcm.parallel.noise`), so a DP run trains on
+  exactly the single-process noise; ``train.grad_accum`` micro-batches rewind the RNG so they too
+  see the whole batch's noise;
+- rank 0 alone logs, writes phase outputs (full weights gathered from the shards) and runs the
+  end-of-phase evaluation on full, unwrapped models; the others wait at a barrier.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from ..config.errors import ConfigError
+
+
+class TrainerParallel:
+    def __init__(self, groups=None):
+        self.groups = groups  # None = one process
+        if groups is None:
+            self.rank, self.world_size, self.dp_rank, self.dp = 0, 1, 0, 1
+        else:
+            import torch.distributed as dist
+
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.dp_rank, self.dp = groups.dp_rank, groups.cfg.dp
+
+    @classmethod
+    def single(cls) -> "TrainerParallel":
+        return cls(None)
+
+    @classmethod
+    def from_env(cls, cfg, device: torch.device) -> "TrainerParallel":
+        """Groups for ``cfg.parallel`` when started with ``WORLD_SIZE > 1`` (torchrun, ``megatron-rcm launch``;
+        SLURM jobs start torchrun per node, see launch.py), else the single-process view."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls.single()
+        from ..config.run import validate_run_parallel
+        from ..parallel import initialize_parallel
+
+        validate_run_parallel(cfg, world_size=world)  # ConfigError naming the key, before any group exists
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        return cls(initialize_parallel(cfg.parallel, backend=backend))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.groups is not None
+
+    # ---------------------------------------------------------------- models and data
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Shard a full model in place for this rank (copy it BEFORE, e.g. for EMA: wrapped models do not deepcopy)."""
+        if self.groups is None:
+            return model
+        from ..parallel import parallelize_model
+
+        return parallelize_model(model, self.groups)
+
+    def local_batch_size(self, global_batch: int, key: str) -> int:
+        if global_batch % self.dp:
+            raise ConfigError(key, global_batch, f"a multiple of the data-parallel size {self.dp}")
+        return global_batch // self.dp
+
+    def noise(self):
+        """Context for objective calls: draw noise for the global batch, keep this rank's rows."""
+        if self.dp == 1:
+            return contextlib.nullcontext()
+        from ..parallel.noise import data_parallel_noise
+
+        return data_parallel_noise(self.dp_rank, self.dp)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.groups is not None and self.groups.cfg.pp > 1
+
+    def accumulate_step(self, objective, model, batch: dict, step: int, micro: int):
+        """Forward + backward of one optimizer step over ``micro`` micro-batches of this rank's rows
+        (GPipe over the stages under pipeline parallelism); gradients accumulate, loss = their mean.
+
+        The noise equals one process's with the whole global batch: before each micro-batch the RNG
+        is reset to the step's start and the draw is made for the global batch, keeping the
+        micro-batch's rows (noise layout rank ``dp_rank * micro + i`` of ``dp * micro``); after the
+        last one the RNG is where one process would be. Returns (loss, metrics): the loss on every
+        rank, the objective's metrics of the last micro-batch, only on the last pipeline stage
+        (that is where the loss lives)."""
+        from ..parallel import pipeline_forward_backward
+        from ..parallel.noise import data_parallel_noise
+
+        parts = split_batch(batch, micro)
+        start = _rng_snapshot()
+        seen: dict = {}
+
+        def forward(m, i):
+            _rng_restore(start)
+            with data_parallel_noise(self.dp_rank * micro + i, self.dp * micro):
+                loss, metrics = objective.loss(m, parts[i], step)
+            seen.update(metrics or {})
+            return loss
+
+        if self.pipelined:
+            loss = pipeline_forward_backward(model, list(range(micro)), forward, lambda out, i: out)
+            return loss, (seen if model.parallel.is_last_stage else {})
+        total = None
+        for i in range(micro):
+            loss = forward(model, i) / micro
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total, seen
+
+    # ---------------------------------------------------------------- gradients
+    def sync_and_clip(self, model: nn.Module, max_norm: float, extra=()) -> torch.Tensor:
+        """Synchronise gradients (DP average, CP sum; side params averaged) and clip by the GLOBAL norm."""
+        extra = [p for p in extra if p.requires_grad]
+        if self.groups is None:
+            params = [p for p in model.parameters() if p.requires_grad] + extra
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        from ..parallel import sync_gradients
+        from ..parallel.grads import average_replicated_gradients, clip_grad_norm_
+
+        sync_gradients(model, self.groups)
+        average_replicated_gradients(extra, self.groups)
+        return clip_grad_norm_(model, max_norm, self.groups, extra)
+
+    def optimizers(self, model_params, side_params, **kwargs) -> list:
+        """One AdamW over everything with one process. With several: ZeRO-1 for the model (state sharded
+        over the data x context group) plus a plain AdamW for small replicated side modules (sCM's
+        adaptive weight), which may have another dtype than the model (ZeRO-1 needs one dtype)."""
+        if self.groups is None:
+            return [torch.optim.AdamW(list(model_params) + list(side_params), **kwargs)]
+        from ..parallel import sharded_optimizer
+
+        opts = [sharded_optimizer(model_params, self.groups, **kwargs)]
+        if side_params:
+            opts.append(torch.optim.AdamW(side_params, **kwargs))
+        return opts
+
+    def optimizer_states(self, optimizers) -> dict | list:
+        """One process: the optimizer's state dict (as before). Several: this rank's states, for ZeRO-1
+        only its own partition (no gather needed)."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if self.groups is None:
+            return optimizers[0].state_dict()
+        return [{"zero1_partition": o.optim.state_dict()} if isinstance(o, ZeroRedundancyOptimizer) else o.state_dict()
+                for o in optimizers]
+
+    def load_optimizer_states(self, optimizers, state) -> None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if self.groups is None:
+            optimizers[0].load_state_dict(state)
+            return
+        if not isinstance(state, list) or len(state) != len(optimizers):
+            raise RuntimeError("the checkpoint's optimizer state was written with another parallel layout; "
+                               "resume with the layout (and number of processes) that wrote it")
+        for opt, st in zip(optimizers, state):
+            if isinstance(opt, ZeroRedundancyOptimizer) != ("zero1_partition" in st):
+                raise RuntimeError("checkpoint optimizer state does not match this run's layout (ZeRO-1 vs plain)")
+            if "zero1_partition" not in st:
+                opt.load_state_dict(st)
+                continue
+            opt.optim.load_state_dict(st["zero1_partition"])
+            for outer, inner in zip(opt.param_groups, opt.optim.param_groups):  # lr etc. back to the wrapper
+                outer.update({k: v for k, v in inner.items() if k != "params"})
+
+    # ---------------------------------------------------------------- agreement
+    def global_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """(mean loss over the data-parallel ranks, finite on EVERY rank) - the same answer everywhere,
+        so a non-finite loss on one rank makes all ranks skip the step together (no deadlock)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.groups is None:
+            return float(loss.detach()), finite
+        import torch.distributed as dist
+
+        local = loss.detach().double().reshape(()) if finite else torch.zeros((), dtype=torch.float64)
+        t = torch.stack([local.cpu(), torch.tensor(0.0 if finite else 1.0, dtype=torch.float64)])
+        t = t.to(self._comm_device())
+        dist.all_reduce(t)
+        # tensor/context-parallel peers hold the same loss: the world mean is the data-parallel mean
+        bad = float(t[1]) > 0
+        return (float("nan") if bad else float(t[0]) / self.world_size), not bad
+
+    def _comm_device(self):
+        import torch.distributed as dist
+
+        nccl = dist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.groups is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def full_state_dict(self, model: nn.Module) -> dict | None:
+        """Unsharded weights on rank 0 (None on the others). Collective."""
+        if self.groups is None:
+            return model.state_dict()
+        from ..parallel.gather import full_state_dict
+
+        return full_state_dict(model, self.groups)
+
+    def close(self) -> None:
+        if self.groups is not None:
+            from ..parallel import destroy_parallel
+
+            destroy_parallel()
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """``parts`` equal micro-batches along dim 0 of every tensor (non-tensors shared)."""
+    n = batch["latents"].shape[0]
+    if n % parts:
+        raise ConfigError("train.grad_accum", parts, f"a divisor of this rank's batch of {n} samples")
+    size = n // parts
+    return [{k: (v[i * size:(i + 1) * size] if torch.is_tensor(v) else v) for k, v in batch.items()}
+            for i in range(parts)]
+
+
+def _rng_snapshot():
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])

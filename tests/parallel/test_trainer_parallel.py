@@ -1,0 +1,163 @@
+"""``megatron-rcm train`` under torchrun-style multi-process layouts equals one process with the same
+global batch (float64, gloo). Compared: every tensor of the phase outputs (raw and EMA weights,
+gathered to full weights by rank 0) of teacher FM -> TF-sCM -> SF-DMD (critic synchronised too).
+Layouts: DP2 (ZeRO-1; plus a resume from a mid-phase per-rank checkpoint), PP2 (GPipe, model outputs
+broadcast from the last stage), TP2 through the launch path (``megatron-rcm launch`` -> torchrun,
+2 CPU processes). Plus gradient accumulation, the non-finite agreement and the layout checks that
+run at config load and at init against the world size."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_rcm.config.errors import ConfigError
+from megatron_rcm.config.run import load_config, validate_run_parallel
+from megatron_rcm.training.logger import RunLogger
+from megatron_rcm.training.trainer import Trainer, TrainingError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _launch_ranks import ROOT, free_port, launch  # noqa: E402
+
+YAML = """
+phases:
+  - {name: teacher, kind: teacher, objective: flow_matching, steps: 2, optim: {lr: 1.0e-3, grad_clip: 0.5}}
+  - {name: tf_scm, kind: tf_cm, objective: scm, steps: 2, init_from: teacher, teacher_from: teacher,
+     optim: {grad_clip: 0.5}, objective_args: {sigma_d: 0.5, cfg_scale: 2.0, r_warmup_steps: 2}}
+"""
+SF_PHASE = """  - {name: sf_dmd, kind: sf_dmd, objective: dmd, steps: 2, init_from: tf_scm, teacher_from: teacher,
+     optim: {grad_clip: 0.5}, objective_args: {guidance_scale: 2.0, critic_lr: 1.0e-3}}
+"""
+ARGS = ["model.num_layers=2", "model.param_dtype=float64", "data.height=8", "data.width=8", "data.num_frames=4",
+        "data.batch_size=2", "causal.chunk_frames=2", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+        "eval.at_phase_end=false"]
+TF_PHASES = ("teacher", "tf_scm")
+ALL_PHASES = TF_PHASES + ("sf_dmd",)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """Teacher FM -> TF-sCM (runs under every layout, pipeline included)."""
+    path = tmp_path_factory.mktemp("cfg") / "run.yaml"
+    path.write_text(YAML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def config_sf(tmp_path_factory):
+    """... -> SF-DMD (critic with its own optimizer; not under pipeline parallelism yet)."""
+    path = tmp_path_factory.mktemp("cfg") / "run_sf.yaml"
+    path.write_text(YAML + SF_PHASE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_sf(config_sf, tmp_path_factory):
+    """The one-process reference run (global batch 2)."""
+    out = tmp_path_factory.mktemp("single_sf")
+    Trainer(load_config(config_sf, ARGS + [f"output_dir={out}"]), logger=RunLogger(out, tensorboard=False)).run()
+    return out
+
+
+def assert_same_weights(ref: Path, got: Path, phases):
+    """Whole-model relative error <= 1e-9 and every tensor <= 1e-7 (Adam turns rounding-level noise in
+    near-zero gradients into ~1e-9 relative on single small tensors; a real bug is O(1e-3) or worse)."""
+    for phase in phases:
+        for which in ("model", "ema"):
+            a = load_file(str(ref / "phases" / phase / f"{which}.safetensors"))
+            b = load_file(str(got / "phases" / phase / f"{which}.safetensors"))
+            assert a.keys() == b.keys(), f"{phase}/{which}: different tensor names"
+            diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
+            norm = sum(float(a[k].double().pow(2).sum()) for k in a) ** 0.5
+            assert diff / norm < 1e-9, f"{phase}/{which}: relative error {diff / norm:.3g}"
+            for k in a:
+                r = float((a[k] - b[k]).double().norm() / a[k].double().norm().clamp_min(1e-300))
+                assert r < 1e-7, f"{phase}/{which}/{k}: relative error {r:.3g}"
+
+
+def test_data_parallel_training_and_resume_match_one_process(config_sf, single_sf, tmp_path):
+    out = tmp_path / "dp2"
+    args = [str(config_sf), *ARGS, f"output_dir={out}", "parallel.dp=2"]
+    errors = launch("_train_rank.py", 2, args, timeout=240)
+    assert not errors, "\n".join(errors)
+    assert_same_weights(single_sf, out, ALL_PHASES)
+    # each rank checkpoints its own state (ZeRO-1 partition, DMD critic + its optimizer);
+    # resume from global step 5 (mid SF-DMD phase)
+    final = {w: load_file(str(out / "phases" / "sf_dmd" / f"{w}.safetensors")) for w in ("model", "ema")}
+    for rank in (0, 1):
+        shutil.rmtree(out / "checkpoints" / f"rank_0000{rank}" / "step_00000006")
+    shutil.rmtree(out / "phases" / "sf_dmd")
+    errors = launch("_train_rank.py", 2, args, timeout=240)
+    assert not errors, "\n".join(errors)
+    for w, ref in final.items():
+        got = load_file(str(out / "phases" / "sf_dmd" / f"{w}.safetensors"))
+        assert all(torch.equal(ref[k], got[k]) for k in ref), f"resumed {w} weights differ"
+    with pytest.raises(TrainingError, match="multi-process run"):  # one process cannot resume per-rank state
+        Trainer(load_config(config_sf, ARGS + [f"output_dir={out}"]), logger=RunLogger(out, tensorboard=False)).run()
+
+
+def test_pipeline_parallel_training_matches_one_process(config_sf, single_sf, tmp_path):
+    """GPipe: sCM's teacher and JVP outputs and every rollout step's output are broadcast from the last
+    stage; the rollout runs one grad-enabled forward per chunk; the critic trains through its own stages."""
+    out = tmp_path / "pp2"
+    errors = launch("_train_rank.py", 2, [str(config_sf), *ARGS, f"output_dir={out}", "parallel.pp=2"], timeout=240)
+    assert not errors, "\n".join(errors)
+    assert_same_weights(single_sf, out, ALL_PHASES)
+
+
+def test_launch_runs_tensor_parallel_training_on_two_processes(config_sf, single_sf, tmp_path):
+    """`megatron-rcm launch` -> torchrun -> 2 CPU ranks with TP2; the result equals one process."""
+    out = tmp_path / "tp2"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "megatron_rcm.cli", "launch", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "--", "train", str(config_sf), *ARGS, f"output_dir={out}", "parallel.tp=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("phase sf_dmd: 2 steps") == 1, proc.stdout[-2000:]  # rank 0 alone reports
+    assert_same_weights(single_sf, out, ALL_PHASES)
+
+
+def test_a_non_finite_loss_on_one_rank_is_seen_by_all():
+    """So every rank skips the step together instead of one waiting in a collective forever."""
+    errors = launch("_agree_rank.py", 2, [], timeout=120)
+    assert not errors, "\n".join(errors)
+
+
+def test_gradient_accumulation_matches_the_whole_batch(config, single_sf, tmp_path):
+    """One process, 2 micro-batches per step: same noise, same result as the whole batch at once."""
+    out = tmp_path / "accum2"
+    cfg = load_config(config, ARGS + [f"output_dir={out}", "train.grad_accum=2", "train.checkpoint_every=0"])
+    Trainer(cfg, logger=RunLogger(out, tensorboard=False)).run()
+    assert_same_weights(single_sf, out, TF_PHASES)
+
+
+def test_layout_errors_name_the_key(config, tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.tp\*cp"):
+        load_config(config, ARGS + ["parallel.tp=3"])  # 4 heads
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(config, ARGS + ["parallel.dp=4"])  # global batch 2
+    dmd = tmp_path / "dmd.yaml"
+    dmd.write_text(YAML.split("  - {name: tf_scm")[0]
+                   + "  - {name: dmd, kind: sf_dmd, objective: dmd, teacher_from: teacher}\n")
+    load_config(dmd, ARGS + ["parallel.tp=2"])
+    with pytest.raises(ConfigError, match="train.grad_accum") as e:
+        load_config(dmd, ARGS + ["train.grad_accum=2"])  # self-forcing generators: whole batches only
+    assert "phases.1" in str(e.value)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(config, ARGS + ["parallel.dp=2", "train.grad_accum=2"])  # 2 samples, 4 micro-batches
+    with pytest.raises(ConfigError, match="parallel.pp"):
+        load_config(config, ARGS + ["parallel.pp=3"])  # 2 layers
+    with pytest.raises(ConfigError, match="parallel.cp"):
+        load_config(config, ARGS + ["data.num_frames=3", "causal.chunk_frames=1", "parallel.cp=4", "parallel.tp=1"])
+    cfg = load_config(config, ARGS + ["parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"parallel.tp\*cp\*pp"):
+        validate_run_parallel(cfg, world_size=3)  # checked at init, before any process group
+    cfg = load_config(config, ARGS)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        validate_run_parallel(cfg, world_size=4)  # dp = 4 does not divide the global batch 2
