@@ -190,8 +190,8 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
     ``tensors``: group -> this rank's state dict (parameter names as in the unsharded model; TP-sharded
     per :func:`tp_shard_dim`, except groups listed in ``replicated``). ``optimizers``: name ->
     (optimizer, {global param name: param}), or a list of such pairs. ``shared``: picklable state,
-    identical on all ranks (rank 0's is kept). ``rank_state``: this rank's own state (RNG, data position). ``meta``: JSON
-    (e.g. the model config, read by the diffusers export). Returns the committed path, or a
+    identical on all ranks (rank 0's is kept). ``rank_state``: this rank's own state (RNG, data
+    position). ``meta``: JSON (e.g. the model config, read by the diffusers export). Returns the committed path, or a
     :class:`PendingSave` when ``async_save``.
     """
     wait_for_pending_save()
