@@ -84,6 +84,10 @@ CLUSTER_ENV = {
     "OMP_NUM_THREADS": "8",
     # NVLink multicast (NVLS) off: not available on every fabric and a source of hangs on shared hosts.
     "NCCL_NVLS_ENABLE": "0",
+    # Workers get their own rendezvous store per attempt: with torchrun's shared store (the default)
+    # a restarted group reads its peers' addresses from the previous attempt and never connects
+    # (pytorch/pytorch#135712), which breaks --max-restarts.
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
 }
 
 

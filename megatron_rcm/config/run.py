@@ -55,6 +55,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # write checkpoints in a background thread (flushed before the next)
     sample_every: int = 0  # 0 = only at the end of each phase
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     grad_accum: int = 1  # micro-batches per optimizer step (each rank's rows split evenly; same noise as 1)

@@ -262,26 +262,33 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Arguments of ``megatron-rcm convert``; pair with :func:`run_convert`."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-diffusers", metavar="DIR", help="diffusers WanTransformer3DModel folder -> our CKPT")
-    src.add_argument("--to-diffusers", metavar="CKPT", help="our CKPT (.safetensors + .json sidecar) -> diffusers DIR")
+    src.add_argument("--to-diffusers", metavar="CKPT", help="our CKPT (.safetensors + .json sidecar, or a sharded "
+                     "training checkpoint folder of any parallel layout: step_* or its checkpoints/ root) "
+                     "-> diffusers DIR")
     parser.add_argument("--out", required=True, help="output CKPT file or diffusers folder")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="diffusers shard size, e.g. 5GB, 500MB, bytes")
     parser.add_argument("--action-dim", type=int, default=0, help="on import: add a zero-init action embedder")
     parser.add_argument("--text-len", type=int, default=None, help="on import: text context length (default 512)")
     parser.add_argument("--drop-action-embedder", action="store_true", help="on export: drop action weights")
+    parser.add_argument("--weights", default="ema", help="on export from a sharded checkpoint: which weights "
+                        "(ema, model, or another saved group such as critic); default ema")
     return parser
 
 
 def run_convert(ns: argparse.Namespace) -> int:
     """Run the conversion the parsed arguments describe; returns 0 (a CLI exit status)."""
-    from .native import load_model_checkpoint, save_model_checkpoint
+    from .native import load_model_checkpoint, load_sharded_checkpoint_model, save_model_checkpoint
 
     dtype = DTYPES[ns.dtype] if ns.dtype else None
     if ns.from_diffusers:
         model = import_diffusers(ns.from_diffusers, dtype=dtype, action_dim=ns.action_dim, text_len=ns.text_len)
         out = save_model_checkpoint(model, ns.out)
     else:
-        model = load_model_checkpoint(ns.to_diffusers)
+        if Path(ns.to_diffusers).is_dir():
+            model = load_sharded_checkpoint_model(ns.to_diffusers, weights=ns.weights)
+        else:
+            model = load_model_checkpoint(ns.to_diffusers)
         out = export_diffusers(model, ns.out, max_shard_size=ns.max_shard_size, dtype=dtype,
                                drop_action_embedder=ns.drop_action_embedder)
     print(f"wrote {out}")

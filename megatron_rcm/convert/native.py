@@ -1,4 +1,5 @@
-"""Minimal native checkpoint: one safetensors file of the state dict plus a JSON sidecar with the ModelConfig."""
+"""Native checkpoints as model sources: one safetensors file + JSON sidecar with the ModelConfig, or a
+sharded training checkpoint (any parallel layout) read in one process."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,4 +45,21 @@ def load_model_checkpoint(path, dtype: torch.dtype | None = None):
     cfg = ModelConfig(**json.loads(side.read_text())["model"])
     model = build_model(cfg)
     _load_strict(model, load_file(str(path)), allow_missing_action=False, source=str(path))
+    return model if dtype is None else model.to(dtype)
+
+
+def load_sharded_checkpoint_model(path, weights: str = "ema", dtype: torch.dtype | None = None):
+    """The full model from a sharded training checkpoint (a ``step_*`` folder or its root: the newest
+    complete one), any parallel layout; ``weights`` is the tensor group: ema, model, critic, ..."""
+    from ..models.causal_wan import build_model
+    from ..training.dist_checkpoint import read_checkpoint_meta, read_full_tensors, resolve_checkpoint
+    from .diffusers_wan import _load_strict
+
+    path = resolve_checkpoint(path)
+    meta = read_checkpoint_meta(path)
+    if "model_config" not in meta:
+        raise ValueError(f"{path}/meta.json has no 'model_config': this checkpoint was saved without the model's "
+                         "config (pass meta={'model_config': ...} to save_distributed)")
+    model = build_model(ModelConfig(**meta["model_config"]))
+    _load_strict(model, read_full_tensors(path, weights), allow_missing_action=False, source=f"{path} [{weights}]")
     return model if dtype is None else model.to(dtype)

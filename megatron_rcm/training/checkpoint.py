@@ -60,25 +60,43 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
     """Write ``tensors`` (group -> state dict, each a safetensors file) and ``state`` atomically."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    tmp = fresh_temp_dir(root, step, f"tmp-{os.getpid()}")
+    for group, sd in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{group}.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    return commit_checkpoint(root, tmp, step, keep)
+
+
+def fresh_temp_dir(root: Path, step: int, suffix: str) -> Path:
+    """An empty ``root/.step_XXXXXXXX.<suffix>`` (a leftover of a killed save is removed first)."""
+    tmp = root / f".{checkpoint_name(step)}.{suffix}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def file_digest(path: Path) -> dict:
+    """fsync ``path`` and return its manifest entry (size and sha256)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, keep: int, info: dict | None = None,
+                      digests: dict | None = None) -> Path:
+    """Finish a checkpoint written into ``tmp``: manifest (every file's size + sha256), fsync, rename to
+    ``step_XXXXXXXX``, then move ``latest`` and prune to the newest ``keep``. ``info`` joins the manifest;
+    ``digests`` (relative name -> :func:`file_digest`) are entries already computed, e.g. by the rank
+    that wrote the file."""
+    digests = digests or {}
     files = {}
-    for group, sd in tensors.items():
-        name = f"{group}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / name))
-        files[name] = None
-    torch.save(state, tmp / "state.pt")
-    files["state.pt"] = None
-    for name in files:
-        p = tmp / name
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-        files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
+        name = p.relative_to(tmp).as_posix()
+        files[name] = digests[name] if name in digests else file_digest(p)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, **(info or {}), "files": files}, indent=1))
     _fsync_dir(tmp)
+    final = root / checkpoint_name(step)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace atomically-ish
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -96,7 +114,11 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, truncated or corrupt file.
+
+    ``part`` = (k, n) checks only the k-th of every n files of the manifest, so n processes can
+    share the work."""
     manifest = path / MANIFEST
     if not manifest.exists():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete")
@@ -104,7 +126,8 @@ def verify_checkpoint(path: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"checkpoint manifest {manifest} is corrupt: {e}") from None
-    for name, meta in files.items():
+    k, n = part
+    for name, meta in list(files.items())[k::n]:
         p = path / name
         if not p.exists():
             raise CheckpointError(f"checkpoint file {p} is missing")
@@ -122,15 +145,16 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    verify_checkpoint(path)
+def load_checkpoint(path: Path, verify: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    if verify:
+        verify_checkpoint(path)
     tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return tensors, state
 
 
-def load_latest(root: str | Path):
-    """(path, tensors, state) of the newest checkpoint that verifies, or None. Bad ones are reported and skipped."""
+def candidate_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint folders in the order to try them: the one ``latest`` names, then newest to oldest."""
     root = Path(root)
     candidates = list_checkpoints(root)
     pointer = root / LATEST
@@ -139,11 +163,34 @@ def load_latest(root: str | Path):
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    for path in candidates:
+    return candidates
+
+
+def valid_checkpoints(root: str | Path):
+    """Checkpoints that verify, best first: the one ``latest`` names, then newest to oldest.
+
+    Each bad one is reported (with the offending file) and skipped. A generator, so only as many
+    are verified as the caller needs."""
+    for path in candidate_checkpoints(root):
         try:
-            tensors, state = load_checkpoint(path)
+            verify_checkpoint(path)
+        except (CheckpointError, OSError) as e:
+            report_unusable(e)
+            continue
+        yield path
+
+
+def report_unusable(error: Exception) -> None:
+    log.warning("skipping unusable checkpoint: %s", error)
+    print(f"[checkpoint] skipping unusable checkpoint: {error}", flush=True)
+
+
+def load_latest(root: str | Path):
+    """(path, tensors, state) of the newest checkpoint that verifies, or None. Bad ones are reported and skipped."""
+    for path in valid_checkpoints(root):
+        try:
+            tensors, state = load_checkpoint(path, verify=False)  # just verified
             return path, tensors, state
         except (CheckpointError, OSError, RuntimeError) as e:
-            log.warning("skipping unusable checkpoint: %s", e)
-            print(f"[checkpoint] skipping unusable checkpoint: {e}", flush=True)
+            report_unusable(e)
     return None

@@ -150,35 +150,6 @@ class TrainerParallel:
             opts.append(torch.optim.AdamW(side_params, **kwargs))
         return opts
 
-    def optimizer_states(self, optimizers) -> dict | list:
-        """One process: the optimizer's state dict (as before). Several: this rank's states, for ZeRO-1
-        only its own partition (no gather needed)."""
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        if self.groups is None:
-            return optimizers[0].state_dict()
-        return [{"zero1_partition": o.optim.state_dict()} if isinstance(o, ZeroRedundancyOptimizer) else o.state_dict()
-                for o in optimizers]
-
-    def load_optimizer_states(self, optimizers, state) -> None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        if self.groups is None:
-            optimizers[0].load_state_dict(state)
-            return
-        if not isinstance(state, list) or len(state) != len(optimizers):
-            raise RuntimeError("the checkpoint's optimizer state was written with another parallel layout; "
-                               "resume with the layout (and number of processes) that wrote it")
-        for opt, st in zip(optimizers, state):
-            if isinstance(opt, ZeroRedundancyOptimizer) != ("zero1_partition" in st):
-                raise RuntimeError("checkpoint optimizer state does not match this run's layout (ZeRO-1 vs plain)")
-            if "zero1_partition" not in st:
-                opt.load_state_dict(st)
-                continue
-            opt.optim.load_state_dict(st["zero1_partition"])
-            for outer, inner in zip(opt.param_groups, opt.optim.param_groups):  # lr etc. back to the wrapper
-                outer.update({k: v for k, v in inner.items() if k != "params"})
-
     # ---------------------------------------------------------------- agreement
     def global_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
         """(mean loss over the data-parallel ranks, finite on EVERY rank) - the same answer everywhere,

@@ -26,10 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from ..config.run import PhaseConfig, RunConfig, to_yaml
 from ..models import CausalWanModel, build_model
-from . import checkpoint as ckpt
+from . import dist_checkpoint as dck
 from .distributed import TrainerParallel
 from .ema import EMA
+from .faults import maybe_fail
 from .logger import RunLogger
+from .phase_checkpoint import PhaseObjects, load_phase, save_phase
 from .registry import build_objective, move_objective_modules
 from .report import ReportContext, phase_report
 
@@ -45,16 +47,6 @@ class PhaseResult:
     final_loss: float
     skipped_steps: int
     metrics: dict = field(default_factory=dict)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
 
 
 def seed_everything(seed: int) -> None:
@@ -142,61 +134,38 @@ class Trainer:
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         self.par.barrier()
         seed_everything(self.cfg.seed)
-        resume = self.load_checkpoint()
-        start_phase, resume_state = 0, None
+        resume = self.find_checkpoint()
+        start_phase, resume_path = 0, None
         if resume is not None:
-            path, tensors, state = resume
+            path, state = resume
             start_phase = state["phase_index"] + (1 if state.get("phase_done") else 0)
-            resume_state = None if state.get("phase_done") else (tensors, state)
+            resume_path = None if state.get("phase_done") else path
             self.results = [PhaseResult(**r) for r in state.get("results", [])]
             self.logger.print(f"resuming from {path} (phase {start_phase}, step {state['phase_step']})")
         for index in range(start_phase, len(self.cfg.phases)):
-            self.run_phase(index, resume_state if index == start_phase else None)
+            self.run_phase(index, resume_path if index == start_phase else None)
+        dck.wait_for_pending_save()  # flush point of asynchronous checkpoints
         self.logger.close()
         self.par.close()
         return self.results
 
     # ------------------------------------------------------------------ checkpoint hooks
-    # The only two places that touch checkpoint files. With several processes each rank writes its
-    # own local state (its shards, its ZeRO-1 optimizer partition) under checkpoints/rank_NNNNN/ with
-    # the single-process writer; resume needs the same layout. To be replaced by sharded,
-    # layout-independent checkpoints (training/dist_checkpoint.py).
-    def _ckpt_dir(self) -> Path:
-        return self.ckpt_root if not self.par.distributed else self.ckpt_root / f"rank_{self.par.rank:05d}"
+    # The only places that touch checkpoint files: sharded checkpoints (training/dist_checkpoint.py,
+    # contents in training/phase_checkpoint.py) for any number of processes; a checkpoint written
+    # under one parallel layout resumes under any other (tp/cp/pp/dp, one process).
+    def find_checkpoint(self):
+        """(path, saved counters) of the checkpoint to resume from, or None (collective)."""
+        path = dck.choose_checkpoint(self.ckpt_root)
+        return None if path is None else (path, dck.read_shared_state(path))
 
-    def _layout(self) -> list[int]:
-        g = self.par.groups
-        return [1, 1, 1, 1] if g is None else [g.cfg.tp, g.cfg.cp, g.cfg.pp, g.cfg.dp]
+    def save_checkpoint(self, step: int, objs: PhaseObjects, scalars: dict) -> None:
+        save_phase(self.ckpt_root, step, objs, scalars, groups=self.par.groups, model_config=self.cfg.model,
+                   keep=self.cfg.train.keep_checkpoints, async_save=self.cfg.train.async_checkpoint)
 
-    def save_checkpoint(self, step: int, tensors: dict, state: dict) -> None:
-        state = {**state, "parallel_layout": self._layout()} if self.par.distributed else state
-        ckpt.save_checkpoint(self._ckpt_dir(), step, tensors, state, keep=self.cfg.train.keep_checkpoints)
-        self.par.barrier()
+    def load_checkpoint(self, path: Path, objs: PhaseObjects) -> dict:
+        return load_phase(path, objs, groups=self.par.groups, log=self.logger.print)
 
-    def load_checkpoint(self):
-        other = (ckpt.list_checkpoints(self.ckpt_root) if self.par.distributed
-                 else sorted(self.ckpt_root.glob("rank_*")))
-        found = ckpt.load_latest(self._ckpt_dir())
-        if found is None and other:
-            kind = "single" if self.par.distributed else "multi"
-            raise TrainingError(f"{self.ckpt_root} holds checkpoints of a {kind}-process run; resume it the same "
-                                "way (or use a new output_dir)")
-        if self.par.distributed:
-            import torch.distributed as dist
-
-            names = [None] * self.par.world_size
-            dist.all_gather_object(names, None if found is None else found[0].name)
-            if len(set(names)) > 1:
-                raise TrainingError(f"ranks found different latest checkpoints under {self.ckpt_root}/rank_*: "
-                                    f"{names}; resume with the number of processes and parallel.* settings that "
-                                    "wrote them, or remove the newer ones so all ranks resume from the same step")
-            if found is not None and found[2].get("parallel_layout") != self._layout():
-                raise TrainingError(f"checkpoint {found[0]} was written with parallel (tp, cp, pp, dp) = "
-                                    f"{tuple(found[2].get('parallel_layout') or ())}, this run has "
-                                    f"{tuple(self._layout())}: resume with the same parallel.* settings")
-        return found
-
-    def run_phase(self, index: int, resume_state=None) -> PhaseResult:
+    def run_phase(self, index: int, resume_path: Path | None = None) -> PhaseResult:
         cfg, phase = self.cfg, self.cfg.phases[index]
         seed = self.cfg.seed + 1000 * index
         par = self.par
@@ -223,33 +192,15 @@ class Trainer:
         data = self.make_data(phase)
         step, bad, skipped, last_loss = 0, 0, 0, float("nan")
         torch.manual_seed(seed + 1)
-        if resume_state is not None:
-            tensors, state = resume_state
-            student.load_state_dict(tensors["student"])
-            ema.load_state_dict(tensors["ema"])
-            with torch.no_grad():
-                for i, p in enumerate(extra_params):
-                    p.copy_(tensors["objective"][f"param_{i}"])
-            par.load_optimizer_states(optimizers, state["optimizer"])
-            for scheduler in schedulers:
-                scheduler.load_state_dict(state["scheduler"])
-            if hasattr(objective, "load_extra_state") and "objective_extra" in state:
-                objective.load_extra_state(state["objective_extra"])
-            data.load_state_dict(state["data"])
+        objs = PhaseObjects(student, ema, extra_params, optimizers, schedulers, objective, data)
+        if resume_path is not None:
+            state = self.load_checkpoint(resume_path, objs)
             step, skipped, last_loss = state["phase_step"], state["skipped"], state["last_loss"]
-            _set_rng_state(state["rng"])
 
         def save(at_step: int, phase_done: bool = False) -> None:
-            groups = {"student": student.state_dict(), "ema": ema.state_dict()}
-            if extra_params:
-                groups["objective"] = {f"param_{i}": p for i, p in enumerate(extra_params)}
-            state = {"phase_index": index, "phase_step": at_step, "optimizer": par.optimizer_states(optimizers),
-                     "scheduler": schedulers[0].state_dict(), "data": data.state_dict(), "rng": _rng_state(),
-                     "skipped": skipped, "last_loss": last_loss, "phase_done": phase_done,
-                     "results": [r.__dict__ for r in self.results]}
-            if hasattr(objective, "extra_state"):
-                state["objective_extra"] = objective.extra_state()
-            self.save_checkpoint(self._global_step(index, at_step), groups, state)
+            scalars = {"phase_index": index, "phase_step": at_step, "skipped": skipped, "last_loss": last_loss,
+                       "phase_done": phase_done, "results": [r.__dict__ for r in self.results]}
+            self.save_checkpoint(self._global_step(index, at_step), objs, scalars)
 
         self.logger.start_phase(phase.name, phase.steps, step)
         student.train()
@@ -299,6 +250,7 @@ class Trainer:
                 self.on_step(phase=phase, step=step, student=student, ema_model=ema.model, teacher=teacher)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase.steps:
                 save(step)
+            maybe_fail("step", self._global_step(index, step))  # fault-tolerance tests (MEGATRON_RCM_FAIL_AT)
         self.logger.end_phase()
         self._write_phase_outputs(phase.name, student, ema)
         result = PhaseResult(phase.name, step, last_loss, skipped)

@@ -1,7 +1,8 @@
 """``megatron-rcm train`` under torchrun-style multi-process layouts equals one process with the same
 global batch (float64, gloo). Compared: every tensor of the phase outputs (raw and EMA weights,
 gathered to full weights by rank 0) of teacher FM -> TF-sCM -> SF-DMD (critic synchronised too).
-Layouts: DP2 (ZeRO-1; plus a resume from a mid-phase per-rank checkpoint), PP2 (GPipe, model outputs
+Layouts: DP2 (ZeRO-1; plus resumes from a mid-phase sharded checkpoint
+under DP2 and in one process), PP2 (GPipe, model outputs
 broadcast from the last stage), TP2 through the launch path (``megatron-rcm launch`` -> torchrun,
 2 CPU processes). Plus gradient accumulation, the non-finite agreement and the layout checks that
 run at config load and at init against the world size."""
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from megatron_rcm.config.errors import ConfigError
 from megatron_rcm.config.run import load_config, validate_run_parallel
 from megatron_rcm.training.logger import RunLogger
-from megatron_rcm.training.trainer import Trainer, TrainingError
+from megatron_rcm.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _launch_ranks import ROOT, free_port, launch  # noqa: E402
@@ -85,19 +86,21 @@ def test_data_parallel_training_and_resume_match_one_process(config_sf, single_s
     errors = launch("_train_rank.py", 2, args, timeout=240)
     assert not errors, "\n".join(errors)
     assert_same_weights(single_sf, out, ALL_PHASES)
-    # each rank checkpoints its own state (ZeRO-1 partition, DMD critic + its optimizer);
-    # resume from global step 5 (mid SF-DMD phase)
+    # the sharded checkpoint (ZeRO-1 partitions, DMD critic + its optimizer) of global step 5 (mid SF-DMD)
+    # resumes bitwise under the same layout ...
     final = {w: load_file(str(out / "phases" / "sf_dmd" / f"{w}.safetensors")) for w in ("model", "ema")}
-    for rank in (0, 1):
-        shutil.rmtree(out / "checkpoints" / f"rank_0000{rank}" / "step_00000006")
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
     shutil.rmtree(out / "phases" / "sf_dmd")
     errors = launch("_train_rank.py", 2, args, timeout=240)
     assert not errors, "\n".join(errors)
     for w, ref in final.items():
         got = load_file(str(out / "phases" / "sf_dmd" / f"{w}.safetensors"))
         assert all(torch.equal(ref[k], got[k]) for k in ref), f"resumed {w} weights differ"
-    with pytest.raises(TrainingError, match="multi-process run"):  # one process cannot resume per-rank state
-        Trainer(load_config(config_sf, ARGS + [f"output_dir={out}"]), logger=RunLogger(out, tensorboard=False)).run()
+    # ... and in ONE process (resharded), where it finishes like the one-process run
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    shutil.rmtree(out / "phases" / "sf_dmd")
+    Trainer(load_config(config_sf, ARGS + [f"output_dir={out}"]), logger=RunLogger(out, tensorboard=False)).run()
+    assert_same_weights(single_sf, out, ALL_PHASES)
 
 
 def test_pipeline_parallel_training_matches_one_process(config_sf, single_sf, tmp_path):

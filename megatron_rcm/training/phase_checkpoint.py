@@ -1,0 +1,121 @@
+"""What a training phase puts into a sharded checkpoint, and how it comes back (:mod:`.dist_checkpoint`).
+
+Tensor groups (global parameter names, so any layout can read them): ``model`` (the student),
+``ema``, ``objective`` (small trained side modules, e.g. sCM's adaptive weight) and ``critic``
+(the DMD fake-score model). Optimizer state per parameter: ``optim`` (student + side modules, in
+however many optimizers the layout uses) and ``critic_optim``. Everything else (scheduler, counters,
+data position, RNG, the objective's remaining state) is small: each rank keeps its own copy
+(``rank_state``, used when resuming under the same layout) and rank 0's is also kept as ``shared``
+(used under another layout: every rank seeds and draws noise identically, so rank 0's is everyone's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist_checkpoint as dck
+
+# stands in for the critic weights / critic optimizer inside the objective's extra state
+_IN_SHARDS = "<in the sharded tensors of this checkpoint>"
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+@dataclass
+class PhaseObjects:
+    """The live state of one phase on this rank."""
+
+    student: torch.nn.Module
+    ema: object  # training.ema.EMA
+    extra_params: list
+    optimizers: list
+    schedulers: list
+    objective: object
+    data: object
+
+    @property
+    def dmd(self):
+        """The object that owns the DMD critic (the objective itself or rCM's ``dmd`` part), or None."""
+        obj = self.objective
+        return obj if hasattr(obj, "critic_opt") else getattr(obj, "dmd", None)
+
+    def named_trainables(self) -> dict:
+        named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+        named.update({f"objective.param_{i}": p for i, p in enumerate(self.extra_params)})
+        return named
+
+    def tensors(self) -> dict:
+        groups = {"model": self.student.state_dict(), "ema": self.ema.state_dict()}
+        if self.extra_params:
+            groups["objective"] = {f"param_{i}": p.detach() for i, p in enumerate(self.extra_params)}
+        if self.dmd is not None:
+            groups["critic"] = self.dmd.critic.state_dict()
+        return groups
+
+    def optimizer_specs(self) -> dict:
+        named = self.named_trainables()
+        specs = {"optim": [(opt, named) for opt in self.optimizers]}
+        if self.dmd is not None:
+            critic = {n: p for n, p in self.dmd.critic.named_parameters() if p.requires_grad}
+            specs["critic_optim"] = (self.dmd.critic_opt, critic)
+        return specs
+
+    def small_state(self) -> dict:
+        """Scheduler, data position, RNG and the objective's state without the critic tensors."""
+        st = {"scheduler": self.schedulers[0].state_dict(), "data": self.data.state_dict(), "rng": rng_state()}
+        if hasattr(self.objective, "extra_state"):
+            st["objective_extra"] = _replace_critic(self.objective.extra_state(), None)
+        return st
+
+    def load_small_state(self, st: dict) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(st["scheduler"])
+        self.data.load_state_dict(st["data"])
+        if hasattr(self.objective, "load_extra_state") and "objective_extra" in st:
+            self.objective.load_extra_state(_replace_critic(st["objective_extra"], self.dmd))
+        set_rng_state(st["rng"])
+
+
+def _replace_critic(extra, dmd):
+    """Swap the critic weights/optimizer in an objective's extra state for a marker (dmd None), or the
+    marker for the live (already loaded) critic's state dicts."""
+    if not isinstance(extra, dict):
+        return extra
+    out = {}
+    for k, v in extra.items():
+        if k in ("critic", "critic_opt") and (dmd is None or v == _IN_SHARDS):
+            v = _IN_SHARDS if dmd is None else (dmd.critic if k == "critic" else dmd.critic_opt).state_dict()
+        out[k] = _replace_critic(v, dmd)
+    return out
+
+
+def save_phase(root, step: int, objs: PhaseObjects, scalars: dict, groups=None, model_config=None,
+               keep: int = 2, async_save: bool = False):
+    """Collective save of a phase; ``scalars`` are the trainer's counters (phase index, step, results)."""
+    small = objs.small_state()
+    meta = {"model_config": dataclasses.asdict(model_config)} if model_config is not None else None
+    return dck.save_distributed(root, step, objs.tensors(), objs.optimizer_specs(), shared={**scalars, **small},
+                                rank_state=small, groups=groups, meta=meta, keep=keep, async_save=async_save)
+
+
+def load_phase(path: Path, objs: PhaseObjects, groups=None, log=print) -> dict:
+    """Collective load of checkpoint ``path`` into the phase's live objects; returns the saved scalars."""
+    res = dck.load_distributed(None, objs.tensors(), objs.optimizer_specs(), groups=groups, path=path)
+    if res.rank_state is None:
+        log(f"checkpoint {path} was written under layout {res.saved_layout}; resharded into this run's, "
+            "with rank 0's RNG/data state for every rank")
+    objs.load_small_state(res.rank_state if res.rank_state is not None else res.shared)
+    return res.shared
