@@ -52,9 +52,12 @@ METHODS = ("dcm", "scm", "meanflow")
 # grid shift matched to the teacher's FM shift (1.0).
 METHOD_ARGS = {
     "dcm": {"cfg_scale": 2.0, "num_steps": 40, "shift": 1.0},
-    "scm": {"sigma_d": 0.5, "cfg_scale": 2.0, "r_warmup_steps": 150, "p_mean": -1.0, "p_std": 1.4},
+    "scm": {"cfg_scale": 2.0, "r_warmup_steps": 300},  # SCMConfig defaults = rCM's sigma_d 1, tau ~ N(-0.8, 1.6^2)
     "meanflow": {"cfg_scale": 2.0},
 }
+# Optimizer per method (--lr / --betas override all): sCM with rCM's Adam betas (0, 0.999) and a lower lr;
+# at 5e-4 with betas (0.9, 0.99) its tangent norm grows without bound (RESULTS.md, "sCM settings").
+METHOD_OPTIM = {"dcm": (5e-4, [0.9, 0.99]), "scm": (1e-4, [0.0, 0.999]), "meanflow": (5e-4, [0.9, 0.99])}
 
 QUICK = {"teacher_steps": 30, "budget_fe": 120.0, "points": 3, "overrides": [
     "model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=4", "data.batch_size=4",
@@ -86,11 +89,31 @@ def method_config(base, method: str, steps: int, args, out: Path):
     cfg = dataclasses.replace(base, output_dir=str(out),
                               train=dataclasses.replace(base.train, checkpoint_every=0, keep_checkpoints=1))
     phase = PhaseConfig(name=method, kind="tf_cm", objective=method, steps=steps, init_from="teacher",
-                        teacher_from="teacher", optim=OptimConfig(lr=args.lr, betas=[0.9, 0.99]),
-                        ema_decay=args.ema_decay, objective_args=dict(METHOD_ARGS[method]))
+                        teacher_from="teacher", optim=method_optim(method, args),
+                        ema_decay=args.ema_decay, objective_args=method_args(method, args.arg))
     cfg.phases = [base.phases[0], phase]
     validate_run(cfg)
     return cfg
+
+
+def method_optim(method: str, args) -> OptimConfig:
+    lr, betas = METHOD_OPTIM[method]
+    return OptimConfig(lr=lr if args.lr is None else args.lr, betas=list(betas if args.betas is None else args.betas))
+
+
+def method_args(method: str, overrides) -> dict:
+    """METHOD_ARGS[method] with the ``--arg METHOD.KEY=VALUE`` overrides for this method (YAML-typed values)."""
+    import yaml
+
+    out = dict(METHOD_ARGS[method])
+    for item in overrides or ():
+        name, sep, value = item.partition("=")
+        m, dot, key = name.partition(".")
+        if not (sep and dot and key) or m not in METHODS:
+            raise SystemExit(f"--arg {item!r}: expected METHOD.KEY=VALUE with METHOD in {list(METHODS)}")
+        if m == method:
+            out[key] = yaml.safe_load(value)
+    return out
 
 
 def teacher_key(cfg) -> str:
@@ -362,7 +385,11 @@ def parse_args(argv):
     ap.add_argument("--teacher-steps", type=int, default=None, help="default: the recipe's teacher phase")
     ap.add_argument("--budget-fe", type=float, default=12000.0, help="forward-equivalents per method")
     ap.add_argument("--points", type=int, default=7, help="budget points: 0 and a log-2 grid up to the budget")
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=None, help="every method's lr (default: METHOD_OPTIM's)")
+    ap.add_argument("--betas", type=lambda v: [float(b) for b in v.split(",")], default=None,
+                    help="AdamW betas of every method's optimizer, e.g. 0.9,0.99 (default: METHOD_OPTIM's)")
+    ap.add_argument("--arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="override one objective argument of one method, e.g. scm.sigma_d=1.0 (repeatable)")
     ap.add_argument("--ema-decay", type=float, default=0.95)
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions for the cost measurement")
     ap.add_argument("--jvp-fe", type=float, default=None, help="price a JVP pass at this many FE (default: measure)")

@@ -1,0 +1,98 @@
+"""Streaming few-step generation speed of the Wan2.1-1.3B-shaped causal student on one GPU (issue 7).
+
+    python benchmarks/generate.py                       # 2-step, chunk-wise (3 frames) and frame-wise, 480x832
+    python benchmarks/generate.py --steps 4 --frames 42 --modes chunk
+
+Weights are random (speed does not depend on them); bf16 parameters, no CFG (a distilled student), the KV
+cache of ``megatron_rcm.inference.streaming.stream_video`` (sink + rolling window when ``--window-chunks``
+is set). No VAE decode: times are for latents. Reports time to the first chunk, latent frames per second
+over the whole video, the equivalent video frames per second (Wan's VAE makes 4 video frames of each latent
+frame after the first: 21 latent frames = 81 video frames) and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def build(chunk_frames: int, layers: int, window_chunks: int, sink_chunks: int, attention: str, device):
+    from megatron_rcm.config.model import CausalConfig, model_preset
+    from megatron_rcm.models import build_model
+
+    torch.manual_seed(0)
+    cfg = model_preset("wan2.1-1.3b", num_layers=layers, param_dtype="bfloat16")
+    causal = CausalConfig(chunk_frames=chunk_frames, window_chunks=window_chunks, sink_chunks=sink_chunks,
+                          attention_backend=attention)
+    return build_model(cfg, causal).to(device).eval()
+
+
+def run(args, mode: str, device) -> dict:
+    from megatron_rcm.inference.streaming import StreamConfig, stream_video
+
+    chunk = args.chunk_frames if mode == "chunk" else 1
+    model = build(chunk, args.layers, args.window_chunks, args.sink_chunks, args.attention, device)
+    ctx = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    cfg = StreamConfig(steps=args.steps, shift=5.0, guidance_scale=1.0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for rep in range(args.reps + 1):  # the first pass warms up kernels and the allocator
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        g = torch.Generator(device=device).manual_seed(rep)
+        sync()
+        t0 = time.perf_counter()
+        first = None
+        with torch.no_grad():
+            for out in stream_video(model, ctx, args.frames, args.height, args.width, cfg, generator=g, sync=sync):
+                if first is None:
+                    sync()
+                    first = time.perf_counter() - t0
+        sync()
+        total = time.perf_counter() - t0
+        if rep > 0:
+            rows.append((first, total))
+    first = sorted(r[0] for r in rows)[len(rows) // 2]
+    total = sorted(r[1] for r in rows)[len(rows) // 2]
+    video_frames = 1 + 4 * (args.frames - 1)
+    return {"mode": mode, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers, "frames": args.frames,
+            "first_chunk_s": first, "total_s": total, "latent_fps": args.frames / total,
+            "video_fps": video_frames / total,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", default="chunk,frame")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--frames", type=int, default=21, help="latent frames to generate")
+    ap.add_argument("--height", type=int, default=60)
+    ap.add_argument("--width", type=int, default=104)
+    ap.add_argument("--chunk-frames", type=int, default=3)
+    ap.add_argument("--window-chunks", type=int, default=0, help="rolling KV window in chunks (0: unlimited)")
+    ap.add_argument("--sink-chunks", type=int, default=0)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
+    ap.add_argument("--out", default=None, help="append one JSON line per mode")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    print("| mode | steps | layers | latent frames | first chunk (s) | total (s) | latent frames/s | video frames/s | "
+          "peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        r = run(args, mode, device)
+        print(f"| {mode}-wise ({r['chunk_frames']} frame{'s' if r['chunk_frames'] > 1 else ''}) | {r['steps']} | "
+              f"{r['layers']} | {r['frames']} | {r['first_chunk_s']:.3f} | {r['total_s']:.3f} | {r['latent_fps']:.1f} | "
+              f"{r['video_fps']:.1f} | {r['peak_gib']:.1f} |", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

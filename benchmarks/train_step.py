@@ -1,0 +1,202 @@
+"""One TF-sCM and one SF-DMD training step of the Wan2.1-1.3B-shaped model on one GPU (issue 7).
+
+    python benchmarks/train_step.py                                  # fused kernel, 30 layers, 21 x 1560 tokens
+    python benchmarks/train_step.py --attention reference --layers 4  # the reference JVP path
+    python benchmarks/train_step.py --no-checkpointing --layers 10
+
+Reports per step: time (median after one warm-up), tokens/s (video tokens of the batch / step time), model
+FLOPs and MFU against the bf16 dense peak, and peak memory. FLOPs are counted per network call while the
+step runs (every ``forward_segments`` call: its tokens, whether it carries a tangent, whether it builds a
+graph, and the attention mask it uses) - not assumed:
+- a forward: 2 x (matmul params touched per token) x tokens + attention 4 * S_q * S_k * D * H * (mask density)
+  + cross-attention 4 * S_q * L_text * D * H;
+- a JVP pass (primal + tangent): linear x 2, attention x 3 (six products instead of two);
+- a graph-building call adds its backward: linear x 2, attention x 2.5 (FlashAttention's convention).
+Activation-checkpoint recomputation is not counted (MFU, not HFU). SF-DMD: the KV-cached rollout calls
+see ``S_k`` = cached + current tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(name: str) -> float:
+    return next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
+
+
+def mask_density(mask, sq: int, sk: int) -> float:
+    if mask is None or mask.is_full():
+        return 1.0
+    g = mask.allow.shape[0]
+    n = torch.bincount(mask.q_groups.long().cpu(), minlength=g).double()
+    m = torch.bincount(mask.k_groups.long().cpu(), minlength=g).double()
+    return float(n @ mask.allow.double().cpu() @ m) / (sq * sk)
+
+
+class FlopCounter:
+    """Wraps ``model.forward_segments`` to price every call (see the module docstring)."""
+
+    def __init__(self, model, text_len: int):
+        self.model, self.text_len, self.flops, self.calls = model, text_len, 0.0, []
+        cfg = model.cfg
+        self.d, self.h, self.hd = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads, \
+            cfg.attention_head_dim
+        self.ffn, self.layers = cfg.ffn_dim, sum(1 for _ in model.blocks)
+        self._inner = model.forward_segments
+        self._density: dict = {}
+
+    def __enter__(self):
+        def counted(segments, context, mask=None, *a, **kw):
+            self.price(segments, mask, kw.get("cache"), kw.get("cache_chunk"))
+            return self._inner(segments, context, mask, *a, **kw)
+        self.model.forward_segments = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward_segments
+
+    def price(self, segments, mask, cache, cache_chunk):
+        b = segments[0].latents.shape[0]
+        pt = self.model.patch
+        tokens = sum(s.latents.shape[2] // pt[0] * (s.latents.shape[3] // pt[1]) * (s.latents.shape[4] // pt[2])
+                     for s in segments)
+        tangent = any(s.tangent is not None or s.timestep_tangent is not None for s in segments)
+        graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        sk = tokens + (cache_tokens(cache, cache_chunk) if cache is not None else 0)
+        key = (id(mask), tokens, sk)
+        if key not in self._density:
+            self._density[key] = mask_density(mask, tokens, sk) if mask is not None and sk == tokens else 1.0
+        d, L = self.d, self.layers
+        lin = 2 * b * L * (tokens * (4 * d * d + 2 * d * d + 2 * d * self.ffn) + self.text_len * 2 * d * d)
+        attn = 4 * b * L * self.h * self.hd * (tokens * sk * self._density[key] + tokens * self.text_len)
+        f = lin * (2 if tangent else 1) + attn * (3 if tangent else 1)
+        if graph:
+            f += 2 * lin * (2 if tangent else 1) + 2.5 * attn * (3 if tangent else 1)
+        self.flops += f
+        self.calls.append((tokens, sk, tangent, graph))
+
+
+def cache_tokens(cache, cache_chunk) -> int:
+    """Tokens already in the KV cache (what the current chunk attends to besides itself)."""
+    return len(cache.chunks) * cache.tokens_per_chunk
+
+
+def build(args, device):
+    from megatron_rcm.config.model import CausalConfig, model_preset
+    from megatron_rcm.models import build_model
+
+    torch.manual_seed(0)
+    cfg = model_preset("wan2.1-1.3b", num_layers=args.layers)
+    causal = CausalConfig(chunk_frames=args.chunk_frames, attention_backend=args.attention)
+    student = build_model(cfg, causal).to(device)
+    student.gradient_checkpointing = args.checkpointing
+    teacher = copy.deepcopy(student).requires_grad_(False).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(args.batch, 16, args.frames, args.height, args.width, generator=g)
+    ctx = torch.randn(args.batch, 512, 4096, generator=g)
+    batch = {"latents": lat.to(device), "context": ctx.to(device), "uncond_context": torch.zeros_like(ctx).to(device)}
+    return student, teacher, batch
+
+
+def run(args, kind: str, device) -> dict:
+    from megatron_rcm.objectives.dmd import DMDConfig, SelfForcingDMD
+    from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
+    from megatron_rcm.selfforcing.rollout import RolloutConfig
+
+    student, teacher, batch = build(args, device)
+    if kind == "scm":
+        obj = SCMObjective(teacher, SCMConfig(cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
+        critic = None
+    else:
+        critic = copy.deepcopy(student)
+        critic.gradient_checkpointing = args.checkpointing
+        obj = SelfForcingDMD(teacher, DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6,
+                                                rollout=RolloutConfig(denoising_steps=[1000.0, 500.0])),
+                             critic=critic)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=device.type == "cuda")
+    counters = [FlopCounter(m, 512) for m in (student, teacher, critic) if m is not None]
+    times, flops = [], []
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.reps + 1):
+        for c in counters:
+            c.flops = 0.0
+        sync()
+        t0 = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            for c in counters:
+                stack.enter_context(c)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss, _ = obj.loss(student, batch, step=1)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if kind == "dmd":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    obj.after_student_step(student, batch, 1)
+        sync()
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+            flops.append(sum(c.flops for c in counters))
+    step = statistics.median(times)
+    tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing, "layers": args.layers,
+            "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
+            "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
+            "mfu": flops[-1] / step / peak_flops(name),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "calls": {n: c.calls[-200:] for n, c in zip(("student", "teacher", "critic"), counters)},
+            "device": name, "torch": torch.__version__}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kinds", default="scm,dmd", help="scm (TF-sCM step) and/or dmd (SF-DMD step)")
+    ap.add_argument("--attention", default="auto", help="auto (fused when built) | fused | sdpa | reference")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--frames", type=int, default=21)
+    ap.add_argument("--height", type=int, default=60)
+    ap.add_argument("--width", type=int, default=104)
+    ap.add_argument("--chunk-frames", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--out", default=None, help="append one JSON line per kind")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/train_step.py needs a CUDA GPU (--device cpu: smoke check only)")
+    from megatron_rcm.ops.attention import resolve_backend
+
+    like = torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16)
+    used = resolve_backend(args.attention, like).name
+    print("| step | attention | act. ckpt | layers | video tokens | step (s) | tokens/s | TFLOP/step | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind in args.kinds.split(","):
+        r = run(args, kind, device)
+        r["attention"] = used
+        print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {used} | {'on' if r['checkpointing'] else 'off'} | "
+              f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |", flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""CPU checks of the GPU benchmark scripts' own arithmetic (their timings need a GPU)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rcm.ops.masks import block_causal_mask, full_mask, teacher_forcing_mask
+
+_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("make", [lambda: teacher_forcing_mask(6, 5, 3), lambda: block_causal_mask(6, 4, 2),
+                                  lambda: teacher_forcing_mask(4, 3, 1), lambda: full_mask(10)])
+def test_mask_density_equals_the_dense_mask_fraction(make):
+    mask = make()
+    sq, sk = mask.shape
+    expected = mask.dense().double().mean().item()
+    assert _load("train_step").mask_density(mask, sq, sk) == pytest.approx(expected, rel=1e-12)
+
+
+def test_flop_counter_prices_forward_jvp_and_backward(one_thread):
+    """One TF forward, one TF JVP and one TF forward+backward of a tiny model, priced by the documented rules."""
+    from megatron_rcm.config.model import CausalConfig, model_preset
+    from megatron_rcm.models import build_model
+
+    ts = _load("train_step")
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=2), CausalConfig(chunk_frames=2))
+    cfg = model.cfg
+    b, f, h, w = 2, 4, 8, 8
+    clean, noisy = torch.randn(b, cfg.in_channels, f, h, w), torch.randn(b, cfg.in_channels, f, h, w)
+    t, ctx = torch.full((b, f), 500.0), torch.randn(b, cfg.text_len, cfg.text_dim)
+    tpf = model.tokens_per_frame(h, w)
+    mask = teacher_forcing_mask(f, tpf, 2)
+    counter = ts.FlopCounter(model, cfg.text_len)
+    s, d, L = 2 * f * tpf, cfg.num_attention_heads * cfg.attention_head_dim, 2
+    lin = 2 * b * L * (s * (6 * d * d + 2 * d * cfg.ffn_dim) + cfg.text_len * 2 * d * d)
+    attn = 4 * b * L * cfg.num_attention_heads * cfg.attention_head_dim * (
+        s * s * mask.dense().double().mean().item() + s * cfg.text_len)
+    with counter:
+        with torch.no_grad():
+            model.forward_teacher_forcing(clean, noisy, t, ctx, mask)
+            fwd = counter.flops
+            model.forward_teacher_forcing(clean, noisy, t, ctx, mask, torch.randn_like(noisy), torch.ones_like(t))
+            jvp = counter.flops - fwd
+        model.forward_teacher_forcing(clean, noisy, t, ctx, mask)[0].sum().backward()
+        graph = counter.flops - fwd - jvp
+    assert fwd == pytest.approx(lin + attn, rel=1e-9)
+    assert jvp == pytest.approx(2 * lin + 3 * attn, rel=1e-9)
+    assert graph == pytest.approx(3 * lin + 3.5 * attn, rel=1e-9)
+    assert [c[2:] for c in counter.calls] == [(False, False), (True, False), (False, True)]
+    assert not hasattr(model, "forward_segments") or "counted" not in getattr(model.forward_segments, "__name__", "")
