@@ -123,3 +123,43 @@ def test_actions_flow_into_rollout():
                                use_cache=False)
     assert not torch.allclose(r0.video, r1.video)
     torch.testing.assert_close(r0.video, r0b.video, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_frames,window,sink,exits", [(1, 0, 0, [0, 1, 1, 0]), (1, 2, 1, [1, 0, 1, 1]),
+                                                             (2, 0, 0, [0, 1])])
+def test_checkpointed_rollout_gives_identical_gradients(chunk_frames, window, sink, exits):
+    """Cached exit steps run activation-checkpointed against a frozen cache snapshot: the recomputation in
+    backward happens after later chunks were appended (and old ones evicted) and must see the forward's cache."""
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=2, param_dtype="float64"),
+                        CausalConfig(chunk_frames=chunk_frames, window_chunks=window, sink_chunks=sink))
+    ctx = _ctx().double()
+    w = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads, calls = [], []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing = ckpt
+        res = self_forcing_rollout(model, ctx, SHAPE, cfg=RolloutConfig(denoising_steps=[1000.0, 500.0]),
+                                   generator=_gen(), exit_steps=exits)
+        (res.video * w).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-12, atol=1e-14, msg=f"gradient of {n}")
+
+
+def test_frozen_cache_keeps_the_forward_view():
+    from megatron_rcm.models.kv_cache import KVCache, LayerCache
+
+    cache = KVCache(1, 2)
+    k = torch.randn(1, 2, 1, 4)
+    cache.append(0, 0, k, k)
+    cache.commit(0)
+    snap = cache.frozen()
+    cache.append(0, 1, k, k)
+    cache.commit(1)
+    cache.layers[0].cross_k = torch.ones(1)
+    assert snap.keys_values(0)[0].shape[1] == 2 and cache.keys_values(0)[0].shape[1] == 4
+    assert snap.chunks == [0] and snap.layers[0].cross_k is None
+    snap.layers[0].cross_k = torch.zeros(1)  # ignored: recomputation must build the forward's graph again
+    assert snap.layers[0].cross_k is None and isinstance(cache.layers[0], LayerCache)

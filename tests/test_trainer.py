@@ -90,6 +90,11 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     assert f"'{key}'" in str(err.value)
 
 
+def test_objective_args_the_yaml_left_at_default_can_be_overridden(tmp_path):
+    cfg = _cfg(tmp_path, "args", ["phases.1.objective_args.tangent_norm_c=0.25"])
+    assert cfg.phases[1].objective_args["tangent_norm_c"] == 0.25
+
+
 def test_objective_modules_follow_the_training_device():
     """sCM's adaptive weight is built on the CPU; the trainer must move it (alone or nested as in rCM)."""
     import types

@@ -90,6 +90,12 @@ def _key_of(err: OmegaConfBaseException) -> str:
     return str(key) if key else "<config>"
 
 
+def _is_objective_arg(key: str) -> bool:
+    """``phases.N.objective_args.KEY`` (also nested: ``...objective_args.rollout.shift``)."""
+    parts = key.split(".")
+    return len(parts) >= 4 and parts[0] == "phases" and parts[2] == "objective_args"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load YAML + dotlist overrides onto the schema, apply the model preset, validate."""
     overrides = list(overrides or [])
@@ -107,9 +113,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         merged = OmegaConf.merge(schema, {"model": OmegaConf.structured(model_preset(preset))}, user)
         for item in overrides:  # one at a time so list entries (phases.0.steps=...) can be addressed
             key, value = item.split("=", 1)
-            if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+            # objective_args are free-form here (checked against the objective's config class by
+            # validate_run, naming the key), so a key the YAML left at its default may be added
+            new_arg = _is_objective_arg(key) and OmegaConf.select(merged, key.rsplit(".", 1)[0],
+                                                                   default=None) is not None
+            if not new_arg and OmegaConf.select(merged, key, default="__missing__") == "__missing__":
                 raise ConfigError(key, value, "an existing config key (see `megatron-rcm info CONFIG`)")
-            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True, force_add=new_arg)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         msg = str(err).splitlines()[0]

@@ -19,7 +19,7 @@ d timestep), so x0 = z_t - t u(z_t, 0, t) and the x0-prediction few-step sampler
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -203,7 +203,11 @@ class CausalWanModel(nn.Module):
         if par is not None and par.pp > 1:  # pipeline: later stages take (x, tx) from the previous stage
             x, tx = par.pipeline_recv(x, tx)
 
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        # cache-writing passes run under no_grad; grad-carrying cached passes (self-forcing exit steps) only
+        # read the cache and are checkpointed against a frozen snapshot of it
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not write_cache)
+        if use_ckpt and cache is not None:
+            actx = replace(actx, cache=cache.frozen())
         for i, block in enumerate(self.blocks):
             if par is not None and not par.owns_layer(i):
                 continue

@@ -24,6 +24,17 @@ class LayerCache:
     cross_v: torch.Tensor | None = None
 
 
+class _FrozenLayer:
+    """A :class:`LayerCache` view whose cross-attention slots ignore writes (see ``KVCache.frozen``)."""
+
+    def __init__(self, c: LayerCache):
+        self.k, self.v = c.k, c.v
+        self._cross = (c.cross_k, c.cross_v)
+
+    cross_k = property(lambda self: self._cross[0], lambda self, value: None)
+    cross_v = property(lambda self: self._cross[1], lambda self, value: None)
+
+
 @dataclass
 class KVCache:
     num_layers: int
@@ -35,6 +46,19 @@ class KVCache:
     def __post_init__(self):
         if not self.layers:
             self.layers = [LayerCache() for _ in range(self.num_layers)]
+
+    def frozen(self) -> "KVCache":
+        """A read-only snapshot (the same tensors, no copy) for activation-checkpointed passes.
+
+        Why: a checkpointed block recomputes its forward during backward, when the live cache has
+        already grown (later chunks appended, old ones evicted). The snapshot keeps what the forward
+        saw. Cached tensors are never modified in place (append/evict build new tensors), so holding
+        references is enough. Cross-attention K/V missing at snapshot time stay missing (writes are
+        ignored), so forward and recomputation build the same graph.
+        """
+        snap = KVCache(self.num_layers, self.tokens_per_chunk, self.visibility, list(self.chunks),
+                       [_FrozenLayer(c) for c in self.layers])
+        return snap
 
     def __len__(self) -> int:
         return len(self.chunks)
