@@ -135,10 +135,31 @@ def check_load(root, layout, record, step, same_layout, errors):
         errors.append(f"{where}: lr {lr}")
 
 
+def three_d(root, mode, errors):
+    """``save``: 8 ranks, TP2 x CP2 x PP2, two AdamW steps, checkpoint + record of step 2.
+    ``load``: 2 ranks load that checkpoint under DP2 and under TP2 (the issue's "saved on 8, resumed on 2")."""
+    if mode == "save":
+        groups, model, opt = setup("2x2x1x2", seed=0)
+        train(model, opt, groups, 2)
+        save(root, 2, model, opt, groups)
+    else:
+        rec = torch.load(Path(root) / "ref_step2.pt")
+        for layout in ("1x1x2", "2x1x1"):
+            check_load(root, layout, rec, 2, False, errors)
+
+
 def main():
     root, out_dir = sys.argv[1], sys.argv[-1]
     torch.set_num_threads(1)
     errors = []
+    if len(sys.argv) == 4:  # root, mode, out_dir
+        try:
+            three_d(root, sys.argv[2], errors)
+        except Exception:
+            errors.append(traceback.format_exc())
+        with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(errors, f)
+        return
     try:
         groups, model, opt = setup("2x1x1", seed=0)
         train(model, opt, groups, 1)

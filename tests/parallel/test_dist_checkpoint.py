@@ -142,3 +142,13 @@ def test_single_process_format_is_refused_with_a_clear_message(tmp_path):
     path = dck.choose_checkpoint(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="not a sharded checkpoint"):
         dck.read_shared_state(path)
+
+
+def test_checkpoint_saved_on_eight_ranks_resumes_on_two(tmp_path):
+    """TP2 x CP2 x PP2 (8 gloo processes) -> DP2 and TP2: every weight, EMA and AdamW state bit for bit."""
+    errors = launch("_ckpt_worker.py", 8, [str(tmp_path), "save"], timeout=240)
+    assert not errors, "\n".join(errors[:30])
+    layout = json.loads((tmp_path / "step_00000002" / "meta.json").read_text())["layout"]
+    assert (layout["tp"], layout["cp"], layout["pp"], layout["world"]) == (2, 2, 2, 8), layout
+    errors = launch("_ckpt_worker.py", 2, [str(tmp_path), "load"], timeout=240)
+    assert not errors, "\n".join(errors[:30])

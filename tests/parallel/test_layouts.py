@@ -26,7 +26,9 @@ MASKS = "frame,chunk,tf"
     (4, "2x1x1x2", "tf"),  # TP2 x PP2
     (4, "1x2x1x2", "tf"),  # CP2 x PP2
     (4, "1x1x2x2", "frame"),  # DP2 x PP2
-], ids=["single", "tp2", "cp2", "dp2", "tp2-cp2", "tp2-dp2", "cp2-dp2", "pp2", "tp2-pp2", "cp2-pp2", "dp2-pp2"])
+    (8, "2x2x1x2", "tf"),  # TP2 x CP2 x PP2 (issue 8's 3-D layout, on CPU)
+], ids=["single", "tp2", "cp2", "dp2", "tp2-cp2", "tp2-dp2", "cp2-dp2", "pp2", "tp2-pp2", "cp2-pp2", "dp2-pp2",
+        "tp2-cp2-pp2"])
 def test_layout_matches_single_process(nprocs, layout, kinds):
     errors = launch("_worker.py", nprocs, [layout, kinds], timeout=150)
     assert not errors, f"layout tp x cp x dp [x pp] = {layout}:\n" + "\n".join(errors[:30])
