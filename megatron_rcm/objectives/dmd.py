@@ -37,7 +37,7 @@ class DMDConfig:
     fake_guidance_scale: float = 1.0  # CFG of the fake score (1 = conditional only, as Self-Forcing)
     min_s: float = 0.02  # re-noising level range (FM s = t_wan / 1000), before the shift
     max_s: float = 0.98
-    shift: float = 1.0  # time shift of the re-noising level
+    shift: float = 1.0  # time shift of the re-noising level (Self-Forcing and rCM use 5 on Wan; see the tiny recipe)
     critic_ratio: int = 1  # critic updates per generator step
     critic_lr: float = 1e-4
     critic_betas: tuple[float, float] = (0.0, 0.999)  # DMD2 / Self-Forcing use beta1 = 0
