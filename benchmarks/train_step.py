@@ -48,15 +48,14 @@ class FlopCounter:
     def __init__(self, model, text_len: int):
         self.model, self.text_len, self.flops, self.calls = model, text_len, 0.0, []
         cfg = model.cfg
-        self.d, self.h, self.hd = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads, \
-            cfg.attention_head_dim
-        self.ffn, self.layers = cfg.ffn_dim, sum(1 for _ in model.blocks)
+        self.h, self.hd, self.ffn, self.layers = cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, \
+            len(model.blocks)
+        self.d = self.h * self.hd
         self._inner = model.forward_segments
-        self._density: dict = {}
 
     def __enter__(self):
         def counted(segments, context, mask=None, *a, **kw):
-            self.price(segments, mask, kw.get("cache"), kw.get("cache_chunk"))
+            self.price(segments, mask, kw.get("cache"))
             return self._inner(segments, context, mask, *a, **kw)
         self.model.forward_segments = counted
         return self
@@ -64,30 +63,23 @@ class FlopCounter:
     def __exit__(self, *exc):
         del self.model.forward_segments
 
-    def price(self, segments, mask, cache, cache_chunk):
+    def price(self, segments, mask, cache):
         b = segments[0].latents.shape[0]
         pt = self.model.patch
         tokens = sum(s.latents.shape[2] // pt[0] * (s.latents.shape[3] // pt[1]) * (s.latents.shape[4] // pt[2])
                      for s in segments)
         tangent = any(s.tangent is not None or s.timestep_tangent is not None for s in segments)
         graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
-        sk = tokens + (cache_tokens(cache, cache_chunk) if cache is not None else 0)
-        key = (id(mask), tokens, sk)
-        if key not in self._density:
-            self._density[key] = mask_density(mask, tokens, sk) if mask is not None and sk == tokens else 1.0
+        sk = tokens + (cache.num_tokens if cache is not None else 0)  # a cached chunk sees the whole cache
+        density = mask_density(mask, tokens, sk) if mask is not None and cache is None else 1.0
         d, L = self.d, self.layers
         lin = 2 * b * L * (tokens * (4 * d * d + 2 * d * d + 2 * d * self.ffn) + self.text_len * 2 * d * d)
-        attn = 4 * b * L * self.h * self.hd * (tokens * sk * self._density[key] + tokens * self.text_len)
+        attn = 4 * b * L * self.h * self.hd * (tokens * sk * density + tokens * self.text_len)
         f = lin * (2 if tangent else 1) + attn * (3 if tangent else 1)
         if graph:
             f += 2 * lin * (2 if tangent else 1) + 2.5 * attn * (3 if tangent else 1)
         self.flops += f
         self.calls.append((tokens, sk, tangent, graph))
-
-
-def cache_tokens(cache, cache_chunk) -> int:
-    """Tokens already in the KV cache (what the current chunk attends to besides itself)."""
-    return len(cache.chunks) * cache.tokens_per_chunk
 
 
 def build(args, device):
