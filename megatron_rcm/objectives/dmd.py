@@ -235,16 +235,27 @@ class SelfForcingDMD:
     def trainable_parameters(self):
         return []  # the critic has its own optimizer
 
-    def extra_state(self) -> dict:
-        st = {"critic": {k: v.detach().cpu() for k, v in self.critic.state_dict().items()},
-              "critic_opt": self.critic_opt.state_dict(), "rng": self.rng.getstate()}
+    def extra_state(self, with_critic: bool = True) -> dict:
+        """RNG states and, with ``with_critic``, the critic's weights and optimizer state.
+
+        The trainer passes False: its checkpoints hold the critic as sharded tensors (and a ZeRO-1
+        critic optimizer has no local full state dict to give).
+        """
+        st = {"rng": self.rng.getstate()}
+        if with_critic:
+            st["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
+            st["critic_opt"] = self.critic_opt.state_dict()
         if self.gen is not None:
             st["gen"] = self.gen.get_state()
         return st
 
     def load_extra_state(self, state: dict) -> None:
-        self.critic.load_state_dict(state["critic"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        """Inverse of :meth:`extra_state`; critic entries that are absent (or a placeholder string, as in
+        older checkpoints) were loaded from the checkpoint's tensors already."""
+        if isinstance(state.get("critic"), dict):
+            self.critic.load_state_dict(state["critic"])
+        if isinstance(state.get("critic_opt"), dict):
+            self.critic_opt.load_state_dict(state["critic_opt"])
         self.rng.setstate(state["rng"])
         if "gen" in state:
             self._generator(next(self.critic.parameters()).device).set_state(state["gen"])

@@ -65,8 +65,8 @@ class RCMObjective(torch.nn.Module):
         w = getattr(self, "cm_weighting", None)
         return [] if w is None else [p for p in w.parameters() if p.requires_grad]
 
-    def extra_state(self) -> dict:
-        st = {"dmd": self.dmd.extra_state()}
+    def extra_state(self, with_critic: bool = True) -> dict:
+        st = {"dmd": self.dmd.extra_state() if with_critic else self.dmd.extra_state(with_critic=False)}
         if hasattr(self.cm, "extra_state"):
             st["cm"] = self.cm.extra_state()
         return st

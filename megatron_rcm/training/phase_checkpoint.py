@@ -20,10 +20,6 @@ import torch
 
 from . import dist_checkpoint as dck
 
-# stands in for the critic weights / critic optimizer inside the objective's extra state
-_IN_SHARDS = "<in the sharded tensors of this checkpoint>"
-
-
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -76,8 +72,9 @@ class PhaseObjects:
     def small_state(self) -> dict:
         """Scheduler, data position, RNG and the objective's state without the critic tensors."""
         st = {"scheduler": self.schedulers[0].state_dict(), "data": self.data.state_dict(), "rng": rng_state()}
-        if hasattr(self.objective, "extra_state"):
-            st["objective_extra"] = _replace_critic(self.objective.extra_state(), None)
+        if hasattr(self.objective, "extra_state"):  # the critic's tensors travel in tensors()/optimizer_specs()
+            kw = {"with_critic": False} if self.dmd is not None else {}
+            st["objective_extra"] = self.objective.extra_state(**kw)
         return st
 
     def load_small_state(self, st: dict) -> None:
@@ -85,21 +82,8 @@ class PhaseObjects:
             scheduler.load_state_dict(st["scheduler"])
         self.data.load_state_dict(st["data"])
         if hasattr(self.objective, "load_extra_state") and "objective_extra" in st:
-            self.objective.load_extra_state(_replace_critic(st["objective_extra"], self.dmd))
+            self.objective.load_extra_state(st["objective_extra"])
         set_rng_state(st["rng"])
-
-
-def _replace_critic(extra, dmd):
-    """Swap the critic weights/optimizer in an objective's extra state for a marker (dmd None), or the
-    marker for the live (already loaded) critic's state dicts."""
-    if not isinstance(extra, dict):
-        return extra
-    out = {}
-    for k, v in extra.items():
-        if k in ("critic", "critic_opt") and (dmd is None or v == _IN_SHARDS):
-            v = _IN_SHARDS if dmd is None else (dmd.critic if k == "critic" else dmd.critic_opt).state_dict()
-        out[k] = _replace_critic(v, dmd)
-    return out
 
 
 def save_phase(root, step: int, objs: PhaseObjects, scalars: dict, groups=None, model_config=None,

@@ -181,6 +181,10 @@ class Trainer:
         dmd = objective if hasattr(objective, "critic_step") else getattr(objective, "dmd", None)
         if dmd is not None and par.distributed:
             dmd.sync_and_clip = par.sync_and_clip
+            dc = dmd.cfg  # the critic's AdamW state sharded over data x context ranks (ZeRO-1), like the student's
+            dmd.critic_opt = par.optimizers([p for p in dmd.critic.parameters() if p.requires_grad], [],
+                                            lr=dc.critic_lr, betas=tuple(dc.critic_betas),
+                                            weight_decay=dc.critic_weight_decay)[0]
         move_objective_modules(objective, self.device)
         # objectives may train small modules of their own with the student (e.g. sCM's adaptive weight)
         extra_params = list(getattr(objective, "trainable_parameters", lambda: [])())
