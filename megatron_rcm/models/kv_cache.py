@@ -56,9 +56,8 @@ class KVCache:
         references is enough. Cross-attention K/V missing at snapshot time stay missing (writes are
         ignored), so forward and recomputation build the same graph.
         """
-        snap = KVCache(self.num_layers, self.tokens_per_chunk, self.visibility, list(self.chunks),
+        return KVCache(self.num_layers, self.tokens_per_chunk, self.visibility, list(self.chunks),
                        [_FrozenLayer(c) for c in self.layers])
-        return snap
 
     def __len__(self) -> int:
         return len(self.chunks)
