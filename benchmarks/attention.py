@@ -81,6 +81,11 @@ def main():
         r = {"case": name, "density": dens}
         r["fwd_ms"] = bench(lambda: fa.fused_forward_lse(q, k, v, mask), reps=args.reps)
         r["jvp_ms"] = bench(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), reps=args.reps)
+        if fa.use_sm90(q):  # the same calls on the mma.sync kernels, for the A/B column
+            os.environ[fa.SM90_ENV] = "0"
+            r["fwd_mma_ms"] = bench(lambda: fa.fused_forward_lse(q, k, v, mask), reps=args.reps)
+            r["jvp_mma_ms"] = bench(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), reps=args.reps)
+            del os.environ[fa.SM90_ENV]
         qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
         o = fa.fused_forward(qr, kr, vr, mask)
         r["bwd_ms"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
@@ -112,6 +117,9 @@ def main():
             r["ref_jvp_ms"] = bench(lambda: attention_reference_jvp(q, k, v, tq, tk, tv, mask=mask.to("cuda")), warmup=1, reps=3)
         r["fwd_tf"] = f1 * dens / r["fwd_ms"] / 1e9
         r["jvp_tf"] = 3 * f1 * dens / r["jvp_ms"] / 1e9
+        if "jvp_mma_ms" in r:
+            r["fwd_mma_tf"] = f1 * dens / r["fwd_mma_ms"] / 1e9
+            r["jvp_mma_tf"] = 3 * f1 * dens / r["jvp_mma_ms"] / 1e9
         r["bwd_tf"] = 2.5 * f1 * dens / r["bwd_ms"] / 1e9
         r["sdpa_fwd_tf"] = f1 / r["sdpa_fwd_ms"] / 1e9
         r["sdpa_bwd_tf"] = 2.5 * f1 / r["sdpa_bwd_ms"] / 1e9
@@ -122,13 +130,17 @@ def main():
 
     def fmt(x, p=1):
         return "-" if x is None else f"{x:.{p}f}"
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={H} D={D} bf16 | times ms (median), TFLOP/s on unmasked 64x64 tiles")
-    print("| case | dens | fwd ms | fwd TF/s | SDPA fwd ms (TF/s) | Flex fwd ms | fwd+JVP ms | JVP TF/s | bwd ms | bwd TF/s | SDPA bwd ms (TF/s) | func.jvp ms | ref JVP ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={H} D={D} bf16 | times ms (median), TFLOP/s on unmasked 64x64 tiles"
+          f" | kernels: {'sm_90a wgmma' if rows and 'jvp_mma_ms' in rows[0] else 'mma.sync'} (mma.sync column when both)")
+    print("| case | dens | fwd ms | fwd TF/s | mma.sync fwd TF/s | SDPA fwd ms (TF/s) | Flex fwd ms | fwd+JVP ms | JVP TF/s | "
+          "mma.sync JVP TF/s | bwd ms | bwd TF/s | SDPA bwd ms (TF/s) | func.jvp ms | ref JVP ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r.get
-        print(f"| {r['case']} | {r['density']:.3f} | {fmt(g('fwd_ms'),2)} | {fmt(g('fwd_tf'),0)} | {fmt(g('sdpa_fwd_ms'),2)} ({fmt(g('sdpa_fwd_tf'),0)}) | "
-              f"{fmt(g('flex_fwd_ms'),2)} | {fmt(g('jvp_ms'),2)} | {fmt(g('jvp_tf'),0)} | {fmt(g('bwd_ms'),2)} | {fmt(g('bwd_tf'),0)} | "
+        print(f"| {r['case']} | {r['density']:.3f} | {fmt(g('fwd_ms'),2)} | {fmt(g('fwd_tf'),0)} | {fmt(g('fwd_mma_tf'),0)} | "
+              f"{fmt(g('sdpa_fwd_ms'),2)} ({fmt(g('sdpa_fwd_tf'),0)}) | "
+              f"{fmt(g('flex_fwd_ms'),2)} | {fmt(g('jvp_ms'),2)} | {fmt(g('jvp_tf'),0)} | {fmt(g('jvp_mma_tf'),0)} | "
+              f"{fmt(g('bwd_ms'),2)} | {fmt(g('bwd_tf'),0)} | "
               f"{fmt(g('sdpa_bwd_ms'),2)} ({fmt(g('sdpa_bwd_tf'),0)}) | {fmt(g('funcjvp_ms'),1)} | {fmt(g('ref_jvp_ms'),1)} |")
 
 

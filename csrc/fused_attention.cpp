@@ -38,30 +38,55 @@ mrcm::AttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at:
   return p;
 }
 
+#if defined(MRCM_WITH_SM90)
+constexpr bool kHasSm90 = true;
+#else
+constexpr bool kHasSm90 = false;
+#endif
+
+// The Hopper kernels run only when built (CUTLASS found) and on a compute capability 9.0 device.
+void check_sm90(const at::Tensor& q) {
+  TORCH_CHECK(kHasSm90, "this build has no sm_90a kernels (CUTLASS headers were not found at build time)");
+  const auto* prop = at::cuda::getDeviceProperties(q.get_device());
+  TORCH_CHECK(prop->major == 9 && prop->minor == 0, "the sm_90a kernels need a compute capability 9.0 GPU");
+}
+
+void check_tiles(const mrcm::AttnParams& p, int bq, int bk, const char* which) {
+  TORCH_CHECK(p.Tq == (p.Sq + bq - 1) / bq && p.Tk == (p.Sk + bk - 1) / bk, "tile summary not made for the ", which,
+              " tile sizes (", bq, ", ", bk, ")");
+}
+
 void check_err(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fused attention launch failed: ", cudaGetErrorString(e)); }
 
 std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor qg, at::Tensor kg, at::Tensor allow,
-                            at::Tensor tiles, int64_t G, double scale) {
+                            at::Tensor tiles, int64_t G, double scale, bool sm90) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
-  TORCH_CHECK(p.Tq == (p.Sq + mrcm::FWD_BQ - 1) / mrcm::FWD_BQ && p.Tk == (p.Sk + mrcm::FWD_BK - 1) / mrcm::FWD_BK,
-              "tile summary not made for the forward tile sizes");
+  if (sm90) check_sm90(q);
+  check_tiles(p, sm90 ? mrcm::SM90_BQ : mrcm::FWD_BQ, sm90 ? mrcm::SM90_FWD_BK : mrcm::FWD_BK, "forward");
   auto o = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = o.data_ptr(); p.lse = lse.data_ptr<float>();
+#if defined(MRCM_WITH_SM90)
+  if (sm90) {
+    check_err(mrcm::launch_fwd_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+    return {o, lse};
+  }
+#endif
   check_err(mrcm::launch_fwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
   return {o, lse};
 }
 
 std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> tq,
                                 std::optional<at::Tensor> tk, std::optional<at::Tensor> tv, at::Tensor qg,
-                                at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale) {
+                                at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale,
+                                bool sm90) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
-  TORCH_CHECK(p.Tq == (p.Sq + mrcm::JVP_BQ - 1) / mrcm::JVP_BQ && p.Tk == (p.Sk + mrcm::JVP_BK - 1) / mrcm::JVP_BK,
-              "tile summary not made for the JVP tile sizes");
+  if (sm90) check_sm90(q);
+  check_tiles(p, sm90 ? mrcm::SM90_BQ : mrcm::JVP_BQ, sm90 ? mrcm::SM90_JVP_BK : mrcm::JVP_BK, "JVP");
   auto chk = [&](const std::optional<at::Tensor>& t, const at::Tensor& like) -> const void* {
     if (!t.has_value()) return nullptr;
     TORCH_CHECK(t->sizes() == like.sizes() && t->scalar_type() == like.scalar_type() && t->is_contiguous(),
@@ -73,6 +98,17 @@ std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::o
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
   p.tq = chk(tq, q); p.tk = chk(tk, k); p.tv = chk(tv, v);
   p.o = o.data_ptr(); p.to = to.data_ptr();
+#if defined(MRCM_WITH_SM90)
+  if (sm90) {  // the wgmma kernel takes all three tangents: a missing one is passed as zeros
+    at::Tensor zero;
+    if (!p.tq || !p.tk || !p.tv) zero = at::zeros_like(k.numel() >= q.numel() ? k : q);
+    if (!p.tq) p.tq = zero.data_ptr();
+    if (!p.tk) p.tk = zero.data_ptr();
+    if (!p.tv) p.tv = zero.data_ptr();
+    check_err(mrcm::launch_fwd_jvp_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+    return {o, to};
+  }
+#endif
   check_err(mrcm::launch_fwd_jvp(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
   return {o, to};
 }
@@ -108,4 +144,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("FWD_TILES") = pybind11::make_tuple(mrcm::FWD_BQ, mrcm::FWD_BK);
   m.attr("JVP_TILES") = pybind11::make_tuple(mrcm::JVP_BQ, mrcm::JVP_BK);
   m.attr("BWD_TILES") = pybind11::make_tuple(mrcm::BWD_BQ, mrcm::BWD_BK);
+  m.attr("HAS_SM90") = kHasSm90;
+  m.attr("SM90_FWD_TILES") = pybind11::make_tuple(mrcm::SM90_BQ, mrcm::SM90_FWD_BK);
+  m.attr("SM90_JVP_TILES") = pybind11::make_tuple(mrcm::SM90_BQ, mrcm::SM90_JVP_BK);
 }

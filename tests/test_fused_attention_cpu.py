@@ -76,11 +76,34 @@ def test_build_hook_returns_nothing_without_cuda():
     if torch.version.cuda is None:
         assert build.get_extensions() == []
     assert [os.path.basename(p) for p in build.source_paths()] == ["fused_attention.cpp", "fused_attention_kernels.cu"]
-    assert all(os.path.exists(p) for p in build.source_paths())
+    assert all(os.path.exists(p) for p in build.source_paths(with_sm90=True))
+    assert os.path.basename(build.source_paths(with_sm90=True)[-1]) == "fused_attention_sm90.cu"
     assert build.EXT_NAME == "megatron_rcm._fused_attention_C"
+
+
+def test_sm90_kernels_need_cutlass_headers_and_an_sm90a_target(tmp_path, monkeypatch):
+    build = _load_build()
+    assert not build.sm90_enabled(None, None)  # no headers: never
+    assert build.sm90_enabled(None, "/inc")  # default arch flags include sm_90a
+    assert build.sm90_enabled("8.0;9.0a", "/inc")
+    assert not build.sm90_enabled("8.0;9.0", "/inc")  # plain sm_90 cannot run wgmma kernels
+    assert build.SM90A_ARCH in build.arch_flags(True) and build.SM90_ARCH in build.arch_flags(False)
+    # CUTLASS_PATH is honoured when it holds cute/tensor.hpp (either the root or its include/)
+    (tmp_path / "include" / "cute").mkdir(parents=True)
+    (tmp_path / "include" / "cute" / "tensor.hpp").write_text("")
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))
+    assert build.cutlass_include() == str(tmp_path / "include")
+
+
+def test_sm90_path_is_not_chosen_on_cpu():
+    x = torch.randn(1, 8, 2, 64).to(torch.bfloat16)
+    assert not fa.use_sm90(x, x, x)
 
 
 def test_tile_constants_match_header():
     text = open(os.path.join(ROOT, "csrc", "fused_attention_kernels.cuh")).read()
     for name, (bq, bk) in (("FWD", fa.FWD_TILES), ("JVP", fa.JVP_TILES), ("BWD", fa.BWD_TILES)):
         assert f"{name}_BQ = {bq}, {name}_BK = {bk};" in text
+    assert fa.SM90_FWD_TILES[0] == fa.SM90_JVP_TILES[0]
+    assert (f"SM90_BQ = {fa.SM90_FWD_TILES[0]}, SM90_FWD_BK = {fa.SM90_FWD_TILES[1]}, "
+            f"SM90_JVP_BK = {fa.SM90_JVP_TILES[1]};") in text

@@ -20,7 +20,10 @@ from .masks import GroupMask, full_mask
 FWD_TILES = (64, 64)
 JVP_TILES = (64, 32)
 BWD_TILES = (64, 64)
+SM90_FWD_TILES = (128, 128)  # Hopper wgmma kernels (forward and forward+JVP)
+SM90_JVP_TILES = (128, 64)
 HEAD_DIMS = (64, 128)
+SM90_ENV = "MEGATRON_RCM_FUSED_SM90"  # "0" keeps Hopper on the mma.sync kernels (A/B checks)
 
 
 def _jit_build():
@@ -31,17 +34,31 @@ def _jit_build():
         return None
     csrc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "csrc")
     csrc = os.path.normpath(csrc)
+    build = _build_helpers(csrc)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a" if (major, minor) == (9, 0) else f"{major}.{minor}"
+    include = build.cutlass_include()
+    with_sm90 = build.sm90_enabled(os.environ["TORCH_CUDA_ARCH_LIST"], include)
+    defines = ["-DMRCM_WITH_SM90"] if with_sm90 else []
     return cpp_extension.load(
         name="_fused_attention_C",
-        sources=[os.path.join(csrc, "fused_attention.cpp"), os.path.join(csrc, "fused_attention_kernels.cu")],
-        extra_include_paths=[csrc],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"],
+        sources=build.source_paths(with_sm90=with_sm90),
+        extra_include_paths=[csrc] + ([include] if with_sm90 else []),
+        extra_cflags=["-O3", "-std=c++17"] + defines,
+        extra_cuda_cflags=build.NVCC_FLAGS + (build.SM90_NVCC_FLAGS if with_sm90 else []),
         verbose=os.environ.get("MEGATRON_RCM_JIT_VERBOSE") == "1",
     )
+
+
+def _build_helpers(csrc: str):
+    """csrc/build.py, loaded by path (it is not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("megatron_rcm_csrc_build", os.path.join(csrc, "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _load_extension():
@@ -101,6 +118,24 @@ def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], 
     return packs[sub]
 
 
+def use_sm90(t: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+    """Whether the Hopper wgmma kernels serve this call: built, a 9.0 device, not disabled, and every
+    operand 16-byte aligned (their TMA descriptors need it; a misaligned view takes the mma.sync path)."""
+    if _C is None or not getattr(_C, "HAS_SM90", False) or not t.is_cuda:
+        return False
+    if os.environ.get(SM90_ENV, "1") == "0":
+        return False
+    if any(x is not None and x.data_ptr() % 16 for x in (t, *operands)):
+        return False
+    return torch.cuda.get_device_capability(t.device) == (9, 0)
+
+
+def _fwd(q, k, v, mask, scale):
+    sm90 = use_sm90(q, k, v)
+    qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], SM90_FWD_TILES if sm90 else FWD_TILES, q.device)
+    return _C.fwd(q, k, v, qg, kg, allow, tiles, g, scale, sm90)
+
+
 # ---------------------------------------------------------------- autograd + backend functions
 class _FusedAttention(torch.autograd.Function):
     """O = attention(q, k, v); backward is the CUDA kernel from dO and the saved LSE."""
@@ -108,8 +143,7 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], FWD_TILES, q.device)
-        o, lse = _C.fwd(q, k, v, qg, kg, allow, tiles, g, scale)
+        o, lse = _fwd(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.scale = mask, scale
         return o
@@ -136,17 +170,18 @@ def fused_forward(q, k, v, mask: GroupMask | None = None, scale: float | None = 
 def fused_forward_lse(q, k, v, mask: GroupMask | None = None, scale: float | None = None):
     """(O, LSE [B, H, Sq] float32; -inf on fully masked rows), no autograd."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], FWD_TILES, q.device)
-    return tuple(_C.fwd(q, k, v, qg, kg, allow, tiles, g, _scale(q, scale)))
+    return tuple(_fwd(q, k, v, mask, _scale(q, scale)))
 
 
 def fused_forward_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale: float | None = None):
     """(O, dO) in one pass; None tangents are zero and their products are skipped."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tq, tk, tv = (None if t is None else t.detach().contiguous() for t in (tq, tk, tv))
-    qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], JVP_TILES, q.device)
+    sm90 = use_sm90(q, k, v, tq, tk, tv)
+    qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], SM90_JVP_TILES if sm90 else JVP_TILES, q.device)
     with torch.no_grad():
-        o, to = _C.fwd_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, qg, kg, allow, tiles, g, _scale(q, scale))
+        o, to = _C.fwd_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, qg, kg, allow, tiles, g, _scale(q, scale),
+                           sm90)
     return o, to
 
 

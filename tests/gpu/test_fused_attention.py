@@ -23,6 +23,26 @@ def _fa():
     return fa
 
 
+@pytest.fixture(params=["mma_sync", "sm90"])
+def kernel_path(request, monkeypatch):
+    """Run a test on both the mma.sync kernels and (on a 9.0 GPU, when built) the wgmma kernels."""
+    fa = _fa()
+    if request.param == "sm90":
+        if not (getattr(fa._C, "HAS_SM90", False) and torch.cuda.get_device_capability() == (9, 0)):
+            pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU and a build that found CUTLASS")
+        monkeypatch.setenv(fa.SM90_ENV, "1")
+    else:
+        monkeypatch.setenv(fa.SM90_ENV, "0")
+    assert fa.use_sm90(torch.empty(1, device="cuda")) == (request.param == "sm90")
+    return request.param
+
+
+def poison(like, n=4):
+    """Fill a cached allocation with NaN and free it, so the kernel's outputs reuse NaN memory."""
+    junk = torch.full((like.numel() * n,), float("nan"), device="cuda", dtype=like.dtype)
+    del junk
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all(), "non-finite output (unwritten or NaN)"
@@ -51,12 +71,11 @@ def make(mask, dtype, d, heads=3, batch=2, seed=0):
 @pytest.mark.parametrize("name", list(MASKS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_forward_and_lse(name, dtype, d):
+def test_forward_and_lse(name, dtype, d, kernel_path):
     fa = _fa()
     mask, _ = MASKS[name]()
     q, k, v = make(mask, dtype, d)
-    # poison: fill a cached allocation with NaN, free it, so the kernel's output reuses NaN memory
-    junk = torch.full((q.numel() * 4,), float("nan"), device="cuda", dtype=dtype); del junk
+    poison(q)
     o, lse = fa.fused_forward_lse(q, k, v, mask)
     ro, rlse = attention_reference(q.double(), k.double(), v.double(), mask.to("cuda"), return_lse=True)
     assert rel(o, ro) < TOL[dtype]
@@ -66,7 +85,7 @@ def test_forward_and_lse(name, dtype, d):
         assert (lse[fin].double() - rlse[fin]).abs().max().item() < 2e-2
 
 
-def test_fully_masked_rows_give_zero():
+def test_fully_masked_rows_give_zero(kernel_path):
     fa = _fa()
     # queries of group 1 see nothing
     qg = torch.tensor([0] * 70 + [1] * 70, dtype=torch.int32)
@@ -85,11 +104,12 @@ def test_fully_masked_rows_give_zero():
 @pytest.mark.parametrize("name", list(MASKS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_jvp(name, dtype, d):
+def test_jvp(name, dtype, d, kernel_path):
     fa = _fa()
     mask, _ = MASKS[name]()
     q, k, v = make(mask, dtype, d, seed=1)
     tq, tk, tv = make(mask, dtype, d, seed=2)
+    poison(q, 8)
     o, to = fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask)
     ro, rto = attention_reference_jvp(*(t.double() for t in (q, k, v, tq, tk, tv)), mask=mask.to("cuda"))
     assert rel(o, ro) < TOL[dtype]
@@ -97,7 +117,7 @@ def test_jvp(name, dtype, d):
 
 
 @pytest.mark.parametrize("which", ["q", "k", "v", "qk", "none_kv"])
-def test_jvp_partial_tangents(which):
+def test_jvp_partial_tangents(which, kernel_path):
     fa = _fa()
     mask = M.teacher_forcing_mask(3, 101, 1)
     q, k, v = make(mask, torch.bfloat16, 128, seed=3)
@@ -110,7 +130,7 @@ def test_jvp_partial_tangents(which):
     assert rel(to, rto) < 4e-2
 
 
-def test_jvp_vs_finite_differences():
+def test_jvp_vs_finite_differences(kernel_path):
     fa = _fa()
     mask = M.block_causal_mask(3, 150, 1)
     q, k, v = make(mask, torch.float16, 64, heads=2, batch=1, seed=5)

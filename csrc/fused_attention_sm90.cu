@@ -1,0 +1,493 @@
+// Hopper (sm_90a) path of the fused masked attention: forward (+LSE) and forward+JVP with
+// warpgroup MMA (wgmma). Why a second kernel: mma.sync tops out near 350 TFLOP/s on H100, wgmma does not.
+//
+// Layout of the work: a CTA of two warpgroups owns BQ = 128 query rows (64 each). Key tiles of BK
+// rows arrive by TMA in 128-byte-swizzled shared memory (the layout wgmma reads without bank
+// conflicts; rows past the sequence end are zero-filled) through two-slot rings, one for K (and Kdot),
+// one for V (and Vdot); mbarriers say when a slot is full and when every warp is done with it. Scores
+// (S, and for the JVP the tangent Sdot = Qdot K^T + Q Kdot^T) come from smem x smem wgmma; P and
+// P*Sdot stay in registers as the A operand of the register x smem wgmma into O (A = sum p v) and the
+// tangent accumulator (B = sum p vdot + sum (p sdot) v): two accumulators, as DESIGN §3 asks. The two
+// warpgroups take turns on the tensor cores (ping-pong), so one's softmax hides under the other's
+// products. The tile summary (0 skip / 1 full / 2 partial) decides which key tiles are loaded at all
+// and which need the element mask.
+//
+// What each step bought on an H200 (bf16, 12 heads, S = 32,760, full mask; fwd / fwd+JVP TFLOP/s):
+// per-thread cp.async loads 218 / 320 (load-bound at ~2 TB/s from L2); TMA 325 / 470; split K/V rings
+// and ping-pong 481 / 538.
+//
+// Compiled only when CUTLASS/CuTe headers are found (MRCM_WITH_SM90); device code only for sm_90a.
+#include "fused_attention_kernels.cuh"
+
+#if defined(MRCM_WITH_SM90)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include <cuda.h>  // CUtensorMap (the encode function is fetched at run time: no libcuda link)
+
+#include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MRCM_SM90_DEVICE 1
+#endif
+
+namespace mrcm {
+namespace sm90 {
+
+using namespace cute;
+namespace GM = cute::SM90::GMMA;
+
+template <typename T, int D, int BK, bool JVP>
+struct Cfg {
+  static constexpr int NWG = 2, BQ = 64 * NWG, NT = 128 * NWG, SLOTS = 2;
+  using QKAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<BK>, _16>>());
+  using PVAtom = decltype(GM::rs_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
+  using MmaQK = decltype(make_tiled_mma(QKAtom{}, Layout<Shape<Int<NWG>, _1, _1>>{}));
+  using MmaPV = decltype(make_tiled_mma(PVAtom{}, Layout<Shape<Int<NWG>, _1, _1>>{}));
+  using LayoutQ = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<Int<BQ>, Int<D>>{}));
+  using LayoutK = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<Int<BK>, Int<D>>{}));
+  // V^T as the (N = D, K = BK) operand: the same bytes as a K tile, read MN-major.
+  using LayoutVt = decltype(composition(LayoutK{}, make_ordered_layout(Shape<Int<D>, Int<BK>>{}, Step<_2, _1>{})));
+  using PFrag = Layout<Shape<Shape<_2, _2, _2>, _1, Int<BK / 16>>>;  // A-operand registers of P
+
+  static constexpr int Q_ELEMS = BQ * D, K_ELEMS = BK * D;
+  static constexpr int NQ = JVP ? 2 : 1, NKV = JVP ? 4 : 2;  // Q[,Qdot]; K, V[, Kdot, Vdot] per slot pair
+  static constexpr int Q_BYTES = Q_ELEMS * int(sizeof(T)), K_BYTES = K_ELEMS * int(sizeof(T));
+  static constexpr int SMEM_BYTES = 1024 + NQ * Q_BYTES + SLOTS * NKV * K_BYTES + (4 * SLOTS + 1) * 8;
+};
+
+// One TMA descriptor per operand: [B, S, H, D] seen as the 4-D tensor (D, H, S, B); a box is 64 channels
+// (128 bytes, the swizzle span) of one head over a tile of rows.
+struct TmaMaps {
+  CUtensorMap q, k, v, tq, tk, tv;
+};
+
+// Rows [row0, row0 + R) of head h, batch b into the swizzled tile at dst (D / 64 boxes, 64 channels each;
+// CuTe's SW128 K-major tile keeps each 64-channel half contiguous, R * 128 bytes apart).
+template <int R, int D, typename T>
+__device__ __forceinline__ void tma_rows(const CUtensorMap* map, T* dst, uint64_t* bar, int row0, int h, int b) {
+  constexpr uint64_t EVICT_NORMAL = 0x1000000000000000ull;
+#pragma unroll
+  for (int half = 0; half < D / 64; ++half)
+    SM90_TMA_LOAD_4D::copy(map, bar, EVICT_NORMAL, dst + half * R * 64, half * 64, h, row0, b);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<cutlass::bfloat16_t>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<cutlass::half_t>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// C += A B over every k-block; the first block overwrites C when zero_init.
+template <class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, const TA& a, const TB& b, TC& c, bool zero_init) {
+  mma.accumulate_ = zero_init ? GM::ScaleOut::Zero : GM::ScaleOut::One;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GM::ScaleOut::One;
+  }
+}
+
+// Next tile at or after kt that the summary does not skip (Tk when none).
+__device__ __forceinline__ int next_tile(const int8_t* row, int kt, int Tk) {
+  while (kt < Tk && row[kt] == 0) ++kt;
+  return kt;
+}
+
+// Per warpgroup, turn j issues P V of tile j-1 and the scores of tile j together, then runs the
+// softmax of tile j while the other warpgroup's turn keeps the tensor cores busy (ping-pong). K and V
+// live in separate two-slot rings: a K slot is free once the scores of its tile are done, a V slot once
+// P V of its tile is, so each load has more than an iteration to land.
+template <typename T, int D, int BK, bool JVP>
+__global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
+    fwd_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps) {
+#if defined(MRCM_SM90_DEVICE)
+  using C = Cfg<T, D, BK, JVP>;
+  using cutlass::arch::ClusterBarrier;
+  using cutlass::arch::ClusterTransactionBarrier;
+  constexpr int BQ = C::BQ, NT = C::NT, NB = BK / 8, ND = D / 8, SL = C::SLOTS;
+  constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+  // A row's running max is raised only when a tile beats it by more than this (log2 units), so most
+  // tiles skip rescaling O; P stays <= 2^SLACK. fp16 keeps the exact max (P * Sdot could overflow).
+  constexpr float SLACK = std::is_same<T, cutlass::half_t>::value ? 0.f : 8.f;
+  extern __shared__ char smem_raw[];
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* q_s = base;
+  T* qd_s = q_s + C::Q_ELEMS;                                  // JVP only
+  T* k_ring = q_s + C::NQ * C::Q_ELEMS;                        // [slot][K, Kdot]
+  T* v_ring = k_ring + SL * C::NKV / 2 * C::K_ELEMS;           // [slot][V, Vdot]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(v_ring + SL * C::NKV / 2 * C::K_ELEMS);
+  uint64_t* full_k = bars;
+  uint64_t* empty_k = bars + SL;
+  uint64_t* full_v = bars + 2 * SL;
+  uint64_t* empty_v = bars + 3 * SL;
+  uint64_t* qbar = bars + 4 * SL;
+  auto k_tile = [&](int slot, int which) { return k_ring + (slot * (C::NKV / 2) + which) * C::K_ELEMS; };
+  auto v_tile = [&](int slot, int which) { return v_ring + (slot * (C::NKV / 2) + which) * C::K_ELEMS; };
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * BQ;
+  const int64_t rs = (int64_t)p.H * D;
+  const int64_t qoff = ((int64_t)b * p.Sq * p.H + h) * D;
+  // The JVP kernel takes all three tangents (the host passes zeros for a missing one): runtime-optional
+  // products would make ptxas serialize the wgmma pipeline.
+  constexpr uint32_t k_bytes = (JVP ? 2 : 1) * C::K_BYTES, v_bytes = (JVP ? 2 : 1) * C::K_BYTES;
+  const int8_t* trow = p.tiles + (int64_t)qt * p.Tk;
+
+  if (tid == 0) {
+    for (int s = 0; s < SL; ++s) {
+      ClusterBarrier::init(&full_k[s], 1);
+      ClusterBarrier::init(&full_v[s], 1);
+      ClusterBarrier::init(&empty_k[s], NT / 32);  // one arrival per warp
+      ClusterBarrier::init(&empty_v[s], NT / 32);
+    }
+    ClusterBarrier::init(qbar, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // Producer: thread 128, the first thread of warpgroup 1, which runs second in the ping-pong below,
+  // so the slots it refills have normally been released by warpgroup 0 already. The j-th non-skipped
+  // tile goes to slot j % SL; refilling a slot waits for the release of the tile SL earlier.
+  const bool producer = tid == 128;
+  int pk_j = 0, pk_kt = next_tile(trow, 0, p.Tk), pv_j = 0, pv_kt = pk_kt;
+  auto produce_k = [&]() {
+    if (pk_kt >= p.Tk) return;
+    const int slot = pk_j % SL;
+    if (pk_j >= SL) ClusterBarrier::wait(&empty_k[slot], ((pk_j - SL) / SL) & 1);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&full_k[slot], k_bytes);
+    tma_rows<BK, D>(&maps.k, k_tile(slot, 0), &full_k[slot], pk_kt * BK, h, b);
+    if (JVP) tma_rows<BK, D>(&maps.tk, k_tile(slot, 1), &full_k[slot], pk_kt * BK, h, b);
+    ++pk_j;
+    pk_kt = next_tile(trow, pk_kt + 1, p.Tk);
+  };
+  auto produce_v = [&]() {
+    if (pv_kt >= p.Tk) return;
+    const int slot = pv_j % SL;
+    if (pv_j >= SL) ClusterBarrier::wait(&empty_v[slot], ((pv_j - SL) / SL) & 1);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&full_v[slot], v_bytes);
+    tma_rows<BK, D>(&maps.v, v_tile(slot, 0), &full_v[slot], pv_kt * BK, h, b);
+    if (JVP) tma_rows<BK, D>(&maps.tv, v_tile(slot, 1), &full_v[slot], pv_kt * BK, h, b);
+    ++pv_j;
+    pv_kt = next_tile(trow, pv_kt + 1, p.Tk);
+  };
+  if (producer) {
+    ClusterTransactionBarrier::arrive_and_expect_tx(qbar, (JVP ? 2 : 1) * C::Q_BYTES);
+    tma_rows<BQ, D>(&maps.q, q_s, qbar, q0, h, b);
+    if (JVP) tma_rows<BQ, D>(&maps.tq, qd_s, qbar, q0, h, b);
+    for (int s = 0; s < SL; ++s) {
+      produce_k();
+      produce_v();
+    }
+  }
+  auto wait_k = [&](int j) { ClusterBarrier::wait(&full_k[j % SL], (j / SL) & 1); };
+  auto wait_v = [&](int j) { ClusterBarrier::wait(&full_v[j % SL], (j / SL) & 1); };
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) ClusterBarrier::arrive(bar);
+  };
+  // Ping-pong (FlashAttention-3): the warpgroups take turns issuing their products (named barriers 1
+  // and 2), so one warpgroup's softmax runs while the other's products keep the tensor cores busy.
+  auto turn_wait = [&]() { asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "r"(NT) : "memory"); };
+  auto turn_pass = [&]() { asm volatile("bar.arrive %0, %1;\n" ::"r"(2 - wg), "r"(NT) : "memory"); };
+
+  typename C::MmaQK mma_qk;
+  typename C::MmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.partition_fragment_A(make_tensor(make_smem_ptr(q_s), typename C::LayoutQ{}));
+  Tensor tSrQd = thr_qk.partition_fragment_A(make_tensor(make_smem_ptr(qd_s), typename C::LayoutQ{}));
+
+  Tensor accS = partition_fragment_C(mma_qk, Shape<Int<BQ>, Int<BK>>{});
+  Tensor accSd = partition_fragment_C(mma_qk, Shape<Int<BQ>, Int<BK>>{});
+  Tensor accO = partition_fragment_C(mma_pv, Shape<Int<BQ>, Int<D>>{});
+  Tensor accB = partition_fragment_C(mma_pv, Shape<Int<BQ>, Int<D>>{});
+  Tensor rP = make_tensor<T>(typename C::PFrag{});
+  Tensor rPS = make_tensor<T>(typename C::PFrag{});
+  clear(accO);
+  if (JVP) clear(accB);
+  auto S = [&](int c, int r, int j) -> float& { return accS(make_coord(c, r, j), 0, 0); };
+  auto Sd = [&](int c, int r, int j) -> float& { return accSd(make_coord(c, r, j), 0, 0); };
+
+  const int row_in_tile0 = wg * 64 + warp * 16 + g;
+  int qg[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = q0 + row_in_tile0 + 8 * r;
+    qg[r] = row < p.Sq ? p.q_groups[row] : 0;
+  }
+  const float sl2 = p.scale * LOG2E;
+  float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f}, rr[2] = {0.f, 0.f}, alpha[2];
+
+  auto issue_scores = [&](int slot) {
+    Tensor tSrK = thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(k_tile(slot, 0)), typename C::LayoutK{}));
+    Tensor tSrKd = thr_qk.partition_fragment_B(make_tensor(make_smem_ptr(k_tile(slot, 1)), typename C::LayoutK{}));
+    warpgroup_fence_operand(accS);
+    if (JVP) warpgroup_fence_operand(accSd);
+    warpgroup_arrive();
+    wg_gemm(mma_qk, tSrQ, tSrK, accS, true);
+    if (JVP) {
+      wg_gemm(mma_qk, tSrQd, tSrK, accSd, true);
+      wg_gemm(mma_qk, tSrQ, tSrKd, accSd, false);
+    }
+    warpgroup_commit_batch();
+  };
+  auto issue_pv = [&](int slot) {
+    Tensor tOrV = thr_pv.partition_fragment_B(make_tensor(make_smem_ptr(v_tile(slot, 0)), typename C::LayoutVt{}));
+    Tensor tOrVd = thr_pv.partition_fragment_B(make_tensor(make_smem_ptr(v_tile(slot, 1)), typename C::LayoutVt{}));
+    warpgroup_fence_operand(accO);
+    warpgroup_fence_operand(rP);
+    if (JVP) { warpgroup_fence_operand(accB); warpgroup_fence_operand(rPS); }
+    warpgroup_arrive();
+    wg_gemm(mma_pv, rP, tOrV, accO, false);
+    if (JVP) {
+      wg_gemm(mma_pv, rP, tOrVd, accB, false);
+      wg_gemm(mma_pv, rPS, tOrV, accB, false);
+    }
+    warpgroup_commit_batch();
+  };
+  // Scores of tile kt (in accS/accSd) -> unnormalised probabilities in place; updates m, l, rr, alpha.
+  auto softmax = [&](int kt) {
+    warpgroup_fence_operand(accS);
+    if (JVP) warpgroup_fence_operand(accSd);
+    const int k0 = kt * BK;
+    if (trow[kt] == 2 || k0 + BK > p.Sk) {
+#pragma unroll
+      for (int j = 0; j < NB; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = 8 * j + 2 * t + c;
+          const int kgrp = k0 + col < p.Sk ? __ldg(p.k_groups + k0 + col) : -1;
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            if (kgrp < 0 || !__ldg(p.allow + qg[r] * p.G + kgrp)) S(c, r, j) = -CUDART_INF_F;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx4[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};  // 4 chains: ILP
+#pragma unroll
+      for (int j = 0; j < NB; ++j) mx4[j % 4] = fmaxf(mx4[j % 4], fmaxf(S(0, r, j), S(1, r, j)));
+      const float mx = quad_max(fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]))) * sl2;
+      const float m_old = m[r];
+      const bool bump = mx > m_old + SLACK;
+      if (bump) m[r] = mx;
+      alpha[r] = bump ? exp2f(m_old - mx) : 1.f;
+      const float muse = m[r] == -CUDART_INF_F ? 0.f : m[r];
+      float ls[4] = {0.f, 0.f, 0.f, 0.f}, rs4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < NB; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float pv = exp2f(fmaf(S(c, r, j), sl2, -muse));
+          S(c, r, j) = pv;
+          ls[j % 4] += pv;
+          if (JVP) {
+            const float ps = pv * Sd(c, r, j) * p.scale;  // masked: pv = 0
+            Sd(c, r, j) = ps;
+            rs4[j % 4] += ps;
+          }
+        }
+      l[r] = fmaf(l[r], alpha[r], (ls[0] + ls[1]) + (ls[2] + ls[3]));
+      if (JVP) rr[r] = fmaf(rr[r], alpha[r], (rs4[0] + rs4[1]) + (rs4[2] + rs4[3]));
+    }
+  };
+  // After P V of the previous tile has landed: bring O (and B) to the new max, then P into registers.
+  auto rescale_and_convert = [&]() {
+    warpgroup_fence_operand(accO);
+    if (JVP) warpgroup_fence_operand(accB);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (alpha[r] != 1.f) {
+#pragma unroll
+        for (int j = 0; j < ND; ++j)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            accO(make_coord(c, r, j), 0, 0) *= alpha[r];
+            if (JVP) accB(make_coord(c, r, j), 0, 0) *= alpha[r];
+          }
+      }
+#pragma unroll
+    for (int j = 0; j < NB; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          rP(make_coord(c, r, j % 2), 0, j / 2) = static_cast<T>(S(c, r, j));
+          if (JVP) rPS(make_coord(c, r, j % 2), 0, j / 2) = static_cast<T>(Sd(c, r, j));
+        }
+  };
+
+  ClusterBarrier::wait(qbar, 0);
+  int kt = next_tile(trow, 0, p.Tk);
+  if (kt < p.Tk) {
+    if (wg == 1) turn_pass();  // warpgroup 0 goes first
+    wait_k(0);
+    turn_wait();
+    issue_scores(0);
+    turn_pass();
+    warpgroup_wait<0>();
+    release(&empty_k[0]);
+    if (producer) produce_k();
+    softmax(kt);
+    rescale_and_convert();
+    int j = 1;
+    for (kt = next_tile(trow, kt + 1, p.Tk); kt < p.Tk; kt = next_tile(trow, kt + 1, p.Tk), ++j) {
+      wait_k(j);
+      wait_v(j - 1);
+      turn_wait();
+      issue_pv((j - 1) % SL);  // P V of tile j-1 and the scores of tile j in one turn
+      issue_scores(j % SL);
+      turn_pass();
+      warpgroup_wait<0>();
+      release(&empty_k[j % SL]);
+      release(&empty_v[(j - 1) % SL]);
+      if (producer) {
+        produce_k();
+        produce_v();
+      }
+      softmax(kt);
+      rescale_and_convert();
+    }
+    wait_v(j - 1);
+    turn_wait();
+    issue_pv((j - 1) % SL);
+    if (wg == 0) turn_pass();  // warpgroup 1's last turn has no successor
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accO);
+    if (JVP) warpgroup_fence_operand(accB);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float lt = quad_sum(l[r]);
+    const float rt = JVP ? quad_sum(rr[r]) : 0.f;
+    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    const int row = q0 + row_in_tile0 + 8 * r;
+    if (row < p.Sq) {
+      T* orow = (T*)p.o + qoff + (int64_t)row * rs;
+      T* drow = JVP ? (T*)p.to + qoff + (int64_t)row * rs : nullptr;
+#pragma unroll
+      for (int j = 0; j < ND; ++j) {
+        const float o0 = accO(make_coord(0, r, j), 0, 0) * inv, o1 = accO(make_coord(1, r, j), 0, 0) * inv;
+        *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) = pack2<T>(o0, o1);
+        if (JVP) {
+          const float d0 = (accB(make_coord(0, r, j), 0, 0) - rt * o0) * inv;
+          const float d1 = (accB(make_coord(1, r, j), 0, 0) - rt * o1) * inv;
+          *reinterpret_cast<uint32_t*>(drow + 8 * j + 2 * t) = pack2<T>(d0, d1);
+        }
+      }
+      if (!JVP && t == 0 && p.lse)
+        p.lse[((int64_t)b * p.H + h) * p.Sq + row] = lt > 0.f ? m[r] * LN2 + logf(lt) : -CUDART_INF_F;
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // an image without sm_90a features must never run this kernel (the host checks the device)
+#endif
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess || status != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<EncodeTiled>(ptr);
+  }();
+  return fn;
+}
+
+// Descriptor for a contiguous [B, S, H, D] tensor, boxes of 64 channels x rows; false if it cannot be made
+// (the caller checks 16-byte alignment, which TMA needs).
+template <typename T>
+bool make_map(CUtensorMap* map, const void* ptr, int B, int S, int H, int D, int rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t e = sizeof(T);
+  cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(H), cuuint64_t(S), cuuint64_t(B)};
+  cuuint64_t strides[3] = {D * e, cuuint64_t(H) * D * e, cuuint64_t(S) * H * D * e};
+  cuuint32_t box[4] = {64, 1, cuuint32_t(rows), 1};
+  cuuint32_t elem[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same<T, cutlass::bfloat16_t>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, dt, 4, const_cast<void*>(ptr), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int D, int BK, bool JVP>
+cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
+  using C = Cfg<T, D, BK, JVP>;
+  TmaMaps maps;
+  memset(&maps, 0, sizeof(maps));
+  bool ok = make_map<T>(&maps.q, p.q, p.B, p.Sq, p.H, D, C::BQ) && make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, BK) &&
+            make_map<T>(&maps.v, p.v, p.B, p.Sk, p.H, D, BK);
+  if (JVP) {  // all three tangents are required here (fused_attention.cpp passes zeros for a missing one)
+    if (!p.tq || !p.tk || !p.tv) return cudaErrorInvalidValue;
+    ok = ok && make_map<T>(&maps.tq, p.tq, p.B, p.Sq, p.H, D, C::BQ) &&
+         make_map<T>(&maps.tk, p.tk, p.B, p.Sk, p.H, D, BK) && make_map<T>(&maps.tv, p.tv, p.B, p.Sk, p.H, D, BK);
+  }
+  if (!ok) return cudaErrorInvalidValue;
+  auto kernel = fwd_kernel<T, D, BK, JVP>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
+  if (e != cudaSuccess) return e;
+  dim3 grid((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B);
+  kernel<<<grid, C::NT, C::SMEM_BYTES, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
+template <bool JVP, int BK64, int BK128>
+cudaError_t dispatch(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
+  if (dtype == 1) {
+    if (head_dim == 128) return launch<cutlass::bfloat16_t, 128, BK128, JVP>(p, stream);
+    if (head_dim == 64) return launch<cutlass::bfloat16_t, 64, BK64, JVP>(p, stream);
+  } else {
+    if (head_dim == 128) return launch<cutlass::half_t, 128, BK128, JVP>(p, stream);
+    if (head_dim == 64) return launch<cutlass::half_t, 64, BK64, JVP>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace sm90
+
+static_assert(SM90_FWD_BK == 128 && SM90_JVP_BK == 64 && SM90_BQ == sm90::Cfg<cutlass::bfloat16_t, 128, 64, true>::BQ,
+              "tile sizes in the header must match the sm90 kernels");
+
+cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
+  return sm90::dispatch<false, SM90_FWD_BK, SM90_FWD_BK>(p, dtype, head_dim, stream);
+}
+cudaError_t launch_fwd_jvp_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
+  return sm90::dispatch<true, SM90_JVP_BK, SM90_JVP_BK>(p, dtype, head_dim, stream);
+}
+
+}  // namespace mrcm
+#endif  // MRCM_WITH_SM90
