@@ -121,12 +121,15 @@ def run(args, kind: str, device) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    prof = None
     for i in range(args.reps + 1):
         for c in counters:
             c.flops = 0.0
         sync()
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
+            if args.profile and i == args.reps:  # the last rep, kernels only (timing of this rep is skewed)
+                prof = stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
             for c in counters:
                 stack.enter_context(c)
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -138,9 +141,11 @@ def run(args, kind: str, device) -> dict:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     obj.after_student_step(student, batch, 1)
         sync()
-        if i > 0:
+        if i > 0 and not (prof is not None and i == args.reps and args.reps > 1):
             times.append(time.perf_counter() - t0)
             flops.append(sum(c.flops for c in counters))
+    if prof is not None:
+        print(kernel_table(prof, args.profile))
     step = statistics.median(times)
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -151,6 +156,18 @@ def run(args, kind: str, device) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "calls": {n: c.calls[-200:] for n, c in zip(("student", "teacher", "critic"), counters)},
             "device": name, "torch": torch.__version__}
+
+
+def kernel_table(prof, top: int) -> str:
+    """The ``top`` kernels by GPU time in one profiled step, with their share: what to fuse or speed up."""
+    rows = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(t for _, t, _ in rows) or 1.0
+    rows.sort(key=lambda r: -r[1])
+    out = ["| kernel | calls | GPU ms | share |", "|---|---|---|---|"]
+    for name, t, n in rows[:top]:
+        out.append(f"| {name[:90].replace('|', '/')} | {n} | {t / 1e3:.1f} | {100 * t / total:.1f}% |")
+    out.append(f"| (all {len(rows)} kernels) | | {total / 1e3:.1f} | 100% |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -166,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--out", default=None, help="append one JSON line per kind")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the last rep and print its N most expensive GPU kernels")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

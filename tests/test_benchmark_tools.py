@@ -58,3 +58,17 @@ def test_flop_counter_prices_forward_jvp_and_backward(one_thread):
     assert graph == pytest.approx(3 * lin + 3.5 * attn, rel=1e-9)
     assert [c[2:] for c in counter.calls] == [(False, False), (True, False), (False, True)]
     assert not hasattr(model, "forward_segments") or "counted" not in getattr(model.forward_segments, "__name__", "")
+
+
+def test_kernel_table_ranks_kernels_by_gpu_time():
+    from types import SimpleNamespace as NS
+
+    ts = _load("train_step")
+    events = [NS(key="gemm|bf16", self_device_time_total=3000.0, count=4),
+              NS(key="cpu_only", self_device_time_total=0.0, count=1),
+              NS(key="attn_fwd", self_device_time_total=5000.0, count=2),
+              NS(key="norm", self_device_time_total=2000.0, count=8)]
+    table = ts.kernel_table(NS(key_averages=lambda: events), top=2).splitlines()
+    assert table[2] == "| attn_fwd | 2 | 5.0 | 50.0% |"
+    assert table[3] == "| gemm/bf16 | 4 | 3.0 | 30.0% |"  # '|' escaped for markdown
+    assert table[-1] == "| (all 3 kernels) | | 10.0 | 100% |" and len(table) == 5
