@@ -89,6 +89,10 @@ def main():
         qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
         o = fa.fused_forward(qr, kr, vr, mask)
         r["bwd_ms"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
+        if fa.use_sm90(q):
+            os.environ[fa.SM90_ENV] = "0"
+            r["bwd_mma_ms"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
+            del os.environ[fa.SM90_ENV]
         del o
         qt_, kt_, vt_ = (x.transpose(1, 2) for x in (q, k, v))
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -120,6 +124,7 @@ def main():
         if "jvp_mma_ms" in r:
             r["fwd_mma_tf"] = f1 * dens / r["fwd_mma_ms"] / 1e9
             r["jvp_mma_tf"] = 3 * f1 * dens / r["jvp_mma_ms"] / 1e9
+            r["bwd_mma_tf"] = 2.5 * f1 * dens / r["bwd_mma_ms"] / 1e9
         r["bwd_tf"] = 2.5 * f1 * dens / r["bwd_ms"] / 1e9
         r["sdpa_fwd_tf"] = f1 / r["sdpa_fwd_ms"] / 1e9
         r["sdpa_bwd_tf"] = 2.5 * f1 / r["sdpa_bwd_ms"] / 1e9
@@ -133,14 +138,14 @@ def main():
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={H} D={D} bf16 | times ms (median), TFLOP/s on unmasked 64x64 tiles"
           f" | kernels: {'sm_90a wgmma' if rows and 'jvp_mma_ms' in rows[0] else 'mma.sync'} (mma.sync column when both)")
     print("| case | dens | fwd ms | fwd TF/s | mma.sync fwd TF/s | SDPA fwd ms (TF/s) | Flex fwd ms | fwd+JVP ms | JVP TF/s | "
-          "mma.sync JVP TF/s | bwd ms | bwd TF/s | SDPA bwd ms (TF/s) | func.jvp ms | ref JVP ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "mma.sync JVP TF/s | bwd ms | bwd TF/s | mma.sync bwd TF/s | SDPA bwd ms (TF/s) | func.jvp ms | ref JVP ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r.get
         print(f"| {r['case']} | {r['density']:.3f} | {fmt(g('fwd_ms'),2)} | {fmt(g('fwd_tf'),0)} | {fmt(g('fwd_mma_tf'),0)} | "
               f"{fmt(g('sdpa_fwd_ms'),2)} ({fmt(g('sdpa_fwd_tf'),0)}) | "
               f"{fmt(g('flex_fwd_ms'),2)} | {fmt(g('jvp_ms'),2)} | {fmt(g('jvp_tf'),0)} | {fmt(g('jvp_mma_tf'),0)} | "
-              f"{fmt(g('bwd_ms'),2)} | {fmt(g('bwd_tf'),0)} | "
+              f"{fmt(g('bwd_ms'),2)} | {fmt(g('bwd_tf'),0)} | {fmt(g('bwd_mma_tf'),0)} | "
               f"{fmt(g('sdpa_bwd_ms'),2)} ({fmt(g('sdpa_bwd_tf'),0)}) | {fmt(g('funcjvp_ms'),1)} | {fmt(g('ref_jvp_ms'),1)} |")
 
 

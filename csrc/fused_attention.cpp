@@ -115,22 +115,27 @@ std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::o
 
 std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
                             at::Tensor delta, at::Tensor qg, at::Tensor kg, at::Tensor allow, at::Tensor tiles,
-                            int64_t G, double scale) {
+                            int64_t G, double scale, bool sm90) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "bad dO");
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.scalar_type() == at::kFloat &&
               delta.scalar_type() == at::kFloat, "lse/delta must be contiguous float32 [B, H, Sq]");
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
-  TORCH_CHECK(p.Tq == (p.Sq + mrcm::BWD_BQ - 1) / mrcm::BWD_BQ && p.Tk == (p.Sk + mrcm::BWD_BK - 1) / mrcm::BWD_BK,
-              "tile summary not made for the backward tile sizes");
+  if (sm90) check_sm90(q);
+  check_tiles(p, sm90 ? mrcm::SM90_BWD_BQ : mrcm::BWD_BQ, sm90 ? mrcm::SM90_BWD_BK : mrcm::BWD_BK, "backward");
   auto dq = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.dout = dout.data_ptr();
   p.lse = lse.data_ptr<float>(); p.delta = delta.data_ptr<float>();
   p.dq_accum = dq.data_ptr<float>(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  check_err(mrcm::launch_bwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+#if defined(MRCM_WITH_SM90)
+  if (sm90)
+    check_err(mrcm::launch_bwd_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+  else
+#endif
+    check_err(mrcm::launch_bwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
   dq.mul_(scale);
   return {dq.to(q.scalar_type()), dk, dv};
 }
@@ -147,4 +152,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HAS_SM90") = kHasSm90;
   m.attr("SM90_FWD_TILES") = pybind11::make_tuple(mrcm::SM90_BQ, mrcm::SM90_FWD_BK);
   m.attr("SM90_JVP_TILES") = pybind11::make_tuple(mrcm::SM90_BQ, mrcm::SM90_JVP_BK);
+  m.attr("SM90_BWD_TILES") = pybind11::make_tuple(mrcm::SM90_BWD_BQ, mrcm::SM90_BWD_BK);
 }

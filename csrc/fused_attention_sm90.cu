@@ -1,5 +1,5 @@
-// Hopper (sm_90a) path of the fused masked attention: forward (+LSE) and forward+JVP with
-// warpgroup MMA (wgmma). Why a second kernel: mma.sync tops out near 350 TFLOP/s on H100, wgmma does not.
+// Hopper (sm_90a) path of the fused masked attention: forward (+LSE), forward+JVP and backward with
+// warpgroup MMA (wgmma); the backward's layout is described above its kernel. Why a second kernel: mma.sync tops out near 350 TFLOP/s on H100, wgmma does not.
 //
 // Layout of the work: a CTA of two warpgroups owns BQ = 128 query rows (64 each). Key tiles of BK
 // rows arrive by TMA in 128-byte-swizzled shared memory (the layout wgmma reads without bank
@@ -410,6 +410,228 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
 #endif
 }
 
+// ---------------------------------------------------------------- backward
+// One CTA per 128 keys: each warpgroup owns 64 of them and keeps their dK and dV accumulators; the
+// query tiles (Q, dO: 64 rows each) stream through a two-slot TMA ring shared by both warpgroups. Per
+// query tile: S^T = K Q^T and dP^T = V dO^T (smem x smem), P^T = exp(S^T - LSE), dS^T = P^T (dP^T - Delta)
+// in registers, dV += P^T dO and dK += dS^T Q (registers x smem), then dS goes to shared memory for
+// dQ = dS K (smem x smem) whose partial sums are added to the fp32 dQ buffer with vector atomics.
+template <typename T, int D>
+struct BwdCfg {
+  static constexpr int BK = 128, BQ = 64, NT = 256, SL = 2, KW = 64;  // KW: keys per warpgroup
+  using SAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<BQ>, _16>>());
+  using RAtom = decltype(GM::rs_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
+  using QAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
+  using MmaS = decltype(make_tiled_mma(SAtom{}));  // every product is one warpgroup's
+  using MmaR = decltype(make_tiled_mma(RAtom{}));
+  using MmaQ = decltype(make_tiled_mma(QAtom{}));
+  using LayoutRows = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<_64, Int<D>>{}));  // K, V, Q, dO
+  // The same bytes read as the (N = D, K = rows) operand: Q, dO for dK, dV; a warpgroup's K for dQ.
+  using LayoutRowsT = decltype(composition(LayoutRows{}, make_ordered_layout(Shape<Int<D>, _64>{}, Step<_2, _1>{})));
+  using LayoutDS = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<Int<BQ>, Int<KW>>{}));  // (q, key)
+  using PFrag = Layout<Shape<Shape<_2, _2, _2>, _1, Int<BQ / 16>>>;
+  static constexpr int TILE = 64 * D, TILE_BYTES = TILE * int(sizeof(T));
+  static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 2 * BQ * KW * int(sizeof(T)) + (2 * SL + 1) * 8;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
+    bwd_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps) {
+#if defined(MRCM_SM90_DEVICE)
+  using C = BwdCfg<T, D>;
+  using cutlass::arch::ClusterBarrier;
+  using cutlass::arch::ClusterTransactionBarrier;
+  constexpr int BQ = C::BQ, BK = C::BK, SL = C::SL, KW = C::KW, NQ = BQ / 8, ND = D / 8;
+  constexpr float LOG2E = 1.4426950408889634f;
+  extern __shared__ char smem_raw[];
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  T* k_s = base;                         // [wg] 64 keys x D
+  T* v_s = k_s + 2 * C::TILE;            // [wg]
+  T* ring = v_s + 2 * C::TILE;           // [slot][Q, dO]
+  T* ds_s = ring + 2 * SL * C::TILE;     // [wg] (q, key)
+  uint64_t* full = reinterpret_cast<uint64_t*>(ds_s + 2 * BQ * KW);
+  uint64_t* empty = full + SL;
+  uint64_t* kvbar = empty + SL;
+
+  const int tid = threadIdx.x, wg = tid / 128, wt = tid % 128, warp = wt / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, k0 = kt * BK, kw0 = k0 + wg * KW;
+  const int64_t rs = (int64_t)p.H * D;
+  const int64_t koff = ((int64_t)b * p.Sk * p.H + h) * D;
+  const int64_t loff = ((int64_t)b * p.H + h) * p.Sq;
+  const float sl2 = p.scale * LOG2E;
+  T* my_k = k_s + wg * C::TILE;
+  T* my_v = v_s + wg * C::TILE;
+  T* my_ds = ds_s + wg * BQ * KW;
+
+  if (tid == 0) {
+    for (int s = 0; s < SL; ++s) {
+      ClusterBarrier::init(&full[s], 1);
+      ClusterBarrier::init(&empty[s], C::NT / 32);
+    }
+    ClusterBarrier::init(kvbar, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // The query tiles this key tile meets: column kt of the tile summary.
+  auto next_q = [&](int qt) {
+    while (qt < p.Tq && p.tiles[(int64_t)qt * p.Tk + kt] == 0) ++qt;
+    return qt;
+  };
+  const bool producer = tid == 128;
+  int pj = 0, pqt = next_q(0);
+  auto produce = [&]() {
+    if (pqt >= p.Tq) return;
+    const int slot = pj % SL;
+    if (pj >= SL) ClusterBarrier::wait(&empty[slot], ((pj - SL) / SL) & 1);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&full[slot], 2 * C::TILE_BYTES);
+    tma_rows<64, D>(&maps.q, ring + (2 * slot) * C::TILE, &full[slot], pqt * BQ, h, b);
+    tma_rows<64, D>(&maps.tq, ring + (2 * slot + 1) * C::TILE, &full[slot], pqt * BQ, h, b);  // dO
+    ++pj;
+    pqt = next_q(pqt + 1);
+  };
+  if (producer) {
+    ClusterTransactionBarrier::arrive_and_expect_tx(kvbar, 4 * C::TILE_BYTES);
+    for (int w = 0; w < 2; ++w) {
+      tma_rows<64, D>(&maps.k, k_s + w * C::TILE, kvbar, k0 + w * KW, h, b);
+      tma_rows<64, D>(&maps.v, v_s + w * C::TILE, kvbar, k0 + w * KW, h, b);
+    }
+    for (int s = 0; s < SL; ++s) produce();
+  }
+
+  typename C::MmaS mma_s;
+  typename C::MmaR mma_r;
+  typename C::MmaQ mma_q;
+  auto thr_s = mma_s.get_thread_slice(wt);
+  auto thr_r = mma_r.get_thread_slice(wt);
+  auto thr_q = mma_q.get_thread_slice(wt);
+  Tensor sDS = make_tensor(make_smem_ptr(my_ds), typename C::LayoutDS{});
+
+  Tensor accS = partition_fragment_C(mma_s, Shape<_64, Int<BQ>>{});
+  Tensor accP = partition_fragment_C(mma_s, Shape<_64, Int<BQ>>{});  // dP^T
+  Tensor accDK = partition_fragment_C(mma_r, Shape<_64, Int<D>>{});
+  Tensor accDV = partition_fragment_C(mma_r, Shape<_64, Int<D>>{});
+  Tensor rP = make_tensor<T>(typename C::PFrag{});
+  Tensor rDS = make_tensor<T>(typename C::PFrag{});
+  clear(accDK);
+  clear(accDV);
+  auto S = [&](int c, int r, int j) -> float& { return accS(make_coord(c, r, j), 0, 0); };
+  auto dP = [&](int c, int r, int j) -> float& { return accP(make_coord(c, r, j), 0, 0); };
+  int kg[2];  // this thread's two key rows
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = kw0 + warp * 16 + g + 8 * r;
+    kg[r] = key < p.Sk ? p.k_groups[key] : -1;
+  }
+  auto wg_sync = [&]() { asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "r"(128) : "memory"); };
+
+  ClusterBarrier::wait(kvbar, 0);
+  int j = 0;
+  for (int qt = next_q(0); qt < p.Tq; qt = next_q(qt + 1), ++j) {
+    const int slot = j % SL, q0 = qt * BQ;
+    ClusterBarrier::wait(&full[slot], (j / SL) & 1);
+    T* q_tile = ring + (2 * slot) * C::TILE;
+    T* do_tile = ring + (2 * slot + 1) * C::TILE;
+    // descriptors are made where used (hoisted, they would hold ~64 registers across the loop)
+    Tensor tSrK = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_k), typename C::LayoutRows{}));
+    Tensor tSrV = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_v), typename C::LayoutRows{}));
+    Tensor tSrQ = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(q_tile), typename C::LayoutRows{}));
+    Tensor tSrO = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(do_tile), typename C::LayoutRows{}));
+    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(accP);
+    warpgroup_arrive();
+    wg_gemm(mma_s, tSrK, tSrQ, accS, true);
+    wg_gemm(mma_s, tSrV, tSrO, accP, true);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accS);
+    warpgroup_fence_operand(accP);
+
+    const bool need_mask = p.tiles[(int64_t)qt * p.Tk + kt] == 2 || k0 + BK > p.Sk || q0 + BQ > p.Sq;
+    wg_sync();  // the previous tile's dQ product has read my_ds everywhere in this warpgroup
+#pragma unroll
+    for (int jj = 0; jj < NQ; ++jj)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int qc = 8 * jj + 2 * t + c, q = q0 + qc;
+        const float L = q < p.Sq ? __ldg(p.lse + loff + q) : -CUDART_INF_F;
+        const float lse2 = L == -CUDART_INF_F ? CUDART_INF_F : L * LOG2E;
+        const float dlt = q < p.Sq ? __ldg(p.delta + loff + q) : 0.f;
+        const int qgrp = need_mask && q < p.Sq ? __ldg(p.q_groups + q) : -1;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float pv = exp2f(fmaf(S(c, r, jj), sl2, -lse2));
+          if (need_mask && (qgrp < 0 || kg[r] < 0 || !__ldg(p.allow + qgrp * p.G + kg[r]))) pv = 0.f;
+          const float ds = pv * (dP(c, r, jj) - dlt);  // dS^T without the softmax scale
+          rP(make_coord(c, r, jj % 2), 0, jj / 2) = static_cast<T>(pv);
+          const T dsv = static_cast<T>(ds);
+          rDS(make_coord(c, r, jj % 2), 0, jj / 2) = dsv;
+          sDS(qc, warp * 16 + g + 8 * r) = dsv;
+        }
+      }
+    cutlass::arch::fence_view_async_shared();  // dS stores -> visible to wgmma
+    wg_sync();
+
+    Tensor tRrOt = thr_r.partition_fragment_B(make_tensor(make_smem_ptr(do_tile), typename C::LayoutRowsT{}));
+    Tensor tRrQt = thr_r.partition_fragment_B(make_tensor(make_smem_ptr(q_tile), typename C::LayoutRowsT{}));
+    warpgroup_fence_operand(accDV);
+    warpgroup_fence_operand(accDK);
+    warpgroup_fence_operand(rP);
+    warpgroup_fence_operand(rDS);
+    warpgroup_arrive();
+    wg_gemm(mma_r, rP, tRrOt, accDV, false);
+    wg_gemm(mma_r, rDS, tRrQt, accDK, false);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();  // P and dS registers are free before the dQ accumulator goes live
+    warpgroup_fence_operand(accDV);
+    warpgroup_fence_operand(accDK);
+    Tensor tQrDS = thr_q.partition_fragment_A(make_tensor(make_smem_ptr(my_ds), typename C::LayoutDS{}));
+    Tensor tQrKt = thr_q.partition_fragment_B(make_tensor(make_smem_ptr(my_k), typename C::LayoutRowsT{}));
+    Tensor accQ = partition_fragment_C(mma_q, Shape<Int<BQ>, Int<D>>{});
+    warpgroup_fence_operand(accQ);
+    warpgroup_arrive();
+    wg_gemm(mma_q, tQrDS, tQrKt, accQ, true);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accQ);
+    __syncwarp();
+    if (lane == 0) ClusterBarrier::arrive(&empty[slot]);  // Q and dO of this slot are no longer read
+    if (producer) produce();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int q = q0 + warp * 16 + g + 8 * r;
+      if (q < p.Sq) {
+        float* row = p.dq_accum + ((int64_t)b * p.Sq + q) * rs + (int64_t)h * D;
+#pragma unroll
+        for (int jd = 0; jd < ND; ++jd)
+          atomicAdd(reinterpret_cast<float2*>(row + 8 * jd + 2 * t),
+                    make_float2(accQ(make_coord(0, r, jd), 0, 0), accQ(make_coord(1, r, jd), 0, 0)));
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = kw0 + warp * 16 + g + 8 * r;
+    if (key < p.Sk) {
+      T* dk = (T*)p.dk + koff + (int64_t)key * rs;
+      T* dv = (T*)p.dv + koff + (int64_t)key * rs;
+#pragma unroll
+      for (int jd = 0; jd < ND; ++jd) {
+        *reinterpret_cast<uint32_t*>(dk + 8 * jd + 2 * t) =
+            pack2<T>(accDK(make_coord(0, r, jd), 0, 0) * p.scale, accDK(make_coord(1, r, jd), 0, 0) * p.scale);
+        *reinterpret_cast<uint32_t*>(dv + 8 * jd + 2 * t) =
+            pack2<T>(accDV(make_coord(0, r, jd), 0, 0), accDV(make_coord(1, r, jd), 0, 0));
+      }
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -465,6 +687,22 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T, int D>
+cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
+  using C = BwdCfg<T, D>;
+  TmaMaps maps;
+  memset(&maps, 0, sizeof(maps));
+  const bool ok = make_map<T>(&maps.q, p.q, p.B, p.Sq, p.H, D, 64) && make_map<T>(&maps.tq, p.dout, p.B, p.Sq, p.H, D, 64) &&
+                  make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, 64) && make_map<T>(&maps.v, p.v, p.B, p.Sk, p.H, D, 64);
+  if (!ok) return cudaErrorInvalidValue;
+  auto kernel = bwd_kernel<T, D>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
+  if (e != cudaSuccess) return e;
+  dim3 grid((p.Sk + C::BK - 1) / C::BK, p.H, p.B);
+  kernel<<<grid, C::NT, C::SMEM_BYTES, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
 template <bool JVP, int BK64, int BK128>
 cudaError_t dispatch(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   if (dtype == 1) {
@@ -487,6 +725,18 @@ cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaSt
 }
 cudaError_t launch_fwd_jvp_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   return sm90::dispatch<true, SM90_JVP_BK, SM90_JVP_BK>(p, dtype, head_dim, stream);
+}
+cudaError_t launch_bwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
+  static_assert(SM90_BWD_BQ == sm90::BwdCfg<cutlass::bfloat16_t, 128>::BQ &&
+                SM90_BWD_BK == sm90::BwdCfg<cutlass::bfloat16_t, 128>::BK, "sm90 backward tiles");
+  if (dtype == 1) {
+    if (head_dim == 128) return sm90::launch_bwd<cutlass::bfloat16_t, 128>(p, stream);
+    if (head_dim == 64) return sm90::launch_bwd<cutlass::bfloat16_t, 64>(p, stream);
+  } else {
+    if (head_dim == 128) return sm90::launch_bwd<cutlass::half_t, 128>(p, stream);
+    if (head_dim == 64) return sm90::launch_bwd<cutlass::half_t, 64>(p, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace mrcm

@@ -22,6 +22,7 @@ JVP_TILES = (64, 32)
 BWD_TILES = (64, 64)
 SM90_FWD_TILES = (128, 128)  # Hopper wgmma kernels (forward and forward+JVP)
 SM90_JVP_TILES = (128, 64)
+SM90_BWD_TILES = (64, 128)
 HEAD_DIMS = (64, 128)
 SM90_ENV = "MEGATRON_RCM_FUSED_SM90"  # "0" keeps Hopper on the mma.sync kernels (A/B checks)
 
@@ -153,8 +154,10 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
-        qg, kg, allow, tiles, g = pack_mask(ctx.mask, q.shape[1], k.shape[1], BWD_TILES, q.device)
-        dq, dk, dv = _C.bwd(q, k, v, do, lse, delta, qg, kg, allow, tiles, g, ctx.scale)
+        sm90 = use_sm90(q, k, v, do)
+        qg, kg, allow, tiles, g = pack_mask(ctx.mask, q.shape[1], k.shape[1], SM90_BWD_TILES if sm90 else BWD_TILES,
+                                            q.device)
+        dq, dk, dv = _C.bwd(q, k, v, do, lse, delta, qg, kg, allow, tiles, g, ctx.scale, sm90)
         return dq, dk, dv, None, None
 
 
@@ -174,7 +177,8 @@ def fused_forward_lse(q, k, v, mask: GroupMask | None = None, scale: float | Non
 
 
 def fused_forward_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale: float | None = None):
-    """(O, dO) in one pass; None tangents are zero and their products are skipped."""
+    """(O, dO) in one pass; None tangents are zero (the mma.sync kernels skip their products, the sm_90a
+    kernel is given zeros: optional products would serialise its wgmma pipeline)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tq, tk, tv = (None if t is None else t.detach().contiguous() for t in (tq, tk, tv))
     sm90 = use_sm90(q, k, v, tq, tk, tv)

@@ -148,12 +148,13 @@ def test_jvp_vs_finite_differences(kernel_path):
 @pytest.mark.parametrize("name", list(MASKS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_backward(name, dtype, d):
+def test_backward(name, dtype, d, kernel_path):
     fa = _fa()
     mask, _ = MASKS[name]()
     q, k, v = make(mask, dtype, d, seed=7)
     do = make(mask, dtype, d, seed=8)[0]
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    poison(q, 8)
     fa.fused_forward(qs, ks, vs, mask).backward(do)
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     attention_reference(qd, kd, vd, mask=mask.to("cuda")).backward(do.double())
