@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
   const int64_t qoff = ((int64_t)b * p.Sq * p.H + h) * D;
   // The JVP kernel takes all three tangents (the host passes zeros for a missing one): runtime-optional
   // products would make ptxas serialize the wgmma pipeline.
-  constexpr uint32_t k_bytes = (JVP ? 2 : 1) * C::K_BYTES, v_bytes = (JVP ? 2 : 1) * C::K_BYTES;
+  constexpr uint32_t ring_bytes = (JVP ? 2 : 1) * C::K_BYTES;  // one slot of either ring
   const int8_t* trow = p.tiles + (int64_t)qt * p.Tk;
 
   if (tid == 0) {
@@ -174,34 +174,35 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
   // so the slots it refills have normally been released by warpgroup 0 already. The j-th non-skipped
   // tile goes to slot j % SL; refilling a slot waits for the release of the tile SL earlier.
   const bool producer = tid == 128;
-  int pk_j = 0, pk_kt = next_tile(trow, 0, p.Tk), pv_j = 0, pv_kt = pk_kt;
-  auto produce_k = [&]() {
-    if (pk_kt >= p.Tk) return;
-    const int slot = pk_j % SL;
-    if (pk_j >= SL) ClusterBarrier::wait(&empty_k[slot], ((pk_j - SL) / SL) & 1);
-    ClusterTransactionBarrier::arrive_and_expect_tx(&full_k[slot], k_bytes);
-    tma_rows<BK, D>(&maps.k, k_tile(slot, 0), &full_k[slot], pk_kt * BK, h, b);
-    if (JVP) tma_rows<BK, D>(&maps.tk, k_tile(slot, 1), &full_k[slot], pk_kt * BK, h, b);
-    ++pk_j;
-    pk_kt = next_tile(trow, pk_kt + 1, p.Tk);
+  struct Ring {  // one two-slot ring: its barriers, its tiles ([slot][primal, tangent]) and its cursor
+    uint64_t* full;
+    uint64_t* empty;
+    T* tiles;
+    const CUtensorMap* primal;
+    const CUtensorMap* tangent;
+    int j, kt;  // next tile to load: its rank among the non-skipped tiles, and its index
   };
-  auto produce_v = [&]() {
-    if (pv_kt >= p.Tk) return;
-    const int slot = pv_j % SL;
-    if (pv_j >= SL) ClusterBarrier::wait(&empty_v[slot], ((pv_j - SL) / SL) & 1);
-    ClusterTransactionBarrier::arrive_and_expect_tx(&full_v[slot], v_bytes);
-    tma_rows<BK, D>(&maps.v, v_tile(slot, 0), &full_v[slot], pv_kt * BK, h, b);
-    if (JVP) tma_rows<BK, D>(&maps.tv, v_tile(slot, 1), &full_v[slot], pv_kt * BK, h, b);
-    ++pv_j;
-    pv_kt = next_tile(trow, pv_kt + 1, p.Tk);
+  const int first = next_tile(trow, 0, p.Tk);
+  Ring k_ring_state{full_k, empty_k, k_ring, &maps.k, &maps.tk, 0, first};
+  Ring v_ring_state{full_v, empty_v, v_ring, &maps.v, &maps.tv, 0, first};
+  auto produce = [&](Ring& r) {
+    if (r.kt >= p.Tk) return;
+    const int slot = r.j % SL;
+    if (r.j >= SL) ClusterBarrier::wait(&r.empty[slot], ((r.j - SL) / SL) & 1);
+    ClusterTransactionBarrier::arrive_and_expect_tx(&r.full[slot], ring_bytes);
+    T* dst = r.tiles + slot * (C::NKV / 2) * C::K_ELEMS;
+    tma_rows<BK, D>(r.primal, dst, &r.full[slot], r.kt * BK, h, b);
+    if (JVP) tma_rows<BK, D>(r.tangent, dst + C::K_ELEMS, &r.full[slot], r.kt * BK, h, b);
+    ++r.j;
+    r.kt = next_tile(trow, r.kt + 1, p.Tk);
   };
   if (producer) {
     ClusterTransactionBarrier::arrive_and_expect_tx(qbar, (JVP ? 2 : 1) * C::Q_BYTES);
     tma_rows<BQ, D>(&maps.q, q_s, qbar, q0, h, b);
     if (JVP) tma_rows<BQ, D>(&maps.tq, qd_s, qbar, q0, h, b);
     for (int s = 0; s < SL; ++s) {
-      produce_k();
-      produce_v();
+      produce(k_ring_state);
+      produce(v_ring_state);
     }
   }
   auto wait_k = [&](int j) { ClusterBarrier::wait(&full_k[j % SL], (j / SL) & 1); };
@@ -352,7 +353,7 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     turn_pass();
     warpgroup_wait<0>();
     release(&empty_k[0]);
-    if (producer) produce_k();
+    if (producer) produce(k_ring_state);
     softmax(kt);
     rescale_and_convert();
     int j = 1;
@@ -367,8 +368,8 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
       release(&empty_k[j % SL]);
       release(&empty_v[(j - 1) % SL]);
       if (producer) {
-        produce_k();
-        produce_v();
+        produce(k_ring_state);
+        produce(v_ring_state);
       }
       softmax(kt);
       rescale_and_convert();
