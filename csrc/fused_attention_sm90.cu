@@ -667,6 +667,16 @@ bool make_map(CUtensorMap* map, const void* ptr, int B, int S, int H, int D, int
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Launch with `smem` bytes of dynamic shared memory (above the 48 KiB default, so it must be allowed first).
+template <typename Kernel>
+cudaError_t run(Kernel kernel, dim3 grid, int threads, int smem, const AttnParams& p, const TmaMaps& maps,
+                cudaStream_t stream) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, threads, smem, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
 template <typename T, int D, int BK, bool JVP>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
   using C = Cfg<T, D, BK, JVP>;
@@ -680,12 +690,8 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
          make_map<T>(&maps.tk, p.tk, p.B, p.Sk, p.H, D, BK) && make_map<T>(&maps.tv, p.tv, p.B, p.Sk, p.H, D, BK);
   }
   if (!ok) return cudaErrorInvalidValue;
-  auto kernel = fwd_kernel<T, D, BK, JVP>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
-  if (e != cudaSuccess) return e;
-  dim3 grid((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B);
-  kernel<<<grid, C::NT, C::SMEM_BYTES, stream>>>(p, maps);
-  return cudaGetLastError();
+  return run(fwd_kernel<T, D, BK, JVP>, dim3((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps,
+             stream);
 }
 
 template <typename T, int D>
@@ -696,22 +702,18 @@ cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
   const bool ok = make_map<T>(&maps.q, p.q, p.B, p.Sq, p.H, D, 64) && make_map<T>(&maps.tq, p.dout, p.B, p.Sq, p.H, D, 64) &&
                   make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, 64) && make_map<T>(&maps.v, p.v, p.B, p.Sk, p.H, D, 64);
   if (!ok) return cudaErrorInvalidValue;
-  auto kernel = bwd_kernel<T, D>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
-  if (e != cudaSuccess) return e;
-  dim3 grid((p.Sk + C::BK - 1) / C::BK, p.H, p.B);
-  kernel<<<grid, C::NT, C::SMEM_BYTES, stream>>>(p, maps);
-  return cudaGetLastError();
+  return run(bwd_kernel<T, D>, dim3((p.Sk + C::BK - 1) / C::BK, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps, stream);
 }
 
-template <bool JVP, int BK64, int BK128>
-cudaError_t dispatch(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
+// Calls f(element type tag, head-dim constant) for the four supported (dtype, head dim) pairs.
+template <typename F>
+cudaError_t by_type(int dtype, int head_dim, F&& f) {
   if (dtype == 1) {
-    if (head_dim == 128) return launch<cutlass::bfloat16_t, 128, BK128, JVP>(p, stream);
-    if (head_dim == 64) return launch<cutlass::bfloat16_t, 64, BK64, JVP>(p, stream);
+    if (head_dim == 128) return f(cutlass::bfloat16_t{}, Int<128>{});
+    if (head_dim == 64) return f(cutlass::bfloat16_t{}, Int<64>{});
   } else {
-    if (head_dim == 128) return launch<cutlass::half_t, 128, BK128, JVP>(p, stream);
-    if (head_dim == 64) return launch<cutlass::half_t, 64, BK64, JVP>(p, stream);
+    if (head_dim == 128) return f(cutlass::half_t{}, Int<128>{});
+    if (head_dim == 64) return f(cutlass::half_t{}, Int<64>{});
   }
   return cudaErrorInvalidValue;
 }
@@ -722,22 +724,20 @@ static_assert(SM90_FWD_BK == 128 && SM90_JVP_BK == 64 && SM90_BQ == sm90::Cfg<cu
               "tile sizes in the header must match the sm90 kernels");
 
 cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
-  return sm90::dispatch<false, SM90_FWD_BK, SM90_FWD_BK>(p, dtype, head_dim, stream);
+  return sm90::by_type(dtype, head_dim, [&](auto t, auto d) {
+    return sm90::launch<decltype(t), decltype(d)::value, SM90_FWD_BK, false>(p, stream);
+  });
 }
 cudaError_t launch_fwd_jvp_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
-  return sm90::dispatch<true, SM90_JVP_BK, SM90_JVP_BK>(p, dtype, head_dim, stream);
+  return sm90::by_type(dtype, head_dim, [&](auto t, auto d) {
+    return sm90::launch<decltype(t), decltype(d)::value, SM90_JVP_BK, true>(p, stream);
+  });
 }
 cudaError_t launch_bwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   static_assert(SM90_BWD_BQ == sm90::BwdCfg<cutlass::bfloat16_t, 128>::BQ &&
                 SM90_BWD_BK == sm90::BwdCfg<cutlass::bfloat16_t, 128>::BK, "sm90 backward tiles");
-  if (dtype == 1) {
-    if (head_dim == 128) return sm90::launch_bwd<cutlass::bfloat16_t, 128>(p, stream);
-    if (head_dim == 64) return sm90::launch_bwd<cutlass::bfloat16_t, 64>(p, stream);
-  } else {
-    if (head_dim == 128) return sm90::launch_bwd<cutlass::half_t, 128>(p, stream);
-    if (head_dim == 64) return sm90::launch_bwd<cutlass::half_t, 64>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return sm90::by_type(dtype, head_dim,
+                       [&](auto t, auto d) { return sm90::launch_bwd<decltype(t), decltype(d)::value>(p, stream); });
 }
 
 }  // namespace mrcm

@@ -98,6 +98,10 @@ def test_sm90_kernels_need_cutlass_headers_and_an_sm90a_target(tmp_path, monkeyp
 def test_sm90_path_is_not_chosen_on_cpu():
     x = torch.randn(1, 8, 2, 64).to(torch.bfloat16)
     assert not fa.use_sm90(x, x, x)
+    mask = M.block_causal_mask(2, 4, 1)
+    for kind, tiles in (("fwd", fa.FWD_TILES), ("jvp", fa.JVP_TILES), ("bwd", fa.BWD_TILES)):
+        sm90, packed = fa.kernel_and_mask(kind, mask, x, x, x, None)
+        assert not sm90 and torch.equal(packed[3], mask.tile_summary(*tiles).to(torch.int8))
 
 
 def test_tile_constants_match_header():

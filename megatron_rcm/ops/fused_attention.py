@@ -131,9 +131,18 @@ def use_sm90(t: torch.Tensor, *operands: torch.Tensor | None) -> bool:
     return torch.cuda.get_device_capability(t.device) == (9, 0)
 
 
+# pass -> (mma.sync tiles, sm_90a tiles)
+_TILES = {"fwd": (FWD_TILES, SM90_FWD_TILES), "jvp": (JVP_TILES, SM90_JVP_TILES), "bwd": (BWD_TILES, SM90_BWD_TILES)}
+
+
+def kernel_and_mask(kind: str, mask, q, k, *operands) -> tuple[bool, tuple]:
+    """(whether the sm_90a kernel runs, the mask packed for that kernel's tiles) for pass ``kind``."""
+    sm90 = use_sm90(q, k, *operands)
+    return sm90, pack_mask(mask, q.shape[1], k.shape[1], _TILES[kind][sm90], q.device)
+
+
 def _fwd(q, k, v, mask, scale):
-    sm90 = use_sm90(q, k, v)
-    qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], SM90_FWD_TILES if sm90 else FWD_TILES, q.device)
+    sm90, (qg, kg, allow, tiles, g) = kernel_and_mask("fwd", mask, q, k, v)
     return _C.fwd(q, k, v, qg, kg, allow, tiles, g, scale, sm90)
 
 
@@ -154,9 +163,7 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
-        sm90 = use_sm90(q, k, v, do)
-        qg, kg, allow, tiles, g = pack_mask(ctx.mask, q.shape[1], k.shape[1], SM90_BWD_TILES if sm90 else BWD_TILES,
-                                            q.device)
+        sm90, (qg, kg, allow, tiles, g) = kernel_and_mask("bwd", ctx.mask, q, k, v, do)
         dq, dk, dv = _C.bwd(q, k, v, do, lse, delta, qg, kg, allow, tiles, g, ctx.scale, sm90)
         return dq, dk, dv, None, None
 
@@ -181,8 +188,7 @@ def fused_forward_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale:
     kernel is given zeros: optional products would serialise its wgmma pipeline)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tq, tk, tv = (None if t is None else t.detach().contiguous() for t in (tq, tk, tv))
-    sm90 = use_sm90(q, k, v, tq, tk, tv)
-    qg, kg, allow, tiles, g = pack_mask(mask, q.shape[1], k.shape[1], SM90_JVP_TILES if sm90 else JVP_TILES, q.device)
+    sm90, (qg, kg, allow, tiles, g) = kernel_and_mask("jvp", mask, q, k, v, tq, tk, tv)
     with torch.no_grad():
         o, to = _C.fwd_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, qg, kg, allow, tiles, g, _scale(q, scale),
                            sm90)
