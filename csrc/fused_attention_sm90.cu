@@ -414,25 +414,34 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
 // ---------------------------------------------------------------- backward
 // One CTA per 128 keys: each warpgroup owns 64 of them and keeps their dK and dV accumulators; the
 // query tiles (Q, dO: 64 rows each) stream through a two-slot TMA ring shared by both warpgroups. Per
-// query tile: S^T = K Q^T and dP^T = V dO^T (smem x smem), P^T = exp(S^T - LSE), dS^T = P^T (dP^T - Delta)
-// in registers, dV += P^T dO and dK += dS^T Q (registers x smem), then dS goes to shared memory for
-// dQ = dS K (smem x smem) whose partial sums are added to the fp32 dQ buffer with vector atomics.
+// query tile: S^T = K Q^T and dP^T = V dO^T (smem x smem; the exponentials of P^T run while dP^T is
+// still in flight), P^T = exp(S^T - LSE), dS^T = P^T (dP^T - Delta) in registers, dV += P^T dO and
+// dK += dS^T Q (registers x smem). dS^T also goes to shared memory, and dQ = dS K (smem x smem) is split
+// between the warpgroups by head-dim half over all 128 keys (head dim 128), so each query element gets
+// one fp32 vector atomic per CTA and the dQ accumulator is 32 registers, not 64 (two atomics per CTA and
+// 64 registers was the earlier layout: 187 TFLOP/s at 32k tokens, limited by atomics and spills).
 template <typename T, int D>
 struct BwdCfg {
   static constexpr int BK = 128, BQ = 64, NT = 256, SL = 2, KW = 64;  // KW: keys per warpgroup
+  static constexpr int NH = D / 64;  // 64-channel halves of a row; with two, each warpgroup owns one of dQ
   using SAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<BQ>, _16>>());
   using RAtom = decltype(GM::rs_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
-  using QAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
+  using QAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, _64, _16>, GM::Major::MN, GM::Major::MN>());
   using MmaS = decltype(make_tiled_mma(SAtom{}));  // every product is one warpgroup's
   using MmaR = decltype(make_tiled_mma(RAtom{}));
   using MmaQ = decltype(make_tiled_mma(QAtom{}));
   using LayoutRows = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<_64, Int<D>>{}));  // K, V, Q, dO
-  // The same bytes read as the (N = D, K = rows) operand: Q, dO for dK, dV; a warpgroup's K for dQ.
+  // The same bytes read as the (N = D, K = rows) operand: Q, dO for dK, dV.
   using LayoutRowsT = decltype(composition(LayoutRows{}, make_ordered_layout(Shape<Int<D>, _64>{}, Step<_2, _1>{})));
-  using LayoutDS = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<Int<BQ>, Int<KW>>{}));  // (q, key)
+  // One 64 x 64 swizzled block (a 64-channel half of a row tile, or dS^T as (key, q)) and its transpose:
+  // dS as the (M = q, K = key) operand and a K half as the (N = channel, K = key) operand of dQ = dS K.
+  using Layout64 = decltype(tile_to_shape(GM::Layout_K_SW128_Atom<T>{}, Shape<_64, _64>{}));
+  using Layout64T = decltype(composition(Layout64{}, make_ordered_layout(Shape<_64, _64>{}, Step<_2, _1>{})));
   using PFrag = Layout<Shape<Shape<_2, _2, _2>, _1, Int<BQ / 16>>>;
-  static constexpr int TILE = 64 * D, TILE_BYTES = TILE * int(sizeof(T));
-  static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 2 * BQ * KW * int(sizeof(T)) + (2 * SL + 1) * 8;
+  static constexpr int TILE = 64 * D, TILE_BYTES = TILE * int(sizeof(T)), DS = 64 * 64;
+  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), LSE and Delta per warpgroup
+  static constexpr int SMEM_BYTES =
+      1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 4 * 64 * 4 + (2 * SL + 1) * 8;
 };
 
 template <typename T, int D>
@@ -442,15 +451,17 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   using C = BwdCfg<T, D>;
   using cutlass::arch::ClusterBarrier;
   using cutlass::arch::ClusterTransactionBarrier;
-  constexpr int BQ = C::BQ, BK = C::BK, SL = C::SL, KW = C::KW, NQ = BQ / 8, ND = D / 8;
+  constexpr int BQ = C::BQ, BK = C::BK, SL = C::SL, KW = C::KW, NQ = BQ / 8, NH = C::NH;
   constexpr float LOG2E = 1.4426950408889634f;
   extern __shared__ char smem_raw[];
   T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   T* k_s = base;                         // [wg] 64 keys x D
   T* v_s = k_s + 2 * C::TILE;            // [wg]
   T* ring = v_s + 2 * C::TILE;           // [slot][Q, dO]
-  T* ds_s = ring + 2 * SL * C::TILE;     // [wg] (q, key)
-  uint64_t* full = reinterpret_cast<uint64_t*>(ds_s + 2 * BQ * KW);
+  T* ds_s = ring + 2 * SL * C::TILE;     // [buffer][wg] (key, q)
+  float* lse_s = reinterpret_cast<float*>(ds_s + 4 * C::DS);  // [wg][64], log2 units
+  float* dl_s = lse_s + 2 * 64;                                // [wg][64]
+  uint64_t* full = reinterpret_cast<uint64_t*>(dl_s + 2 * 64);
   uint64_t* empty = full + SL;
   uint64_t* kvbar = empty + SL;
 
@@ -463,7 +474,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   const float sl2 = p.scale * LOG2E;
   T* my_k = k_s + wg * C::TILE;
   T* my_v = v_s + wg * C::TILE;
-  T* my_ds = ds_s + wg * BQ * KW;
+  float* my_lse = lse_s + wg * 64;
+  float* my_dl = dl_s + wg * 64;
 
   if (tid == 0) {
     for (int s = 0; s < SL; ++s) {
@@ -507,7 +519,6 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   auto thr_s = mma_s.get_thread_slice(wt);
   auto thr_r = mma_r.get_thread_slice(wt);
   auto thr_q = mma_q.get_thread_slice(wt);
-  Tensor sDS = make_tensor(make_smem_ptr(my_ds), typename C::LayoutDS{});
 
   Tensor accS = partition_fragment_C(mma_s, Shape<_64, Int<BQ>>{});
   Tensor accP = partition_fragment_C(mma_s, Shape<_64, Int<BQ>>{});  // dP^T
@@ -526,75 +537,101 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
     kg[r] = key < p.Sk ? p.k_groups[key] : -1;
   }
   auto wg_sync = [&]() { asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "r"(128) : "memory"); };
+  auto cta_sync = [&]() { asm volatile("bar.sync 3, 256;\n" ::: "memory"); };
+  // dQ columns this warpgroup owns, and the key blocks (warpgroups' dS^T and K) it sums over.
+  constexpr int NU = NH == 2 ? 2 : 1;
+  const int dq_col0 = NH == 2 ? wg * 64 : 0;
 
   ClusterBarrier::wait(kvbar, 0);
   int j = 0;
   for (int qt = next_q(0); qt < p.Tq; qt = next_q(qt + 1), ++j) {
     const int slot = j % SL, q0 = qt * BQ;
-    ClusterBarrier::wait(&full[slot], (j / SL) & 1);
     T* q_tile = ring + (2 * slot) * C::TILE;
     T* do_tile = ring + (2 * slot + 1) * C::TILE;
-    // descriptors are made where used (hoisted, they would hold ~64 registers across the loop)
-    Tensor tSrK = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_k), typename C::LayoutRows{}));
-    Tensor tSrV = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_v), typename C::LayoutRows{}));
-    Tensor tSrQ = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(q_tile), typename C::LayoutRows{}));
-    Tensor tSrO = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(do_tile), typename C::LayoutRows{}));
-    warpgroup_fence_operand(accS);
-    warpgroup_fence_operand(accP);
-    warpgroup_arrive();
-    wg_gemm(mma_s, tSrK, tSrQ, accS, true);
-    wg_gemm(mma_s, tSrV, tSrO, accP, true);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(accS);
-    warpgroup_fence_operand(accP);
-
+    T* ds_buf = ds_s + (j % 2) * 2 * C::DS;  // two buffers: the other warpgroup may still read the last one
+    // This tile's LSE (log2 units) and Delta, staged once per warpgroup instead of 32 loads per thread.
+    // The last readers of these arrays passed this iteration's barrier below before anyone gets here.
+    if (wt < 64) {
+      const int q = q0 + wt;
+      const float L = q < p.Sq ? __ldg(p.lse + loff + q) : -CUDART_INF_F;
+      my_lse[wt] = L == -CUDART_INF_F ? CUDART_INF_F : L * LOG2E;
+      my_dl[wt] = q < p.Sq ? __ldg(p.delta + loff + q) : 0.f;
+    }
+    ClusterBarrier::wait(&full[slot], (j / SL) & 1);
+    {  // descriptors are made where used (hoisted, they would hold registers across the loop)
+      Tensor tSrK = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_k), typename C::LayoutRows{}));
+      Tensor tSrV = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_v), typename C::LayoutRows{}));
+      Tensor tSrQ = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(q_tile), typename C::LayoutRows{}));
+      Tensor tSrO = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(do_tile), typename C::LayoutRows{}));
+      warpgroup_fence_operand(accS);
+      warpgroup_fence_operand(accP);
+      warpgroup_arrive();
+      wg_gemm(mma_s, tSrK, tSrQ, accS, true);
+      warpgroup_commit_batch();
+      wg_gemm(mma_s, tSrV, tSrO, accP, true);
+      warpgroup_commit_batch();
+    }
     const bool need_mask = p.tiles[(int64_t)qt * p.Tk + kt] == 2 || k0 + BK > p.Sk || q0 + BQ > p.Sq;
-    wg_sync();  // the previous tile's dQ product has read my_ds everywhere in this warpgroup
+    wg_sync();  // LSE / Delta stores visible
+    warpgroup_wait<1>();  // S^T has landed; dP^T may still be in flight
+    warpgroup_fence_operand(accS);
 #pragma unroll
-    for (int jj = 0; jj < NQ; ++jj)
+    for (int jj = 0; jj < NQ; ++jj) {
+      const float2 lse2 = *reinterpret_cast<const float2*>(my_lse + 8 * jj + 2 * t);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int qc = 8 * jj + 2 * t + c, q = q0 + qc;
-        const float L = q < p.Sq ? __ldg(p.lse + loff + q) : -CUDART_INF_F;
-        const float lse2 = L == -CUDART_INF_F ? CUDART_INF_F : L * LOG2E;
-        const float dlt = q < p.Sq ? __ldg(p.delta + loff + q) : 0.f;
+        const int q = q0 + 8 * jj + 2 * t + c;
         const int qgrp = need_mask && q < p.Sq ? __ldg(p.q_groups + q) : -1;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float pv = exp2f(fmaf(S(c, r, jj), sl2, -lse2));
+          float pv = exp2f(fmaf(S(c, r, jj), sl2, -(c ? lse2.y : lse2.x)));
           if (need_mask && (qgrp < 0 || kg[r] < 0 || !__ldg(p.allow + qgrp * p.G + kg[r]))) pv = 0.f;
-          const float ds = pv * (dP(c, r, jj) - dlt);  // dS^T without the softmax scale
+          S(c, r, jj) = pv;
           rP(make_coord(c, r, jj % 2), 0, jj / 2) = static_cast<T>(pv);
-          const T dsv = static_cast<T>(ds);
-          rDS(make_coord(c, r, jj % 2), 0, jj / 2) = dsv;
-          sDS(qc, warp * 16 + g + 8 * r) = dsv;
         }
       }
-    cutlass::arch::fence_view_async_shared();  // dS stores -> visible to wgmma
-    wg_sync();
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accP);
+    Tensor sDSt = make_tensor(make_smem_ptr(ds_buf + wg * C::DS), typename C::Layout64{});  // (key, q)
+#pragma unroll
+    for (int jj = 0; jj < NQ; ++jj) {
+      const float2 dl = *reinterpret_cast<const float2*>(my_dl + 8 * jj + 2 * t);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float d0 = S(0, r, jj) * (dP(0, r, jj) - dl.x);  // dS^T without the softmax scale
+        const float d1 = S(1, r, jj) * (dP(1, r, jj) - dl.y);
+        rDS(make_coord(0, r, jj % 2), 0, jj / 2) = static_cast<T>(d0);
+        rDS(make_coord(1, r, jj % 2), 0, jj / 2) = static_cast<T>(d1);
+        *reinterpret_cast<uint32_t*>(&sDSt(warp * 16 + g + 8 * r, 8 * jj + 2 * t)) = pack2<T>(d0, d1);  // one word
+      }
+    }
+    cutlass::arch::fence_view_async_shared();  // dS^T stores -> visible to wgmma
+    if (NH == 2) cta_sync(); else wg_sync();   // dQ reads both warpgroups' dS^T
 
     Tensor tRrOt = thr_r.partition_fragment_B(make_tensor(make_smem_ptr(do_tile), typename C::LayoutRowsT{}));
     Tensor tRrQt = thr_r.partition_fragment_B(make_tensor(make_smem_ptr(q_tile), typename C::LayoutRowsT{}));
+    Tensor accQ = partition_fragment_C(mma_q, Shape<_64, _64>{});
     warpgroup_fence_operand(accDV);
     warpgroup_fence_operand(accDK);
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rDS);
+    warpgroup_fence_operand(accQ);
     warpgroup_arrive();
     wg_gemm(mma_r, rP, tRrOt, accDV, false);
     wg_gemm(mma_r, rDS, tRrQt, accDK, false);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();  // P and dS registers are free before the dQ accumulator goes live
-    warpgroup_fence_operand(accDV);
-    warpgroup_fence_operand(accDK);
-    Tensor tQrDS = thr_q.partition_fragment_A(make_tensor(make_smem_ptr(my_ds), typename C::LayoutDS{}));
-    Tensor tQrKt = thr_q.partition_fragment_B(make_tensor(make_smem_ptr(my_k), typename C::LayoutRowsT{}));
-    Tensor accQ = partition_fragment_C(mma_q, Shape<Int<BQ>, Int<D>>{});
-    warpgroup_fence_operand(accQ);
-    warpgroup_arrive();
-    wg_gemm(mma_q, tQrDS, tQrKt, accQ, true);
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int src = NU == 2 ? u : wg;  // whose keys: both warpgroups' with two halves, else our own
+      Tensor tQrDS = thr_q.partition_fragment_A(make_tensor(make_smem_ptr(ds_buf + src * C::DS), typename C::Layout64T{}));
+      Tensor tQrK = thr_q.partition_fragment_B(
+          make_tensor(make_smem_ptr(k_s + src * C::TILE + dq_col0 * 64), typename C::Layout64T{}));
+      wg_gemm(mma_q, tQrDS, tQrK, accQ, u == 0);
+    }
     warpgroup_commit_batch();
     warpgroup_wait<0>();
+    warpgroup_fence_operand(accDV);
+    warpgroup_fence_operand(accDK);
     warpgroup_fence_operand(accQ);
     __syncwarp();
     if (lane == 0) ClusterBarrier::arrive(&empty[slot]);  // Q and dO of this slot are no longer read
@@ -604,9 +641,9 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
     for (int r = 0; r < 2; ++r) {
       const int q = q0 + warp * 16 + g + 8 * r;
       if (q < p.Sq) {
-        float* row = p.dq_accum + ((int64_t)b * p.Sq + q) * rs + (int64_t)h * D;
+        float* row = p.dq_accum + ((int64_t)b * p.Sq + q) * rs + (int64_t)h * D + dq_col0;
 #pragma unroll
-        for (int jd = 0; jd < ND; ++jd)
+        for (int jd = 0; jd < 8; ++jd)
           atomicAdd(reinterpret_cast<float2*>(row + 8 * jd + 2 * t),
                     make_float2(accQ(make_coord(0, r, jd), 0, 0), accQ(make_coord(1, r, jd), 0, 0)));
       }
@@ -620,7 +657,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
       T* dk = (T*)p.dk + koff + (int64_t)key * rs;
       T* dv = (T*)p.dv + koff + (int64_t)key * rs;
 #pragma unroll
-      for (int jd = 0; jd < ND; ++jd) {
+      for (int jd = 0; jd < D / 8; ++jd) {
         *reinterpret_cast<uint32_t*>(dk + 8 * jd + 2 * t) =
             pack2<T>(accDK(make_coord(0, r, jd), 0, 0) * p.scale, accDK(make_coord(1, r, jd), 0, 0) * p.scale);
         *reinterpret_cast<uint32_t*>(dv + 8 * jd + 2 * t) =
