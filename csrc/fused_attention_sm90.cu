@@ -69,6 +69,7 @@ struct Cfg {
 // (128 bytes, the swizzle span) of one head over a tile of rows.
 struct TmaMaps {
   CUtensorMap q, k, v, tq, tk, tv;
+  CUtensorMap dq;  // backward: the fp32 dQ sum, which the kernel adds tiles into (TMA reduce-add)
 };
 
 // Rows [row0, row0 + R) of head h, batch b into the swizzled tile at dst (D / 64 boxes, 64 channels each;
@@ -417,9 +418,11 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
 // query tile: S^T = K Q^T and dP^T = V dO^T (smem x smem; the exponentials of P^T run while dP^T is
 // still in flight), P^T = exp(S^T - LSE), dS^T = P^T (dP^T - Delta) in registers, dV += P^T dO and
 // dK += dS^T Q (registers x smem). dS^T also goes to shared memory, and dQ = dS K (smem x smem) is split
-// between the warpgroups by head-dim half over all 128 keys (head dim 128), so each query element gets
-// one fp32 vector atomic per CTA and the dQ accumulator is 32 registers, not 64 (two atomics per CTA and
-// 64 registers was the earlier layout: 187 TFLOP/s at 32k tokens, limited by atomics and spills).
+// between the warpgroups by head-dim half over all 128 keys (head dim 128), so the dQ accumulator is 32
+// registers, not 64, and each query element is added once per CTA, not twice; the partial dQ tile goes
+// through shared memory to a TMA reduce-add into the fp32 dQ sum, which the TMA unit runs in the
+// background instead of 16 vector atomics per thread and tile. (H200, 32k tokens: both warpgroups over
+// their own keys with atomics 187 TFLOP/s; split 218; split + TMA reduce see RESULTS.md.)
 template <typename T, int D>
 struct BwdCfg {
   static constexpr int BK = 128, BQ = 64, NT = 256, SL = 2, KW = 64;  // KW: keys per warpgroup
@@ -439,9 +442,10 @@ struct BwdCfg {
   using Layout64T = decltype(composition(Layout64{}, make_ordered_layout(Shape<_64, _64>{}, Step<_2, _1>{})));
   using PFrag = Layout<Shape<Shape<_2, _2, _2>, _1, Int<BQ / 16>>>;
   static constexpr int TILE = 64 * D, TILE_BYTES = TILE * int(sizeof(T)), DS = 64 * 64;
-  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), LSE and Delta per warpgroup
-  static constexpr int SMEM_BYTES =
-      1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 4 * 64 * 4 + (2 * SL + 1) * 8;
+  static constexpr int DQ = 64 * 64;  // a warpgroup's fp32 dQ tile: two TMA boxes of 64 rows x 32 floats
+  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, LSE and Delta per warpgroup
+  static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 2 * DQ * 4 +
+                                    4 * 64 * 4 + (2 * SL + 1) * 8;
 };
 
 template <typename T, int D>
@@ -459,7 +463,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   T* v_s = k_s + 2 * C::TILE;            // [wg]
   T* ring = v_s + 2 * C::TILE;           // [slot][Q, dO]
   T* ds_s = ring + 2 * SL * C::TILE;     // [buffer][wg] (key, q)
-  float* lse_s = reinterpret_cast<float*>(ds_s + 4 * C::DS);  // [wg][64], log2 units
+  float* dq_s = reinterpret_cast<float*>(ds_s + 4 * C::DS);   // [wg][box][64 rows][32], 128B-swizzled
+  float* lse_s = dq_s + 2 * C::DQ;                              // [wg][64], log2 units
   float* dl_s = lse_s + 2 * 64;                                // [wg][64]
   uint64_t* full = reinterpret_cast<uint64_t*>(dl_s + 2 * 64);
   uint64_t* empty = full + SL;
@@ -476,6 +481,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   T* my_v = v_s + wg * C::TILE;
   float* my_lse = lse_s + wg * 64;
   float* my_dl = dl_s + wg * 64;
+  float* my_dq = dq_s + wg * C::DQ;
+  const bool dq_issuer = wt == 0;  // issues (and waits for) this warpgroup's dQ reduce-adds
 
   if (tid == 0) {
     for (int s = 0; s < SL; ++s) {
@@ -572,7 +579,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
       warpgroup_commit_batch();
     }
     const bool need_mask = p.tiles[(int64_t)qt * p.Tk + kt] == 2 || k0 + BK > p.Sk || q0 + BQ > p.Sq;
-    wg_sync();  // LSE / Delta stores visible
+    if (dq_issuer) tma_store_wait<0>();  // the last tile's reduce-add has read my_dq
+    wg_sync();  // LSE / Delta stores visible; my_dq free
     warpgroup_wait<1>();  // S^T has landed; dP^T may still be in flight
     warpgroup_fence_operand(accS);
 #pragma unroll
@@ -637,19 +645,29 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
     if (lane == 0) ClusterBarrier::arrive(&empty[slot]);  // Q and dO of this slot are no longer read
     if (producer) produce();
 
+    // Partial dQ -> shared memory in the 128-byte swizzle of the TMA boxes (16-byte chunk ^ row % 8:
+    // conflict-free float2 stores), then one thread hands both boxes to the TMA unit to add into dQ.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int q = q0 + warp * 16 + g + 8 * r;
-      if (q < p.Sq) {
-        float* row = p.dq_accum + ((int64_t)b * p.Sq + q) * rs + (int64_t)h * D + dq_col0;
+      const int row = warp * 16 + g + 8 * r;
 #pragma unroll
-        for (int jd = 0; jd < 8; ++jd)
-          atomicAdd(reinterpret_cast<float2*>(row + 8 * jd + 2 * t),
-                    make_float2(accQ(make_coord(0, r, jd), 0, 0), accQ(make_coord(1, r, jd), 0, 0)));
+      for (int jd = 0; jd < 8; ++jd) {
+        const int chunk = (2 * (jd % 4) + t / 2) ^ (row % 8);
+        *reinterpret_cast<float2*>(my_dq + (jd / 4) * 64 * 32 + row * 32 + chunk * 4 + 2 * (t % 2)) =
+            make_float2(accQ(make_coord(0, r, jd), 0, 0), accQ(make_coord(1, r, jd), 0, 0));
       }
+    }
+    cutlass::arch::fence_view_async_shared();
+    wg_sync();
+    if (dq_issuer) {
+#pragma unroll
+      for (int box = 0; box < 2; ++box)
+        SM90_TMA_REDUCE_ADD_4D::copy(&maps.dq, my_dq + box * 64 * 32, dq_col0 + box * 32, h, q0, b);
+      tma_store_arrive();
     }
   }
 
+  if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // reduce-adds done
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = kw0 + warp * 16 + g + 8 * r;
@@ -686,22 +704,28 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// Descriptor for a contiguous [B, S, H, D] tensor, boxes of 64 channels x rows; false if it cannot be made
-// (the caller checks 16-byte alignment, which TMA needs).
-template <typename T>
-bool make_map(CUtensorMap* map, const void* ptr, int B, int S, int H, int D, int rows) {
+// Descriptor for a contiguous [B, S, H, D] tensor seen as (D, H, S, B), boxes of `cols` channels x `rows`
+// rows, 128-byte swizzle (cols * elem_bytes must be 128); false if it cannot be made (the caller checks the
+// 16-byte alignment TMA needs).
+bool make_map_raw(CUtensorMap* map, const void* ptr, CUtensorMapDataType dt, int elem_bytes, int B, int S, int H,
+                  int D, int cols, int rows) {
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return false;
-  const cuuint64_t e = sizeof(T);
+  const cuuint64_t e = elem_bytes;
   cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(H), cuuint64_t(S), cuuint64_t(B)};
   cuuint64_t strides[3] = {D * e, cuuint64_t(H) * D * e, cuuint64_t(S) * H * D * e};
-  cuuint32_t box[4] = {64, 1, cuuint32_t(rows), 1};
+  cuuint32_t box[4] = {cuuint32_t(cols), 1, cuuint32_t(rows), 1};
   cuuint32_t elem[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dt =
-      std::is_same<T, cutlass::bfloat16_t>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   return encode(map, dt, 4, const_cast<void*>(ptr), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T>
+bool make_map(CUtensorMap* map, const void* ptr, int B, int S, int H, int D, int rows) {
+  const CUtensorMapDataType dt =
+      std::is_same<T, cutlass::bfloat16_t>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return make_map_raw(map, ptr, dt, sizeof(T), B, S, H, D, 64, rows);
 }
 
 // Launch with `smem` bytes of dynamic shared memory (above the 48 KiB default, so it must be allowed first).
@@ -737,7 +761,8 @@ cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
   TmaMaps maps;
   memset(&maps, 0, sizeof(maps));
   const bool ok = make_map<T>(&maps.q, p.q, p.B, p.Sq, p.H, D, 64) && make_map<T>(&maps.tq, p.dout, p.B, p.Sq, p.H, D, 64) &&
-                  make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, 64) && make_map<T>(&maps.v, p.v, p.B, p.Sk, p.H, D, 64);
+                  make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, 64) && make_map<T>(&maps.v, p.v, p.B, p.Sk, p.H, D, 64) &&
+                  make_map_raw(&maps.dq, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.B, p.Sq, p.H, D, 32, 64);
   if (!ok) return cudaErrorInvalidValue;
   return run(bwd_kernel<T, D>, dim3((p.Sk + C::BK - 1) / C::BK, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps, stream);
 }
