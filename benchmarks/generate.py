@@ -57,7 +57,7 @@ def run(args, mode: str, device) -> dict:
     first = sorted(r[0] for r in rows)[len(rows) // 2]
     total = sorted(r[1] for r in rows)[len(rows) // 2]
     video_frames = 1 + 4 * (args.frames - 1)
-    return {"mode": mode, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers, "frames": args.frames,
+    return {"mode": mode, "compile": args.compile, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers, "frames": args.frames,
             "first_chunk_s": first, "total_s": total, "latent_fps": args.frames / total,
             "video_fps": video_frames / total,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
@@ -79,8 +79,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
     ap.add_argument("--out", default=None, help="append one JSON line per mode")
+    ap.add_argument("--compile", action="store_true",
+                    help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    from megatron_rcm.ops import fusion
+
+    fusion.set_enabled(args.compile)
     print("| mode | steps | layers | latent frames | first chunk (s) | total (s) | latent frames/s | video frames/s | "
           "peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")

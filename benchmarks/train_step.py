@@ -149,7 +149,8 @@ def run(args, kind: str, device) -> dict:
     step = statistics.median(times)
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing, "layers": args.layers,
+    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing, "compile": args.compile,
+            "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
             "mfu": flops[-1] / step / peak_flops(name),
@@ -182,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--compile", action="store_true",
+                    help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
     ap.add_argument("--out", default=None, help="append one JSON line per kind")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last rep and print its N most expensive GPU kernels")
@@ -190,16 +193,21 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA GPU (--device cpu: smoke check only)")
+    from megatron_rcm.ops import fusion
     from megatron_rcm.ops.attention import resolve_backend
+
+    fusion.set_enabled(args.compile)
 
     like = torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16)
     used = resolve_backend(args.attention, like).name
-    print("| step | attention | act. ckpt | layers | video tokens | step (s) | tokens/s | TFLOP/step | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| step | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | TFLOP/step | "
+          "MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
         r = run(args, kind, device)
         r["attention"] = used
         print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {used} | {'on' if r['checkpointing'] else 'off'} | "
+              f"{'compiled' if args.compile else 'eager'} | "
               f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |", flush=True)
         if args.out:

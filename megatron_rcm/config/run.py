@@ -52,6 +52,9 @@ class PhaseConfig:
 class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
+    # CUDA only: fuse the norm / modulation / gate / GELU / RoPE chains with torch.compile (ops/fusion.py);
+    # costs a compile per new shape family at start-up, CPU runs stay eager
+    compile_elementwise: bool = False
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops import dual
 from ..ops.attention import attention_jvp
+from ..ops.fusion import fusable
 from ..ops.masks import GroupMask
 from .rope import apply_rope
 
@@ -144,6 +145,21 @@ def _up(x, tx):
     return dual.upcast(x), None if tx is None else dual.upcast(tx)
 
 
+@fusable
+def _norm_modulate(x, tx, shift, tshift, scale, tscale, eps: float, dtype: torch.dtype):
+    """LayerNorm (no affine, fp32) -> AdaLN modulation -> cast: one fused kernel when fusion is on."""
+    n, tn = dual.layer_norm(*_up(x, tx), eps=eps)
+    h, th = dual.modulate(n, tn, shift, tshift, scale, tscale)
+    return h.to(dtype), None if th is None else th.to(dtype)
+
+
+@fusable
+def _norm_affine(x, tx, weight, bias, eps: float, dtype: torch.dtype):
+    """Affine LayerNorm in fp32, cast back (the cross-attention input norm)."""
+    n, tn = dual.layer_norm(*_up(x, tx), weight, bias, eps=eps)
+    return n.to(dtype), None if tn is None else tn.to(dtype)
+
+
 def _per_frame(x, frames: int):
     """[B, S, D] -> [B, frames, S/frames, D] so per-frame modulation broadcasts over a frame's tokens."""
     return None if x is None else x.unflatten(1, (frames, -1))
@@ -171,16 +187,14 @@ class WanBlock(nn.Module):
         t_shift, t_scale, t_gate, tc_shift, tc_scale, tc_gate = tm
         xf, txf = _per_frame(x, frames), _per_frame(tx, frames)
 
-        n, tn = dual.layer_norm(*_up(xf, txf), eps=self.eps)
-        h, th = dual.modulate(n, tn, shift, t_shift, scale, t_scale)
-        h, th = h.to(x.dtype).flatten(1, 2), None if th is None else th.to(x.dtype).flatten(1, 2)
+        h, th = _norm_modulate(xf, txf, shift, t_shift, scale, t_scale, self.eps, x.dtype)
+        h, th = h.flatten(1, 2), None if th is None else th.flatten(1, 2)
         a, ta = self.attn1.self_attention(h, th, ctx, layer)
         xf, txf = dual.gated_residual(xf, txf, _per_frame(a, frames), _per_frame(ta, frames), gate, t_gate)
 
         x, tx = xf.flatten(1, 2), None if txf is None else txf.flatten(1, 2)
         if self.norm2 is not None:
-            n, tn = dual.layer_norm(*_up(x, tx), self.norm2.weight, self.norm2.bias, eps=self.eps)
-            n, tn = n.to(x.dtype), None if tn is None else tn.to(x.dtype)
+            n, tn = _norm_affine(x, tx, self.norm2.weight, self.norm2.bias, self.eps, x.dtype)
         else:
             n, tn = x, tx
         cache_layer = None if ctx.cache is None else ctx.cache.layers[layer]
@@ -188,9 +202,7 @@ class WanBlock(nn.Module):
         x, tx = dual.add(x, tx, c, tc)
 
         xf, txf = _per_frame(x, frames), _per_frame(tx, frames)
-        n, tn = dual.layer_norm(*_up(xf, txf), eps=self.eps)
-        h, th = dual.modulate(n, tn, c_shift, tc_shift, c_scale, tc_scale)
-        h, th = h.to(x.dtype), None if th is None else th.to(x.dtype)
+        h, th = _norm_modulate(xf, txf, c_shift, tc_shift, c_scale, tc_scale, self.eps, x.dtype)
         f, tf = self.ffn(h, th)
         xf, txf = dual.gated_residual(xf, txf, f, tf, c_gate, tc_gate)
         return xf.flatten(1, 2), None if txf is None else txf.flatten(1, 2)

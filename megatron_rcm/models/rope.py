@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.fusion import fusable
+
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     hw = 2 * (head_dim // 6)
@@ -37,6 +39,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> 
     return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
 
 
+@fusable
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, D] by per-token angles [S, D/2].
 

@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .fusion import fusable
+
 Tangent = torch.Tensor | None
 
 
@@ -32,6 +34,7 @@ def linear(x, tx: Tangent, weight, bias=None):
     return y, (None if tx is None else F.linear(tx, weight))
 
 
+@fusable
 def layer_norm(x, tx: Tangent, weight=None, bias=None, eps: float = 1e-6):
     """LayerNorm over the last dim (computed in >= fp32, returned in x's dtype).
 
@@ -54,6 +57,7 @@ def layer_norm(x, tx: Tangent, weight=None, bias=None, eps: float = 1e-6):
     return y.to(x.dtype), ty
 
 
+@fusable(eager_if=lambda *a, **k: k.get("reduce") is not None or (len(a) > 4 and a[4] is not None))
 def rms_norm(x, tx: Tangent, weight=None, eps: float = 1e-6, reduce=None):
     """RMSNorm over the last dim: y = x / rms(x) * w;  dy = (dx - x mean(x dx) / rms^2) / rms * w.
 
@@ -83,6 +87,7 @@ def rms_norm(x, tx: Tangent, weight=None, eps: float = 1e-6, reduce=None):
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+@fusable
 def gelu_tanh(x, tx: Tangent):
     """GELU, tanh approximation (Wan's FFN and text projection)."""
     y = F.gelu(x, approximate="tanh")
@@ -94,6 +99,7 @@ def gelu_tanh(x, tx: Tangent):
     return y, tx * dydx
 
 
+@fusable
 def silu(x, tx: Tangent):
     y = F.silu(x)
     if tx is None:
@@ -102,6 +108,7 @@ def silu(x, tx: Tangent):
     return y, tx * s * (1 + x * (1 - s))
 
 
+@fusable
 def modulate(x, tx: Tangent, shift, tshift: Tangent, scale, tscale: Tangent):
     """AdaLN modulation y = x (1 + scale) + shift, with tangents on all three."""
     y = x * (1 + scale) + shift
@@ -117,6 +124,7 @@ def modulate(x, tx: Tangent, shift, tshift: Tangent, scale, tscale: Tangent):
     return y, ty
 
 
+@fusable
 def gated_residual(x, tx: Tangent, branch, tbranch: Tangent, gate, tgate: Tangent):
     """x + branch * gate (computed in >= fp32 like diffusers), with tangents."""
     out_dtype = x.dtype

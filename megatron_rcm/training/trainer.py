@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config.run import PhaseConfig, RunConfig, to_yaml
 from ..models import CausalWanModel, build_model
+from ..ops import fusion
 from . import dist_checkpoint as dck
 from .distributed import TrainerParallel
 from .ema import EMA
@@ -86,6 +87,7 @@ class Trainer:
     def new_model(self) -> CausalWanModel:
         model = build_model(self.cfg.model, self.cfg.causal).to(self.device)
         model.gradient_checkpointing = self.cfg.train.activation_checkpointing
+        fusion.set_enabled(self.cfg.train.compile_elementwise)
         return model
 
     def phase_dir(self, name: str) -> Path:
