@@ -90,7 +90,7 @@ def build(args, device):
     cfg = model_preset("wan2.1-1.3b", num_layers=args.layers)
     causal = CausalConfig(chunk_frames=args.chunk_frames, attention_backend=args.attention)
     student = build_model(cfg, causal).to(device)
-    student.gradient_checkpointing = args.checkpointing
+    student.gradient_checkpointing, student.checkpoint_layers = args.checkpointing, args.checkpoint_layers
     teacher = copy.deepcopy(student).requires_grad_(False).to(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(args.batch, 16, args.frames, args.height, args.width, generator=g)
@@ -110,7 +110,7 @@ def run(args, kind: str, device) -> dict:
         critic = None
     else:
         critic = copy.deepcopy(student)
-        critic.gradient_checkpointing = args.checkpointing
+        critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
         obj = SelfForcingDMD(teacher, DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6,
                                                 rollout=RolloutConfig(denoising_steps=[1000.0, 500.0])),
                              critic=critic)
@@ -149,7 +149,8 @@ def run(args, kind: str, device) -> dict:
     step = statistics.median(times)
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing, "compile": args.compile,
+    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing,
+            "checkpoint_layers": args.checkpoint_layers, "compile": args.compile,
             "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
@@ -157,6 +158,12 @@ def run(args, kind: str, device) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "calls": {n: c.calls[-200:] for n, c in zip(("student", "teacher", "critic"), counters)},
             "device": name, "torch": torch.__version__}
+
+
+def ckpt_label(r) -> str:
+    if not r["checkpointing"]:
+        return "off"
+    return f"first {r['checkpoint_layers']}" if 0 < r["checkpoint_layers"] < r["layers"] else "on"
 
 
 def kernel_table(prof, top: int) -> str:
@@ -183,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--checkpoint-layers", type=int, default=0, metavar="N",
+                    help="with checkpointing: recompute only the first N blocks (0 = all; train.checkpoint_layers)")
     ap.add_argument("--compile", action="store_true",
                     help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
     ap.add_argument("--out", default=None, help="append one JSON line per kind")
@@ -206,7 +215,7 @@ def main(argv=None):
     for kind in args.kinds.split(","):
         r = run(args, kind, device)
         r["attention"] = used
-        print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {used} | {'on' if r['checkpointing'] else 'off'} | "
+        print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {used} | {ckpt_label(r)} | "
               f"{'compiled' if args.compile else 'eager'} | "
               f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |", flush=True)

@@ -112,18 +112,26 @@ def test_kv_cache_memory_is_bounded_by_the_window():
     assert cache.chunks == [0, 11]
 
 
-def test_gradient_checkpointing_gives_identical_gradients():
+def test_gradient_checkpointing_gives_identical_gradients(monkeypatch):
+    from megatron_rcm.models import causal_wan
+
     model = _model()
     x, t, ctx = _inputs()
     mask = _mask("frame", model)
+    calls = []
+    real = causal_wan.checkpoint
+    monkeypatch.setattr(causal_wan, "checkpoint", lambda *a, **k: calls.append(a[7]) or real(*a, **k))
     grads = []
-    for ckpt in (False, True):
+    for ckpt, first_n, expect in ((False, 0, []), (True, 0, [0, 1]), (True, 1, [0]), (True, 5, [0, 1])):
         model.zero_grad()
-        model.gradient_checkpointing = ckpt
+        model.gradient_checkpointing, model.checkpoint_layers = ckpt, first_n
+        calls.clear()
         model(x, t, ctx, mask).square().mean().backward()
+        assert calls == expect  # which blocks were checkpointed
         grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
 
 
 def test_action_conditioning_changes_output_and_checks_shapes():

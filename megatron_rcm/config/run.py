@@ -52,6 +52,9 @@ class PhaseConfig:
 class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
+    # with activation_checkpointing: recompute only the first N transformer blocks this rank runs (0 = all);
+    # the rest keep their activations, trading memory for the recomputation (Megatron's recompute_num_layers)
+    checkpoint_layers: int = 0
     # CUDA only: fuse the norm / modulation / gate / GELU / RoPE chains with torch.compile (ops/fusion.py);
     # costs a compile per new shape family at start-up, CPU runs stay eager
     compile_elementwise: bool = False
@@ -144,6 +147,9 @@ def validate_run(cfg: RunConfig) -> None:
     ph, pw = int(cfg.model.patch_size[1]), int(cfg.model.patch_size[2])
     if cfg.data.height % ph or cfg.data.width % pw:
         raise ConfigError("data.height/width", (cfg.data.height, cfg.data.width), f"multiples of the patch {ph}x{pw}")
+    if cfg.train.checkpoint_layers < 0:
+        raise ConfigError("train.checkpoint_layers", cfg.train.checkpoint_layers,
+                          "an integer >= 0 (0 = checkpoint every block)")
     if cfg.train.grad_accum < 1:
         raise ConfigError("train.grad_accum", cfg.train.grad_accum, "an integer >= 1")
     if cfg.train.precision not in ("fp32", "bf16"):

@@ -96,6 +96,7 @@ class CausalWanModel(nn.Module):
         self.proj_out = nn.Linear(d, cfg.out_channels * p[0] * p[1] * p[2])
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self.gradient_checkpointing = False
+        self.checkpoint_layers = 0  # with gradient_checkpointing: only the first N blocks run here (0 = all)
         # a converted teacher starts exactly as it was
         for extra in (self.action_embedder, self.condition_embedder.interval_embedder):
             if extra is not None:
@@ -208,10 +209,12 @@ class CausalWanModel(nn.Module):
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not write_cache)
         if use_ckpt and cache is not None:
             actx = replace(actx, cache=cache.frozen())
+        ran = 0  # blocks this rank has run (pipeline stages own a run of them)
         for i, block in enumerate(self.blocks):
             if par is not None and not par.owns_layer(i):
                 continue
-            if use_ckpt:
+            ran += 1
+            if use_ckpt and (self.checkpoint_layers <= 0 or ran <= self.checkpoint_layers):
                 x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, use_reentrant=False)
             else:
                 x, tx = block(x, tx, mod, tmod, text, actx, i)

@@ -87,6 +87,7 @@ class Trainer:
     def new_model(self) -> CausalWanModel:
         model = build_model(self.cfg.model, self.cfg.causal).to(self.device)
         model.gradient_checkpointing = self.cfg.train.activation_checkpointing
+        model.checkpoint_layers = self.cfg.train.checkpoint_layers
         fusion.set_enabled(self.cfg.train.compile_elementwise)
         return model
 
