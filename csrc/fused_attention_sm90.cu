@@ -446,6 +446,9 @@ struct BwdCfg {
   // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, LSE and Delta per warpgroup
   static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 2 * DQ * 4 +
                                     4 * 64 * 4 + (2 * SL + 1) * 8;
+  static constexpr int MAX_SMEM = 227 * 1024;
+  static __host__ __device__ int col_bytes(int Tq) { return (Tq + 15) / 16 * 16; }
+  static __host__ __device__ bool col_staged(int Tq) { return SMEM_BYTES + col_bytes(Tq) <= MAX_SMEM; }
 };
 
 template <typename T, int D>
@@ -469,10 +472,14 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(dl_s + 2 * 64);
   uint64_t* empty = full + SL;
   uint64_t* kvbar = empty + SL;
+  int8_t* col_s = reinterpret_cast<int8_t*>(kvbar + 1);
 
   const int tid = threadIdx.x, wg = tid / 128, wt = tid % 128, warp = wt / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, k0 = kt * BK, kw0 = k0 + wg * KW;
+  const bool staged = C::col_staged(p.Tq);
+  if (staged)
+    for (int i = tid; i < p.Tq; i += C::NT) col_s[i] = p.tiles[(int64_t)i * p.Tk + kt];
   const int64_t rs = (int64_t)p.H * D;
   const int64_t koff = ((int64_t)b * p.Sk * p.H + h) * D;
   const int64_t loff = ((int64_t)b * p.H + h) * p.Sq;
@@ -495,8 +502,9 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   __syncthreads();
 
   // The query tiles this key tile meets: column kt of the tile summary.
+  auto tile_kind = [&](int qt) -> int { return staged ? col_s[qt] : p.tiles[(int64_t)qt * p.Tk + kt]; };
   auto next_q = [&](int qt) {
-    while (qt < p.Tq && p.tiles[(int64_t)qt * p.Tk + kt] == 0) ++qt;
+    while (qt < p.Tq && tile_kind(qt) == 0) ++qt;
     return qt;
   };
   const bool producer = tid == 128;
@@ -549,21 +557,32 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   constexpr int NU = NH == 2 ? 2 : 1;
   const int dq_col0 = NH == 2 ? wg * 64 : 0;
 
+  // LSE and Delta of the next query tile are copied (cp.async, threads 0-63 of each warpgroup) at the end of
+  // an iteration, once every reader of the current ones has passed its barrier: no registers held, and the
+  // copy lands while the next tile's products run.
+  auto prefetch = [&](int qt) {
+    const int q = qt * BQ + wt;
+    if (wt < 64 && qt < p.Tq) {
+      if (q < p.Sq) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(my_lse + wt)),
+                     "l"(p.lse + loff + q) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(my_dl + wt)),
+                     "l"(p.delta + loff + q) : "memory");
+      } else {
+        my_lse[wt] = -CUDART_INF_F;
+        my_dl[wt] = 0.f;
+      }
+    }
+  };
+
   ClusterBarrier::wait(kvbar, 0);
   int j = 0;
-  for (int qt = next_q(0); qt < p.Tq; qt = next_q(qt + 1), ++j) {
+  prefetch(next_q(0));
+  for (int qt = next_q(0); qt < p.Tq; ++j) {
     const int slot = j % SL, q0 = qt * BQ;
     T* q_tile = ring + (2 * slot) * C::TILE;
     T* do_tile = ring + (2 * slot + 1) * C::TILE;
     T* ds_buf = ds_s + (j % 2) * 2 * C::DS;  // two buffers: the other warpgroup may still read the last one
-    // This tile's LSE (log2 units) and Delta, staged once per warpgroup instead of 32 loads per thread.
-    // The last readers of these arrays passed this iteration's barrier below before anyone gets here.
-    if (wt < 64) {
-      const int q = q0 + wt;
-      const float L = q < p.Sq ? __ldg(p.lse + loff + q) : -CUDART_INF_F;
-      my_lse[wt] = L == -CUDART_INF_F ? CUDART_INF_F : L * LOG2E;
-      my_dl[wt] = q < p.Sq ? __ldg(p.delta + loff + q) : 0.f;
-    }
     ClusterBarrier::wait(&full[slot], (j / SL) & 1);
     {  // descriptors are made where used (hoisted, they would hold registers across the loop)
       Tensor tSrK = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(my_k), typename C::LayoutRows{}));
@@ -578,7 +597,12 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
       wg_gemm(mma_s, tSrV, tSrO, accP, true);
       warpgroup_commit_batch();
     }
-    const bool need_mask = p.tiles[(int64_t)qt * p.Tk + kt] == 2 || k0 + BK > p.Sk || q0 + BQ > p.Sq;
+    if (wt < 64) {  // this tile's LSE into log2 units, in place (once per warpgroup, not 32 loads per thread)
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      const float L = my_lse[wt];
+      my_lse[wt] = L == -CUDART_INF_F ? CUDART_INF_F : L * LOG2E;
+    }
+    const bool need_mask = tile_kind(qt) == 2 || k0 + BK > p.Sk || q0 + BQ > p.Sq;
     if (dq_issuer) tma_store_wait<0>();  // the last tile's reduce-add has read my_dq
     wg_sync();  // LSE / Delta stores visible; my_dq free
     warpgroup_wait<1>();  // S^T has landed; dP^T may still be in flight
@@ -665,6 +689,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
         SM90_TMA_REDUCE_ADD_4D::copy(&maps.dq, my_dq + box * 64 * 32, dq_col0 + box * 32, h, q0, b);
       tma_store_arrive();
     }
+    qt = next_q(qt + 1);
+    prefetch(qt);
   }
 
   if (dq_issuer) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // reduce-adds done
@@ -764,7 +790,8 @@ cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
                   make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, 64) && make_map<T>(&maps.v, p.v, p.B, p.Sk, p.H, D, 64) &&
                   make_map_raw(&maps.dq, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, p.B, p.Sq, p.H, D, 32, 64);
   if (!ok) return cudaErrorInvalidValue;
-  return run(bwd_kernel<T, D>, dim3((p.Sk + C::BK - 1) / C::BK, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps, stream);
+  const int smem = C::SMEM_BYTES + (C::col_staged(p.Tq) ? C::col_bytes(p.Tq) : 0);
+  return run(bwd_kernel<T, D>, dim3((p.Sk + C::BK - 1) / C::BK, p.H, p.B), C::NT, smem, p, maps, stream);
 }
 
 // Calls f(element type tag, head-dim constant) for the four supported (dtype, head dim) pairs.
