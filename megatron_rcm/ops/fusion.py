@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 _enabled = os.environ.get("MEGATRON_RCM_COMPILE", "0") == "1"
+_registry: list = []  # every fusable wrapper, so reset() can drop their compiled versions
 
 
 def set_enabled(flag: bool) -> None:
@@ -30,6 +31,12 @@ def set_enabled(flag: bool) -> None:
 
 def enabled() -> bool:
     return _enabled
+
+
+def reset() -> None:
+    """Forget every compiled version (the next enabled CUDA call compiles again); for tests and tools."""
+    for wrapper in _registry:
+        wrapper.compiled = None
 
 
 def _first_tensor(args) -> torch.Tensor | None:
@@ -47,19 +54,19 @@ def fusable(fn: Callable | None = None, *, eager_if: Callable[..., bool] | None 
     """
     if fn is None:
         return lambda f: fusable(f, eager_if=eager_if)
-    compiled = None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        nonlocal compiled
         if torch.compiler.is_compiling():  # already inside a fused graph: trace the plain function
             return fn(*args, **kwargs)
         x = _first_tensor(args)
         if not _enabled or x is None or not x.is_cuda or (eager_if is not None and eager_if(*args, **kwargs)):
             return fn(*args, **kwargs)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=None)
-        return compiled(*args, **kwargs)
+        if wrapper.compiled is None:
+            wrapper.compiled = torch.compile(fn, dynamic=None)
+        return wrapper.compiled(*args, **kwargs)
 
     wrapper.eager = fn
+    wrapper.compiled = None
+    _registry.append(wrapper)
     return wrapper
