@@ -2,6 +2,7 @@
 // forward+JVP in one pass, backward. Each warp owns 16 rows; tiles come from a per-mask summary
 // (0 skip / 1 full / 2 partial) so skipped tiles are never loaded.
 #include "fused_attention_kernels.cuh"
+#include "quad_reduce.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
@@ -108,15 +109,6 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
 }
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffff, x, 1);
-  return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
 // ---------------------------------------------------------------- forward (+ optional JVP)

@@ -18,6 +18,7 @@
 //
 // Compiled only when CUTLASS/CuTe headers are found (MRCM_WITH_SM90); device code only for sm_90a.
 #include "fused_attention_kernels.cuh"
+#include "quad_reduce.cuh"
 
 #if defined(MRCM_WITH_SM90)
 #include <cuda_bf16.h>
@@ -90,15 +91,6 @@ template <> __device__ __forceinline__ uint32_t pack2<cutlass::bfloat16_t>(float
 template <> __device__ __forceinline__ uint32_t pack2<cutlass::half_t>(float a, float b) {
   __half2 h = __floats2half2_rn(a, b);
   return *reinterpret_cast<uint32_t*>(&h);
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffff, x, 1);
-  return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
 // C += A B over every k-block; the first block overwrites C when zero_init.
