@@ -57,7 +57,8 @@ def run(args, mode: str, device) -> dict:
     first = sorted(r[0] for r in rows)[len(rows) // 2]
     total = sorted(r[1] for r in rows)[len(rows) // 2]
     video_frames = 1 + 4 * (args.frames - 1)
-    return {"mode": mode, "compile": args.compile, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers, "frames": args.frames,
+    return {"mode": mode, "compile": args.compile, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers,
+            "frames": args.frames,
             "first_chunk_s": first, "total_s": total, "latent_fps": args.frames / total,
             "video_fps": video_frames / total,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),

@@ -150,8 +150,7 @@ def run(args, kind: str, device) -> dict:
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing,
-            "checkpoint_layers": args.checkpoint_layers, "compile": args.compile,
-            "layers": args.layers,
+            "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
             "mfu": flops[-1] / step / peak_flops(name),
@@ -209,8 +208,8 @@ def main(argv=None):
 
     like = torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16)
     used = resolve_backend(args.attention, like).name
-    print("| step | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | TFLOP/step | "
-          "MFU | peak GiB |")
+    print("| step | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | "
+          "TFLOP/step | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
         r = run(args, kind, device)

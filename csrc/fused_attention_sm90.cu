@@ -647,7 +647,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
       const int src = NU == 2 ? u : wg;  // whose keys: both warpgroups' with two halves, else our own
-      Tensor tQrDS = thr_q.partition_fragment_A(make_tensor(make_smem_ptr(ds_buf + src * C::DS), typename C::Layout64T{}));
+      Tensor tQrDS =
+          thr_q.partition_fragment_A(make_tensor(make_smem_ptr(ds_buf + src * C::DS), typename C::Layout64T{}));
       Tensor tQrK = thr_q.partition_fragment_B(
           make_tensor(make_smem_ptr(k_s + src * C::TILE + dq_col0 * 64), typename C::Layout64T{}));
       wg_gemm(mma_q, tQrDS, tQrK, accQ, u == 0);

@@ -96,7 +96,7 @@ class CausalWanModel(nn.Module):
         self.proj_out = nn.Linear(d, cfg.out_channels * p[0] * p[1] * p[2])
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self.gradient_checkpointing = False
-        self.checkpoint_layers = 0  # with gradient_checkpointing: only the first N blocks run here (0 = all)
+        self.checkpoint_layers = 0  # with gradient_checkpointing: checkpoint only the first N blocks run here (0: all)
         # a converted teacher starts exactly as it was
         for extra in (self.action_embedder, self.condition_embedder.interval_embedder):
             if extra is not None:
