@@ -113,14 +113,21 @@ std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::o
   return {o, to};
 }
 
-std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor dout, at::Tensor lse,
-                            at::Tensor delta, at::Tensor qg, at::Tensor kg, at::Tensor allow, at::Tensor tiles,
-                            int64_t G, double scale, bool sm90) {
+std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor dout, at::Tensor lse,
+                            at::Tensor qg, at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale,
+                            bool sm90) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "bad dO");
-  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.scalar_type() == at::kFloat &&
-              delta.scalar_type() == at::kFloat, "lse/delta must be contiguous float32 [B, H, Sq]");
+  TORCH_CHECK(o.sizes() == q.sizes() && o.is_contiguous() && o.scalar_type() == q.scalar_type(), "bad O");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(o.data_ptr()) % 4 == 0 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 4 == 0,
+              "O and dO must be 4-byte aligned (clone a view that starts at an odd element)");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat && lse.numel() == q.size(0) * q.size(2) * q.size(1),
+              "lse must be contiguous float32 [B, H, Sq]");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto delta = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  check_err(mrcm::launch_bwd_delta(o.data_ptr(), dout.data_ptr(), delta.data_ptr<float>(), q.size(0), q.size(1),
+                                   q.size(2), q.size(3), dtype_code(q), stream));
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
   if (sm90) check_sm90(q);
   check_tiles(p, sm90 ? mrcm::SM90_BWD_BQ : mrcm::BWD_BQ, sm90 ? mrcm::SM90_BWD_BK : mrcm::BWD_BK, "backward");
@@ -132,12 +139,14 @@ std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   p.dq_accum = dq.data_ptr<float>(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
 #if defined(MRCM_WITH_SM90)
   if (sm90)
-    check_err(mrcm::launch_bwd_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
+    check_err(mrcm::launch_bwd_sm90(p, dtype_code(q), q.size(3), stream));
   else
 #endif
-    check_err(mrcm::launch_bwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
-  dq.mul_(scale);
-  return {dq.to(q.scalar_type()), dk, dv};
+    check_err(mrcm::launch_bwd(p, dtype_code(q), q.size(3), stream));
+  auto dq_out = at::empty_like(q);
+  check_err(mrcm::launch_scale_cast(dq.data_ptr<float>(), dq_out.data_ptr(), float(scale), dq.numel(), dtype_code(q),
+                                    stream));
+  return {dq_out, dk, dv};
 }
 
 }  // namespace
@@ -145,7 +154,7 @@ std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "masked attention forward -> (O, LSE)");
   m.def("fwd_jvp", &fwd_jvp, "masked attention forward + JVP -> (O, dO)");
-  m.def("bwd", &bwd, "masked attention backward -> (dQ, dK, dV)");
+  m.def("bwd", &bwd, "masked attention backward from (q, k, v, O, dO, LSE) -> (dQ, dK, dV)");
   m.attr("FWD_TILES") = pybind11::make_tuple(mrcm::FWD_BQ, mrcm::FWD_BK);
   m.attr("JVP_TILES") = pybind11::make_tuple(mrcm::JVP_BQ, mrcm::JVP_BK);
   m.attr("BWD_TILES") = pybind11::make_tuple(mrcm::BWD_BQ, mrcm::BWD_BK);

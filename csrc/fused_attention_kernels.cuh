@@ -23,6 +23,11 @@ struct AttnParams {
 cudaError_t launch_fwd(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
 cudaError_t launch_fwd_jvp(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
 cudaError_t launch_bwd(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
+// Backward helpers shared by both kernel families: delta [B, H, S] = rowsum(dout * o) in fp32 (o, dout
+// contiguous [B, S, H, D]); out = scale * in cast to dtype (n elements, even).
+cudaError_t launch_bwd_delta(const void* o, const void* dout, float* delta, int B, int S, int H, int D, int dtype,
+                             cudaStream_t stream);
+cudaError_t launch_scale_cast(const float* in, void* out, float scale, int64_t n, int dtype, cudaStream_t stream);
 
 // All kernels run 4 warps, one per 16 rows (BQ=128 with 8 warps measured slower).
 // Tile sizes the Python side must summarise the mask with.
