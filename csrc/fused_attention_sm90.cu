@@ -14,7 +14,8 @@
 //
 // What each step bought on an H200 (bf16, 12 heads, S = 32,760, full mask; fwd / fwd+JVP TFLOP/s):
 // per-thread cp.async loads 218 / 320 (load-bound at ~2 TB/s from L2); TMA 325 / 470; split K/V rings
-// and ping-pong 481 / 538.
+// and ping-pong 481 / 538. Masks: crossing skipped runs of the tile summary 16 tiles per load took the
+// teacher-forcing mask (65,520 tokens) from 357 / 464 to 422 / 501 (see next_tile).
 //
 // Compiled only when CUTLASS/CuTe headers are found (MRCM_WITH_SM90); device code only for sm_90a.
 #include "fused_attention_kernels.cuh"
