@@ -55,6 +55,8 @@ MASKS = {
     "frame_causal_1560": lambda: (M.block_causal_mask(3, 1560, 1), 4680),
     "chunk_causal": lambda: (M.block_causal_mask(6, 97, 2), 582),
     "teacher_forcing": lambda: (M.teacher_forcing_mask(4, 130, 1), 1040),
+    # rows skip 24 (forward tiles) to 48 (JVP tiles) key tiles between live ones: the 16-tiles-per-load walk
+    "teacher_forcing_long_skips": lambda: (M.teacher_forcing_mask(8, 390, 1), 6240),
     "window_sink": lambda: (M.block_causal_mask(8, 70, 1, M.ChunkVisibility(window=2, sink=1)), 560),
     "kv_cache": lambda: (M.kv_cache_mask([0, 2, 3], 150, 4, visibility=M.ChunkVisibility(window=2, sink=1)), None),
 }
