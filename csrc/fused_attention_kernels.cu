@@ -474,7 +474,7 @@ cudaError_t dispatch_fwd(const AttnParams& p, int dtype, int d, cudaStream_t s) 
 // ---------------------------------------------------------------- backward pre- and post-processing
 // Both kernel families need Delta = rowsum(dO * O) in fp32 before the backward and turn the fp32 dQ sum into
 // scale * dQ in the input dtype after it; one pass each instead of eager fp32 copies, product, sum, transpose,
-// scale and cast (about 0.5 ms at 9,360 tokens, a sixth of the backward there).
+// scale and cast (H200, block-causal 9,360 tokens: the whole backward 3.75 -> 3.48 ms).
 __device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
 __device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
 template <typename T> struct Two;
