@@ -56,10 +56,15 @@ void check_tiles(const mrcm::AttnParams& p, int bq, int bk, const char* which) {
               " tile sizes (", bq, ", ", bk, ")");
 }
 
+int check_order(int64_t order) {
+  TORCH_CHECK(order == 0 || order == 1, "cta_order must be 0 (launch order) or 1 (longest rows first), got ", order);
+  return static_cast<int>(order);
+}
+
 void check_err(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fused attention launch failed: ", cudaGetErrorString(e)); }
 
 std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor qg, at::Tensor kg, at::Tensor allow,
-                            at::Tensor tiles, int64_t G, double scale, bool sm90) {
+                            at::Tensor tiles, int64_t G, double scale, bool sm90, int64_t cta_order) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
@@ -68,6 +73,7 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   auto o = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = o.data_ptr(); p.lse = lse.data_ptr<float>();
+  p.cta_order = check_order(cta_order);
 #if defined(MRCM_WITH_SM90)
   if (sm90) {
     check_err(mrcm::launch_fwd_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
@@ -81,7 +87,7 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
 std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> tq,
                                 std::optional<at::Tensor> tk, std::optional<at::Tensor> tv, at::Tensor qg,
                                 at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale,
-                                bool sm90) {
+                                bool sm90, int64_t cta_order) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
@@ -98,6 +104,7 @@ std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::o
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
   p.tq = chk(tq, q); p.tk = chk(tk, k); p.tv = chk(tv, v);
   p.o = o.data_ptr(); p.to = to.data_ptr();
+  p.cta_order = check_order(cta_order);
 #if defined(MRCM_WITH_SM90)
   if (sm90) {  // the wgmma kernel takes all three tangents: a missing one is passed as zeros
     at::Tensor zero;

@@ -17,6 +17,7 @@ struct AttnParams {
   const int* q_groups; const int* k_groups; const uint8_t* allow; const int8_t* tiles;
   int B, H, Sq, Sk, G, Tq, Tk;                      // Tq x Tk tile summary for the kernel's tiles
   float scale;
+  int cta_order;  // sm_90a forward kernels: 0 = CTA (x, y) takes row x of head y; 1 = longest rows first over all heads
 };
 
 // dtype: 0 = fp16, 1 = bf16. Return cudaError_t of the launch.

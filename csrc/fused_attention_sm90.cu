@@ -161,7 +161,12 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, q0 = qt * BQ;
+  // Which row of which head: in launch order, or (cta_order 1, for summaries whose rows get longer) the
+  // rows from the last to the first with the heads interleaved, so the whole launch runs longest first.
+  // Computed from blockIdx, not looked up: a per-CTA load of the row index cost 2-7% (RESULTS.md).
+  const int lin = blockIdx.x + gridDim.x * blockIdx.y;
+  const int qt = p.cta_order ? p.Tq - 1 - lin / p.H : (int)blockIdx.x;
+  const int h = p.cta_order ? lin % p.H : (int)blockIdx.y, b = blockIdx.z, q0 = qt * BQ;
   const int64_t rs = (int64_t)p.H * D;
   const int64_t qoff = ((int64_t)b * p.Sq * p.H + h) * D;
   // The JVP kernel takes all three tangents (the host passes zeros for a missing one): runtime-optional

@@ -21,7 +21,8 @@ def _load_build():
 
 def test_pack_mask_matches_tile_summary_and_caches():
     mask = M.teacher_forcing_mask(3, 130, 1)
-    qg, kg, allow, tiles, g = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
+    qg, kg, allow, tiles, grow, g = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
+    assert grow  # teacher-forcing rows get longer towards the end
     assert qg.dtype == torch.int32 and kg.dtype == torch.int32
     assert allow.dtype == torch.uint8 and allow.shape == (g * g,) and g == mask.num_groups
     assert torch.equal(allow.bool().view(g, g), mask.allow)
@@ -32,6 +33,18 @@ def test_pack_mask_matches_tile_summary_and_caches():
     assert again[3] is tiles  # cached per mask object
     other = fa.pack_mask(mask, 780, 780, fa.FWD_TILES, "cpu")
     assert other[3].shape == (-(-780 // fa.FWD_TILES[0]), -(-780 // fa.FWD_TILES[1]))
+
+
+def test_longest_rows_first_only_for_growing_rows_and_short_launches():
+    assert fa.rows_grow(M.block_causal_mask(4, 64, 1).tile_summary(64, 64))
+    assert not fa.rows_grow(M.full_mask(300).tile_summary(64, 64))
+    assert not fa.rows_grow(torch.tensor([[1, 1], [1, 0]], dtype=torch.int8))  # rows shrink: keep launch order
+    sms = 132
+    assert fa.cta_order(True, 74 * 12, sms) == 1  # block-causal 9,360 tokens, 12 heads: 6.7 waves
+    assert fa.cta_order(True, 256 * 12, sms) == 0  # 32,760 tokens: 23 waves, heads stay apart (L2)
+    assert fa.cta_order(False, 74 * 12, sms) == 0  # equal rows: nothing to balance
+    assert fa.cta_order(True, fa.LONGEST_FIRST_MAX_WAVES * sms, sms) == 1
+    assert fa.cta_order(True, fa.LONGEST_FIRST_MAX_WAVES * sms + 1, sms) == 0
 
 
 def test_pack_cache_entry_dies_with_mask():
@@ -45,8 +58,8 @@ def test_pack_cache_entry_dies_with_mask():
 
 
 def test_pack_none_mask_is_full_and_shape_checked():
-    *_, tiles, g = fa.pack_mask(None, 100, 70, fa.FWD_TILES, "cpu")
-    assert g == 1 and (tiles == M.TILE_FULL).all() and tiles.shape == (-(-100 // fa.FWD_TILES[0]), 2)
+    *_, tiles, grow, g = fa.pack_mask(None, 100, 70, fa.FWD_TILES, "cpu")
+    assert g == 1 and not grow and (tiles == M.TILE_FULL).all() and tiles.shape == (-(-100 // fa.FWD_TILES[0]), 2)
     try:
         fa.pack_mask(M.full_mask(10), 11, 10, fa.FWD_TILES, "cpu")
     except ValueError:
@@ -57,7 +70,7 @@ def test_pack_none_mask_is_full_and_shape_checked():
 
 def test_kv_cache_mask_tiles_skip_hidden_chunks():
     mask = M.kv_cache_mask([0, 1, 2, 3], 64, 4, visibility=M.ChunkVisibility(window=2, sink=1))
-    *_, tiles, _ = fa.pack_mask(mask, 64, 320, fa.FWD_TILES, "cpu")
+    tiles = fa.pack_mask(mask, 64, 320, fa.FWD_TILES, "cpu")[3]
     assert tiles.tolist() == [[M.TILE_FULL, M.TILE_SKIP, M.TILE_SKIP, M.TILE_FULL, M.TILE_FULL]]
 
 

@@ -132,6 +132,27 @@ def test_jvp_partial_tangents(which, kernel_path):
     assert rel(to, rto) < 4e-2
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_longest_rows_first_walk_gives_identical_results(d, kernel_path, monkeypatch):
+    """The sm_90a forward kernels' longest-rows-first walk only reorders CTAs: outputs are bit-identical,
+    and both walks cover every (row, head) (poisoned outputs)."""
+    if kernel_path != "sm90":
+        pytest.skip("the CTA walk is an option of the sm_90a kernels")
+    fa = _fa()
+    mask = M.block_causal_mask(5, 300, 1)
+    q, k, v = make(mask, torch.bfloat16, d, seed=5)
+    tangents = make(mask, torch.bfloat16, d, seed=6)
+    outs = []
+    for waves, order in ((10**6, 1), (0, 0)):
+        monkeypatch.setattr(fa, "LONGEST_FIRST_MAX_WAVES", waves)
+        assert fa.cta_order(True, 1000, 132) == order
+        poison(q, 8)
+        outs.append((*fa.fused_forward_lse(q, k, v, mask), *fa.fused_forward_jvp(q, k, v, *tangents, mask)))
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all(), "unwritten (poisoned) output"
+        assert torch.equal(a, b)
+
+
 def test_jvp_vs_finite_differences(kernel_path):
     fa = _fa()
     mask = M.block_causal_mask(3, 150, 1)
