@@ -21,18 +21,19 @@ def _load_build():
 
 def test_pack_mask_matches_tile_summary_and_caches():
     mask = M.teacher_forcing_mask(3, 130, 1)
-    qg, kg, allow, tiles, grow, g = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
-    assert grow  # teacher-forcing rows get longer towards the end
-    assert qg.dtype == torch.int32 and kg.dtype == torch.int32
-    assert allow.dtype == torch.uint8 and allow.shape == (g * g,) and g == mask.num_groups
-    assert torch.equal(allow.bool().view(g, g), mask.allow)
+    m = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
+    g = m.num_groups
+    assert m.rows_grow  # teacher-forcing rows get longer towards the end
+    assert m.q_groups.dtype == torch.int32 and m.k_groups.dtype == torch.int32
+    assert m.allow.dtype == torch.uint8 and m.allow.shape == (g * g,) and g == mask.num_groups
+    assert torch.equal(m.allow.bool().view(g, g), mask.allow)
     bq, bk = fa.JVP_TILES
-    assert tiles.dtype == torch.int8 and tiles.shape == (-(-780 // bq), -(-780 // bk))
-    assert torch.equal(tiles, mask.tile_summary(*fa.JVP_TILES))
+    assert m.tiles.dtype == torch.int8 and m.tiles.shape == (-(-780 // bq), -(-780 // bk))
+    assert torch.equal(m.tiles, mask.tile_summary(*fa.JVP_TILES))
     again = fa.pack_mask(mask, 780, 780, fa.JVP_TILES, "cpu")
-    assert again[3] is tiles  # cached per mask object
+    assert again.tiles is m.tiles  # cached per mask object
     other = fa.pack_mask(mask, 780, 780, fa.FWD_TILES, "cpu")
-    assert other[3].shape == (-(-780 // fa.FWD_TILES[0]), -(-780 // fa.FWD_TILES[1]))
+    assert other.tiles.shape == (-(-780 // fa.FWD_TILES[0]), -(-780 // fa.FWD_TILES[1]))
 
 
 def test_longest_rows_first_only_for_growing_rows_and_short_launches():
@@ -45,6 +46,8 @@ def test_longest_rows_first_only_for_growing_rows_and_short_launches():
     assert fa.cta_order(False, 74 * 12, sms) == 0  # equal rows: nothing to balance
     assert fa.cta_order(True, fa.LONGEST_FIRST_MAX_WAVES * sms, sms) == 1
     assert fa.cta_order(True, fa.LONGEST_FIRST_MAX_WAVES * sms + 1, sms) == 0
+    m = fa.pack_mask(M.block_causal_mask(4, 64, 1), 256, 256, fa.FWD_TILES, "cpu")
+    assert m.rows_grow and fa.forward_order(False, m, torch.empty(1, 256, 2, 64)) == 0  # mma.sync: launch order
 
 
 def test_pack_cache_entry_dies_with_mask():
@@ -58,8 +61,9 @@ def test_pack_cache_entry_dies_with_mask():
 
 
 def test_pack_none_mask_is_full_and_shape_checked():
-    *_, tiles, grow, g = fa.pack_mask(None, 100, 70, fa.FWD_TILES, "cpu")
-    assert g == 1 and not grow and (tiles == M.TILE_FULL).all() and tiles.shape == (-(-100 // fa.FWD_TILES[0]), 2)
+    m = fa.pack_mask(None, 100, 70, fa.FWD_TILES, "cpu")
+    assert m.num_groups == 1 and not m.rows_grow
+    assert (m.tiles == M.TILE_FULL).all() and m.tiles.shape == (-(-100 // fa.FWD_TILES[0]), 2)
     try:
         fa.pack_mask(M.full_mask(10), 11, 10, fa.FWD_TILES, "cpu")
     except ValueError:
@@ -70,7 +74,7 @@ def test_pack_none_mask_is_full_and_shape_checked():
 
 def test_kv_cache_mask_tiles_skip_hidden_chunks():
     mask = M.kv_cache_mask([0, 1, 2, 3], 64, 4, visibility=M.ChunkVisibility(window=2, sink=1))
-    tiles = fa.pack_mask(mask, 64, 320, fa.FWD_TILES, "cpu")[3]
+    tiles = fa.pack_mask(mask, 64, 320, fa.FWD_TILES, "cpu").tiles
     assert tiles.tolist() == [[M.TILE_FULL, M.TILE_SKIP, M.TILE_SKIP, M.TILE_FULL, M.TILE_FULL]]
 
 

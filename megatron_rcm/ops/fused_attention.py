@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -81,12 +82,23 @@ _C = _load_extension()
 
 
 # ---------------------------------------------------------------- mask packing (cached per mask)
-_PACK_CACHE: dict[int, tuple] = {}
+_PACK_CACHE: dict[int, tuple] = {}  # id(mask) -> (weakref, {(tiles, device): PackedMask})
 _FULL_MASKS: dict[tuple[int, int], GroupMask] = {}
 
 
 def _drop(key: int) -> None:
     _PACK_CACHE.pop(key, None)
+
+
+class PackedMask(NamedTuple):
+    """A mask laid out for the kernels' tiles, on the kernels' device."""
+
+    q_groups: torch.Tensor  # int32 [Sq]
+    k_groups: torch.Tensor  # int32 [Sk]
+    allow: torch.Tensor  # uint8 [G * G]
+    tiles: torch.Tensor  # int8 tile summary [Tq, Tk]
+    num_groups: int
+    rows_grow: bool  # the last row of tiles has more work than the first (block-causal, teacher forcing)
 
 
 def rows_grow(summary: torch.Tensor) -> bool:
@@ -97,9 +109,10 @@ def rows_grow(summary: torch.Tensor) -> bool:
 
 
 # A forward launch of at most this many waves of CTAs walks the rows longest first across all heads
-# (H200, block-causal 9,360 tokens, 6.7 waves: fwd 345 -> 388, fwd+JVP 445 -> 494 TFLOP/s). Larger
-# launches keep one head after the other: there the idle tail is a smaller share, and interleaving the
-# heads costs L2 hits (block-causal 32,760, 23 waves: fwd+JVP 522 -> ~450).
+# (H200, block-causal 9,360 tokens, 6.7 waves: fwd+JVP 451 -> 495 TFLOP/s). Larger launches keep one
+# head after the other: there the idle tail is a smaller share, and interleaving the heads costs L2 hits
+# (block-causal 32,760, 23 waves: fwd+JVP 522 -> ~450). The backward keeps launch order: the same walk
+# over its key columns cost it 10% (registers; RESULTS.md).
 LONGEST_FIRST_MAX_WAVES = 8
 
 
@@ -117,8 +130,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], device) -> tuple:
-    """(q_groups int32, k_groups int32, allow uint8 [G*G], tile summary int8 [Tq, Tk], rows_grow, G) on device.
+def forward_order(sm90: bool, m: PackedMask, q: torch.Tensor) -> int:
+    """cta_order of a forward launch (one CTA per row of tiles and head); launch order off the sm_90a path."""
+    if not sm90:
+        return 0
+    return cta_order(m.rows_grow, m.tiles.shape[0] * q.shape[0] * q.shape[2], _sm_count(q.device))
+
+
+def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], device) -> PackedMask:
+    """The mask packed for the kernels' ``tiles`` (query, key tile sizes) on ``device``.
 
     Cached per (mask object, tile sizes, device) so repeated layers pay the summary once; entries
     vanish with the mask object.
@@ -138,13 +158,13 @@ def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], 
     sub = (tiles, str(device))
     if sub not in packs:
         summary = mask.tile_summary(*tiles).to(torch.int8)
-        packs[sub] = (
-            mask.q_groups.to(device=device, dtype=torch.int32).contiguous(),
-            mask.k_groups.to(device=device, dtype=torch.int32).contiguous(),
-            mask.allow.to(device=device, dtype=torch.uint8).reshape(-1).contiguous(),
-            summary.to(device).contiguous(),
-            rows_grow(summary),
-            mask.num_groups,
+        packs[sub] = PackedMask(
+            q_groups=mask.q_groups.to(device=device, dtype=torch.int32).contiguous(),
+            k_groups=mask.k_groups.to(device=device, dtype=torch.int32).contiguous(),
+            allow=mask.allow.to(device=device, dtype=torch.uint8).reshape(-1).contiguous(),
+            tiles=summary.to(device).contiguous(),
+            num_groups=mask.num_groups,
+            rows_grow=rows_grow(summary),
         )
     return packs[sub]
 
@@ -165,16 +185,16 @@ def use_sm90(t: torch.Tensor, *operands: torch.Tensor | None) -> bool:
 _TILES = {"fwd": (FWD_TILES, SM90_FWD_TILES), "jvp": (JVP_TILES, SM90_JVP_TILES), "bwd": (BWD_TILES, SM90_BWD_TILES)}
 
 
-def kernel_and_mask(kind: str, mask, q, k, *operands) -> tuple[bool, tuple]:
+def kernel_and_mask(kind: str, mask, q, k, *operands) -> tuple[bool, PackedMask]:
     """(whether the sm_90a kernel runs, the mask packed for that kernel's tiles) for pass ``kind``."""
     sm90 = use_sm90(q, k, *operands)
     return sm90, pack_mask(mask, q.shape[1], k.shape[1], _TILES[kind][sm90], q.device)
 
 
 def _fwd(q, k, v, mask, scale):
-    sm90, (qg, kg, allow, tiles, grow, g) = kernel_and_mask("fwd", mask, q, k, v)
-    order = cta_order(grow, tiles.shape[0] * q.shape[0] * q.shape[2], _sm_count(q.device)) if sm90 else 0
-    return _C.fwd(q, k, v, qg, kg, allow, tiles, g, scale, sm90, order)
+    sm90, m = kernel_and_mask("fwd", mask, q, k, v)
+    order = forward_order(sm90, m, q)
+    return _C.fwd(q, k, v, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, scale, sm90, order)
 
 
 # ---------------------------------------------------------------- autograd + backend functions
@@ -193,8 +213,9 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         do = do.contiguous()
-        sm90, (qg, kg, allow, tiles, _, g) = kernel_and_mask("bwd", ctx.mask, q, k, v, do)
-        dq, dk, dv = _C.bwd(q, k, v, o, do, lse, qg, kg, allow, tiles, g, ctx.scale, sm90)  # Delta made inside
+        sm90, m = kernel_and_mask("bwd", ctx.mask, q, k, v, do)
+        dq, dk, dv = _C.bwd(q, k, v, o, do, lse, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, ctx.scale,
+                            sm90)  # Delta is made inside
         return dq, dk, dv, None, None
 
 
@@ -218,11 +239,11 @@ def fused_forward_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale:
     kernel is given zeros: optional products would serialise its wgmma pipeline)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tq, tk, tv = (None if t is None else t.detach().contiguous() for t in (tq, tk, tv))
-    sm90, (qg, kg, allow, tiles, grow, g) = kernel_and_mask("jvp", mask, q, k, v, tq, tk, tv)
-    order = cta_order(grow, tiles.shape[0] * q.shape[0] * q.shape[2], _sm_count(q.device)) if sm90 else 0
+    sm90, m = kernel_and_mask("jvp", mask, q, k, v, tq, tk, tv)
+    order = forward_order(sm90, m, q)
     with torch.no_grad():
-        o, to = _C.fwd_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, qg, kg, allow, tiles, g, _scale(q, scale),
-                           sm90, order)
+        o, to = _C.fwd_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, m.q_groups, m.k_groups, m.allow, m.tiles,
+                           m.num_groups, _scale(q, scale), sm90, order)
     return o, to
 
 
