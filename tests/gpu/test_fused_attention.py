@@ -28,13 +28,18 @@ def kernel_path(request, monkeypatch):
     """Run a test on both the mma.sync kernels and (on a 9.0 GPU, when built) the wgmma kernels."""
     fa = _fa()
     if request.param == "sm90":
-        if not (getattr(fa._C, "HAS_SM90", False) and torch.cuda.get_device_capability() == (9, 0)):
-            pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU and a build that found CUTLASS")
-        monkeypatch.setenv(fa.SM90_ENV, "1")
+        _require_sm90(fa, monkeypatch)
     else:
         monkeypatch.setenv(fa.SM90_ENV, "0")
     assert fa.use_sm90(torch.empty(1, device="cuda")) == (request.param == "sm90")
     return request.param
+
+
+def _require_sm90(fa, monkeypatch):
+    """Route calls to the sm_90a kernels, or skip where they cannot run."""
+    if not (getattr(fa._C, "HAS_SM90", False) and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("the sm_90a kernels need a compute capability 9.0 GPU and a build that found CUTLASS")
+    monkeypatch.setenv(fa.SM90_ENV, "1")
 
 
 def poison(like, n=4):
@@ -133,12 +138,11 @@ def test_jvp_partial_tangents(which, kernel_path):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_longest_rows_first_walk_gives_identical_results(d, kernel_path, monkeypatch):
-    """The sm_90a forward kernels' longest-rows-first walk only reorders CTAs: outputs are bit-identical,
-    and both walks cover every (row, head) (poisoned outputs)."""
-    if kernel_path != "sm90":
-        pytest.skip("the CTA walk is an option of the sm_90a kernels")
+def test_longest_rows_first_walk_gives_identical_results(d, monkeypatch):
+    """The sm_90a forward kernels' longest-rows-first walk (an option of those kernels only) just reorders
+    CTAs: outputs are bit-identical, and both walks cover every (row, head) (poisoned outputs)."""
     fa = _fa()
+    _require_sm90(fa, monkeypatch)
     mask = M.block_causal_mask(5, 300, 1)
     q, k, v = make(mask, torch.bfloat16, d, seed=5)
     tangents = make(mask, torch.bfloat16, d, seed=6)
