@@ -38,7 +38,9 @@ import torch
 
 from megatron_rcm.config.run import OptimConfig, PhaseConfig, load_config, to_yaml, validate_run
 from megatron_rcm.training.logger import RunLogger
-from megatron_rcm.training.registry import OBJECTIVES, build_objective, move_objective_modules
+from megatron_rcm.network import Condition, Denoiser, StepContext
+from megatron_rcm.objectives import PhaseModels
+from megatron_rcm.training.registry import build_objective, objectives
 from megatron_rcm.training.report import quality_rows
 from megatron_rcm.training.trainer import Trainer
 
@@ -66,7 +68,7 @@ QUICK = {"teacher_steps": 30, "budget_fe": 120.0, "points": 3, "overrides": [
 
 # ---------------------------------------------------------------------------------------------- config
 def available_methods() -> list[str]:
-    return [m for m in METHODS if m in OBJECTIVES]
+    return [m for m in METHODS if m in objectives()]
 
 
 def base_config(args):
@@ -203,28 +205,26 @@ def count_network_passes(models: dict):
 def unit_costs(trainer, model, batch, reps: int, fixed: dict | None = None) -> dict:
     """Measured cost of a JVP pass and of a backward, in forwards of the TF sequence (same shapes);
     ``fixed`` = {"jvp": .., "bwd": ..} replaces the measurement (to repeat an earlier budget -> steps mapping)."""
-    from megatron_rcm.objectives.base import TFContext
-
-    tf = TFContext(model, batch)
-    x, t = torch.randn_like(tf.x0), torch.full((tf.batch, tf.frames), 500.0, device=tf.x0.device)
-    dx, dt = torch.randn_like(x), torch.ones_like(t)
+    net, x0, cond = Denoiser(model), batch["latents"], Condition.from_batch(batch)
+    x, s = torch.randn_like(x0), torch.full((x0.shape[0], net.frames(x0)), 0.5, device=x0.device)
+    dx, ds = torch.randn_like(x), torch.ones_like(s)
     dev = trainer.device
 
     def fwd():
         with torch.no_grad():
-            tf.run(model, x, t)
+            net.teacher_forcing(x0, x, s, cond)
 
     def jvp():
         with torch.no_grad():
-            tf.run(model, x, t, tangent=dx, t_tangent=dt)
+            net.teacher_forcing(x0, x, s, cond, tangent=dx, s_tangent=ds)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
-        tf.run(model, x, t)[0].square().mean().backward()
+        net.teacher_forcing(x0, x, s, cond)[0].square().mean().backward()
 
     tf_, tj, tfb = (_best_seconds(f, dev, reps) for f in (fwd, jvp, fwd_bwd))
     model.zero_grad(set_to_none=True)
-    units = {"fwd_ms": 1e3 * tf_, "jvp": tj / tf_, "bwd": max(tfb / tf_ - 1.0, 0.0), "unit_tokens": 2 * tf.x0.numel()}
+    units = {"fwd_ms": 1e3 * tf_, "jvp": tj / tf_, "bwd": max(tfb / tf_ - 1.0, 0.0), "unit_tokens": 2 * x0.numel()}
     return {**units, **{k: v for k, v in (fixed or {}).items() if v is not None}}
 
 
@@ -234,11 +234,14 @@ def step_cost(trainer, cfg, units: dict, reps: int) -> dict:
     phase = cfg.phases[1]
     student = trainer._init_student(phase, cfg.seed)
     teacher = trainer._frozen(phase.teacher_from)
-    objective = build_objective(phase, cfg, student=student, teacher=teacher, trainer=trainer)
-    move_objective_modules(objective, trainer.device)
+    objective = build_objective(phase, PhaseModels(Denoiser(teacher)))
+    side = objective.side_modules()
+    for module in side:
+        module.to(trainer.device)
     batch = trainer._to_device(next(iter(trainer.make_data(phase))))
+    net, late = Denoiser(student), StepContext(10**9)  # a late step: sCM's tangent warm-up is over
     with count_network_passes({"student": student, "teacher": teacher}) as calls:
-        loss, _ = objective.loss(student, batch, 10**9)
+        loss, _ = objective.loss(net, batch, late)
         loss.backward()
     fe, parts = 0.0, []
     for who, tokens, tangent, graph in calls:
@@ -247,12 +250,12 @@ def step_cost(trainer, cfg, units: dict, reps: int) -> dict:
         fe += cost
         parts.append(f"{who} {'jvp' if tangent else 'fwd'}{'+bwd' if graph else ''} ×{w:g}")
     params = [p for p in student.parameters() if p.requires_grad]
-    params += list(getattr(objective, "trainable_parameters", lambda: [])())
+    params += [p for m in side for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        objective.loss(student, batch, 10**9)[0].backward()
+        objective.loss(net, batch, late)[0].backward()
         opt.step()
 
     ms = 1e3 * _best_seconds(train_step, trainer.device, reps)
@@ -407,7 +410,7 @@ def parse_args(argv):
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, QUICK[k])
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS or m not in OBJECTIVES]
+    unknown = [m for m in args.methods if m not in METHODS or m not in objectives()]
     if unknown:
         ap.error(f"--methods: {unknown} not available here; choose from {available_methods()}")
     return args

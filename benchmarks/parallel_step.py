@@ -68,6 +68,7 @@ def main(argv=None):
         compare(args.compare)
         return 0
 
+    from megatron_rcm.network import Denoiser, StepContext
     from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
     from megatron_rcm.parallel import (ParallelConfig, destroy_parallel, initialize_parallel, parallelize_model,
                                        sharded_optimizer, sync_gradients)
@@ -82,13 +83,14 @@ def main(argv=None):
     student, teacher, batch = build(args, device)
     if world > 1:
         student, teacher = parallelize_model(student, groups), parallelize_model(teacher, groups)
-    obj = SCMObjective(teacher, SCMConfig(sigma_d=1.0, cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
+    obj = SCMObjective(Denoiser(teacher), SCMConfig(sigma_d=1.0, cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
+    net, step = Denoiser(student), StepContext(1)
     tokens = args.frames * (args.height // 2) * (args.width // 2)
 
     # (1) agreement: fp32, TF32 off
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(5)
-    loss, metrics = obj.loss(student, batch, step=1)
+    loss, metrics = obj.loss(net, batch, step)
     loss.backward()
     sync_gradients(student, groups)
     sq = sum(float(p.grad.double().pow(2).sum()) for n, p in student.named_parameters() if p.grad is not None
@@ -110,7 +112,7 @@ def main(argv=None):
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = obj.loss(student, batch, step=1)
+            loss, _ = obj.loss(net, batch, step)
         loss.backward()
         sync_gradients(student, groups)
         opt.step()

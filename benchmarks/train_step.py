@@ -100,20 +100,23 @@ def build(args, device):
 
 
 def run(args, kind: str, device) -> dict:
+    from megatron_rcm.network import Denoiser, StepContext, TrainedSideModel
     from megatron_rcm.objectives.dmd import DMDConfig, SelfForcingDMD
     from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
     from megatron_rcm.selfforcing.rollout import RolloutConfig
 
     student, teacher, batch = build(args, device)
+    net, at = Denoiser(student), StepContext(1)
     if kind == "scm":
-        obj = SCMObjective(teacher, SCMConfig(cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
+        obj = SCMObjective(Denoiser(teacher), SCMConfig(cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
         critic = None
     else:
         critic = copy.deepcopy(student)
         critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
-        obj = SelfForcingDMD(teacher, DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6,
-                                                rollout=RolloutConfig(denoising_steps=[1000.0, 500.0])),
-                             critic=critic)
+        cfg = DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6,
+                        rollout=RolloutConfig(denoising_steps=[1000.0, 500.0]))
+        obj = SelfForcingDMD(Denoiser(teacher), cfg, TrainedSideModel.local(critic, cfg.critic_lr, cfg.critic_betas,
+                                                                           grad_clip=cfg.critic_grad_clip))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=device.type == "cuda")
     counters = [FlopCounter(m, 512) for m in (student, teacher, critic) if m is not None]
     times, flops = [], []
@@ -133,13 +136,13 @@ def run(args, kind: str, device) -> dict:
             for c in counters:
                 stack.enter_context(c)
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss, _ = obj.loss(student, batch, step=1)
+                loss, _ = obj.loss(net, batch, at)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if kind == "dmd":
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    obj.after_student_step(student, batch, 1)
+                    obj.after_step(net, batch, at)
         sync()
         if i > 0 and not (prof is not None and i == args.reps and args.reps > 1):
             times.append(time.perf_counter() - t0)

@@ -102,3 +102,50 @@ def test_dispatch_on_cpu_uses_reference_and_rejects_unknown_backend():
     assert rel_err(attention(q, k, v, mask, backend="sdpa"), attention_reference(q, k, v, mask)) < 1e-12
     o, to = attention_jvp(q, k, v, None, None, None, mask)
     assert to is None and rel_err(o, attention_reference(q, k, v, mask)) < 1e-13
+
+
+def _contract_check(name, device="cpu", dtype=torch.float64, atol=1e-10):
+    """The JVP rule of ops/attention.py for backend ``name``: equal outputs under no_grad, and with autograd
+    recording either gradients equal to the reference's (through the JVP formulas) or a clear refusal."""
+    from megatron_rcm.ops.attention import _BACKENDS
+
+    mask = block_causal_mask(6, 4, 2)
+    q, k, v, tq, tk, tv = (t.to(device) for t in _qkv(dtype=dtype) + _qkv(dtype=dtype))
+    with torch.no_grad():
+        ref = attention_reference_jvp(q, k, v, tq, tk, tv, mask)
+        got = attention_jvp(q, k, v, tq, tk, tv, mask, backend=name)
+    assert not got[0].requires_grad and not got[1].requires_grad
+    assert rel_err(got[0], ref[0]) < atol and rel_err(got[1], ref[1]) < atol
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, tq, tk, tv)]
+    w = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    if not _BACKENDS[name].jvp_differentiable:
+        with pytest.raises(RuntimeError, match="torch.no_grad"):
+            attention_jvp(*leaves, mask, backend=name)
+        return
+    o, to = attention_jvp(*leaves, mask, backend=name)
+    grads = torch.autograd.grad((o * w[0]).sum() + (to * w[1]).sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ro, rto = attention_reference_jvp(*ref_leaves, mask)
+    ref_grads = torch.autograd.grad((ro * w[0]).sum() + (rto * w[1]).sum(), ref_leaves)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < atol
+
+
+@pytest.mark.parametrize("name", ["reference", "sdpa"])
+def test_every_cpu_backend_follows_the_jvp_rule(name):
+    _contract_check(name)
+
+
+def test_a_backend_without_a_differentiable_jvp_is_refused_while_autograd_records():
+    from megatron_rcm.ops.attention import _BACKENDS, AttentionBackend, register_backend
+
+    def detached_jvp(*args):
+        with torch.no_grad():
+            return attention_reference_jvp(*args[:7], scale=args[7])
+
+    register_backend(AttentionBackend("detached_test", _BACKENDS["reference"].forward, detached_jvp,
+                                      lambda t: True, jvp_differentiable=False))
+    try:
+        _contract_check("detached_test")
+    finally:
+        del _BACKENDS["detached_test"]

@@ -13,7 +13,8 @@ from megatron_rcm.config.run import load_config
 from megatron_rcm.convert.diffusers_wan import ConversionError, export_diffusers
 from megatron_rcm.diffusion.flow_matching import bcast, fm_noise
 from megatron_rcm.models import build_model
-from megatron_rcm.objectives import MeanFlowConfig, MeanFlowObjective, TFContext, TFMeanFlowNet
+from megatron_rcm.network import Denoiser, StepContext
+from megatron_rcm.objectives import MeanFlowConfig, MeanFlowObjective, PhaseModels, TFMeanFlowNet
 from megatron_rcm.ops.masks import block_causal_mask, full_mask, teacher_forcing_mask
 from megatron_rcm.training.logger import RunLogger
 from megatron_rcm.training.registry import build_objective
@@ -129,19 +130,21 @@ def test_interval_errors_and_diffusers_export(tmp_path):
 def test_production_meanflow_target_equals_func_jvp_of_forward(with_teacher):
     student, teacher = _model(seed=0), _model(seed=3)
     batch = _batch()
-    obj = MeanFlowObjective(MeanFlowConfig(cfg_scale=2.5), teacher=teacher if with_teacher else None)
-    tf = TFContext(student, batch)
-    x0, ctx = tf.x0, tf.ctx
-    t = tf.chunk_to_frames(torch.tensor([[0.7, 0.45], [0.9, 0.3]], dtype=torch.float64))
-    r = tf.chunk_to_frames(torch.tensor([[0.2, 0.45], [0.35, 0.05]], dtype=torch.float64))  # one chunk r = t
+    obj = MeanFlowObjective(MeanFlowConfig(cfg_scale=2.5), teacher=Denoiser(teacher) if with_teacher else None)
+    net = Denoiser(student)
+    x0, ctx = batch["latents"], batch["context"]
+    mask = teacher_forcing_mask(x0.shape[2], student.tokens_per_frame(*x0.shape[3:]), student.causal.chunk_frames)
+    to_frames = net.layout(x0).to_frames
+    t = to_frames(torch.tensor([[0.7, 0.45], [0.9, 0.3]], dtype=torch.float64))
+    r = to_frames(torch.tensor([[0.2, 0.45], [0.35, 0.05]], dtype=torch.float64))  # one chunk r = t
     eps = torch.randn_like(x0)
     z = fm_noise(x0, eps, t)
-    v = obj.velocity(tf, z, t, x0, eps)
-    u_tgt = obj.target(TFMeanFlowNet(student, tf), z, r, t, v, batch)
+    v = obj.velocity(batch, z, t, x0, eps)
+    u_tgt = obj.target(TFMeanFlowNet(net, batch), z, r, t, v, batch)
 
     with torch.no_grad():  # independent: v from plain forwards, du/dt from func.jvp of a closure over forward
         if with_teacher:
-            run = lambda c: teacher.forward_teacher_forcing(x0, z, 1000 * t, c, tf.mask)[0]  # noqa: E731
+            run = lambda c: teacher.forward_teacher_forcing(x0, z, 1000 * t, c, mask)[0]  # noqa: E731
             v_ref = run(batch["uncond_context"]) + 2.5 * (run(ctx) - run(batch["uncond_context"]))
         else:
             v_ref = eps - x0
@@ -149,7 +152,7 @@ def test_production_meanflow_target_equals_func_jvp_of_forward(with_teacher):
 
         def u_of_h(h):
             th = t + h
-            return student.forward_teacher_forcing(x0, z + h * v_ref, 1000 * th, ctx, tf.mask,
+            return student.forward_teacher_forcing(x0, z + h * v_ref, 1000 * th, ctx, mask,
                                                    interval=1000 * (th - r))[0]
 
         h0 = torch.zeros((), dtype=torch.float64)
@@ -172,13 +175,14 @@ def test_meanflow_training_on_wan_improves_one_step_samples(one_thread):
     def one_step_error():
         with torch.no_grad():
             ones = torch.ones(B, F)
-            u, _ = TFMeanFlowNet(model, TFContext(model, batch))(eps, 0 * ones, ones)
+            u, _ = TFMeanFlowNet(Denoiser(model), batch)(eps, 0 * ones, ones)
             return float((eps - u - batch["latents"]).pow(2).mean())
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     first, start = one_step_error(), time.time()
+    net = Denoiser(model)
     for step in range(250):
-        loss, logs = obj.loss(model, batch, step)
+        loss, logs = obj.loss(net, batch, StepContext(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -255,12 +259,13 @@ def test_rcm_with_meanflow_cm_takes_a_step(tmp_path):
     cfg = _cfg(tmp_path, RCM_YAML)
     teacher = build_model(cfg.model, cfg.causal).requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
-    obj = build_objective(cfg.phases[1], cfg, student=student, teacher=teacher)
-    assert type(obj.cm).__name__ == "MeanFlowObjective" and obj.cm.teacher is teacher
+    models = PhaseModels.local(teacher)
+    obj = build_objective(cfg.phases[1], models)
+    assert type(obj.cm).__name__ == "MeanFlowObjective" and obj.cm.teacher is models.teacher
     batch = _batch(torch.float32)
-    loss, metrics = obj.loss(student, batch, 0)
+    loss, metrics = obj.loss(Denoiser(student), batch, StepContext(0))
     loss.backward()
     assert torch.isfinite(loss) and "cm/meanflow_loss" in metrics and "dmd_loss" in metrics
     grad = student.condition_embedder.interval_embedder.linear_2.weight.grad
     assert grad is not None and grad.abs().sum() > 0
-    obj.after_student_step(student, batch, 0)
+    obj.after_step(Denoiser(student), batch, StepContext(0))

@@ -7,8 +7,10 @@ from megatron_rcm.config.model import CausalConfig, model_preset
 from megatron_rcm.models.causal_wan import build_model
 from megatron_rcm.diffusion.flow_matching import bcast, fm_noise
 from megatron_rcm.diffusion.trigflow import fm_from_trig, trig_F_from_v, trig_x0
+from megatron_rcm.network import Condition, Denoiser, StepContext
 from megatron_rcm.objectives import (DCMConfig, DCMObjective, FMConfig, FlowMatchingObjective, MeanFlowConfig,
-                                     MeanFlowObjective, SCMConfig, SCMObjective, TFContext)
+                                     MeanFlowObjective, SCMConfig, SCMObjective)
+from megatron_rcm.ops.masks import teacher_forcing_mask
 
 
 def tiny(dtype="float64", seed=0):
@@ -23,9 +25,16 @@ def make_batch(dtype=torch.float64, seed=1):
             "uncond_context": torch.zeros(2, 8, 32, dtype=dtype)}
 
 
-def guided_ref(model, tf, x, t_wan, scale):
-    vc = model.forward_teacher_forcing(tf.x0, x, t_wan, tf.ctx, tf.mask)[0]
-    vu = model.forward_teacher_forcing(tf.x0, x, t_wan, tf.uctx, tf.mask)[0]
+def tf_mask(x0, chunk_frames=2):
+    """The [clean ; noisy] mask of the tiny model (patch 4x4: 4 tokens per 8x8 frame)."""
+    return teacher_forcing_mask(x0.shape[2], 4, chunk_frames)
+
+
+def guided_ref(model, batch, x, t_wan, scale):
+    """Independent reference: two plain model calls in Wan time units, combined by hand."""
+    x0, mask = batch["latents"], tf_mask(batch["latents"])
+    vc = model.forward_teacher_forcing(x0, x, t_wan, batch["context"], mask)[0]
+    vu = model.forward_teacher_forcing(x0, x, t_wan, batch["uncond_context"], mask)[0]
     return vu + scale * (vc - vu)
 
 
@@ -33,23 +42,24 @@ def test_scm_tangent_matches_func_jvp():
     """Production g (model tangent path + chain rule) vs cos t * d/dt f^- via torch.func.jvp on the plain forward."""
     student, teacher = tiny(seed=0), tiny(seed=3)
     batch = make_batch()
+    x0, mask = batch["latents"], tf_mask(batch["latents"])
     for sd in (0.5, 1.0):
-        obj = SCMObjective(teacher, SCMConfig(sigma_d=sd, cfg_scale=3.0))
-        tf = TFContext(student, batch)
-        t = tf.chunk_to_frames(torch.tensor([[0.3, 1.2], [0.8, 1.5]], dtype=torch.float64))
-        x_t = torch.cos(bcast(t, tf.x0)) * tf.x0 + torch.sin(bcast(t, tf.x0)) * sd * torch.randn_like(tf.x0)
-        F_m, g, dxdt = obj.tangent(student, tf, x_t, t, r=1.0)
+        obj = SCMObjective(Denoiser(teacher), SCMConfig(sigma_d=sd, cfg_scale=3.0))
+        net = Denoiser(student)
+        t = net.layout(x0).to_frames(torch.tensor([[0.3, 1.2], [0.8, 1.5]], dtype=torch.float64))
+        x_t = torch.cos(bcast(t, x0)) * x0 + torch.sin(bcast(t, x0)) * sd * torch.randn_like(x0)
+        F_m, g, dxdt = obj.tangent(net, x0, Condition.from_batch(batch), x_t, t, r=1.0)
 
         # independent: dx_t/dt straight from the teacher, then f(x_t + h dxdt, t + h) differentiated by func.jvp
         D = lambda tt: bcast(torch.cos(tt) + sd * torch.sin(tt), x_t)
         with torch.no_grad():
-            v_te = guided_ref(teacher, tf, x_t / D(t), 1000 * fm_from_trig(t, sd), 3.0)
+            v_te = guided_ref(teacher, batch, x_t / D(t), 1000 * fm_from_trig(t, sd), 3.0)
         dxdt_ref = sd * trig_F_from_v(x_t, v_te, t, sd)
         assert torch.allclose(dxdt, dxdt_ref, rtol=1e-10, atol=1e-12)
 
         def f_of_h(h):
             xx, tt = x_t + h * dxdt_ref, t + h
-            v = student.forward_teacher_forcing(tf.x0, xx / D(tt), 1000 * fm_from_trig(tt, sd), tf.ctx, tf.mask)[0]
+            v = student.forward_teacher_forcing(x0, xx / D(tt), 1000 * fm_from_trig(tt, sd), batch["context"], mask)[0]
             return trig_x0(xx, trig_F_from_v(xx, v, tt, sd), tt, sd)
 
         h0 = torch.zeros((), dtype=torch.float64)
@@ -64,26 +74,26 @@ def test_scm_tangent_matches_func_jvp():
 def test_dcm_target_is_explicit_ode_step():
     student, teacher = tiny(seed=0), tiny(seed=3)
     batch = make_batch()
-    obj = DCMObjective(teacher, DCMConfig(num_steps=8, shift=3.0, cfg_scale=2.5))
-    tf = TFContext(student, batch)
+    obj = DCMObjective(Denoiser(teacher), DCMConfig(num_steps=8, shift=3.0, cfg_scale=2.5))
+    x0, mask = batch["latents"], tf_mask(batch["latents"])
     n = torch.tensor([[0, 5], [7, 2]])
-    eps = torch.randn_like(tf.x0)
-    x_hi, s_hi, f_tgt = obj.target_and_inputs(student, tf, n, eps)
+    eps = torch.randn_like(x0)
+    x_hi, s_hi, f_tgt = obj.target_and_inputs(Denoiser(student), x0, Condition.from_batch(batch), n, eps)
     grid = obj.grid(torch.float64, "cpu")
     assert grid[0] == 0 and grid[-1] == 1 and (grid[1:] > grid[:-1]).all()
     for b in range(2):
         for c in range(2):
             fr = slice(2 * c, 2 * c + 2)
             sh, sl = float(grid[n[b, c] + 1]), float(grid[n[b, c]])
-            xh = (1 - sh) * tf.x0 + sh * eps
+            xh = (1 - sh) * x0 + sh * eps
             assert torch.allclose(x_hi[b, :, fr], xh[b, :, fr])
             # one explicit Euler step with the guided teacher, every chunk at this (sh, sl)
             full = lambda s: torch.full((2, 4), s * 1000, dtype=torch.float64)
             with torch.no_grad():
-                v = guided_ref(teacher, tf, x_hi, 1000 * s_hi, 2.5)
+                v = guided_ref(teacher, batch, x_hi, 1000 * s_hi, 2.5)
                 xl = x_hi + bcast(obj.grid(torch.float64, "cpu")[n].repeat_interleave(2, 1) - s_hi, x_hi) * v
                 s_lo = obj.grid(torch.float64, "cpu")[n].repeat_interleave(2, 1)
-                vt = student.forward_teacher_forcing(tf.x0, xl, 1000 * s_lo, tf.ctx, tf.mask)[0]
+                vt = student.forward_teacher_forcing(x0, xl, 1000 * s_lo, batch["context"], mask)[0]
             manual = xl[b, :, fr] - sl * vt[b, :, fr]
             assert torch.allclose(f_tgt[b, :, fr], manual, atol=1e-12)
             if sl == 0:  # boundary condition f(x, 0) = x
@@ -133,9 +143,10 @@ def _train(obj, model, steps, lr, extra=(), key=None, seed=0):
     params = list(model.parameters()) + [p for m in extra for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     batch = make_batch(torch.float32)
+    net = Denoiser(model) if hasattr(model, "forward_teacher_forcing") else model  # toy MeanFlow nets as they are
     hist = []
     for step in range(steps):
-        loss, logs = obj.loss(model, batch, step)
+        loss, logs = obj.loss(net, batch, StepContext(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -154,7 +165,7 @@ def test_dcm_training_reduces_loss():
     teacher = tiny("float32", seed=3)
     student = copy.deepcopy(teacher).requires_grad_(True)
     teacher.requires_grad_(False)
-    first, last = _train(DCMObjective(teacher, DCMConfig(num_steps=8, cfg_scale=2.0)), student, 60, 1e-3)
+    first, last = _train(DCMObjective(Denoiser(teacher), DCMConfig(num_steps=8, cfg_scale=2.0)), student, 60, 1e-3)
     assert last < 0.8 * first, (first, last)
 
 
@@ -167,10 +178,10 @@ def test_scm_training_reduces_tangent_and_loss():
     teacher = tiny("float32", seed=3)
     student = copy.deepcopy(teacher).requires_grad_(True)
     teacher.requires_grad_(False)
-    obj = SCMObjective(teacher, SCMConfig(sigma_d=1.0, cfg_scale=2.0, r_warmup_steps=10**9))
+    obj = SCMObjective(Denoiser(teacher), SCMConfig(sigma_d=1.0, cfg_scale=2.0, r_warmup_steps=10**9))
     first, last = _train(obj, student, 60, 1e-3, extra=[obj.weighting], key="scm_g_norm")
     assert last < 0.8 * first, (first, last)
-    obj = SCMObjective(teacher, SCMConfig(sigma_d=1.0, cfg_scale=2.0, r_warmup_steps=10))
+    obj = SCMObjective(Denoiser(teacher), SCMConfig(sigma_d=1.0, cfg_scale=2.0, r_warmup_steps=10))
     first, last = _train(obj, student, 30, 1e-3, extra=[obj.weighting], key="scm_loss")
     assert last < first and last == last, (first, last)
     assert obj.warmup_r(0) == 0.0 and obj.warmup_r(5) == 0.5 and obj.warmup_r(10**6) == 1.0

@@ -4,12 +4,18 @@ import torch
 
 from megatron_rcm.config.model import CausalConfig, model_preset
 from megatron_rcm.models import build_model
+from megatron_rcm.network import Condition, Denoiser
 from megatron_rcm.selfforcing.rollout import RolloutConfig, denoise_levels, self_forcing_rollout
 
 SHAPE = (2, 3, 4, 8, 8)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rollout(model, ctx, shape, *args, actions=None, **kwargs):
+    """The rollout of a model's denoiser for a text context (and actions)."""
+    return self_forcing_rollout(Denoiser(model), Condition(ctx, actions=actions), shape, *args, **kwargs)
 
 
 def _model(chunk_frames, window=0, sink=0, seed=0):
@@ -31,8 +37,8 @@ def test_cache_rollout_equals_full_sequence_reference(chunk_frames, window, sink
     model, ctx = _model(chunk_frames, window, sink), _ctx()
     n_chunks = SHAPE[2] // chunk_frames
     exits = [3, 1, 2, 0][:n_chunks]
-    a = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=exits, use_cache=True)
-    b = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=exits, use_cache=False)
+    a = _rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=exits, use_cache=True)
+    b = _rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=exits, use_cache=False)
     assert a.video.shape == SHAPE
     torch.testing.assert_close(a.video, b.video, atol=2e-5, rtol=1e-4)
     assert a.exit_steps == exits
@@ -49,7 +55,7 @@ def test_only_the_exit_step_is_differentiable():
         return orig(*a, **k)
 
     model.forward_chunk = spy
-    res = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[2, 3])
+    res = _rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[2, 3])
     model.forward_chunk = orig
     # chunk 0: 3 steps (grad only on the last) + cache write; chunk 1: 4 steps (grad only on the last)
     assert grads_enabled == [(False, False), (False, False), (True, False), (False, True),
@@ -95,7 +101,7 @@ def test_graph_does_not_grow_with_steps():
     sizes = []
     for steps in ([1000, 500], [1000, 750, 500, 250]):
         cfg = RolloutConfig(denoising_steps=steps)
-        res = self_forcing_rollout(model, ctx, SHAPE, cfg, generator=_gen(), exit_steps=[len(steps) - 1] * 4)
+        res = _rollout(model, ctx, SHAPE, cfg, generator=_gen(), exit_steps=[len(steps) - 1] * 4)
         sizes.append(_graph_size(res.video.sum()))
     assert sizes[0] == sizes[1]
 
@@ -103,9 +109,9 @@ def test_graph_does_not_grow_with_steps():
 def test_random_exit_sync_and_per_chunk():
     import random
     model, ctx = _model(1), _ctx()
-    res = self_forcing_rollout(model, ctx, SHAPE, RolloutConfig(), generator=_gen(), rng=random.Random(0), grad=False)
+    res = _rollout(model, ctx, SHAPE, RolloutConfig(), generator=_gen(), rng=random.Random(0), grad=False)
     assert len(set(res.exit_steps)) == 1 and not res.video.requires_grad
-    res = self_forcing_rollout(model, ctx, SHAPE, RolloutConfig(sync_exit_across_chunks=False), generator=_gen(),
+    res = _rollout(model, ctx, SHAPE, RolloutConfig(sync_exit_across_chunks=False), generator=_gen(),
                                rng=random.Random(3), grad=False)
     assert len(res.exit_steps) == 4 and all(0 <= e < 4 for e in res.exit_steps)
 
@@ -117,9 +123,9 @@ def test_actions_flow_into_rollout():
     ctx = _ctx()
     a0 = torch.zeros(2, 4, 3); a0[..., 0] = 1
     a1 = torch.zeros(2, 4, 3); a1[..., 1] = 1
-    r0 = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a0, grad=False)
-    r1 = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a1, grad=False)
-    r0b = self_forcing_rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a0, grad=False,
+    r0 = _rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a0, grad=False)
+    r1 = _rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a1, grad=False)
+    r0b = _rollout(model, ctx, SHAPE, generator=_gen(), exit_steps=[1, 1], actions=a0, grad=False,
                                use_cache=False)
     assert not torch.allclose(r0.video, r1.video)
     torch.testing.assert_close(r0.video, r0b.video, atol=2e-5, rtol=1e-4)
@@ -139,7 +145,7 @@ def test_checkpointed_rollout_gives_identical_gradients(chunk_frames, window, si
     for ckpt in (False, True):
         model.zero_grad(set_to_none=True)
         model.gradient_checkpointing = ckpt
-        res = self_forcing_rollout(model, ctx, SHAPE, cfg=RolloutConfig(denoising_steps=[1000.0, 500.0]),
+        res = _rollout(model, ctx, SHAPE, cfg=RolloutConfig(denoising_steps=[1000.0, 500.0]),
                                    generator=_gen(), exit_steps=exits)
         (res.video * w).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -11,10 +11,16 @@ from megatron_rcm.config.model import CausalConfig, model_preset
 from megatron_rcm.inference.streaming import (StreamConfig, default_timesteps, generate_video, one_hot_actions,
                                               stdin_action_reader, stream_video)
 from megatron_rcm.models import build_model
+from megatron_rcm.network import Condition, Denoiser
 from megatron_rcm.selfforcing.rollout import RolloutConfig, self_forcing_rollout
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rollout(model, ctx, shape, *args, actions=None, **kwargs):
+    """The rollout of a model's denoiser for a text context (and actions)."""
+    return self_forcing_rollout(Denoiser(model), Condition(ctx, actions=actions), shape, *args, **kwargs)
 
 
 def _model(chunk_frames=1, window=0, sink=0, action_dim=0):
@@ -47,7 +53,7 @@ def test_stream_is_progressive_and_equals_rollout(chunk_frames, steps):
     model.forward_chunk = orig
     video = torch.cat([first.frames] + [c.frames for c in rest], dim=2)
     n_chunks = 4 // chunk_frames
-    ref = self_forcing_rollout(model, CTX, (2, 3, 4, 8, 8), RolloutConfig(denoising_steps=default_timesteps(steps)),
+    ref = _rollout(model, CTX, (2, 3, 4, 8, 8), RolloutConfig(denoising_steps=default_timesteps(steps)),
                                generator=_g(), exit_steps=[steps - 1] * n_chunks, use_cache=False, grad=False)
     torch.testing.assert_close(video, ref.video, atol=2e-5, rtol=1e-4)
     written, logs = [], []
@@ -65,7 +71,7 @@ def test_long_rollout_keeps_cache_flat_and_matches_windowed_mask():
     sizes = [o.cache_tokens for o in outs]
     assert max(sizes) == bound and sizes[-1] == bound
     video = torch.cat([o.frames for o in outs], dim=2)
-    ref = self_forcing_rollout(model, CTX, (2, 3, 16, 8, 8), RolloutConfig(denoising_steps=[1000, 500]),
+    ref = _rollout(model, CTX, (2, 3, 16, 8, 8), RolloutConfig(denoising_steps=[1000, 500]),
                                generator=_g(), exit_steps=[1] * 16, use_cache=False, grad=False)
     torch.testing.assert_close(video, ref.video, atol=2e-5, rtol=1e-4)
     assert torch.isfinite(video).all()

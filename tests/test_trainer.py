@@ -4,6 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_rcm.config.errors import ConfigError
+from megatron_rcm.config.model import CausalConfig, model_preset
+from megatron_rcm.models import build_model
 from megatron_rcm.config.run import load_config
 from megatron_rcm.training.logger import RunLogger
 from megatron_rcm.training.trainer import Trainer, TrainingError
@@ -96,17 +98,19 @@ def test_objective_args_the_yaml_left_at_default_can_be_overridden(tmp_path):
     assert cfg.phases[1].objective_args["tangent_norm_c"] == 0.25
 
 
-def test_objective_modules_follow_the_training_device():
-    """sCM's adaptive weight is built on the CPU; the trainer must move it (alone or nested as in rCM)."""
-    import types
+def test_objective_contract_exposes_side_modules_and_critic_of_composites():
+    """The trainer trains/moves/checkpoints what the contract hooks return; rCM must forward its parts'."""
+    from megatron_rcm.config.run import PhaseConfig
+    from megatron_rcm.objectives import PhaseModels
+    from megatron_rcm.training.registry import build_objective
 
-    from megatron_rcm.objectives import SCMConfig, SCMObjective
-    from megatron_rcm.training.registry import move_objective_modules
-
-    teacher = torch.nn.Linear(2, 2)
-    scm = SCMObjective(teacher, SCMConfig())
-    nested = types.SimpleNamespace(cm=scm, trainable_parameters=lambda: list(scm.weighting.parameters()))
-    move_objective_modules(nested, "meta")
-    assert all(p.device.type == "meta" for p in scm.weighting.parameters())
-    assert all(b.device.type == "meta" for b in scm.weighting.buffers())
-    assert teacher.weight.device.type == "meta"
+    teacher = build_model(model_preset("tiny", num_layers=1), CausalConfig(chunk_frames=2))
+    phase = PhaseConfig(name="rcm", kind="sf_dmd", objective="rcm", teacher_from="t",
+                        objective_args={"scm": {"cfg_scale": 2.0}, "dmd": {"critic_lr": 1e-3}})
+    rcm = build_objective(phase, PhaseModels.local(teacher))
+    assert rcm.side_modules() == [rcm.cm.weighting] and rcm.critic() is rcm.dmd.critic()
+    critic = rcm.critic()
+    assert critic.model is not teacher and critic.optimizer.param_groups[0]["lr"] == 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(critic.model.state_dict().values(), teacher.state_dict().values()))
+    fm = build_objective(PhaseConfig(name="t", kind="teacher", objective="flow_matching"), PhaseModels.local())
+    assert fm.side_modules() == [] and fm.critic() is None and fm.state_dict() == {}

@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class CausalConfig:
-    """How attention is restricted in time (DESIGN.md section 2)."""
+    """How attention is restricted in time (docs/design.md, "The model")."""
 
     chunk_frames: int = 1  # latent frames per chunk; 1 = frame-wise
     window_chunks: int = 0  # most recent chunks visible (incl. own); 0 = unlimited

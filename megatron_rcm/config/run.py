@@ -14,8 +14,8 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data.synthetic import DataConfig, validate_data
 from ..parallel.config import ParallelConfig, validate_parallel
+from .data import DataConfig, validate_data
 from .errors import ConfigError
 from .model import MODEL_PRESETS, CausalConfig, ModelConfig, model_preset, validate_causal, validate_model
 
@@ -62,10 +62,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     async_checkpoint: bool = False  # write checkpoints in a background thread (flushed before the next)
-    sample_every: int = 0  # 0 = only at the end of each phase
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     grad_accum: int = 1  # micro-batches per optimizer step (each rank's rows split evenly; same noise as 1)
-    deterministic: bool = True
 
 
 @dataclass
@@ -182,6 +180,8 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
     score passes over the video's frames. Each phase's global batch is split evenly over the
     data-parallel ranks.
     """
+    from ..training.registry import is_self_forcing  # objectives depend on config, not vice versa
+
     par = cfg.parallel
     for key in ("tp", "cp", "pp"):
         v = getattr(par, key)
@@ -194,12 +194,13 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
     frames = cfg.data.num_frames // int(cfg.model.patch_size[0])
     validate_parallel(par, cfg.model)
     for i, phase in enumerate(cfg.phases):
-        if phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm"):
+        self_forcing = is_self_forcing(phase)
+        if self_forcing:
             validate_parallel(par, cfg.model, num_frames=frames, chunk_frames=cfg.causal.chunk_frames)
         if phase.kind in ("teacher", "tf_cm"):
             validate_parallel(par, cfg.model, num_frames=2 * frames)
         accum = cfg.train.grad_accum
-        if accum > 1 and (phase.kind == "sf_dmd" or phase.objective in ("dmd", "rcm")):
+        if accum > 1 and self_forcing:
             raise ConfigError("train.grad_accum", accum, f"1 while phases.{i} is a self-forcing phase (its rollout "
                               "and critic draw from their own generators, which micro-batching would desynchronise)")
         batch = phase.batch_size or cfg.data.batch_size

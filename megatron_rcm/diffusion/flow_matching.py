@@ -1,15 +1,12 @@
-"""Flow matching (Wan's native form): x_s = (1-s) x0 + s eps, v = eps - x0, t_wan = 1000 s.
+"""Flow matching (Wan's native form): x_s = (1-s) x0 + s eps, v = eps - x0 (the model's timestep is
+1000 s: that scale is applied in one place, :mod:`megatron_rcm.network.denoiser`).
 
 Every time argument may be a scalar, [B] or per-frame [B, F]; ``bcast`` lifts it to [B, 1, F, 1, 1]
 so that one chunk/frame can carry its own noise level (diffusion forcing, teacher forcing).
 """
 from __future__ import annotations
 
-import math
-
 import torch
-
-WAN_T_SCALE = 1000.0  # the model's timestep is 1000 x the FM noise level s
 
 
 def bcast(t, like: torch.Tensor) -> torch.Tensor:
@@ -55,18 +52,8 @@ def sample_fm_times(shape, mode: str = "logit_normal", shift: float = 1.0, mean:
     return time_shift(s, shift) if shift != 1.0 else s
 
 
-def chunk_times(batch: int, num_frames: int, chunk_frames: int, sampler) -> torch.Tensor:
-    """Per-chunk independent times expanded to per-frame [B, F]: all frames of a chunk share one time."""
-    if num_frames % chunk_frames:
-        raise ValueError(f"{num_frames} frames are not a whole number of {chunk_frames}-frame chunks")
-    t = sampler((batch, num_frames // chunk_frames))
-    return t.repeat_interleave(chunk_frames, dim=1)
-
-
 def fm_sigmas(steps: int, shift: float = 1.0, s_max: float = 1.0, dtype=torch.float64):
     """Inference grid s_max -> 0 (steps + 1 points), uniform in the unshifted time, then shifted."""
     s = torch.linspace(s_max, 0.0, steps + 1, dtype=dtype)
     return time_shift(s, shift) if shift != 1.0 else s
 
-
-_ = math  # keep import for callers computing logit-normal quantiles

@@ -13,11 +13,9 @@ Derivatives for the JVP: dD/dt = sigma_d c - n, ds/dt = sigma_d / D^2.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .flow_matching import WAN_T_SCALE, bcast
+from .flow_matching import bcast
 
 
 def fm_from_trig(t, sigma_d: float):
@@ -47,11 +45,6 @@ def v_from_trig_F(x_t, F, t, sigma_d: float):
     return (sigma_d * D * F - (sigma_d * c - n) * x_t) / sigma_d
 
 
-def trig_noise(x0, z, t):
-    tb = bcast(t, x0)
-    return torch.cos(tb) * x0 + torch.sin(tb) * z
-
-
 def trig_x0(x_t, F, t, sigma_d: float):
     """Consistency map f = cos t x_t - sin t sigma_d F."""
     tb = bcast(t, x_t)
@@ -68,8 +61,8 @@ def sample_trig_times(shape, sigma_d: float, p_mean: float, p_std: float, genera
 def trig_F_and_dFdt(fm_jvp, x_t, t, dxdt, sigma_d: float):
     """F(x_t, t) and its total derivative d/dt along (dx_t/dt, 1), from an FM velocity model.
 
-    ``fm_jvp(x_s, t_wan, dx_s, dt_wan) -> (v, dv)`` is the model's forward-with-tangent in Wan units
-    (t_wan = 1000 s). Chain rule: x_s = x_t / D, s = sigma_d sin t / D.
+    ``fm_jvp(x_s, s, dx_s, ds) -> (v, dv)`` is the model's forward-with-tangent at FM level s (e.g. a
+    :class:`~megatron_rcm.network.Denoiser` call). Chain rule: x_s = x_t / D, s = sigma_d sin t / D.
     """
     c, n, D = _cnD(t, x_t, sigma_d)
     dD = sigma_d * c - n
@@ -77,12 +70,10 @@ def trig_F_and_dFdt(fm_jvp, x_t, t, dxdt, sigma_d: float):
     dx_s = dxdt / D - x_t * dD / D**2
     s = fm_from_trig(t, sigma_d)
     dsdt = sigma_d / (torch.cos(t) + sigma_d * torch.sin(t)) ** 2
-    v, dv = fm_jvp(x_s, WAN_T_SCALE * s, dx_s, WAN_T_SCALE * dsdt)
+    v, dv = fm_jvp(x_s, s, dx_s, dsdt)
     num = dD * x_t + sigma_d * v  # note (sigma_d c - n) == dD
     F = num / (sigma_d * D)
     dnum = (-sigma_d * n - c) * x_t + dD * dxdt + sigma_d * dv
     dF = dnum / (sigma_d * D) - F * dD / D
     return F, dF
 
-
-HALF_PI = math.pi / 2

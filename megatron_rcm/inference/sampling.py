@@ -39,17 +39,19 @@ def prompt_batch(data_cfg, num_videos: int, seed: int, device, class_id: int | N
     return {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
 
 
-def _action_fn(prompts, chunk_frames: int):
+def _action_fn(prompts, layout):
+    """The prompts' per-frame actions served chunk by chunk (world models), or None."""
     actions = prompts.get("actions")
     if actions is None:
         return None
-    return lambda chunk, _frames: actions[:, chunk * chunk_frames:(chunk + 1) * chunk_frames]
+    return lambda chunk, _frames: actions[:, layout.frame_slice(chunk)]
 
 
 @torch.no_grad()
 def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float = 1.0, seed: int = 0,
                    writer=None, log=None) -> torch.Tensor:
     """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W]."""
+    from ..network import Denoiser
     from .streaming import generate_video
 
     if steps < 1:
@@ -58,11 +60,11 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     model.eval()
     # many-step sampling: an explicit uniform grid of noise levels, same x0 + re-noise sampler
     timesteps = None if steps <= 4 else [1000.0 * (1 - i / steps) for i in range(steps)]
-    d = data_cfg
+    d, net = data_cfg, Denoiser.of(model)
     video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
-                           action_fn=_action_fn(prompts, model.causal.chunk_frames), seed=seed, writer=writer,
-                           log=log)
+                           action_fn=_action_fn(prompts, net.layout(d.num_frames // net.patch_frames)), seed=seed,
+                           writer=writer, log=log)
     model.train(was_training)
     return video
 
@@ -70,26 +72,33 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
 @torch.no_grad()
 def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """The teacher's deterministic ``steps``-step ODE sample with CFG -> [B, C, F, H, W].
+    """The teacher's deterministic ``steps``-step ODE sample with CFG, chunk by chunk -> [B, C, F, H, W].
 
     The noise comes from a CPU generator seeded with ``seed`` (or ``generator``, to continue a stream
     of noise across calls), so the result does not depend on the device's RNG.
     """
-    from ..diffusion.samplers import causal_chunk_sample, multistep2_fm
+    from ..diffusion.samplers import multistep2_fm
+    from ..network import Condition, Denoiser
+    from .streaming import stream_chunks
 
     if steps < 1:
         raise ConfigError("--steps", steps, "a positive number of ODE steps")
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     d = data_cfg
-    noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=generator)
-    was_training = model.training
-    model.eval()
+    net = Denoiser.of(model)
     device = prompts["context"].device
-    video = causal_chunk_sample(model, noise.to(device, model.dtype), prompts["context"],
-                                partial(multistep2_fm, steps=steps), actions=prompts.get("actions"),
-                                uncond_context=prompts["uncond_context"], guidance_scale=guidance)
-    model.train(was_training)
+    noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=generator)
+    noise = noise.to(device, net.dtype)
+    layout = net.layout(noise)
+    starts = iter(torch.split(noise, [n * net.patch_frames for n in layout.sizes], dim=2))
+    was_training = net.model.training
+    net.model.eval()
+    cond = Condition(prompts["context"], prompts["uncond_context"])
+    chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width, partial(multistep2_fm, steps=steps),
+                           lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout))
+    video = torch.cat([c.frames for c in chunks], dim=2)
+    net.model.train(was_training)
     return video
 
 

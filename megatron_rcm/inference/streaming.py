@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..network import Condition, Denoiser
 from ..selfforcing.rollout import denoise_levels, sample_chunk
 
 
@@ -47,18 +48,55 @@ def default_timesteps(steps: int) -> list[float]:
     return [1000.0 * (steps - k) / steps for k in range(steps)]
 
 
-def _denoiser(model, context, uncond_context, scale, caches, chunk, actions):
-    """Guided velocity for one chunk. CFG keeps a second KV cache: the uncond branch sees its own history
-    (the same clean chunks, encoded with the uncond context), as a cond/uncond pair of streams would."""
-    if len(caches) == 1:
-        return lambda x, t: model.forward_chunk(x, t, context, caches[0], chunk, actions=actions)[0]
+def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, width: int, chunk_sampler: Callable,
+                  start_noise: Callable, guidance: float = 1.0, action_fn: Callable | None = None, prefix=None,
+                  history_chunks: int | None = None, sync: Callable[[], None] | None = None) -> Iterator[ChunkOutput]:
+    """The streaming loop every chunk-by-chunk sampler shares (few-step students, the teacher's ODE).
 
-    def fn(x, t):
-        vc = model.forward_chunk(x, t, context, caches[0], chunk, actions=actions)[0]
-        vu = model.forward_chunk(x, t, uncond_context, caches[1], chunk, actions=actions)[0]
-        return vu + scale * (vc - vu)
+    ``chunk_sampler(denoise, noise) -> x0`` denoises one chunk, where ``denoise(x, s) -> v`` calls the
+    network against the stream's KV cache at FM level ``s``; ``start_noise(chunk_index, shape)`` gives
+    its starting noise. After each chunk the clean result is written to the cache (re-run at s = 0).
+    With guidance the stream keeps a [cond ; uncond] pair of caches in one batch (see ``ChunkCache``).
+    ``cond.actions`` is ignored: world models get each chunk's actions from ``action_fn`` (see
+    :func:`stream_video`).
+    """
+    b, pt = cond.batch, net.patch_frames
+    given = 0 if prefix is None else prefix.shape[2]
+    if given % pt or num_frames % pt:
+        raise ValueError(f"frame counts must be multiples of the temporal patch {pt}")
+    try:
+        layout = net.layout((given + num_frames) // pt)
+        first = layout.chunks_before(given // pt)
+    except ValueError as err:
+        raise ValueError(f"prefix ({given}) and num_frames ({num_frames}) must each be whole chunks: {err}") from None
+    end = layout.n_chunks
+    cache = net.new_cache(height, width, cond, guidance)
+    sync = sync or (lambda: torch.cuda.synchronize() if cond.context.is_cuda else None)
+    if history_chunks is not None and history_chunks < 0:
+        raise ValueError(f"history_chunks must be >= 0 (or None for the model's window), got {history_chunks}")
+    if history_chunks is None:
+        history_chunks = net.model.causal.window_chunks or None  # None: an unlimited cache keeps everything too
+    produced: deque[torch.Tensor] = deque(maxlen=history_chunks if action_fn is not None else 0)
 
-    return fn
+    def chunk_condition(chunk):
+        if action_fn is None:
+            return cond.with_actions(None)
+        a = torch.as_tensor(action_fn(chunk, list(produced)), dtype=net.dtype, device=cond.context.device)
+        return cond.with_actions(a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a)
+
+    for chunk in range(first):  # given clean frames (a world model's observation) prefill the cache
+        x0 = prefix[:, :, layout.frame_slice(chunk, pt)].to(net.dtype)
+        net.write_chunk(x0, chunk_condition(chunk), cache, chunk)
+        produced.append(x0)
+    for chunk in range(first, end):
+        t0 = time.perf_counter()
+        cc = chunk_condition(chunk)
+        shape = (b, net.model.cfg.in_channels, layout.size(chunk) * pt, height, width)
+        x0 = chunk_sampler(lambda x, s: net.chunk(x, s, cc, cache, chunk)[0], start_noise(chunk - first, shape))
+        net.write_chunk(x0, cc, cache, chunk)
+        sync()
+        produced.append(x0)
+        yield ChunkOutput(chunk, x0, time.perf_counter() - t0, cache.num_tokens)
 
 
 @torch.no_grad()
@@ -68,58 +106,27 @@ def stream_video(model, context, num_frames: int, height: int, width: int, cfg: 
                  history_chunks: int | None = None) -> Iterator[ChunkOutput]:
     """Yield each chunk as soon as it is denoised (a generator). ``num_frames`` may exceed training length.
 
-    ``prefix`` [B, C, P, H, W] (P a multiple of the chunk): given clean frames (e.g. the world model's
-    current observation) written to the cache first; ``num_frames`` new frames follow them, with chunk
+    ``model``: a CausalWanModel (or its :class:`~megatron_rcm.network.Denoiser`). ``prefix``
+    [B, C, P, H, W] (P a multiple of the chunk): given clean frames (e.g. the world model's current
+    observation) written to the cache first; ``num_frames`` new frames follow them, with chunk
     indices (and RoPE positions) continuing after the prefix. ``action_fn`` is asked for every chunk,
     prefix chunks included (their actions condition the cached K/V). ``history_chunks``: how many of the
     latest chunks ``frames_so_far`` holds; None = the model's ``window_chunks`` (all when unlimited).
     Nothing is kept without an ``action_fn``.
     """
     cfg = cfg or StreamConfig()
+    net = Denoiser.of(model)
     levels = denoise_levels(cfg.timesteps or default_timesteps(cfg.steps), cfg.shift)
-    b = context.shape[0]
-    cf = model.causal.chunk_frames * model.patch[0]
-    if num_frames % cf:
-        raise ValueError(f"num_frames={num_frames} must be a multiple of the chunk size {cf} latent frames")
-    use_cfg = cfg.guidance_scale != 1.0 and uncond_context is not None
-    caches = [model.new_kv_cache(height, width) for _ in range(2 if use_cfg else 1)]
-    c_in = model.cfg.in_channels
-    sync = sync or (lambda: torch.cuda.synchronize() if context.is_cuda else None)
-    if history_chunks is not None and history_chunks < 0:
-        raise ValueError(f"history_chunks must be >= 0 (or None for the model's window), got {history_chunks}")
-    if history_chunks is None:
-        history_chunks = model.causal.window_chunks or None  # None: an unlimited cache keeps everything too
-    produced: deque[torch.Tensor] = deque(maxlen=history_chunks if action_fn is not None else 0)
-    zeros = torch.zeros(b, model.causal.chunk_frames, dtype=model.dtype, device=context.device)
+    device = context.device
 
-    def get_actions(chunk):
-        if action_fn is None:
-            return None
-        a = torch.as_tensor(action_fn(chunk, list(produced)), dtype=model.dtype, device=context.device)
-        return a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a
+    def sampler(denoise, noise):
+        return sample_chunk(denoise, noise, levels, len(levels) - 1, grad=False, generator=generator)
 
-    first = 0
-    if prefix is not None:
-        if prefix.shape[2] % cf:
-            raise ValueError(f"prefix has {prefix.shape[2]} frames, not a multiple of the chunk size {cf}")
-        for chunk in range(prefix.shape[2] // cf):
-            x0 = prefix[:, :, chunk * cf:(chunk + 1) * cf].to(model.dtype)
-            actions = get_actions(chunk)
-            for cache, ctx in zip(caches, (context, uncond_context)):
-                model.forward_chunk(x0, zeros, ctx, cache, chunk, write_cache=True, actions=actions)
-            produced.append(x0)
-        first = prefix.shape[2] // cf
-    for chunk in range(first, first + num_frames // cf):
-        t0 = time.perf_counter()
-        actions = get_actions(chunk)
-        noise = torch.randn((b, c_in, cf, height, width), generator=generator, device=context.device, dtype=model.dtype)
-        fn = _denoiser(model, context, uncond_context, cfg.guidance_scale, caches, chunk, actions)
-        x0 = sample_chunk(fn, noise, levels, len(levels) - 1, grad=False, generator=generator)
-        for cache, ctx in zip(caches, (context, uncond_context)):
-            model.forward_chunk(x0, zeros, ctx, cache, chunk, write_cache=True, actions=actions)
-        sync()
-        produced.append(x0)
-        yield ChunkOutput(chunk, x0, time.perf_counter() - t0, caches[0].num_tokens)
+    def start_noise(_chunk, shape):
+        return torch.randn(shape, generator=generator, device=device, dtype=net.dtype)
+
+    yield from stream_chunks(net, Condition(context, uncond_context), num_frames, height, width, sampler, start_noise,
+                             cfg.guidance_scale, action_fn, prefix, history_chunks, sync)
 
 
 def generate_video(model, context, num_frames: int, height: int, width: int, steps: int = 2,

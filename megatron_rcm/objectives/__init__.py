@@ -1,6 +1,8 @@
-"""Teacher-forcing training objectives sharing one interface: ``loss(student, batch, step) -> (loss, logs)``."""
-from .base import Objective, TFContext, AdaptiveWeight
+"""Training objectives sharing one contract (:class:`Objective`): ``loss(student, batch, step) -> (loss, logs)``."""
+from .base import AdaptiveWeight, Objective, PhaseModels, config_from_dict
 from .flow_matching import FMConfig, FlowMatchingObjective
 from .dcm import DCMConfig, DCMObjective
 from .scm import SCMConfig, SCMObjective
 from .meanflow import MeanFlowConfig, MeanFlowObjective, MeanFlowNet, TFMeanFlowNet
+from .dmd import DMDConfig, SelfForcingDMD
+from .rcm import RCMConfig, RCMObjective

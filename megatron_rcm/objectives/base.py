@@ -1,89 +1,117 @@
-"""Shared teacher-forcing plumbing: the [clean ; noisy] mask, per-chunk times, guided teacher calls.
+"""The objective contract: what the trainer (and checkpoints) may ask of an objective, in one place.
 
-Every objective here trains on the TF sequence: noisy chunk i sees clean chunks < i and itself, all
-frames of a chunk share one noise level and chunks draw independent levels.
-
-Under pipeline parallelism the model calls go through ``outputs_on_every_stage``: outputs are
-broadcast from the last stage (which keeps its own, differentiable ones), so objectives run
-unchanged on every stage; only the last stage's loss is used.
+An objective is one class with class attributes that the registry and config checks read, one
+constructor from a phase (:meth:`Objective.from_phase`), and the loss. It talks to networks only
+through :class:`~megatron_rcm.network.Denoiser` s and draws all noise from the
+:class:`~megatron_rcm.network.StepContext` it is handed, so it runs unchanged under every parallel
+layout (nothing here imports ``parallel/``). Optional hooks have defaults that do nothing:
+  * :meth:`side_modules`: small modules trained with the student's optimizer (sCM's adaptive weight);
+  * :meth:`critic`: a second model with its own optimizer (DMD's fake score), obtained from
+    :meth:`PhaseModels.new_critic` so the trainer can shard it, checkpoint it and step it;
+  * :meth:`after_step`: work after each student step (critic updates);
+  * :meth:`state_dict` / :meth:`load_state_dict`: small state for exact resumes (RNG streams).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
-from typing import Protocol
+import typing
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ..diffusion.guidance import cfg_combine
-from ..ops.masks import teacher_forcing_mask
-from ..parallel.pipeline import outputs_on_every_stage
+from ..config.errors import ConfigError
+from ..network import Denoiser, StepContext, TrainedSideModel
+
+TEACHER_ROLES = ("required", "optional", "none")
 
 
-class Objective(Protocol):
-    def loss(self, student, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+@dataclass
+class PhaseModels:
+    """The frozen models of a phase and the factory for trained side models, built by the trainer."""
+
+    teacher: Denoiser | None = None
+    # new_critic(lr=, betas=, weight_decay=, grad_clip=) -> a trainable copy of the teacher, with its optimizer
+    new_critic: Callable[..., TrainedSideModel] | None = None
+
+    @classmethod
+    def local(cls, teacher=None) -> "PhaseModels":
+        """One process (tests, scripts): the critic is a deep copy of the teacher with a plain AdamW."""
+        net = None if teacher is None else Denoiser.of(teacher)
+
+        def new_critic(lr, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=0.0):
+            return TrainedSideModel.local(copy.deepcopy(net.model), lr, betas, weight_decay, grad_clip)
+
+        return cls(net, new_critic if net is not None else None)
 
 
-class TFContext:
-    """Per-batch TF geometry: mask, chunking, and thin wrappers over ``forward_teacher_forcing``."""
+def config_from_dict(cls, args: dict, key: str):
+    """A config dataclass from a YAML mapping; nested dataclass fields from nested mappings, tuple fields
+    from lists. An unknown key or a wrong value is a ConfigError naming ``key.field``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in dict(args or {}).items():
+        if k not in names:
+            raise ConfigError(f"{key}.{k}", v, f"a field of {cls.__name__}: {sorted(names)}")
+        hint = hints.get(k)
+        if dataclasses.is_dataclass(hint) and isinstance(v, dict):
+            v = config_from_dict(hint, v, f"{key}.{k}")
+        elif typing.get_origin(hint) is tuple and isinstance(v, (list, tuple)):
+            v = tuple(v)
+        kw[k] = v
+    try:
+        cfg = cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(key, dict(args or {}), f"valid {cls.__name__} values ({e})") from None
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check(key)
+    return cfg
 
-    def __init__(self, model, batch: dict):
-        x0 = batch["latents"]
-        self.x0, self.ctx = x0, batch["context"]
-        self.uctx, self.actions = batch.get("uncond_context"), batch.get("actions")
-        b, _, f, h, w = x0.shape
-        pt = model.patch[0]
-        self.frames = f // pt  # patched frames = timestep entries
-        self.chunk = model.causal.chunk_frames
-        if self.frames % self.chunk:
-            raise ValueError(f"{self.frames} latent frames are not a whole number of {self.chunk}-frame chunks")
-        self.n_chunks = self.frames // self.chunk
-        self.batch = b
-        self.mask = teacher_forcing_mask(self.frames, model.tokens_per_frame(h, w), self.chunk, model.visibility())
-        self.pt = pt
 
-    def chunk_to_frames(self, t_chunk):
-        """[B, n_chunks] -> per-frame [B, frames]."""
-        return t_chunk.repeat_interleave(self.chunk, dim=1)
+class Objective:
+    """Base class of every training objective (see the module docstring)."""
 
-    def chunk_mean(self, e):
-        """Mean of e [B, C, F, H, W] over each chunk's elements -> [B, n_chunks]."""
-        b = e.shape[0]
-        e = e.transpose(1, 2).reshape(b, self.n_chunks, -1)
-        return e.mean(-1)
+    name: ClassVar[str]  # the registry name, used in ``phases.N.objective``
+    config_class: ClassVar[type]  # the dataclass that ``phases.N.objective_args`` is checked against
+    phase_kinds: ClassVar[tuple[str, ...]]  # the phase kinds it may run in
+    teacher_role: ClassVar[str] = "required"  # does it need a frozen ``teacher_from``: required|optional|none
+    self_forcing: ClassVar[bool] = False  # rolls the student out with its KV cache (layout checks, no micro-batches)
 
-    def chunk_norm(self, e):
-        """Per-(sample, chunk) L2 norm of e, broadcast back to e's shape [B, 1, F, 1, 1]."""
-        b = e.shape[0]
-        n = e.transpose(1, 2).reshape(b, self.n_chunks, -1).norm(dim=-1)
-        return n.repeat_interleave(self.chunk * self.pt, dim=1)[:, None, :, None, None]
+    @classmethod
+    def parse_config(cls, args: dict, key: str):
+        return config_from_dict(cls.config_class, args, key)
 
-    def run(self, model, noisy, t_wan, ctx=None, tangent=None, t_tangent=None, interval=None, interval_tangent=None):
-        """Velocity (and tangent) for the noisy copy given the clean context x0.
+    @classmethod
+    def needs_interval_embedding(cls, cfg) -> bool:
+        """Whether the student must have the MeanFlow interval embedding (``model.interval_embedding``)."""
+        return False
 
-        ``interval`` (Wan scale t - r) only for interval (MeanFlow) models; None keeps their default r = 0.
-        """
-        out = model.forward_teacher_forcing(self.x0, noisy, t_wan, self.ctx if ctx is None else ctx, self.mask,
-                                            tangent=tangent, timestep_tangent=t_tangent, actions=self.actions,
-                                            interval=interval, interval_tangent=interval_tangent)
-        return outputs_on_every_stage(model, out, (noisy, tangent))
+    @classmethod
+    def from_phase(cls, cfg, models: PhaseModels) -> "Objective":
+        raise NotImplementedError
 
-    def guided(self, model, noisy, t_wan, scale: float, tangent=None, t_tangent=None):
-        """CFG velocity (and tangent) with [cond ; uncond] batched in one TF forward."""
-        if scale == 1.0 or self.uctx is None:
-            return self.run(model, noisy, t_wan, tangent=tangent, t_tangent=t_tangent)
-        cat = lambda a: None if a is None else torch.cat([a, a])
-        acts = cat(self.actions)
-        out = model.forward_teacher_forcing(cat(self.x0), cat(noisy), cat(t_wan), torch.cat([self.ctx, self.uctx]),
-                                            self.mask, tangent=cat(tangent), timestep_tangent=cat(t_tangent),
-                                            actions=acts)
-        v, dv = outputs_on_every_stage(model, out, (cat(noisy), cat(tangent)))
-        vc, vu = v.chunk(2)
-        v = cfg_combine(vc, vu, scale)
-        if dv is not None:
-            dvc, dvu = dv.chunk(2)
-            dv = cfg_combine(dvc, dvu, scale)
-        return v, dv
+    def loss(self, student: Denoiser, batch: dict, step: StepContext) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def side_modules(self) -> list[nn.Module]:
+        return []
+
+    def critic(self) -> TrainedSideModel | None:
+        return None
+
+    def after_step(self, student: Denoiser, batch: dict, step: StepContext) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
 
 
 class AdaptiveWeight(nn.Module):

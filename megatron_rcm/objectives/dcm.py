@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.flow_matching import WAN_T_SCALE, bcast, fm_noise, fm_sigmas
-from ..parallel.noise import dp_draw, randn_like
-from .base import TFContext
+from ..diffusion.flow_matching import bcast, fm_noise, fm_sigmas
+from ..network import Condition
+from .base import Objective
 
 
 @dataclass
@@ -22,31 +22,37 @@ class DCMConfig:
     cfg_scale: float = 5.0
 
 
-class DCMObjective:
+class DCMObjective(Objective):
+    name, config_class, phase_kinds = "dcm", DCMConfig, ("tf_cm",)
+
     def __init__(self, teacher, cfg: DCMConfig = DCMConfig(), target=None):
         self.teacher, self.cfg, self.target = teacher, cfg, target  # target=None: stop-grad student
+
+    @classmethod
+    def from_phase(cls, cfg, models):
+        return cls(models.teacher, cfg)
 
     def grid(self, dtype, device):
         return fm_sigmas(self.cfg.num_steps, self.cfg.shift).flip(0).to(dtype=dtype, device=device)
 
     @torch.no_grad()
-    def target_and_inputs(self, student, tf: TFContext, n, eps):
+    def target_and_inputs(self, student, x0, cond: Condition, n, eps):
         """(x_{n+1}, s_{n+1}, f^-(x_n, s_n)) for per-chunk grid indices n [B, n_chunks]."""
-        g = self.grid(tf.x0.dtype, tf.x0.device)
-        s_hi, s_lo = tf.chunk_to_frames(g[n + 1]), tf.chunk_to_frames(g[n])
-        x_hi = fm_noise(tf.x0, eps, s_hi)
-        v_t, _ = tf.guided(self.teacher, x_hi, WAN_T_SCALE * s_hi, self.cfg.cfg_scale)
+        g = self.grid(x0.dtype, x0.device)
+        layout = student.layout(x0)
+        s_hi, s_lo = layout.to_frames(g[n + 1]), layout.to_frames(g[n])
+        x_hi = fm_noise(x0, eps, s_hi)
+        v_t, _ = self.teacher.teacher_forcing(x0, x_hi, s_hi, cond, guidance=self.cfg.cfg_scale)
         x_lo = x_hi + bcast(s_lo - s_hi, x_hi) * v_t
-        v_lo, _ = tf.run(self.target or student, x_lo, WAN_T_SCALE * s_lo)
+        v_lo, _ = (self.target or student).teacher_forcing(x0, x_lo, s_lo, cond)
         return x_hi, s_hi, x_lo - bcast(s_lo, x_lo) * v_lo
 
     def loss(self, student, batch, step):
-        tf = TFContext(student, batch)
-        n = dp_draw(lambda shape: torch.randint(0, self.cfg.num_steps, shape, device=tf.x0.device),
-                    (tf.batch, tf.n_chunks))
-        eps = randn_like(tf.x0)
-        x_hi, s_hi, f_tgt = self.target_and_inputs(student, tf, n, eps)
-        v, _ = tf.run(student, x_hi, WAN_T_SCALE * s_hi)
+        x0, cond = batch["latents"], Condition.from_batch(batch)
+        n = step.noise.randint(self.cfg.num_steps, (x0.shape[0], student.layout(x0).n_chunks), device=x0.device)
+        eps = step.noise.randn_like(x0)
+        x_hi, s_hi, f_tgt = self.target_and_inputs(student, x0, cond, n, eps)
+        v, _ = student.teacher_forcing(x0, x_hi, s_hi, cond)
         f = x_hi - bcast(s_hi, x_hi) * v
         loss = (f.float() - f_tgt.float()).pow(2).mean()
         return loss, {"dcm_loss": float(loss.detach())}

@@ -10,12 +10,13 @@ so d loss / d x̂0 = grad / numel and gradient descent moves x̂0 from the fake 
 distribution. (Same as DMD2/Self-Forcing's ``0.5 * mse(x, (x - grad).detach())``.)
 
 Critic ("fake score"). Initialised from the teacher, trained by flow matching on detached generator
-samples (target v = ε - x̂0) with its own AdamW, ``critic_ratio`` updates per generator step via the
-``after_student_step`` hook that the trainer calls. The teacher is frozen and in eval mode.
+samples (target v = ε - x̂0) with its own optimizer, ``critic_ratio`` updates per generator step via the
+``after_step`` hook that the trainer calls. The teacher is frozen and in eval mode. Both scores attend
+with ``score_mask``: block-causal (a causal teacher) or full (a bidirectional teacher, as Self-Forcing
+and Causal-rCM use Wan2.1 itself as the real score).
 """
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 
@@ -23,12 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.flow_matching import time_shift
-from ..ops.masks import block_causal_mask
-from ..parallel.noise import dp_draw, randn_like
-from ..parallel.pipeline import outputs_on_every_stage, pipeline_forward_backward
+from ..network import BatchNoise, Condition, Denoiser, TrainedSideModel
 from ..selfforcing.rollout import RolloutConfig, self_forcing_rollout
-
-WAN_T = 1000.0
+from .base import Objective
 
 
 @dataclass
@@ -49,19 +47,13 @@ class DMDConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     seed: int = 0  # critic noise / exit-step RNG
 
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "DMDConfig":
-        """From a YAML/CLI mapping; ``rollout`` may be a nested mapping. Unknown keys are an error."""
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown DMDConfig keys {bad}; known: {sorted(known)}")
-        if isinstance(d.get("rollout"), dict):
-            d["rollout"] = RolloutConfig(**d["rollout"])
-        if "critic_betas" in d:
-            d["critic_betas"] = tuple(d["critic_betas"])
-        return cls(**d)
+    def validate(self, key: str = "DMDConfig") -> None:
+        from ..config.errors import ConfigError
+
+        if self.score_mask not in ("block_causal", "full"):
+            raise ConfigError(f"{key}.score_mask", self.score_mask, "'block_causal' or 'full'")
+        if self.critic_ratio < 0:
+            raise ConfigError(f"{key}.critic_ratio", self.critic_ratio, ">= 0")
 
 
 def dmd_gradient(x0_gen, x0_real, x0_fake, eps: float = 1e-8):
@@ -79,49 +71,39 @@ def dmd_loss(x0_gen, grad):
     return 0.5 * F.mse_loss(x0_gen.to(dt), target, reduction="mean")
 
 
-def sample_renoise_levels(batch: int, cfg: DMDConfig, generator=None, device="cpu", dtype=torch.float32):
-    """One FM level per sample, uniform in [min_s, max_s], then shifted."""
-    u = dp_draw(lambda shape: torch.rand(shape, generator=generator, device=device, dtype=dtype), (batch,))
+def sample_renoise_levels(batch: int, cfg: DMDConfig, noise: BatchNoise, generator=None, device="cpu",
+                          dtype=torch.float32):
+    """One FM level per sample, uniform in [min_s, max_s], then shifted (drawn for the global batch)."""
+    u = noise.rand((batch,), generator=generator, device=device, dtype=dtype)
     s = cfg.min_s + (cfg.max_s - cfg.min_s) * u
     return time_shift(s, cfg.shift) if cfg.shift != 1.0 else s
 
 
-def guided_velocity(model, x, t, context, uncond_context, scale, mask, actions=None):
-    """v_u + w (v_c - v_u) in one batched forward; plain conditional when w = 1 or no uncond context."""
-    if scale == 1.0 or uncond_context is None:
-        return outputs_on_every_stage(model, (model(x, t, context, mask, actions=actions),), (x,))[0]
-    a2 = None if actions is None else torch.cat([actions, actions])
-    x2 = torch.cat([x, x])
-    v = model(x2, torch.cat([t, t]), torch.cat([context, uncond_context]), mask, actions=a2)
-    vc, vu = outputs_on_every_stage(model, (v,), (x2,))[0].chunk(2)
-    return vu + scale * (vc - vu)
+class SelfForcingDMD(Objective):
+    """Self-forcing + DMD objective: ``loss`` (generator) and ``after_step`` (``critic_ratio`` critic updates).
 
-
-class SelfForcingDMD:
-    """Self-forcing + DMD objective: ``loss(student, batch, step)`` and ``after_student_step`` (critic).
-
-    Not an nn.Module on purpose: the trainer's optimizer must not see the teacher or critic; the
-    critic and its optimizer go through ``extra_state``/``load_extra_state`` (state.pt).
+    The teacher (real score) is frozen; the critic (fake score) is a :class:`TrainedSideModel` that the
+    trainer shards, checkpoints and steps under the run's layout.
     """
 
-    def __init__(self, teacher, cfg: DMDConfig | None = None, critic=None, student=None):
-        self.cfg = cfg or DMDConfig()
-        if self.cfg.score_mask not in ("block_causal", "full"):
-            raise ValueError(f"DMDConfig.score_mask must be 'block_causal' or 'full', got {self.cfg.score_mask!r}")
-        if self.cfg.critic_ratio < 0:
-            raise ValueError("DMDConfig.critic_ratio must be >= 0")
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.critic = critic if critic is not None else copy.deepcopy(teacher)
-        self.critic.train().requires_grad_(True)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=self.cfg.critic_lr,
-                                            betas=tuple(self.cfg.critic_betas),
-                                            weight_decay=self.cfg.critic_weight_decay)
-        self.student = student  # optional: lets critic_step roll out fresh samples without an argument
-        self.rng = random.Random(self.cfg.seed)
+    name, config_class, phase_kinds, self_forcing = "dmd", DMDConfig, ("sf_dmd",), True
+
+    def __init__(self, teacher: Denoiser, cfg: DMDConfig, critic: TrainedSideModel):
+        self.cfg = cfg
+        cfg.validate()
+        self.teacher, self._critic = teacher, critic
+        self.rng = random.Random(cfg.seed)
         self.gen = None  # torch.Generator for critic noise, created on first use on the right device
         self._last_sample = None
-        self._masks: dict = {}
-        self.sync_and_clip = None  # trainer hook: (critic, max_norm) -> grad norm, for data/model parallelism
+
+    @classmethod
+    def from_phase(cls, cfg: DMDConfig, models):
+        critic = models.new_critic(lr=cfg.critic_lr, betas=tuple(cfg.critic_betas),
+                                   weight_decay=cfg.critic_weight_decay, grad_clip=cfg.critic_grad_clip)
+        return cls(models.teacher, cfg, critic)
+
+    def critic(self) -> TrainedSideModel:
+        return self._critic
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, device):
@@ -130,135 +112,80 @@ class SelfForcingDMD:
             self.gen.manual_seed(self.cfg.seed + 1)
         return self.gen
 
-    def _mask(self, model, x):
-        if self.cfg.score_mask == "full":
-            return None
-        f, h, w = x.shape[2:]
-        key = (f, h, w, model.causal.chunk_frames, model.causal.window_chunks, model.causal.sink_chunks)
-        if key not in self._masks:
-            frames = f // model.patch[0]
-            self._masks[key] = block_causal_mask(frames, model.tokens_per_frame(h, w), model.causal.chunk_frames,
-                                                 model.visibility())
-        return self._masks[key]
-
-    def _per_frame(self, model, s, x):
-        return (s * WAN_T)[:, None].expand(x.shape[0], x.shape[2] // model.patch[0])
-
-    def rollout(self, student, batch, grad: bool):
+    def rollout(self, student: Denoiser, batch, noise: BatchNoise, grad: bool):
         x = batch["latents"]
-        return self_forcing_rollout(student, batch["context"], tuple(x.shape), self.cfg.rollout,
-                                    actions=batch.get("actions"), grad=grad, rng=self.rng)
+        return self_forcing_rollout(student, Condition.from_batch(batch), tuple(x.shape), self.cfg.rollout,
+                                    grad=grad, rng=self.rng, noise=noise)
+
+    def _renoise(self, x0, noise: BatchNoise):
+        """(x_s, s) at a random level per sample, from the objective's own generator."""
+        g = self._generator(x0.device)
+        s = sample_renoise_levels(x0.shape[0], self.cfg, noise, g, x0.device, x0.dtype)
+        eps = noise.randn_like(x0, generator=g)
+        sb = s.view(-1, 1, 1, 1, 1)
+        return (1 - sb) * x0 + sb * eps, s, eps
 
     # ------------------------------------------------------------------ generator
-    def loss_from_sample(self, x0_gen, batch):
+    def loss_from_sample(self, x0_gen, batch, noise: BatchNoise = BatchNoise()):
         """DMD loss and metrics for a generator sample x̂0 (with grad)."""
         cfg = self.cfg
-        g = self._generator(x0_gen.device)
-        s = sample_renoise_levels(x0_gen.shape[0], cfg, g, x0_gen.device, x0_gen.dtype)
-        eps = randn_like(x0_gen, generator=g)
+        cond = Condition.from_batch(batch)
         with torch.no_grad():
+            x_s, s, _ = self._renoise(x0_gen.detach(), noise)
             sb = s.view(-1, 1, 1, 1, 1)
-            x_s = (1 - sb) * x0_gen.detach() + sb * eps
-            t = self._per_frame(self.teacher, s, x0_gen)
-            mask = self._mask(self.teacher, x0_gen)
-            act = batch.get("actions")
-            v_real = guided_velocity(self.teacher, x_s, t, batch["context"], batch.get("uncond_context"),
-                                     cfg.guidance_scale, mask, act)
-            v_fake = guided_velocity(self.critic, x_s, t, batch["context"], batch.get("uncond_context"),
-                                     cfg.fake_guidance_scale, mask, act)
-            x0_real, x0_fake = x_s - sb * v_real, x_s - sb * v_fake
-            grad = dmd_gradient(x0_gen.detach(), x0_real, x0_fake, cfg.normalizer_eps)
+            v_real, _ = self.teacher.velocity(x_s, s, cond, attend=cfg.score_mask, guidance=cfg.guidance_scale)
+            v_fake, _ = self._critic.net.velocity(x_s, s, cond, attend=cfg.score_mask,
+                                                  guidance=cfg.fake_guidance_scale)
+            grad = dmd_gradient(x0_gen.detach(), x_s - sb * v_real, x_s - sb * v_fake, cfg.normalizer_eps)
         loss = dmd_loss(x0_gen, grad)
         metrics = {"dmd_loss": float(loss.detach()), "dmd_grad_norm": float(grad.norm() / grad.numel() ** 0.5),
                    "dmd_s": float(s.mean())}
         return loss, metrics
 
     def loss(self, student, batch, step):
-        res = self.rollout(student, batch, grad=True)
+        res = self.rollout(student, batch, step.noise, grad=True)
         self._last_sample = res.video.detach()
-        loss, metrics = self.loss_from_sample(res.video, batch)
+        loss, metrics = self.loss_from_sample(res.video, batch, step.noise)
         metrics["sf_exit_step"] = float(sum(res.exit_steps) / len(res.exit_steps))
         return loss, metrics
 
     # ------------------------------------------------------------------ critic
-    def critic_loss(self, x0, batch):
+    def critic_loss(self, critic: Denoiser, x0, batch, noise: BatchNoise = BatchNoise()):
         """Flow matching of the critic on a detached generator sample (target v = ε - x̂0)."""
-        g = self._generator(x0.device)
         x0 = x0.detach()
-        s = sample_renoise_levels(x0.shape[0], self.cfg, g, x0.device, x0.dtype)
-        eps = randn_like(x0, generator=g)
-        sb = s.view(-1, 1, 1, 1, 1)
-        x_s = (1 - sb) * x0 + sb * eps
-        v = self.critic(x_s, self._per_frame(self.critic, s, x0), batch["context"], self._mask(self.critic, x0),
-                        actions=batch.get("actions"))
-        v = outputs_on_every_stage(self.critic, (v,), (x_s,))[0]
+        x_s, s, eps = self._renoise(x0, noise)
+        v, _ = critic.velocity(x_s, s, Condition.from_batch(batch), attend=self.cfg.score_mask)
         return F.mse_loss(v.float(), (eps - x0).float())
 
-    def critic_step(self, batch, sample=None, student=None):
-        """One AdamW update of the critic; uses ``sample``, else a fresh no-grad rollout, else the last sample."""
-        student = student or self.student
+    def critic_step(self, batch, noise: BatchNoise = BatchNoise(), sample=None, student: Denoiser | None = None):
+        """One critic update; uses ``sample``, else a fresh no-grad rollout, else the last generator sample."""
         if sample is None:
             if self.cfg.critic_fresh_samples or self._last_sample is None:
                 if student is None:
                     raise ValueError("critic_step needs a sample, a student, or a preceding loss() call")
                 with torch.no_grad():
-                    sample = self.rollout(student, batch, grad=False).video
+                    sample = self.rollout(student, batch, noise, grad=False).video
             else:
                 sample = self._last_sample
-        self.critic.train()
-        self.critic_opt.zero_grad(set_to_none=True)
-        ctx = getattr(self.critic, "parallel", None)
-        if ctx is not None and ctx.pp > 1:  # forward + backward through the critic's pipeline stages
-            loss = pipeline_forward_backward(self.critic, [batch], lambda m, mb: self.critic_loss(sample, mb),
-                                             lambda out, mb: out)
-        else:
-            loss = self.critic_loss(sample, batch)
-            loss.backward()
-        max_norm = self.cfg.critic_grad_clip if self.cfg.critic_grad_clip > 0 else float("inf")
-        if self.sync_and_clip is not None:  # multi-process: gradient sync + global-norm clipping
-            gn = self.sync_and_clip(self.critic, max_norm)
-        else:
-            gn = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), max_norm)
-        self.critic_opt.step()
-        return {"critic_loss": float(loss.detach()), "critic_grad_norm": float(gn)}
+        out = self._critic.update(lambda net: self.critic_loss(net, sample, batch, noise))
+        return {"critic_loss": out["loss"], "critic_grad_norm": out["grad_norm"]}
 
-    def after_student_step(self, student, batch, step) -> dict:
-        """Trainer hook: ``critic_ratio`` critic updates after each generator step."""
+    def after_step(self, student, batch, step) -> dict:
         out: dict = {}
-        for i in range(self.cfg.critic_ratio):
-            m = self.critic_step(batch, student=student)
-            for k, v in m.items():
+        for _ in range(self.cfg.critic_ratio):
+            for k, v in self.critic_step(batch, step.noise, student=student).items():
                 out[k] = out.get(k, 0.0) + v / self.cfg.critic_ratio
         return out
 
-    # ------------------------------------------------------------------ trainer plumbing
-    def trainable_parameters(self):
-        return []  # the critic has its own optimizer
-
-    def extra_state(self, with_critic: bool = True) -> dict:
-        """RNG states and, with ``with_critic``, the critic's weights and optimizer state.
-
-        The trainer passes False: its checkpoints hold the critic as sharded tensors (and a ZeRO-1
-        critic optimizer has no local full state dict to give).
-        """
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """The RNG streams (the critic's tensors and optimizer are checkpointed by the trainer)."""
         st = {"rng": self.rng.getstate()}
-        if with_critic:
-            st["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items()}
-            st["critic_opt"] = self.critic_opt.state_dict()
         if self.gen is not None:
             st["gen"] = self.gen.get_state()
         return st
 
-    def load_extra_state(self, state: dict) -> None:
-        """Inverse of :meth:`extra_state`; critic entries that are absent (or a placeholder string, as in
-        older checkpoints) were loaded from the checkpoint's tensors already."""
-        if isinstance(state.get("critic"), dict):
-            self.critic.load_state_dict(state["critic"])
-        if isinstance(state.get("critic_opt"), dict):
-            self.critic_opt.load_state_dict(state["critic_opt"])
+    def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         if "gen" in state:
-            self._generator(next(self.critic.parameters()).device).set_state(state["gen"])
-
-    state_dict = extra_state
-    load_state_dict = load_extra_state
+            self._generator(next(self._critic.model.parameters()).device).set_state(state["gen"])

@@ -1,13 +1,11 @@
-"""TF flow matching: trains the causal teacher itself (and the DMD fake-score critic)."""
+"""TF flow matching: trains the causal teacher itself (the DMD fake score trains the same way, in dmd.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..diffusion.flow_matching import WAN_T_SCALE, fm_noise, fm_target, sample_fm_times
-from ..parallel.noise import dp_draw, randn_like
-from .base import TFContext
+from ..diffusion.flow_matching import fm_noise, fm_target, sample_fm_times
+from ..network import Condition
+from .base import Objective
 
 
 @dataclass
@@ -18,17 +16,26 @@ class FMConfig:
     logit_std: float = 1.0
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(Objective):
+    """v-prediction on the teacher-forcing sequence: noisy chunk i sees clean chunks < i and itself,
+    every chunk draws its own noise level."""
+
+    name, config_class, phase_kinds, teacher_role = "flow_matching", FMConfig, ("teacher",), "none"
+
     def __init__(self, cfg: FMConfig = FMConfig()):
         self.cfg = cfg
 
+    @classmethod
+    def from_phase(cls, cfg, models):
+        return cls(cfg)
+
     def loss(self, student, batch, step):
-        tf = TFContext(student, batch)
-        x0, c = tf.x0, self.cfg
-        s = tf.chunk_to_frames(dp_draw(lambda shape: sample_fm_times(shape, c.time_mode, c.shift, c.logit_mean,
-                                                                     c.logit_std, device=x0.device, dtype=x0.dtype),
-                                       (tf.batch, tf.n_chunks)))
-        eps = randn_like(x0)
-        v, _ = tf.run(student, fm_noise(x0, eps, s), WAN_T_SCALE * s)
+        x0, c = batch["latents"], self.cfg
+        layout = student.layout(x0)
+        s = layout.to_frames(step.noise.draw(lambda shape: sample_fm_times(
+            shape, c.time_mode, c.shift, c.logit_mean, c.logit_std, device=x0.device, dtype=x0.dtype),
+            (x0.shape[0], layout.n_chunks)))
+        eps = step.noise.randn_like(x0)
+        v, _ = student.teacher_forcing(x0, fm_noise(x0, eps, s), s, Condition.from_batch(batch))
         loss = (v.float() - fm_target(x0, eps).float()).pow(2).mean()
         return loss, {"fm_loss": float(loss.detach())}

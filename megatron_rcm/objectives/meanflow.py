@@ -7,7 +7,8 @@ sg(1 / (||delta||^2 + c)^p).
 The net must see r and t as two inputs: the target needs d_t u with r fixed, and a single-time net fed
 t with r = t - Delta cannot separate d_t u from d_r u. On the causal Wan model that is the interval
 embedding (``ModelConfig.interval_embedding``, Delta = t - r); :class:`TFMeanFlowNet` adapts it to
-the ``MeanFlowNet`` protocol on the teacher-forcing sequence, per-chunk (r, t) as in sCM.
+the ``MeanFlowNet`` protocol on the teacher-forcing sequence, per-chunk (r, t) as in sCM. All times and
+noise are drawn for the global batch from the step's noise (the DP2 run equals one process).
 
 Instantaneous velocity v at z_t: with a teacher, its CFG velocity (distillation on synthetic data
 only: the data point only places z_t); without one, the conditional FM velocity eps - x0.
@@ -19,8 +20,9 @@ from typing import Protocol
 
 import torch
 
-from ..diffusion.flow_matching import WAN_T_SCALE, bcast, fm_noise, sample_fm_times
-from .base import TFContext
+from ..diffusion.flow_matching import bcast, fm_noise, sample_fm_times
+from ..network import BatchNoise, Condition, Denoiser
+from .base import Objective
 
 
 class MeanFlowNet(Protocol):
@@ -44,59 +46,69 @@ class MeanFlowConfig:
 
 
 class TFMeanFlowNet:
-    """``MeanFlowNet`` over a causal Wan interval model on one batch's TF sequence [x0 ; z].
+    """``MeanFlowNet`` over a causal Wan interval model's denoiser on one batch's TF sequence [x0 ; z].
 
-    FM times r, t in [0, 1] become Wan timestep 1000 t and interval 1000 (t - r); tangents likewise
-    (d interval = 1000 (dt - dr)). The clean context x0 carries no tangent.
+    The interval t - r (and its tangent dt - dr) goes to the model's interval embedding; the clean
+    context x0 carries no tangent.
     """
 
-    def __init__(self, model, tf: TFContext):
-        if getattr(model.condition_embedder, "interval_embedder", None) is None:
+    def __init__(self, net: Denoiser, batch: dict):
+        if getattr(net.model.condition_embedder, "interval_embedder", None) is None:
             raise ValueError("MeanFlow needs the interval embedding: set model.interval_embedding=true")
-        self.model, self.tf = model, tf
+        self.net, self.x0, self.cond = net, batch["latents"], Condition.from_batch(batch)
 
     def __call__(self, z, r, t, batch=None, tangent=None, r_tangent=None, t_tangent=None):
-        s = WAN_T_SCALE
         dt = di = None
         if r_tangent is not None or t_tangent is not None:
             dt = torch.zeros_like(t) if t_tangent is None else t_tangent
             dr = torch.zeros_like(r) if r_tangent is None else r_tangent
-            dt, di = s * dt, s * (dt - dr)
-        return self.tf.run(self.model, z, s * t, tangent=tangent, t_tangent=dt, interval=s * (t - r),
-                           interval_tangent=di)
+            di = dt - dr
+        return self.net.teacher_forcing(self.x0, z, t, self.cond, tangent=tangent, s_tangent=dt, interval=t - r,
+                                        interval_tangent=di)
 
 
-class MeanFlowObjective:
-    """``loss(student, batch, step)`` for a causal Wan interval model or any ``MeanFlowNet`` (no teacher)."""
+class MeanFlowObjective(Objective):
+    """``loss(student, batch, step)`` for a causal Wan interval model's denoiser or any ``MeanFlowNet``."""
+
+    name, config_class, phase_kinds, teacher_role = "meanflow", MeanFlowConfig, ("tf_cm",), "optional"
 
     def __init__(self, cfg: MeanFlowConfig = MeanFlowConfig(), chunk_frames: int = 1, teacher=None):
         self.cfg, self.chunk, self.teacher = cfg, chunk_frames, teacher
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
+
+    @classmethod
+    def from_phase(cls, cfg, models):
+        return cls(cfg, teacher=models.teacher)
+
+    @classmethod
+    def needs_interval_embedding(cls, cfg) -> bool:
+        return True
 
     def as_net(self, student, batch):
-        """(net, tf, chunk -> frame expansion); tf is None for a plain ``MeanFlowNet``."""
-        if hasattr(student, "forward_teacher_forcing"):
-            tf = TFContext(student, batch)
-            return TFMeanFlowNet(student, tf), tf, tf.chunk_to_frames
+        """(net, chunk -> frame expansion, number of chunks) for a Denoiser or a plain ``MeanFlowNet``."""
+        x0 = batch["latents"]
+        if isinstance(student, Denoiser):
+            layout = student.layout(x0)
+            return TFMeanFlowNet(student, batch), layout.to_frames, layout.n_chunks
         if self.teacher is not None:
             raise ValueError("a MeanFlow teacher needs a causal Wan student (the teacher runs the TF sequence)")
-        return student, None, lambda a: a.repeat_interleave(self.chunk, 1)
+        return student, lambda a: a.repeat_interleave(self.chunk, 1), x0.shape[2] // self.chunk
 
     @torch.no_grad()
-    def velocity(self, tf: TFContext | None, z, t, x0, eps):
+    def velocity(self, batch, z, t, x0, eps):
         """Instantaneous velocity at z_t: the teacher's CFG velocity, else eps - x0."""
         if self.teacher is None:
             return eps - x0
-        return tf.guided(self.teacher, z, WAN_T_SCALE * t, self.cfg.cfg_scale)[0]
+        return self.teacher.teacher_forcing(x0, z, t, Condition.from_batch(batch), guidance=self.cfg.cfg_scale)[0]
 
-    def sample_rt(self, b, n_chunks, device, dtype):
+    def sample_rt(self, b, n_chunks, device, dtype, noise: BatchNoise = BatchNoise()):
+        """Per-chunk (r, t), r <= t, drawn for the global batch."""
         c = self.cfg
-        draw = lambda: sample_fm_times((b, n_chunks), c.time_mode, c.shift, c.logit_mean, c.logit_std,
-                                       device=device, dtype=dtype)
+        draw = lambda: noise.draw(lambda shape: sample_fm_times(shape, c.time_mode, c.shift, c.logit_mean,
+                                                                c.logit_std, device=device, dtype=dtype),
+                                  (b, n_chunks))
         a, bb = draw(), draw()
         t, r = torch.maximum(a, bb), torch.minimum(a, bb)
-        keep = torch.rand(b, n_chunks, device=device) < c.ratio_r_neq_t
+        keep = noise.rand((b, n_chunks), device=device) < c.ratio_r_neq_t
         return torch.where(keep, r, t), t
 
     def target(self, net, z, r, t, v, batch):
@@ -107,12 +119,11 @@ class MeanFlowObjective:
 
     def loss(self, student, batch, step):
         x0 = batch["latents"]
-        net, tf, to_frames = self.as_net(student, batch)
-        n_chunks = tf.n_chunks if tf is not None else x0.shape[2] // self.chunk
-        r, t = (to_frames(a) for a in self.sample_rt(x0.shape[0], n_chunks, x0.device, x0.dtype))
-        eps = torch.randn_like(x0)
+        net, to_frames, n_chunks = self.as_net(student, batch)
+        r, t = (to_frames(a) for a in self.sample_rt(x0.shape[0], n_chunks, x0.device, x0.dtype, step.noise))
+        eps = step.noise.randn_like(x0)
         z = fm_noise(x0, eps, t)
-        v = self.velocity(tf, z, t, x0, eps)
+        v = self.velocity(batch, z, t, x0, eps)
         u_tgt = self.target(net, z, r, t, v, batch)
         u, _ = net(z, r, t, batch)
         delta = (u.float() - u_tgt.float()).pow(2)
@@ -120,4 +131,3 @@ class MeanFlowObjective:
         w = 1.0 / (per.detach() + self.cfg.adaptive_c) ** self.cfg.adaptive_p
         loss = (w * per).mean()
         return loss, {"meanflow_loss": float(loss.detach()), "meanflow_mse": float(per.detach().mean())}
-

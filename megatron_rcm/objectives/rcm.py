@@ -1,16 +1,20 @@
-"""rCM: a consistency-model loss plus lambda x the self-forcing DMD loss, on one student (DESIGN §4).
+"""rCM: a consistency-model loss plus lambda x the self-forcing DMD loss, on one student (docs/design.md, "rCM").
 
-The CM part is any objective with ``loss(student, batch, step) -> (loss, metrics)`` (sCM, MeanFlow,
-dCM); the DMD part is :class:`SelfForcingDMD`, whose critic keeps its own optimizer. Weights are
-applied exactly: total = cm_weight * L_cm + dmd_weight * L_dmd.
+The CM part is sCM or MeanFlow (``objective_args.cm``); the DMD part is :class:`SelfForcingDMD`,
+whose critic keeps its own optimizer. Weights are applied exactly: total = cm_weight * L_cm +
+dmd_weight * L_dmd. ``objective_args: {cm: scm|meanflow, scm|meanflow: {...}, dmd: {...}, rcm: {...}}``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from ..config.errors import ConfigError
+from .base import Objective, config_from_dict
+from .dmd import DMDConfig, SelfForcingDMD
+from .meanflow import MeanFlowObjective
+from .scm import SCMObjective
 
-from .dmd import SelfForcingDMD
+CM_PARTS = {"scm": SCMObjective, "meanflow": MeanFlowObjective}  # the consistency part of rCM
 
 
 @dataclass
@@ -19,31 +23,59 @@ class RCMConfig:
     dmd_weight: float = 1.0  # lambda
     dmd_every: int = 1  # compute the (rollout-heavy) DMD term every k-th step; 1 = always
 
+    def validate(self, key: str = "RCMConfig") -> None:
+        if self.dmd_every < 1:
+            raise ConfigError(f"{key}.dmd_every", self.dmd_every, "an integer >= 1")
 
-class RCMObjective(torch.nn.Module):
-    """nn.Module only so the trainer checkpoints a CM objective's own modules (e.g. sCM's adaptive weight)."""
 
-    def __init__(self, cm_objective, dmd: SelfForcingDMD, cfg: RCMConfig | None = None):
-        super().__init__()
-        self.cfg = cfg or RCMConfig()
-        if self.cfg.dmd_every < 1:
-            raise ValueError("RCMConfig.dmd_every must be >= 1")
-        if isinstance(cm_objective, torch.nn.Module):
-            self.cm = cm_objective
-        else:
-            self.__dict__["cm"] = cm_objective  # not a module: keep out of state_dict
-            # a plain CM objective's own learned module (sCM/MeanFlow adaptive weight): checkpoint + train it
-            weighting = getattr(cm_objective, "weighting", None)
-            if isinstance(weighting, torch.nn.Module):
-                self.cm_weighting = weighting
-        self.__dict__["dmd"] = dmd  # the critic is saved through extra_state, never by the trainer's optimizer
+@dataclass
+class RCMSetup:
+    """The parsed ``objective_args`` of an rCM phase."""
+
+    cm: str
+    cm_cfg: object
+    dmd_cfg: DMDConfig
+    rcm_cfg: RCMConfig
+
+
+class RCMObjective(Objective):
+    name, config_class, phase_kinds, self_forcing = "rcm", RCMSetup, ("sf_dmd", "tf_cm"), True
+
+    def __init__(self, cm_objective: Objective, dmd: SelfForcingDMD, cfg: RCMConfig | None = None):
+        self.cm, self.dmd, self.cfg = cm_objective, dmd, cfg or RCMConfig()
+        self.cfg.validate()
+
+    @classmethod
+    def parse_config(cls, args: dict, key: str) -> RCMSetup:
+        args = dict(args or {})
+        unknown = set(args) - {"cm", *CM_PARTS, "dmd", "rcm"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}", None, f"one of cm, {', '.join(CM_PARTS)}, dmd, rcm")
+        cm = args.get("cm", "scm")
+        if cm not in CM_PARTS:
+            raise ConfigError(f"{key}.cm", cm, f"one of {list(CM_PARTS)} (the consistency part of rCM)")
+        for other in CM_PARTS:
+            if other != cm and other in args:
+                raise ConfigError(f"{key}.{other}", dict(args[other]), f"absent, or set {key}.cm={other} to use it")
+        return RCMSetup(cm, CM_PARTS[cm].parse_config(args.get(cm, {}), f"{key}.{cm}"),
+                        SelfForcingDMD.parse_config(args.get("dmd", {}), f"{key}.dmd"),
+                        config_from_dict(RCMConfig, args.get("rcm", {}), f"{key}.rcm"))
+
+    @classmethod
+    def needs_interval_embedding(cls, cfg: RCMSetup) -> bool:
+        return CM_PARTS[cfg.cm].needs_interval_embedding(cfg.cm_cfg)
+
+    @classmethod
+    def from_phase(cls, cfg: RCMSetup, models):
+        return cls(CM_PARTS[cfg.cm].from_phase(cfg.cm_cfg, models), SelfForcingDMD.from_phase(cfg.dmd_cfg, models),
+                   cfg.rcm_cfg)
 
     def loss(self, student, batch, step):
         l_cm, m_cm = self.cm.loss(student, batch, step)
         total = self.cfg.cm_weight * l_cm
         metrics = {f"cm/{k}": v for k, v in (m_cm or {}).items()}
         metrics["cm_loss"] = float(l_cm.detach())
-        if step % self.cfg.dmd_every == 0 and self.cfg.dmd_weight != 0:
+        if step.index % self.cfg.dmd_every == 0 and self.cfg.dmd_weight != 0:
             l_dmd, m_dmd = self.dmd.loss(student, batch, step)
             total = total + self.cfg.dmd_weight * l_dmd
             metrics.update({f"dmd/{k}": v for k, v in (m_dmd or {}).items()})
@@ -51,27 +83,20 @@ class RCMObjective(torch.nn.Module):
         metrics["rcm_loss"] = float(total.detach())
         return total, metrics
 
-    def after_student_step(self, student, batch, step) -> dict:
-        out = {}
-        if hasattr(self.cm, "after_student_step"):
-            out.update({f"cm/{k}": v for k, v in (self.cm.after_student_step(student, batch, step) or {}).items()})
-        out.update(self.dmd.after_student_step(student, batch, step))
+    def side_modules(self):
+        return self.cm.side_modules()
+
+    def critic(self):
+        return self.dmd.critic()
+
+    def after_step(self, student, batch, step) -> dict:
+        out = {f"cm/{k}": v for k, v in (self.cm.after_step(student, batch, step) or {}).items()}
+        out.update(self.dmd.after_step(student, batch, step))
         return out
 
-    def trainable_parameters(self):
-        """The CM objective's own trainables (its ``trainable_parameters()``, else its adaptive weight)."""
-        if hasattr(self.cm, "trainable_parameters"):
-            return list(self.cm.trainable_parameters())
-        w = getattr(self, "cm_weighting", None)
-        return [] if w is None else [p for p in w.parameters() if p.requires_grad]
+    def state_dict(self) -> dict:
+        return {"dmd": self.dmd.state_dict(), "cm": self.cm.state_dict()}
 
-    def extra_state(self, with_critic: bool = True) -> dict:
-        st = {"dmd": self.dmd.extra_state() if with_critic else self.dmd.extra_state(with_critic=False)}
-        if hasattr(self.cm, "extra_state"):
-            st["cm"] = self.cm.extra_state()
-        return st
-
-    def load_extra_state(self, state: dict) -> None:
-        self.dmd.load_extra_state(state["dmd"])
-        if "cm" in state and hasattr(self.cm, "load_extra_state"):
-            self.cm.load_extra_state(state["cm"])
+    def load_state_dict(self, state: dict) -> None:
+        self.dmd.load_state_dict(state["dmd"])
+        self.cm.load_state_dict(state.get("cm", {}))

@@ -1,10 +1,11 @@
 """Continuous-time consistency (sCM, Lu & Song 2024) distillation in TrigFlow on the TF sequence.
 
 Student and teacher are FM velocity nets; TrigFlow quantities come from the exact conversion in
-``diffusion.trigflow`` (F from v; the net sees x_s = x_t / (cos t + sigma_d sin t) at t_wan = 1000 s(t)).
+``diffusion.trigflow`` (F from v; the net sees x_s = x_t / (cos t + sigma_d sin t) at FM level s(t)).
 Tangent (sCM Alg. 1): g = cos t * df^-/dt = -cos^2 t (sigma_d F^- - dx_t/dt) - r cos t sin t (x_t + sigma_d dF^-/dt),
 with dx_t/dt = sigma_d F_teacher (CFG) and dF^-/dt the JVP of the stop-grad student along (dx_t/dt, 1).
 g <- g / (||g|| + c) per (sample, chunk); loss = exp(-w(t))/D ||F_theta - F^- - g||^2 + w(t).
+(docs/design.md, "sCM".)
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.flow_matching import bcast
 from ..diffusion.trigflow import fm_from_trig, sample_trig_times, trig_F_and_dFdt, trig_F_from_v
-from ..diffusion.flow_matching import WAN_T_SCALE, bcast
-from ..parallel.noise import dp_draw, randn_like
-from .base import AdaptiveWeight, TFContext
+from ..network import Condition
+from .base import AdaptiveWeight, Objective
 
 
 @dataclass
@@ -29,47 +30,55 @@ class SCMConfig:
     adaptive_weight: bool = True
 
 
-class SCMObjective:
+class SCMObjective(Objective):
+    name, config_class, phase_kinds = "scm", SCMConfig, ("tf_cm",)
+
     def __init__(self, teacher, cfg: SCMConfig = SCMConfig()):
         self.teacher, self.cfg = teacher, cfg
-        self.weighting = AdaptiveWeight() if cfg.adaptive_weight else None  # trainer: add to the optimizer
+        self.weighting = AdaptiveWeight() if cfg.adaptive_weight else None
+
+    @classmethod
+    def from_phase(cls, cfg, models):
+        return cls(models.teacher, cfg)
+
+    def side_modules(self):
+        return [] if self.weighting is None else [self.weighting]
 
     def warmup_r(self, step: int) -> float:
         n = self.cfg.r_warmup_steps
         return 1.0 if n <= 0 else min(1.0, step / n)
 
     @torch.no_grad()
-    def tangent(self, student, tf: TFContext, x_t, t, r: float):
+    def tangent(self, student, x0, cond: Condition, x_t, t, r: float):
         """(F^-, g, dx_t/dt) for TrigFlow points x_t at per-frame times t [B, F]; no graph is built."""
-        c = self.cfg
-        sd = c.sigma_d
+        sd = self.cfg.sigma_d
         cos, sin = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
         D = cos + sd * sin
-        s = fm_from_trig(t, sd)
-        v_teacher, _ = tf.guided(self.teacher, x_t / D, WAN_T_SCALE * s, c.cfg_scale)
+        v_teacher, _ = self.teacher.teacher_forcing(x0, x_t / D, fm_from_trig(t, sd), cond, guidance=self.cfg.cfg_scale)
         dxdt = sd * trig_F_from_v(x_t, v_teacher, t, sd)
-        fm_jvp = lambda xs, tw, dxs, dtw: tf.run(student, xs, tw, tangent=dxs, t_tangent=dtw)
+        fm_jvp = lambda xs, s, dxs, ds: student.teacher_forcing(x0, xs, s, cond, tangent=dxs, s_tangent=ds)
         F_m, dF_m = trig_F_and_dFdt(fm_jvp, x_t, t, dxdt, sd)
         g = -cos**2 * (sd * F_m - dxdt) - r * cos * sin * (x_t + sd * dF_m)
         return F_m, g, dxdt
 
     def loss(self, student, batch, step):
         c = self.cfg
-        tf = TFContext(student, batch)
-        x0 = tf.x0
-        t_chunk = dp_draw(lambda shape: sample_trig_times(shape, c.sigma_d, c.p_mean, c.p_std, device=x0.device,
-                                                          dtype=x0.dtype), (tf.batch, tf.n_chunks))
-        t = tf.chunk_to_frames(t_chunk)
-        x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * c.sigma_d * randn_like(x0)
-        r = self.warmup_r(step)
-        F_m, g, _ = self.tangent(student, tf, x_t, t, r)
-        g_norm = tf.chunk_norm(g)
+        x0, cond = batch["latents"], Condition.from_batch(batch)
+        layout = student.layout(x0)
+        t_chunk = step.noise.draw(lambda shape: sample_trig_times(shape, c.sigma_d, c.p_mean, c.p_std,
+                                                                  device=x0.device, dtype=x0.dtype),
+                                  (x0.shape[0], layout.n_chunks))
+        t = layout.to_frames(t_chunk)
+        x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * c.sigma_d * step.noise.randn_like(x0)
+        r = self.warmup_r(step.index)
+        F_m, g, _ = self.tangent(student, x0, cond, x_t, t, r)
+        g_norm = layout.chunk_norm(g, student.patch_frames)
         g = g / (g_norm + c.tangent_norm_c)
 
         D = bcast(torch.cos(t) + c.sigma_d * torch.sin(t), x0)
-        v, _ = tf.run(student, x_t / D, WAN_T_SCALE * fm_from_trig(t, c.sigma_d))
+        v, _ = student.teacher_forcing(x0, x_t / D, fm_from_trig(t, c.sigma_d), cond)
         F = trig_F_from_v(x_t, v, t, c.sigma_d)
-        err = tf.chunk_mean((F.float() - F_m.float() - g.float()).pow(2))  # [B, n_chunks]
+        err = layout.chunk_mean((F.float() - F_m.float() - g.float()).pow(2), student.patch_frames)  # [B, n_chunks]
         if self.weighting is not None:
             w = self.weighting(torch.log(torch.tan(t_chunk)))
             loss = (torch.exp(-w) * err + w).mean()

@@ -1,7 +1,14 @@
 """Attention dispatch: one call site in the model, several interchangeable implementations.
 
 A backend provides ``forward(q, k, v, mask, scale) -> O`` (differentiable w.r.t. q, k, v) and
-``forward_jvp(q, k, v, tq, tk, tv, mask, scale) -> (O, dO)``. ``"reference"`` is plain PyTorch
+``forward_jvp(q, k, v, tq, tk, tv, mask, scale) -> (O, dO)``.
+
+The JVP rule, the same for every backend: ``forward_jvp`` never hands autograd detached outputs.
+Either its (O, dO) are differentiable w.r.t. all inputs (``jvp_differentiable``: the reference and
+SDPA backends, whose JVP is plain PyTorch), or :func:`attention_jvp` refuses to run it while autograd
+is recording (grad mode on and an input requiring grad) and says what to do: the fused kernel has
+no backward for its tangent. The objectives need no more: sCM and MeanFlow take the JVP of a
+stop-gradient copy of the network, under ``torch.no_grad()``; gradients come from the plain forward. ``"reference"`` is plain PyTorch
 and defines correctness; ``"sdpa"`` uses ``F.scaled_dot_product_attention`` for the forward
 (fast on GPU, no forward-mode AD, so its JVP falls back to the reference formulas);
 ``"fused"`` is the CUDA extension in ``csrc/`` (registered by :mod:`megatron_rcm.ops.fused_attention`
@@ -27,6 +34,7 @@ class AttentionBackend:
     forward: Callable
     forward_jvp: Callable
     available: Callable[[torch.Tensor], bool]
+    jvp_differentiable: bool = True  # False: forward_jvp builds no graph (refused while autograd records)
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -99,4 +107,14 @@ def attention_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale: flo
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if tq is None and tk is None and tv is None:
         return attention(q, k, v, mask, scale, backend), None
-    return resolve_backend(backend, q).forward_jvp(q, k, v, tq, tk, tv, mask, scale)
+    impl = resolve_backend(backend, q)
+    if not impl.jvp_differentiable and records_graph(q, k, v, tq, tk, tv):
+        raise RuntimeError(f"attention backend {impl.name!r} computes the JVP (a forward with tangents) without an "
+                           "autograd graph: run it under torch.no_grad() (a stop-gradient JVP, as sCM and MeanFlow "
+                           "use), or set causal.attention_backend=reference or sdpa to differentiate through it")
+    return impl.forward_jvp(q, k, v, tq, tk, tv, mask, scale)
+
+
+def records_graph(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -8,7 +8,7 @@ Two entry points:
 
 * :func:`attention_reference` -- O = softmax(scale QK^T + mask) V, plain differentiable ops, so
   autograd gives the backward and ``torch.func.jvp`` gives the ground-truth tangent.
-* :func:`attention_reference_jvp` -- (O, dO) from explicit tangent formulas (DESIGN.md section 3):
+* :func:`attention_reference_jvp` -- (O, dO) from explicit tangent formulas (docs/design.md, "Attention JVP"):
   dS = scale (dQ K^T + Q dK^T),  dP = P * (dS - rowsum(P * dS)),  dO = dP V + P dV.
   This is the arithmetic the fused kernel implements; the model's tangent pass calls it.
 """

@@ -1,6 +1,6 @@
 """Forward-mode (tangent) rules for the few primitives of a Wan-style DiT.
 
-How the project gets a JVP through the whole network (DESIGN.md section 3, design "b"):
+How the project gets a JVP through the whole network (docs/design.md, "The dual-number JVP through the network"):
 every module runs one code path that carries an optional tangent next to the primal value,
 ``f(x, tx) -> (y, ty)`` with ``tx=None`` meaning "no tangent" (the tangent arithmetic is skipped).
 Why not ``torch.func.jvp`` over the model: custom autograd Functions (our fused attention kernel,

@@ -253,4 +253,5 @@ def fused_available(t: torch.Tensor) -> bool:
 
 
 if _C is not None:
-    register_backend(AttentionBackend("fused", fused_forward, fused_forward_jvp, fused_available))
+    register_backend(AttentionBackend("fused", fused_forward, fused_forward_jvp, fused_available,
+                                      jvp_differentiable=False))

@@ -14,12 +14,12 @@ Typical use in a trainer (every rank, launched by torchrun or srun)::
 from .config import ParallelConfig, validate_parallel
 from .model import ParallelContext, parallelize_model, shard_like, sync_gradients, tp_shard_dim
 from .optim import sharded_optimizer
-from .pipeline import outputs_on_every_stage, pipeline_forward_backward
+from .pipeline import pipeline_forward_backward
 from .state import ParallelGroups, destroy_parallel, initialize_parallel
 
 __all__ = ["ParallelConfig", "validate_parallel", "ParallelContext", "parallelize_model", "shard_like",
-           "sync_gradients", "tp_shard_dim", "sharded_optimizer", "pipeline_forward_backward",
-           "outputs_on_every_stage", "ParallelGroups", "initialize_parallel", "destroy_parallel", "batch_for_rank"]
+           "sync_gradients", "tp_shard_dim", "sharded_optimizer", "pipeline_forward_backward", "ParallelGroups",
+           "initialize_parallel", "destroy_parallel", "batch_for_rank"]
 
 
 def batch_for_rank(x, groups: ParallelGroups, dim: int = 0):

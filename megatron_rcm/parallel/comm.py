@@ -15,7 +15,7 @@ The autograd rules (the tangent path is differentiable too, through the same sta
 - ``gather``: all-gather along ``dim`` forward, keep own slice backward (consumers replicated).
 
 Megatron-core's mapping Functions implement the first two for the primal only and have no JVP rule
-(DESIGN.md section 3), hence these small replacements.
+(docs/design.md, "The dual-number JVP through the network"), hence these small replacements.
 """
 from __future__ import annotations
 

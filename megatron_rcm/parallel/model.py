@@ -117,6 +117,30 @@ class ParallelContext:
             self.pp_records[-1]["outputs"] = packed
         return False
 
+    def share_stage_outputs(self, outputs, likes):
+        """Make a model call's outputs usable on every pipeline stage (the network seam calls this).
+
+        ``outputs``: what the model returned (Nones before the last stage); ``likes``: tensors with the
+        outputs' shapes (the inputs), None where no output is expected (no tangent). The last stage
+        broadcasts the values (primal and tangent in one message), so outputs that feed a later call's
+        INPUTS (teacher velocity -> JVP tangent, a denoising step -> the next step, a generated chunk ->
+        the KV cache) exist on stage 0. The last stage keeps its own tensors, so a loss built there
+        differentiates through them; the gradient reaches earlier stages through the pipeline's backward.
+        """
+        if self.pp == 1:
+            return outputs
+        present = [like for like in likes if like is not None]
+        dtype, device = self.wire_dtype or present[0].dtype, present[0].device
+        if self.is_last_stage:
+            buf = torch.stack([o.detach().to(dtype) for o, like in zip(outputs, likes) if like is not None])
+        else:
+            buf = torch.empty((len(present), *present[0].shape), dtype=dtype, device=device)
+        dist.broadcast(buf, src=dist.get_global_rank(self.groups.pp_group, self.pp - 1), group=self.groups.pp_group)
+        if self.is_last_stage:
+            return outputs
+        it = iter(buf.unbind(0))
+        return tuple(None if like is None else next(it) for like in likes)
+
     # ---------------------------------------------------------------- tensor parallel
     def norm_reduce(self, ms, mxd):
         """Global mean(x^2) and mean(x dx) from the per-shard ones (equal shards -> mean of means)."""

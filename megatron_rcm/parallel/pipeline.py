@@ -20,9 +20,10 @@ def pipeline_forward_backward(model, microbatches, forward_fn, loss_fn):
     ``.grad`` (scaled by 1/len(microbatches)); call ``sync_gradients`` afterwards. Also valid with
     pp = 1 (plain gradient accumulation).
 
-    Objectives that call the model several times (sCM, dCM, the DMD rollout) run unchanged when their
-    calls go through :func:`outputs_on_every_stage` (``TFContext``, the rollout and DMD's score calls
-    do); the trainer passes ``objective.loss`` as ``forward_fn``. A micro-batch may run several
+    Objectives that call the model several times (sCM, dCM, the DMD rollout) run unchanged because
+    every call goes through :class:`~megatron_rcm.network.Denoiser`, which makes outputs available on
+    every stage (:meth:`ParallelContext.share_stage_outputs`); the trainer passes ``objective.loss``
+    as ``forward_fn``. A micro-batch may run several
     grad-enabled forwards (the rollout: one per chunk, independent graphs since the KV cache is
     written without grad); their gradients travel back in reverse order.
     """
@@ -59,29 +60,3 @@ def pipeline_forward_backward(model, microbatches, forward_fn, loss_fn):
     if ctx.pp > 1:
         dist.all_reduce(total, group=ctx.groups.pp_group)  # only the last stage holds a non-zero loss
     return total
-
-
-def outputs_on_every_stage(model, outputs, likes):
-    """Make an objective's model call usable on every pipeline stage (no-op without pipeline parallelism).
-
-    ``outputs``: what the model returned (Nones before the last stage); ``likes``: tensors with the
-    outputs' shapes (the inputs), None where no output is expected (e.g. no tangent). The last stage
-    broadcasts the values (primal and tangent in one message), so outputs that feed a later call's
-    INPUTS (teacher velocity -> JVP tangent, a denoising step -> the next step, a generated chunk ->
-    the KV cache) exist on stage 0. The last stage keeps its own tensors, so a loss built there
-    differentiates through them; the gradient reaches earlier stages through the pipeline's backward.
-    """
-    ctx = getattr(model, "parallel", None)
-    if ctx is None or ctx.pp == 1:
-        return outputs
-    dtype = model.dtype
-    shapes = [like.shape for like in likes if like is not None]
-    if ctx.is_last_stage:
-        buf = torch.stack([o.detach().to(dtype) for o, like in zip(outputs, likes) if like is not None])
-    else:
-        buf = torch.empty((len(shapes), *shapes[0]), dtype=dtype, device=next(model.parameters()).device)
-    dist.broadcast(buf, src=dist.get_global_rank(ctx.groups.pp_group, ctx.pp - 1), group=ctx.groups.pp_group)
-    if ctx.is_last_stage:
-        return outputs
-    it = iter(buf.unbind(0))
-    return tuple(None if like is None else next(it) for like in likes)

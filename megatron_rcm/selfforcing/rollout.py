@@ -3,7 +3,7 @@
 The student generates the whole video chunk by chunk with its few-step sampler and its own KV cache,
 exactly as at inference: for each chunk, start from noise at the first level, predict x0
 (x0 = x_s - s v), re-noise x0 to the next level with *fresh* noise, and so on. After a chunk is done
-its clean output is re-run at t = 0 (no grad, ``write_cache=True``) so later chunks attend to it.
+its clean output is re-run at s = 0 (no grad, the cache write) so later chunks attend to it.
 
 Gradient: one denoising step per chunk is "the exit step". Steps before it run under
 ``torch.no_grad``; the exit step runs with grad and its x0 prediction *is* the chunk's output (the
@@ -15,7 +15,8 @@ keeps chunk statistics consistent); ``sync_exit_across_chunks=False`` draws one 
 Cache writes detach (KVCache.append), so no gradient flows from a chunk into earlier chunks.
 
 Noise order (shared with inference.streaming so both reproduce each other from one seed): per chunk,
-the chunk's start noise, then one fresh noise draw per re-noising step, all from ``generator``.
+the chunk's start noise, then one fresh noise draw per re-noising step, all from ``generator``,
+drawn for the global batch (:class:`~megatron_rcm.network.BatchNoise`).
 """
 from __future__ import annotations
 
@@ -25,11 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..diffusion.flow_matching import time_shift
-from ..ops.masks import block_causal_mask
-from ..parallel.noise import dp_draw
-from ..parallel.pipeline import outputs_on_every_stage
-
-WAN_T = 1000.0
+from ..network import BatchNoise, Condition, Denoiser, wan_timesteps_to_levels
 
 
 @dataclass
@@ -51,36 +48,25 @@ class RolloutResult:
 
 def denoise_levels(denoising_steps, shift: float = 1.0) -> list[float]:
     """Wan timesteps (1000 = pure noise) -> FM noise levels s, optionally shifted."""
-    out = []
-    for t in denoising_steps:
-        s = float(t) / WAN_T
-        if not 0.0 < s <= 1.0:
-            raise ValueError(f"denoising steps must be in (0, 1000], got {t}")
-        out.append(float(time_shift(s, shift)) if shift != 1.0 else s)
-    return out
+    levels = wan_timesteps_to_levels(denoising_steps)
+    return [float(time_shift(s, shift)) for s in levels] if shift != 1.0 else levels
 
 
-def _randn(shape, like_device, dtype, generator):
-    return dp_draw(lambda s: torch.randn(s, generator=generator, device=like_device, dtype=dtype), shape)
-
-
-def sample_chunk(denoise, noise, levels, exit_step: int, grad: bool, generator=None):
+def sample_chunk(denoise, noise, levels, exit_step: int, grad: bool, generator=None,
+                 draw: BatchNoise = BatchNoise()):
     """Few-step x0-prediction sampler on one chunk; returns x0 of step ``exit_step``.
 
-    ``denoise(x, t_wan_per_frame) -> v``. Only the exit step builds a graph (when ``grad``).
+    ``denoise(x, s) -> v`` at FM level ``s`` (a float). Only the exit step builds a graph (when ``grad``).
     """
-    b, frames = noise.shape[0], noise.shape[2]
     x = noise
     x0 = None
     for k in range(exit_step + 1):
         s = levels[k]
-        t = torch.full((b, frames), s * WAN_T, dtype=noise.dtype, device=noise.device)
         with torch.set_grad_enabled(grad and k == exit_step):
-            v = denoise(x, t)
-            x0 = x - s * v
+            x0 = x - s * denoise(x, s)
         if k < exit_step:
             sn = levels[k + 1]
-            eps = _randn(noise.shape, noise.device, noise.dtype, generator)
+            eps = draw.randn(noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
             x = (1.0 - sn) * x0 + sn * eps
     return x0
 
@@ -93,66 +79,55 @@ def _draw_exits(num_chunks: int, num_steps: int, cfg: RolloutConfig, rng: random
     return [rng.randrange(num_steps) for _ in range(num_chunks)]
 
 
-def self_forcing_rollout(model, context, shape, cfg: RolloutConfig | None = None, generator=None, actions=None,
+def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConfig | None = None, generator=None,
                          exit_steps: list[int] | None = None, use_cache: bool = True, grad: bool = True,
-                         rng: random.Random | None = None) -> RolloutResult:
+                         rng: random.Random | None = None, noise: BatchNoise = BatchNoise()) -> RolloutResult:
     """Generate a [B, C, F, H, W] video chunk by chunk with the student (see module docstring).
 
     ``exit_steps`` forces the exit index per chunk (tests, inference = last step); otherwise drawn
     from ``rng`` (python Random, so it does not disturb the torch noise stream). ``use_cache=False``
-    is the cache-free reference: each step runs a full forward over [previous clean chunks (t = 0) ;
+    is the cache-free reference: each step runs a full forward over [previous clean chunks (s = 0) ;
     current chunk] with the block-causal mask -- the same function, only slower.
+    ``cond.actions`` (world models) cover the whole video's frames.
     """
     cfg = cfg or RolloutConfig()
     levels = denoise_levels(cfg.denoising_steps, cfg.shift)
     b, c, f, h, w = shape
-    pt = model.patch[0]
-    cf = model.causal.chunk_frames * pt  # latent frames per chunk
-    if f % cf:
-        raise ValueError(f"{f} latent frames are not a whole number of {cf}-frame chunks")
-    n_chunks = f // cf
+    pt = net.patch_frames
+    layout = net.layout(f // pt)
+    n_chunks = layout.n_chunks
     if exit_steps is None:
         exit_steps = _draw_exits(n_chunks, len(levels), cfg, rng or random)
     if len(exit_steps) != n_chunks or any(not 0 <= e < len(levels) for e in exit_steps):
         raise ValueError(f"exit_steps must list {n_chunks} indices in [0, {len(levels)}), got {exit_steps}")
-    dtype, device = model.dtype, context.device
-    cache = model.new_kv_cache(h, w) if use_cache else None
-    tpf = model.tokens_per_frame(h, w)
-    clean: list[torch.Tensor] = []
-    out = []
+    dtype, device = net.dtype, cond.context.device
+    cache = net.new_cache(h, w) if use_cache else None
+    out: list[torch.Tensor] = []
     for chunk in range(n_chunks):
-        sl = slice(chunk * cf, (chunk + 1) * cf)
-        act = None if actions is None else actions[:, chunk * model.causal.chunk_frames:(chunk + 1) * model.causal.chunk_frames]
+        frames = layout.frame_slice(chunk)
+        chunk_cond = cond.frames(frames)
         if use_cache:
-            def denoise(x, t, a=act, i=chunk):
-                return outputs_on_every_stage(model, (model.forward_chunk(x, t, context, cache, i, actions=a)[0],),
-                                              (x,))[0]
+            def denoise(x, s, cc=chunk_cond, i=chunk):
+                return net.chunk(x, s, cc, cache, i)[0]
         else:
-            denoise = _full_sequence_denoiser(model, context, clean, actions, chunk, tpf)
-        noise = _randn((b, c, cf, h, w), device, dtype, generator)
-        x0 = sample_chunk(denoise, noise, levels, exit_steps[chunk], grad, generator)
+            denoise = _full_sequence_denoiser(net, cond, out, frames.stop)
+        start = noise.randn((b, c, layout.size(chunk) * pt, h, w), device=device, dtype=dtype, generator=generator)
+        x0 = sample_chunk(denoise, start, levels, exit_steps[chunk], grad, generator, noise)
         out.append(x0)
-        if chunk + 1 < n_chunks:  # the last chunk's K/V would never be read
-            with torch.no_grad():
-                if use_cache:
-                    zeros = torch.zeros(b, model.causal.chunk_frames, dtype=dtype, device=device)
-                    model.forward_chunk(x0.detach(), zeros, context, cache, chunk, write_cache=True, actions=act)
-                else:
-                    clean.append(x0.detach())
+        if use_cache and chunk + 1 < n_chunks:  # the last chunk's K/V would never be read
+            net.write_chunk(x0.detach(), chunk_cond, cache, chunk)
     return RolloutResult(torch.cat(out, dim=2), list(exit_steps), levels)
 
 
-def _full_sequence_denoiser(model, context, clean, actions, chunk, tpf):
-    """Cache-free reference: [clean chunks < chunk at t = 0 ; current chunk at t] with a block-causal mask."""
-    cfr = model.causal.chunk_frames
+def _full_sequence_denoiser(net: Denoiser, cond: Condition, done: list, frames_stop: int):
+    """Cache-free reference: [finished chunks at s = 0 ; current chunk at s], block-causal over them all."""
+    prefix = [x.detach() for x in done]
 
-    def denoise(x, t):
-        frames = (chunk + 1) * cfr
-        xs = torch.cat(clean[:chunk] + [x], dim=2)
-        ts = torch.cat([torch.zeros(t.shape[0], chunk * cfr, dtype=t.dtype, device=t.device), t], dim=1)
-        mask = block_causal_mask(frames, tpf, cfr, model.visibility())
-        act = None if actions is None else actions[:, :frames]
-        v = outputs_on_every_stage(model, (model(xs, ts, context, mask, actions=act),), (xs,))[0]
+    def denoise(x, s):
+        xs = torch.cat(prefix + [x], dim=2)
+        level = torch.zeros(x.shape[0], net.frames(xs), dtype=x.dtype, device=x.device)
+        level[:, net.frames(xs) - net.frames(x):] = s
+        v, _ = net.velocity(xs, level, cond.frames(slice(0, frames_stop)), attend="block_causal")
         return v[:, :, -x.shape[2]:]
 
     return denoise

@@ -9,7 +9,7 @@ Decisions (README "Parallelism"):
   samples, the rows ``[r * b, (r + 1) * b)`` of the single-process batch (``build_dataset`` with
   rank/world_size = dp rank/size); tensor/context-parallel peers load the same rows;
 - RNG: every rank seeds identically (same model init), every objective draws its noise for the
-  global batch and keeps its rows (:mod:`megatron_rcm.parallel.noise`), so a DP run trains on
+  global batch and keeps its rows (:class:`megatron_rcm.network.BatchNoise`), so a DP run trains on
   exactly the single-process noise; ``train.grad_accum`` micro-batches rewind the RNG so they too
   see the whole batch's noise;
 - rank 0 alone logs, writes phase outputs (full weights gathered from the shards) and runs the
@@ -17,13 +17,13 @@ Decisions (README "Parallelism"):
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 from torch import nn
 
 from ..config.errors import ConfigError
+from ..network import BatchNoise, StepContext
 
 
 class TrainerParallel:
@@ -77,19 +77,15 @@ class TrainerParallel:
             raise ConfigError(key, global_batch, f"a multiple of the data-parallel size {self.dp}")
         return global_batch // self.dp
 
-    def noise(self):
-        """Context for objective calls: draw noise for the global batch, keep this rank's rows."""
-        if self.dp == 1:
-            return contextlib.nullcontext()
-        from ..parallel.noise import data_parallel_noise
-
-        return data_parallel_noise(self.dp_rank, self.dp)
+    def batch_noise(self, micro: int = 1, index: int = 0) -> BatchNoise:
+        """Noise for the global batch, keeping this rank's rows (of micro-batch ``index`` of ``micro``)."""
+        return BatchNoise(self.dp_rank * micro + index, self.dp * micro)
 
     @property
     def pipelined(self) -> bool:
         return self.groups is not None and self.groups.cfg.pp > 1
 
-    def accumulate_step(self, objective, model, batch: dict, step: int, micro: int):
+    def accumulate_step(self, objective, net, batch: dict, step: int, micro: int):
         """Forward + backward of one optimizer step over ``micro`` micro-batches of this rank's rows
         (GPipe over the stages under pipeline parallelism); gradients accumulate, loss = their mean.
 
@@ -100,28 +96,36 @@ class TrainerParallel:
         rank, the objective's metrics of the last micro-batch, only on the last pipeline stage
         (that is where the loss lives)."""
         from ..parallel import pipeline_forward_backward
-        from ..parallel.noise import data_parallel_noise
 
         parts = split_batch(batch, micro)
         start = _rng_snapshot()
         seen: dict = {}
 
-        def forward(m, i):
+        def forward(_model, i):
             _rng_restore(start)
-            with data_parallel_noise(self.dp_rank * micro + i, self.dp * micro):
-                loss, metrics = objective.loss(m, parts[i], step)
+            loss, metrics = objective.loss(net, parts[i], StepContext(step, self.batch_noise(micro, i)))
             seen.update(metrics or {})
             return loss
 
         if self.pipelined:
-            loss = pipeline_forward_backward(model, list(range(micro)), forward, lambda out, i: out)
-            return loss, (seen if model.parallel.is_last_stage else {})
+            loss = pipeline_forward_backward(net.model, list(range(micro)), forward, lambda out, i: out)
+            return loss, (seen if net.model.parallel.is_last_stage else {})
         total = None
         for i in range(micro):
-            loss = forward(model, i) / micro
+            loss = forward(net.model, i) / micro
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total, seen
+
+    def side_backward(self, net, loss_fn) -> torch.Tensor:
+        """Forward + backward of a side model's loss (DMD's critic), through its pipeline stages when split."""
+        if self.pipelined:
+            from ..parallel import pipeline_forward_backward
+
+            return pipeline_forward_backward(net.model, [None], lambda _m, _mb: loss_fn(net), lambda out, _mb: out)
+        loss = loss_fn(net)
+        loss.backward()
+        return loss.detach()
 
     # ---------------------------------------------------------------- gradients
     def sync_and_clip(self, model: nn.Module, max_norm: float, extra=()) -> torch.Tensor:

@@ -43,10 +43,9 @@ class PhaseObjects:
     data: object
 
     @property
-    def dmd(self):
-        """The object that owns the DMD critic (the objective itself or rCM's ``dmd`` part), or None."""
-        obj = self.objective
-        return obj if hasattr(obj, "critic_opt") else getattr(obj, "dmd", None)
+    def critic(self):
+        """The objective's trained side model (DMD's fake score: model + optimizer), or None."""
+        return self.objective.critic()
 
     def named_trainables(self) -> dict:
         named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
@@ -57,32 +56,30 @@ class PhaseObjects:
         groups = {"model": self.student.state_dict(), "ema": self.ema.state_dict()}
         if self.extra_params:
             groups["objective"] = {f"param_{i}": p.detach() for i, p in enumerate(self.extra_params)}
-        if self.dmd is not None:
-            groups["critic"] = self.dmd.critic.state_dict()
+        if self.critic is not None:
+            groups["critic"] = self.critic.model.state_dict()
         return groups
 
     def optimizer_specs(self) -> dict:
         named = self.named_trainables()
         specs = {"optim": [(opt, named) for opt in self.optimizers]}
-        if self.dmd is not None:
-            critic = {n: p for n, p in self.dmd.critic.named_parameters() if p.requires_grad}
-            specs["critic_optim"] = (self.dmd.critic_opt, critic)
+        if self.critic is not None:
+            critic = {n: p for n, p in self.critic.model.named_parameters() if p.requires_grad}
+            specs["critic_optim"] = (self.critic.optimizer, critic)
         return specs
 
     def small_state(self) -> dict:
-        """Scheduler, data position, RNG and the objective's state without the critic tensors."""
-        st = {"scheduler": self.schedulers[0].state_dict(), "data": self.data.state_dict(), "rng": rng_state()}
-        if hasattr(self.objective, "extra_state"):  # the critic's tensors travel in tensors()/optimizer_specs()
-            kw = {"with_critic": False} if self.dmd is not None else {}
-            st["objective_extra"] = self.objective.extra_state(**kw)
-        return st
+        """Scheduler, data position, RNG and the objective's own small state (the critic's tensors travel
+        in :meth:`tensors` / :meth:`optimizer_specs`)."""
+        return {"scheduler": self.schedulers[0].state_dict(), "data": self.data.state_dict(), "rng": rng_state(),
+                "objective_extra": self.objective.state_dict()}
 
     def load_small_state(self, st: dict) -> None:
         for scheduler in self.schedulers:
             scheduler.load_state_dict(st["scheduler"])
         self.data.load_state_dict(st["data"])
-        if hasattr(self.objective, "load_extra_state") and "objective_extra" in st:
-            self.objective.load_extra_state(st["objective_extra"])
+        if st.get("objective_extra"):
+            self.objective.load_state_dict(st["objective_extra"])
         set_rng_state(st["rng"])
 
 

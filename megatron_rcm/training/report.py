@@ -1,6 +1,6 @@
 """End-of-phase report: a streamed sample video and the quality number.
 
-Quality number (DESIGN.md section 6): for fixed prompts and seeds, how far k-step student samples
+Quality number (docs/design.md, "Evaluation and the embedded default"): for fixed prompts and seeds, how far k-step student samples
 are from the teacher's many-step samples (MSE / PSNR), the Frechet distance between their features
 under a small fixed classifier trained on the synthetic set, and "motion accuracy" (does the
 classifier recognise the prompt's motion in the generated video). Teacher samples are cached per

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config.run import PhaseConfig, RunConfig, to_yaml
 from ..models import CausalWanModel, build_model
+from ..network import Denoiser, StepContext, TrainedSideModel
+from ..objectives import PhaseModels
 from ..ops import fusion
 from . import dist_checkpoint as dck
 from .distributed import TrainerParallel
@@ -33,7 +35,7 @@ from .ema import EMA
 from .faults import maybe_fail
 from .logger import RunLogger
 from .phase_checkpoint import PhaseObjects, load_phase, save_phase
-from .registry import build_objective, move_objective_modules
+from .registry import build_objective
 from .report import ReportContext, phase_report
 
 
@@ -117,6 +119,16 @@ class Trainer:
         model = self.load_phase_weights(self.new_model(), phase_name)
         return model.eval().requires_grad_(False)
 
+    def _new_critic(self, phase: PhaseConfig, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
+                    grad_clip: float = 0.0) -> TrainedSideModel:
+        """A trainable copy of the phase's teacher (DMD's fake score), sharded like the student, with an
+        optimizer of the run's layout (ZeRO-1 over data x context ranks when distributed)."""
+        par = self.par
+        model = par.wrap(self._frozen(phase.teacher_from).train().requires_grad_(True))
+        opt = par.optimizers([p for p in model.parameters() if p.requires_grad], [], lr=lr, betas=tuple(betas),
+                             weight_decay=weight_decay)[0]
+        return TrainedSideModel(model, opt, grad_clip, backward=par.side_backward, sync_and_clip=par.sync_and_clip)
+
     # ------------------------------------------------------------------ data
     def make_data(self, phase: PhaseConfig):
         """This data-parallel rank's share of the phase's GLOBAL batch (rows r*b .. (r+1)*b - 1 of it)."""
@@ -172,25 +184,20 @@ class Trainer:
         cfg, phase = self.cfg, self.cfg.phases[index]
         seed = self.cfg.seed + 1000 * index
         par = self.par
-        # full models first, identical on every rank; copies (EMA, DMD critic) BEFORE sharding
+        # full models first, identical on every rank; the EMA copy BEFORE sharding (sharded models do not copy)
         student = self._init_student(phase, seed)
         ema_model = copy.deepcopy(student)
         teacher = self._frozen(phase.teacher_from) if phase.teacher_from else None
-        critic = copy.deepcopy(teacher) if teacher is not None and phase.objective in ("dmd", "rcm") else None
         student, ema_model = par.wrap(student), par.wrap(ema_model)
         teacher = None if teacher is None else par.wrap(teacher)
-        critic = None if critic is None else par.wrap(critic)
-        objective = build_objective(phase, cfg, student=student, teacher=teacher, trainer=self, critic=critic)
-        dmd = objective if hasattr(objective, "critic_step") else getattr(objective, "dmd", None)
-        if dmd is not None and par.distributed:
-            dmd.sync_and_clip = par.sync_and_clip
-            dc = dmd.cfg  # the critic's AdamW state sharded over data x context ranks (ZeRO-1), like the student's
-            dmd.critic_opt = par.optimizers([p for p in dmd.critic.parameters() if p.requires_grad], [],
-                                            lr=dc.critic_lr, betas=tuple(dc.critic_betas),
-                                            weight_decay=dc.critic_weight_decay)[0]
-        move_objective_modules(objective, self.device)
-        # objectives may train small modules of their own with the student (e.g. sCM's adaptive weight)
-        extra_params = list(getattr(objective, "trainable_parameters", lambda: [])())
+        student_net = Denoiser(student)
+        models = PhaseModels(None if teacher is None else Denoiser(teacher),
+                             new_critic=lambda **optim: self._new_critic(phase, **optim))
+        objective = build_objective(phase, models)
+        side = objective.side_modules()  # small modules trained with the student (e.g. sCM's adaptive weight)
+        for module in side:
+            module.to(self.device)
+        extra_params = [p for m in side for p in m.parameters() if p.requires_grad]
         o = phase.optim
         optimizers = par.optimizers([p for p in student.parameters() if p.requires_grad], extra_params,
                                     lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -221,11 +228,11 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
             direct = cfg.train.grad_accum == 1 and not par.pipelined
             if direct:
-                with autocast, par.noise():
-                    loss, metrics = objective.loss(student, batch, step)
+                with autocast:
+                    loss, metrics = objective.loss(student_net, batch, StepContext(step, par.batch_noise()))
             else:  # micro-batches (GPipe under pipeline parallelism): forward AND backward happen here
                 with autocast:
-                    loss, metrics = par.accumulate_step(objective, student, batch, step, cfg.train.grad_accum)
+                    loss, metrics = par.accumulate_step(objective, student_net, batch, step, cfg.train.grad_accum)
             mean_loss, finite = par.global_loss(loss)  # agreed by all ranks
             if not finite:
                 bad, skipped = bad + 1, skipped + 1
@@ -245,9 +252,7 @@ class Trainer:
                 opt.step()
                 scheduler.step()
             ema.update(student)  # sharded models: each rank averages its own shards
-            if hasattr(objective, "after_student_step"):
-                with par.noise():
-                    metrics.update(objective.after_student_step(student, batch, step) or {})
+            metrics.update(objective.after_step(student_net, batch, StepContext(step, par.batch_noise())) or {})
             step += 1
             last_loss = mean_loss
             metrics = {"loss": last_loss, "grad_norm": float(grad_norm), "lr": schedulers[0].get_last_lr()[0],

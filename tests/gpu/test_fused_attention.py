@@ -198,3 +198,22 @@ def test_backend_dispatch():
     assert resolve_backend("auto", q.float()).name == "sdpa"
     o = attention(q, q, q, backend="fused")
     assert rel(o, attention_reference(q.double(), q.double(), q.double())) < 2e-2
+
+
+def test_fused_backend_follows_the_jvp_rule():
+    """ops/attention.py's rule: the fused JVP builds no graph, so it runs under no_grad (equal to the reference)
+    and is refused, naming the fix, while autograd records; the reference/SDPA backends differentiate."""
+    _fa()
+    from megatron_rcm.ops.attention import attention_jvp
+
+    mask, _ = MASKS["chunk_causal"]()
+    q, k, v = make(mask, torch.bfloat16, 64)
+    tq, tk, tv = make(mask, torch.bfloat16, 64, seed=1)
+    with torch.no_grad():
+        o, to = attention_jvp(q, k, v, tq, tk, tv, mask, backend="fused")
+    ro, rto = attention_reference_jvp(*(t.double() for t in (q, k, v, tq, tk, tv)), mask)
+    assert rel(o, ro) < TOL[torch.bfloat16] and rel(to, rto) < 2 * TOL[torch.bfloat16]
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        attention_jvp(q.requires_grad_(True), k, v, tq, tk, tv, mask, backend="fused")
+    o, to = attention_jvp(q.float(), k.float(), v.float(), tq.float(), tk.float(), tv.float(), mask, backend="sdpa")
+    assert o.requires_grad and to.requires_grad

@@ -151,6 +151,7 @@ def check_cache(layout, groups, errors):
 
 def check_scm(layout, groups, errors):
     """The sCM objective (teacher with CFG, JVP of the student) under the layout (dp = 1: same batch)."""
+    from megatron_rcm.network import Denoiser, StepContext
     from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
 
     inp = make_inputs()
@@ -164,7 +165,7 @@ def check_scm(layout, groups, errors):
     losses = []
     for student, t in ((ref, teacher), (par, pteacher)):
         torch.manual_seed(5)
-        loss, _ = SCMObjective(t, cfg).loss(student, batch, step=1)
+        loss, _ = SCMObjective(Denoiser(t), cfg).loss(Denoiser(student), batch, StepContext(1))
         loss.backward()
         losses.append(loss.detach())
     sync_gradients(par, groups)
