@@ -162,11 +162,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "masked attention forward -> (O, LSE)");
   m.def("fwd_jvp", &fwd_jvp, "masked attention forward + JVP -> (O, dO)");
   m.def("bwd", &bwd, "masked attention backward from (q, k, v, O, dO, LSE) -> (dQ, dK, dV)");
-  m.attr("FWD_TILES") = pybind11::make_tuple(mrcm::FWD_BQ, mrcm::FWD_BK);
-  m.attr("JVP_TILES") = pybind11::make_tuple(mrcm::JVP_BQ, mrcm::JVP_BK);
-  m.attr("BWD_TILES") = pybind11::make_tuple(mrcm::BWD_BQ, mrcm::BWD_BK);
   m.attr("HAS_SM90") = kHasSm90;
-  m.attr("SM90_FWD_TILES") = pybind11::make_tuple(mrcm::SM90_BQ, mrcm::SM90_FWD_BK);
-  m.attr("SM90_JVP_TILES") = pybind11::make_tuple(mrcm::SM90_BQ, mrcm::SM90_JVP_BK);
-  m.attr("SM90_BWD_TILES") = pybind11::make_tuple(mrcm::SM90_BWD_BQ, mrcm::SM90_BWD_BK);
 }

@@ -476,7 +476,7 @@ cudaError_t dispatch_fwd(const AttnParams& p, int dtype, int d, cudaStream_t s) 
 // ---------------------------------------------------------------- backward pre- and post-processing
 // Both kernel families need Delta = rowsum(dO * O) in fp32 before the backward and turn the fp32 dQ sum into
 // scale * dQ in the input dtype after it; one pass each instead of eager fp32 copies, product, sum, transpose,
-// scale and cast (H200, block-causal 9,360 tokens: the whole backward 3.75 -> 3.48 ms).
+// scale and cast (measured in benchmarks/RESULTS.md).
 // One warp per (b, s, h) row of D elements; delta is [B, H, S].
 template <typename T>
 __global__ void delta_kernel(const T* __restrict__ o, const T* __restrict__ dout, float* __restrict__ delta, int S,

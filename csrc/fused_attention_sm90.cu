@@ -1,5 +1,6 @@
 // Hopper (sm_90a) path of the fused masked attention: forward (+LSE), forward+JVP and backward with
-// warpgroup MMA (wgmma); the backward's layout is described above its kernel. Why a second kernel: mma.sync tops out near 350 TFLOP/s on H100, wgmma does not.
+// warpgroup MMA (wgmma); the backward's layout is described above its kernel. Why a second kernel:
+// mma.sync cannot feed Hopper's tensor cores at their rate, wgmma can (measurements: benchmarks/RESULTS.md).
 //
 // Layout of the work: a CTA of two warpgroups owns BQ = 128 query rows (64 each). Key tiles of BK
 // rows arrive by TMA in 128-byte-swizzled shared memory (the layout wgmma reads without bank
@@ -7,15 +8,11 @@
 // one for V (and Vdot); mbarriers say when a slot is full and when every warp is done with it. Scores
 // (S, and for the JVP the tangent Sdot = Qdot K^T + Q Kdot^T) come from smem x smem wgmma; P and
 // P*Sdot stay in registers as the A operand of the register x smem wgmma into O (A = sum p v) and the
-// tangent accumulator (B = sum p vdot + sum (p sdot) v): two accumulators, as DESIGN §3 asks. The two
+// tangent accumulator (B = sum p vdot + sum (p sdot) v): two accumulators (docs/design.md, "Attention JVP"). The two
 // warpgroups take turns on the tensor cores (ping-pong), so one's softmax hides under the other's
 // products. The tile summary (0 skip / 1 full / 2 partial) decides which key tiles are loaded at all
 // and which need the element mask.
-//
-// What each step bought on an H200 (bf16, 12 heads, S = 32,760, full mask; fwd / fwd+JVP TFLOP/s):
-// per-thread cp.async loads 218 / 320 (load-bound at ~2 TB/s from L2); TMA 325 / 470; split K/V rings
-// and ping-pong 481 / 538. Masks: crossing skipped runs of the tile summary 16 tiles per load took the
-// teacher-forcing mask (65,520 tokens) from 357 / 464 to 422 / 501 (see next_tile).
+// What each of these choices bought is measured in benchmarks/RESULTS.md ("Kernel design history").
 //
 // Compiled only when CUTLASS/CuTe headers are found (MRCM_WITH_SM90); device code only for sm_90a.
 #include "fused_attention_kernels.cuh"
@@ -109,9 +106,8 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, const TA& a, const TB& b, TC& 
 // are long (a teacher-forcing row skips half the keys or more; block-causal rows end in one), and every
 // thread walks them on the critical path, so they are crossed 16 tiles per aligned 16-byte load instead
 // of one dependent byte load per tile. Never reads past row[n - 1]. LIVE_FIRST tests the very next entry
-// before anything else: measured faster for the forward kernel and slower for forward+JVP, whose code
-// sits at the register limit (H200, TFLOP/s, forward / forward+JVP, teacher forcing at 65,520: byte walk
-// 360 / 466; without LIVE_FIRST 404 / 514; with it 425 / 493. Full 32,760: 477 / 535, 475 / 541, 492 / 514).
+// before anything else: faster for the forward kernel, slower for forward+JVP, whose code sits at the
+// register limit (benchmarks/RESULTS.md, "Kernel design history").
 template <bool LIVE_FIRST>
 __device__ __forceinline__ int next_tile(const int8_t* row, int kt, int n) {
   if (LIVE_FIRST) {
@@ -436,8 +432,7 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
 // between the warpgroups by head-dim half over all 128 keys (head dim 128), so the dQ accumulator is 32
 // registers, not 64, and each query element is added once per CTA, not twice; the partial dQ tile goes
 // through shared memory to a TMA reduce-add into the fp32 dQ sum, which the TMA unit runs in the
-// background instead of 16 vector atomics per thread and tile. (H200, 32k tokens: both warpgroups over
-// their own keys with atomics 187 TFLOP/s; split 218; split + TMA reduce see RESULTS.md.)
+// background instead of 16 vector atomics per thread and tile (each step measured in benchmarks/RESULTS.md).
 template <typename T, int D>
 struct BwdCfg {
   static constexpr int BK = 128, BQ = 64, NT = 256, SL = 2, KW = 64;  // KW: keys per warpgroup

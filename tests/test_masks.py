@@ -73,7 +73,7 @@ def test_teacher_forcing_mask_is_about_half_empty_at_wan_scale():
     m = teacher_forcing_mask(21, 1560, 1)
     summary = m.tile_summary(128, 128)  # no S x S tensor is built
     kept = (summary != TILE_SKIP).double().mean().item()
-    assert 0.2 < kept < 0.35  # DESIGN: ~26% of tiles at 21 chunks
+    assert 0.2 < kept < 0.35  # ~26% of the tiles at 21 chunks
     assert m.density() == pytest.approx((21 * 22 / 2 + 21 * 20 / 2 + 21) / (4 * 21 * 21), rel=1e-9)
 
 

@@ -1,11 +1,10 @@
-"""Atomic, verifiable training checkpoints.
+"""Atomic, verifiable checkpoint folders (the mechanics under :mod:`.dist_checkpoint`'s sharded format).
 
-A checkpoint is a folder ``step_XXXXXXXX/`` holding tensors (safetensors) and the non-tensor state
-(``state.pt``: optimizer, RNG, data position), plus ``manifest.json`` with each file's size and
-sha256. It is written under a temporary name and renamed when complete; the ``latest`` pointer is
-replaced (write temp + rename) only afterwards. A kill at any moment therefore leaves the previous
-checkpoint and pointer intact. Loading verifies the manifest; a corrupt or partial checkpoint is
-reported by file name and the loader falls back to the newest older checkpoint that verifies.
+A checkpoint is a folder ``step_XXXXXXXX/`` of files plus ``manifest.json`` with each file's size
+and sha256. It is written under a temporary name and renamed when complete; the ``latest`` pointer
+is replaced (write temp + rename) only afterwards. A kill at any moment therefore leaves the previous
+checkpoint and pointer intact. Verification names the missing, truncated or corrupt file, and the
+caller falls back to the newest older checkpoint that verifies.
 """
 from __future__ import annotations
 
@@ -14,9 +13,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
 
 from ..utils.files import sha256_file
 
@@ -53,18 +49,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
-                    keep: int = 2) -> Path:
-    """Write ``tensors`` (group -> state dict, each a safetensors file) and ``state`` atomically."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_temp_dir(root, step, f"tmp-{os.getpid()}")
-    for group, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{group}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    return commit_checkpoint(root, tmp, step, keep)
 
 
 def fresh_temp_dir(root: Path, step: int, suffix: str) -> Path:
@@ -145,14 +129,6 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
 
 
-def load_checkpoint(path: Path, verify: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    if verify:
-        verify_checkpoint(path)
-    tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    return tensors, state
-
-
 def candidate_checkpoints(root: str | Path) -> list[Path]:
     """Checkpoint folders in the order to try them: the one ``latest`` names, then newest to oldest."""
     root = Path(root)
@@ -183,14 +159,3 @@ def valid_checkpoints(root: str | Path):
 def report_unusable(error: Exception) -> None:
     log.warning("skipping unusable checkpoint: %s", error)
     print(f"[checkpoint] skipping unusable checkpoint: {error}", flush=True)
-
-
-def load_latest(root: str | Path):
-    """(path, tensors, state) of the newest checkpoint that verifies, or None. Bad ones are reported and skipped."""
-    for path in valid_checkpoints(root):
-        try:
-            tensors, state = load_checkpoint(path, verify=False)  # just verified
-            return path, tensors, state
-        except (CheckpointError, OSError, RuntimeError) as e:
-            report_unusable(e)
-    return None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _launch_ranks import launch  # noqa: E402
@@ -138,7 +139,10 @@ def test_export_from_sharded_checkpoint_equals_single_process_export(tp2_root, t
 
 
 def test_single_process_format_is_refused_with_a_clear_message(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, {"student": {"w": torch.zeros(3)}}, {"step": 1})
+    tmp = ckpt.fresh_temp_dir(tmp_path, 1, "tmp-old")  # the old single-process layout: tensors + state.pt
+    save_file({"w": torch.zeros(3)}, str(tmp / "student.safetensors"))
+    torch.save({"step": 1}, tmp / "state.pt")
+    ckpt.commit_checkpoint(tmp_path, tmp, 1, keep=2)
     path = dck.choose_checkpoint(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="not a sharded checkpoint"):
         dck.read_shared_state(path)
