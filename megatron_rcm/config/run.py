@@ -15,6 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.synthetic import DataConfig, validate_data
+from ..encoders.config import EncodersConfig, validate_encoders
 from ..parallel.config import ParallelConfig, validate_parallel
 from .errors import ConfigError
 from .model import MODEL_PRESETS, CausalConfig, ModelConfig, model_preset, validate_causal, validate_model
@@ -89,6 +90,7 @@ class RunConfig:
     phases: list[PhaseConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used under torchrun (WORLD_SIZE > 1)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)  # frozen umT5 + VAE (real Wan runs)
 
 
 def _key_of(err: OmegaConfBaseException) -> str:
@@ -137,6 +139,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate_run(cfg: RunConfig) -> None:
     validate_model(cfg.model)
     validate_data(cfg.data)
+    validate_encoders(cfg.encoders)
     for data_key, model_key in (("channels", "in_channels"), ("text_dim", "text_dim"), ("text_len", "text_len"),
                                 ("action_dim", "action_dim")):
         if getattr(cfg.data, data_key) != getattr(cfg.model, model_key):
