@@ -39,7 +39,9 @@ class WanTextEncoder:
     def from_folders(cls, tokenizer_dir, encoder_dir, max_length: int = 512, dtype: str = "auto", device="cpu",
                      offload: bool = False) -> "WanTextEncoder":
         from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in our command output
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         except Exception as err:  # a broken folder: name it, no trace

@@ -97,8 +97,16 @@ def run_generate_data(args) -> int:
     from ..data.shards import write_teacher_shards
     from .sampling import sample_phase
 
-    num_videos = _positive("--num-videos", args.num_videos, "at least 1 video")
-    shard_size = _positive("--shard-size", args.shard_size, "at least 1 video per shard")
+    if args.teacher is not None:  # generate-data --teacher diffusers:DIR --prompts FILE (data/cli.py)
+        from ..data.cli import run_teacher_data
+
+        return run_teacher_data(args)
+    if args.run_dir is None or args.phase is None:
+        raise ConfigError("RUN_DIR/--phase", args.run_dir, "RUN_DIR --phase NAME (a trained teacher phase), or "
+                          "--teacher diffusers:DIR --prompts FILE (a diffusers Wan teacher)")
+    num_videos = _positive("--num-videos", 0 if args.num_videos is None else args.num_videos, "at least 1 video")
+    shard_size = _positive("--shard-size", 256 if args.shard_size is None else args.shard_size,
+                           "at least 1 video per shard")
     cfg, phase, model = _open(args)
     steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
     dataset = build_dataset(cfg.data, batch_size=min(num_videos, cfg.data.batch_size))
@@ -208,15 +216,26 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--num-videos", type=int, default=None, help="prompts compared (default eval.num_videos)")
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("generate-data", help="teacher samples into latent shards (synthetic data for a later run)")
-    _run_args(p, "the (teacher) phase that generates")
-    p.add_argument("--num-videos", type=int, required=True)
+    p = sub.add_parser("generate-data", help="teacher samples into latent shards: of a trained phase (RUN_DIR "
+                       "--phase) or of a diffusers Wan teacher (--teacher diffusers:DIR --prompts FILE)")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None,
+                   help="a training output_dir (holds config.yaml and phases/); not with --teacher")
+    p.add_argument("--phase", default=None, help="the (teacher) phase that generates (with RUN_DIR)")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="the phase's EMA (default) or raw weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-videos", type=int, default=None, help="with RUN_DIR: videos to generate")
     p.add_argument("--out", required=True, help="shard folder (manifest.json + shards)")
     p.add_argument("--format", choices=("safetensors", "tar"), default="safetensors")
-    p.add_argument("--shard-size", type=int, default=256, help="videos per shard")
-    p.add_argument("--steps", type=int, default=None, help="default: eval.teacher_steps for teachers, 2 otherwise")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default eval.cfg_scale for teachers)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (batch i uses seed + i)")
+    p.add_argument("--shard-size", type=int, default=None, help="videos per shard (default 256; 64 for --teacher)")
+    p.add_argument("--steps", type=int, default=None, help="default: eval.teacher_steps for teacher phases, 2 for "
+                   "students, 50 for --teacher")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default eval.cfg_scale for teacher "
+                   "phases, 5 for --teacher)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (RUN_DIR: batch i uses seed + i; --teacher: "
+                   "video i uses seed + i)")
+    from ..data.cli import add_teacher_data_arguments
+
+    add_teacher_data_arguments(p)
     p.set_defaults(func=run_generate_data)
 
     p = sub.add_parser("generate", help="stream a video chunk by chunk (any length; actions for world models)")
