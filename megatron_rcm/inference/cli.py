@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config.errors import ConfigError
-from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config
+from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config, load_teacher_model
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -54,6 +54,13 @@ def run_sample(args) -> int:
     from ..utils.video import write_video
     from .sampling import prompt_batch, sample_phase
 
+    if args.prompt is not None or args.prompts is not None:  # text prompts: one file per (prompt, seed)
+        from .real_video import sample_files
+
+        if args.class_id is not None:
+            raise ConfigError("--class-id", args.class_id, "absent with --prompt/--prompts (text prompts)")
+        cfg, phase, model = _open(args)
+        return sample_files(args, cfg, phase, model)
     out = _video_out(args.out)
     num_videos = _positive("--num-videos", args.num_videos, "at least 1 video")
     cfg, phase, model = _open(args)
@@ -61,7 +68,13 @@ def run_sample(args) -> int:
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(cfg.data, num_videos, seed, args.device, args.class_id)
     video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed)
-    path = write_video(out, video)
+    kw = {}
+    if cfg.encoders.has_vae:  # a run with a VAE: decode the latents to pixels
+        from .real_video import DECODED_FPS, run_encoders
+
+        video, kw = run_encoders(cfg, args.device, text=False).vae.decode(video).float(), {"fps": DECODED_FPS,
+                                                                                          "scale": 1}
+    path = write_video(out, video, **kw)
     sampler = "ODE (teacher)" if phase.kind == "teacher" else "few-step"
     print(f"wrote {path}: {num_videos} video(s) x {video.shape[2]} frames, {steps}-step {sampler} sampling of "
           f"phase '{phase.name}' ({args.weights} weights), guidance {guidance:g}, seed {seed}")
@@ -77,14 +90,14 @@ def run_eval(args) -> int:
     steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4") for k in args.steps]
     cfg = load_run_config(args.run_dir)
     phase = find_phase(cfg, args.phase)
-    if not phase.teacher_from or phase.teacher_from.startswith("diffusers:"):
-        students = [p.name for p in cfg.phases if p.teacher_from and not p.teacher_from.startswith("diffusers:")]
+    if not phase.teacher_from:
+        students = [p.name for p in cfg.phases if p.teacher_from]
         raise ConfigError("--phase", phase.name, f"a phase with teacher_from set (it is compared with that teacher "
                           f"phase's many-step samples): one of {students}")
     if args.num_videos is not None:
         cfg.eval.num_videos = _positive("--num-videos", args.num_videos, "at least 1 video (2+ for the FD column)")
     model = load_phase_model(cfg, phase.name, args.weights, args.device)
-    teacher = load_phase_model(cfg, phase.teacher_from, "ema", args.device)
+    teacher = load_teacher_model(cfg, phase.teacher_from, args.device)
     ctx = ReportContext(cfg, Path(cfg.output_dir), torch.device(args.device), print)
     rows, _ = quality_rows(ctx, phase, model, teacher, steps)
     print(format_quality_table(phase.name, cfg.eval.teacher_steps, rows))
@@ -173,6 +186,12 @@ def run_generate(args) -> int:
     if frames < 1 or frames % chunk:
         raise ConfigError("--frames", frames, f"a positive multiple of the chunk size ({chunk} latent frames)")
     action_fn = _action_fn(args, cfg, model, frames // chunk)
+    if args.prompt is not None or args.prompts is not None or cfg.encoders.has_vae:  # text prompts / VAE decode
+        from .real_video import generate_files
+
+        if args.class_id is not None:
+            raise ConfigError("--class-id", args.class_id, "absent with --prompt/--prompts or a run with a VAE")
+        return generate_files(args, cfg, phase, model, frames, action_fn)
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
@@ -197,6 +216,14 @@ def _run_args(p: argparse.ArgumentParser, phase_help: str) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    """Text prompts (runs with encoders.diffusers_dir: umT5-encoded, the video VAE-decoded)."""
+    p.add_argument("--prompt", default=None, help="a text prompt (needs encoders.diffusers_dir in the run)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="a prompt file: one video per prompt")
+    p.add_argument("--negative-prompt", default=None, help="CFG's negative prompt (default: encoders.negative_prompt, "
+                   "else Wan2.1's default)")
+
+
 def add_run_dir_commands(sub) -> None:
     """Register sample / eval / generate-data / generate on an argparse subparsers object."""
     p = sub.add_parser("sample", help="sample a trained phase to a video file (ODE for teachers, few-step otherwise)")
@@ -207,7 +234,10 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="prompts and noise (default eval.seed)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: eval.cfg_scale for "
                    "teachers, 1 for students)")
-    p.add_argument("--out", required=True, help="FILE.mp4 or FILE.gif")
+    p.add_argument("--out", required=True, help="FILE.mp4 or FILE.gif; with --prompt/--prompts a folder")
+    _prompt_args(p)
+    p.add_argument("--num-seeds", type=int, default=1, help="with --prompt/--prompts: videos per prompt (seeds "
+                   "seed..seed+N-1), files <prompt>-<i>.mp4 as VBench reads them")
     p.set_defaults(func=run_sample)
 
     p = sub.add_parser("eval", help="quality table of a distilled phase vs its teacher's many-step samples")
@@ -246,6 +276,7 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="prompt and noise (default eval.seed)")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1: off)")
     p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
+    _prompt_args(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")

@@ -48,8 +48,11 @@ def _action_fn(prompts, chunk_frames: int):
 
 @torch.no_grad()
 def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float = 1.0, seed: int = 0,
-                   writer=None, log=None) -> torch.Tensor:
-    """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W]."""
+                   writer=None, log=None, decode=None) -> torch.Tensor:
+    """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W] (latents).
+
+    ``writer`` receives each chunk as it is made, through ``decode`` (latents -> pixels) when given.
+    """
     from .streaming import generate_video
 
     if steps < 1:
@@ -62,7 +65,7 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
                            action_fn=_action_fn(prompts, model.causal.chunk_frames), seed=seed, writer=writer,
-                           log=log)
+                           decode=decode, log=log)
     model.train(was_training)
     return video
 
