@@ -66,6 +66,13 @@ def test_three_phases_train_from_the_diffusers_teacher_and_write_decoded_samples
     assert streamed.shape == (PIXEL_FRAMES, 32, 32, 3)
     assert "[sf_dmd] quality vs the teacher's 2-step samples" in log
     assert list((run / "eval").glob("diffusers_teacher_*/eval_teacher_samples.safetensors"))  # bidirectional refs
+    # the frozen encoders never enter our weights: the phase files hold exactly the transformer
+    from safetensors import safe_open
+    from megatron_rcm.inference.run_dir import load_run_config
+    from megatron_rcm.models import build_model
+    cfg = load_run_config(run)
+    with safe_open(str(run / "phases" / "sf_dmd" / "ema.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(build_model(cfg.model, cfg.causal).state_dict())
 
 
 def test_generate_streams_a_prompt_into_a_decoded_mp4(trained, tmp_path, capsys):

@@ -1,0 +1,119 @@
+"""diffusers:DIR as init_from / teacher_from (strict, config compared key by key) and one-line refusals."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from fixtures.tiny_wan_pipeline import TEXT_LEN, run_overrides
+from megatron_rcm.cli import main
+from megatron_rcm.config.run import load_config
+from megatron_rcm.convert import load_diffusers_state_dict
+from megatron_rcm.convert.into_run import DiffusersSourceError, load_diffusers_into
+from megatron_rcm.models import build_model
+
+
+def _cfg(pipeline, *extra):
+    return load_config(None, [*run_overrides(pipeline), "data.kind=latent_shards", "data.shard_dir=unused",
+                              "data.channels=4", *extra])
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_strict_load_copies_every_tensor_and_keeps_our_zero_extras(tiny_wan_pipeline):
+    src = load_diffusers_state_dict(tiny_wan_pipeline / "transformer")
+    for extra in ([], ["model.interval_embedding=true"]):
+        cfg = _cfg(tiny_wan_pipeline, *extra)
+        model = load_diffusers_into(build_model(cfg.model, cfg.causal), f"diffusers:{tiny_wan_pipeline}", "k")
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in src.items())
+        assert set(own) - set(src) == ({k for k in own if "interval_embedder" in k} if extra else set())
+        if extra:
+            assert all(torch.count_nonzero(v) == 0 for k, v in own.items() if "interval_embedder.linear_2" in k)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["model.num_layers=3"], ["model.num_layers = 3 (folder: 2)"]),
+    (["model.num_layers=1"], ["model.num_layers = 1 (folder: 2)"]),
+    (["model.eps=1e-5", "model.cross_attn_norm=false"],
+     ["model.cross_attn_norm = False (folder: True)", "model.eps = 1e-05 (folder: 1e-06)"]),
+])
+def test_a_run_whose_model_differs_from_the_folder_stops_before_training(tiny_wan_pipeline, tmp_path, capsys,
+                                                                          overrides, named):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f'phases:\n  - {{name: t, kind: teacher, objective: flow_matching, steps: 1, '
+                    f'init_from: "diffusers:{tiny_wan_pipeline}"}}\n')
+    err = _error(capsys, ["train", str(yaml), *run_overrides(tiny_wan_pipeline), "data.kind=latent_shards",
+                          "data.shard_dir=unused", "data.channels=4", f"output_dir={tmp_path / 'run'}", *overrides])
+    assert "phases.0.init_from: the run's model differs from" in err and "config.json" in err
+    assert all(n in err for n in named), err
+    assert not (tmp_path / "run" / "phases").exists()
+
+
+def test_teacher_from_diffusers_is_the_frozen_folder_model(tiny_wan_pipeline, tmp_path):
+    from megatron_rcm.training.trainer import Trainer
+
+    cfg = _cfg(tiny_wan_pipeline, f"output_dir={tmp_path}",
+               f'phases=[{{name: d, kind: sf_dmd, objective: dmd, teacher_from: "diffusers:{tiny_wan_pipeline}", '
+               'objective_args: {score_mask: full}}]')
+    teacher = Trainer(cfg)._frozen(cfg.phases[0].teacher_from)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    src = load_diffusers_state_dict(tiny_wan_pipeline / "transformer")
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in src.items())
+    bare = tmp_path / "no_transformer"
+    shutil.copytree(tiny_wan_pipeline, bare, ignore=shutil.ignore_patterns("transformer"))
+    cfg.phases[0].teacher_from = f"diffusers:{bare}"
+    with pytest.raises(DiffusersSourceError, match=r"phases.0.teacher_from: .*no transformer/ sub-folder"):
+        Trainer(cfg)._frozen(cfg.phases[0].teacher_from)
+
+
+def test_convert_refusals_are_one_line(tiny_wan_pipeline, tmp_path, capsys):
+    bad = tmp_path / "i2v"
+    shutil.copytree(tiny_wan_pipeline / "transformer", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280}))
+    assert "'image_dim'" in _error(capsys, ["convert", "--from-diffusers", str(bad), "--out", str(tmp_path / "m")])
+    assert "checkpoint file not found" in _error(capsys, ["convert", "--to-diffusers", str(tmp_path / "no.safetensors"),
+                                                          "--out", str(tmp_path / "d")])
+    lone = tmp_path / "lone.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(lone))
+    assert "run's config.yaml" in _error(capsys, ["convert", "--to-diffusers", str(lone), "--out", str(tmp_path / "d")])
+    # a pipeline export from an imported checkpoint: the source must hold every part, and fit the model
+    ckpt = tmp_path / "m.safetensors"
+    assert main(["convert", "--from-diffusers", f"diffusers:{tiny_wan_pipeline}", "--out", str(ckpt)]) == 0
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_wan_pipeline, partial, ignore=shutil.ignore_patterns("scheduler"))
+    err = _error(capsys, ["convert", "--to-diffusers", str(ckpt), "--out", str(tmp_path / "p"), "--pipeline-from",
+                          str(partial)])
+    assert "has no scheduler/ sub-folder" in err and not (tmp_path / "p").exists()
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_wan_pipeline, wide)
+    vae_cfg = json.loads((wide / "vae" / "config.json").read_text())
+    (wide / "vae" / "config.json").write_text(json.dumps({**vae_cfg, "z_dim": 16}))
+    err = _error(capsys, ["convert", "--to-diffusers", str(ckpt), "--out", str(tmp_path / "p"), "--pipeline-from",
+                          str(wide)])
+    assert "makes 16 latent channels but the model's in_channels = 4" in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p.")]  # no temporary folder left behind
+
+
+def test_prompts_need_a_run_with_encoders(tmp_path, capsys):
+    from megatron_rcm.config.run import to_yaml
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=2",
+                             f"output_dir={run}", "phases=[{name: t, kind: teacher, objective: flow_matching}]"])
+    (run / "phases" / "t").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    from safetensors.torch import save_file
+    save_file(build_model(cfg.model, cfg.causal).state_dict(), str(run / "phases" / "t" / "ema.safetensors"))
+    err = _error(capsys, ["generate", str(run), "--phase", "t", "--prompt", "a cat", "--out", str(tmp_path / "x.gif")])
+    assert "encoders.diffusers_dir" in err
+    assert TEXT_LEN  # the fixture module's constants stay importable from here
