@@ -117,3 +117,17 @@ def test_prompts_need_a_run_with_encoders(tmp_path, capsys):
     err = _error(capsys, ["generate", str(run), "--phase", "t", "--prompt", "a cat", "--out", str(tmp_path / "x.gif")])
     assert "encoders.diffusers_dir" in err
     assert TEXT_LEN  # the fixture module's constants stay importable from here
+
+
+def test_the_wan_1_3b_example_resolves_and_info_counts_on_the_meta_device(capsys):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "wan2.1_t2v_1.3b.yaml"
+    for extra in ([], ["causal.chunk_frames=1"]):  # chunk-wise (3 frames) and frame-wise
+        cfg = load_config(example, ["encoders.diffusers_dir=/data/wan", *extra])
+        assert (cfg.data.num_frames, cfg.data.height, cfg.data.width) == (21, 60, 104)
+        assert cfg.phases[0].init_from == cfg.phases[2].teacher_from == "diffusers:/data/wan"
+        assert cfg.phases[2].objective_args["score_mask"] == "full"
+        capsys.readouterr()
+        assert main(["info", str(example), *extra]) == 0
+        assert "parameters: 1,418,996,800 (1.419 B)" in capsys.readouterr().out

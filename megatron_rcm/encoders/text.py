@@ -27,6 +27,14 @@ def clean_prompt(text: str) -> str:
     return prompt_clean(text)
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 names the load dtype ``dtype``; older releases only know ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 class WanTextEncoder:
     """Tokenizer + ``UMT5EncoderModel``, frozen; ``encode(prompts)`` gives the transformer's context."""
 
@@ -48,7 +56,7 @@ class WanTextEncoder:
             raise EncoderError(f"cannot load the tokenizer from {tokenizer_dir}: {type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}") from None
         try:
-            encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), dtype=encoder_dtype(dtype, device))
+            encoder = UMT5EncoderModel.from_pretrained(str(encoder_dir), **_dtype_kwarg(encoder_dtype(dtype, device)))
         except Exception as err:
             raise EncoderError(f"cannot load the umT5 text encoder from {encoder_dir}: {type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}") from None

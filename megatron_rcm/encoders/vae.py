@@ -9,6 +9,7 @@ decode of the whole video.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -115,22 +116,24 @@ class StreamingVAEDecoder:
         self.latent_frames_seen = 0
         convs = sum(isinstance(m, WanCausalConv3d) for m in vae.module.decoder.modules())
         self._cache: list = [None] * convs
+        # diffusers >= 0.35 tells the decoder which call holds the first frame (Wan2.2's residual up-blocks)
+        self._has_first_chunk = "first_chunk" in inspect.signature(vae.module.decoder.forward).parameters
 
     @torch.no_grad()
     def decode(self, chunk: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, C, f, H, W] (the next f frames of the stream) -> their video frames."""
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
         vae = self.vae
         vae._check_channels(chunk)
         with vae.placement.active() as module:
             z = module.post_quant_conv(vae.denormalize(chunk.to(vae.device, vae.dtype)))
             outs = []
             for i in range(z.shape[2]):
-                first = self.latent_frames_seen == 0
-                outs.append(module.decoder(z[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first))
+                kw = {"first_chunk": self.latent_frames_seen == 0} if self._has_first_chunk else {}
+                outs.append(module.decoder(z[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0], **kw))
                 self.latent_frames_seen += 1
             out = torch.cat(outs, dim=2)
-            if module.config.patch_size is not None:
+            if getattr(module.config, "patch_size", None) is not None:  # Wan2.2's patchified VAE
+                from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
                 out = unpatchify(out, patch_size=module.config.patch_size)
         return out.clamp(-1.0, 1.0)
