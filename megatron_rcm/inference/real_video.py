@@ -57,27 +57,37 @@ def benchmark_file_name(prompt: str, index: int, suffix: str = ".mp4", limit: in
     return stem + tail
 
 
-def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
-                     seed: int, vae, writer, action_fn=None, log: Callable[[str], None] | None = print):
-    """Stream one video; each chunk is decoded (``vae``: its streaming decoder) and appended to ``writer`` at once.
+def stream_decoded(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
+                   seed: int, vae=None, action_fn=None, sync: Callable[[], None] | None = None):
+    """Yield (chunk, video frames [1, 3, f, H, W] or the latents without ``vae``, decode seconds) per chunk.
 
-    Returns the latents [1, C, F, H, W]. Per-chunk lines give the chunk's latency split into denoising
-    (sampling + KV-cache write) and VAE decode.
+    Each chunk goes through the VAE's streaming decoder as soon as it is denoised, so a stream can be
+    shown or written while it grows; the decoded frames equal one decode of the whole video.
     """
     from .streaming import StreamConfig, stream_video
 
     context = inputs["context"]
     gen = torch.Generator(device=context.device).manual_seed(seed)
     cfg = StreamConfig(steps=steps, guidance_scale=guidance)
-    sync = (lambda: torch.cuda.synchronize()) if context.is_cuda else (lambda: None)
+    sync = sync or ((lambda: torch.cuda.synchronize()) if context.is_cuda else (lambda: None))
     decoder = vae.stream() if vae is not None else None
-    chunks = []
     for out in stream_video(model, context, num_frames, height, width, cfg, inputs.get("uncond_context"), action_fn,
                             gen, sync=sync):
         t0 = time.perf_counter()
         frames = decoder.decode(out.frames[:1]) if decoder is not None else out.frames[:1]
         sync()
-        decode_s = time.perf_counter() - t0
+        yield out, frames, time.perf_counter() - t0
+
+
+def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
+                     seed: int, vae, writer, action_fn=None, log: Callable[[str], None] | None = print):
+    """Stream one video into ``writer`` (each chunk decoded and appended as it comes); returns the latents.
+
+    Per-chunk lines give the chunk's latency split into denoising (sampling + KV-cache write) and VAE decode.
+    """
+    chunks = []
+    for out, frames, decode_s in stream_decoded(model, inputs, num_frames, height, width, steps, guidance, seed, vae,
+                                                action_fn):
         writer.append(frames[0].detach().float().cpu())
         chunks.append(out.frames)
         if log is not None:
