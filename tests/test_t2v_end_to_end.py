@@ -90,6 +90,16 @@ def test_generate_streams_a_prompt_into_a_decoded_mp4(trained, tmp_path, capsys)
     assert not (read_video(str(next(tmp_path.glob("dog.*")))) == video).all()  # the prompt conditions the video
 
 
+def test_eval_and_sample_decode_on_a_run_with_a_vae(trained, tmp_path, capsys):
+    _, _, run, _ = trained
+    assert main(["eval", str(run), "--phase", "sf_dmd", "--steps", "1"]) == 0  # vs the bidirectional teacher
+    table = capsys.readouterr().out
+    assert "[sf_dmd] quality vs the teacher's 2-step samples" in table and "nan / nan" in table  # no classifier
+    assert main(["sample", str(run), "--phase", "causal_teacher", "--num-videos", "1", "--steps", "2", "--out",
+                 str(tmp_path / "grid.mp4")]) == 0
+    assert read_video(str(next(tmp_path.glob("grid.*")))).shape[0] == PIXEL_FRAMES  # decoded: 13 video frames
+
+
 def test_sample_writes_one_file_per_prompt_and_seed(trained, tmp_path):
     _, root, run, _ = trained
     out = tmp_path / "vbench"
