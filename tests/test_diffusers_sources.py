@@ -131,3 +131,25 @@ def test_the_wan_1_3b_example_resolves_and_info_counts_on_the_meta_device(capsys
         capsys.readouterr()
         assert main(["info", str(example), *extra]) == 0
         assert "parameters: 1,418,996,800 (1.419 B)" in capsys.readouterr().out
+
+
+def test_teacher_reference_ode_uses_eval_teacher_shift():
+    from functools import partial
+
+    from megatron_rcm.config.model import CausalConfig, model_preset
+    from megatron_rcm.diffusion.samplers import causal_chunk_sample, multistep2_fm
+    from megatron_rcm.inference.sampling import teacher_sample
+
+    cfg = load_config(None, ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=2",
+                             "causal.chunk_frames=1"])
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=1), CausalConfig(chunk_frames=1)).double()
+    g = torch.Generator().manual_seed(5)
+    prompts = {"context": torch.randn(1, 8, 32, generator=g, dtype=torch.float64),
+               "uncond_context": torch.randn(1, 8, 32, generator=g, dtype=torch.float64)}
+    shifted = teacher_sample(model, prompts, cfg.data, 3, 2.0, seed=1, shift=3.0)
+    noise = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1)).double()
+    ref = causal_chunk_sample(model, noise, prompts["context"], partial(multistep2_fm, steps=3, shift=3.0),
+                              uncond_context=prompts["uncond_context"], guidance_scale=2.0)
+    assert torch.allclose(shifted, ref, rtol=0, atol=1e-12)
+    assert (shifted - teacher_sample(model, prompts, cfg.data, 3, 2.0, seed=1)).abs().max() > 1e-3

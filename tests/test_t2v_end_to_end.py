@@ -23,7 +23,7 @@ def recipe(pipeline, shards) -> str:
     return f"""
 data: {{kind: latent_shards, shard_dir: {shards}, num_frames: {LATENT_FRAMES}, height: 4, width: 4, batch_size: 2}}
 train: {{log_every: 100, checkpoint_every: 0}}
-eval: {{num_videos: 1, teacher_steps: 2, student_steps: [2], cfg_scale: 2.0}}
+eval: {{num_videos: 1, teacher_steps: 2, teacher_shift: 3.0, student_steps: [2], cfg_scale: 2.0}}
 phases:
   - {{name: causal_teacher, kind: teacher, objective: flow_matching, steps: 2, init_from: "diffusers:{pipeline}",
      optim: {{lr: 1.0e-4}}}}

@@ -1,6 +1,5 @@
 """generate-data --teacher diffusers:DIR and encode-data: contents against references, resume, ranks, errors."""
 import json
-import os
 
 import numpy as np
 import pytest

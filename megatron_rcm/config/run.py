@@ -74,6 +74,7 @@ class EvalConfig:
     num_videos: int = 16
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     teacher_steps: int = 32
+    teacher_shift: float = 1.0  # flow shift of the teacher's reference ODE (Wan2.1 at 480p samples with 3)
     cfg_scale: float = 3.0
     seed: int = 1234
     at_phase_end: bool = True  # false: skip the end-of-phase sample video + quality report (quick runs, tests)

@@ -13,7 +13,8 @@ from ..config.errors import ConfigError
 def add_teacher_data_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the ``--teacher`` form (``--out``, ``--steps``, ``--guidance``, ``--seed``, ``--format``,
     ``--shard-size`` and ``--device`` are shared with the run-folder form)."""
-    g = p.add_argument_group("from a diffusers teacher (generate-data --teacher diffusers:DIR --prompts FILE --out DIR)")
+    g = p.add_argument_group("from a diffusers teacher (generate-data --teacher diffusers:DIR --prompts FILE "
+                             "--out DIR)")
     g.add_argument("--teacher", default=None, metavar="diffusers:DIR",
                    help="a diffusers Wan pipeline folder (or a transformer folder with --encoders)")
     g.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (UTF-8, # comments)")

@@ -57,7 +57,8 @@ class ResumableShards:
             try:
                 old = json.load(open(path))
             except ValueError as err:
-                raise ShardSetError(f"{path} is unreadable ({err}); remove the folder or choose another --out") from None
+                raise ShardSetError(f"{path} is unreadable ({err}); remove the folder or choose another "
+                                    "--out") from None
             diff = sorted(k for k in set(old) | set(self.plan) if old.get(k) != self.plan.get(k))
             if diff:
                 shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.plan.get(k)!r}" for k in diff[:4])

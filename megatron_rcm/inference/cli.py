@@ -67,7 +67,8 @@ def run_sample(args) -> int:
     steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(cfg.data, num_videos, seed, args.device, args.class_id)
-    video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed)
+    video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
+                         teacher_shift=cfg.eval.teacher_shift)
     kw = {}
     if cfg.encoders.has_vae:  # a run with a VAE: decode the latents to pixels
         from .real_video import DECODED_FPS, run_encoders
@@ -129,7 +130,8 @@ def run_generate_data(args) -> int:
         prompts = {k: v.to(args.device) for k, v in batch.items() if hasattr(v, "to")}
         seed = args.seed + calls[0]  # fresh noise per batch, reproducible from --seed
         calls[0] += 1
-        return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed).float().cpu()
+        return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
+                            teacher_shift=cfg.eval.teacher_shift).float().cpu()
 
     manifest = write_teacher_shards(sample_fn, dataset, args.out, num_videos, shard_size, args.format)
     print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}' to {args.out} ({manifest}); "

@@ -151,9 +151,11 @@ def sample_files(args, cfg, phase, model) -> int:
     for prompt in prompts:
         inputs = prompt_inputs(encoders, [prompt], args.negative_prompt, device)
         for i in range(args.num_seeds):
-            latents = sample_phase(phase.kind, model, inputs, cfg.data, steps, guidance, seed=seed + i)
+            latents = sample_phase(phase.kind, model, inputs, cfg.data, steps, guidance, seed=seed + i,
+                                   teacher_shift=cfg.eval.teacher_shift)
             video = encoders.vae.decode(latents).float() if encoders.vae is not None else latents
             kw = {"fps": DECODED_FPS, "scale": 1} if encoders.vae is not None else {}
             path = write_video(str(out / benchmark_file_name(prompt, i)), video[0], **kw)
-            print(f"wrote {path}: {video.shape[2]} frames, {steps}-step sampling of phase '{phase.name}', seed {seed + i}")
+            print(f"wrote {path}: {video.shape[2]} frames, {steps}-step sampling of phase '{phase.name}', "
+                  f"seed {seed + i}")
     return 0

@@ -72,7 +72,7 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
 
 @torch.no_grad()
 def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, shift: float = 1.0) -> torch.Tensor:
     """The teacher's deterministic ``steps``-step ODE sample with CFG -> [B, C, F, H, W].
 
     The noise comes from a CPU generator seeded with ``seed`` (or ``generator``, to continue a stream
@@ -90,18 +90,18 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     model.eval()
     device = prompts["context"].device
     video = causal_chunk_sample(model, noise.to(device, model.dtype), prompts["context"],
-                                partial(multistep2_fm, steps=steps), actions=prompts.get("actions"),
+                                partial(multistep2_fm, steps=steps, shift=shift), actions=prompts.get("actions"),
                                 uncond_context=prompts["uncond_context"], guidance_scale=guidance)
     model.train(was_training)
     return video
 
 
 def sample_phase(kind: str, model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int = 0,
-                 writer=None) -> torch.Tensor:
+                 writer=None, teacher_shift: float = 1.0) -> torch.Tensor:
     """Sample a trained phase the way it is meant to be sampled: the ODE for teachers, few-step otherwise.
 
     ``writer`` (streamed output) is only used by the few-step sampler; the ODE returns the whole video.
     """
     if kind == "teacher":
-        return teacher_sample(model, prompts, data_cfg, steps, guidance, seed=seed)
+        return teacher_sample(model, prompts, data_cfg, steps, guidance, seed=seed, shift=teacher_shift)
     return student_sample(model, prompts, data_cfg, steps, guidance, seed=seed, writer=writer)

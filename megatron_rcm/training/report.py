@@ -113,8 +113,11 @@ def feature_extractor(ctx: ReportContext):
 
 def _teacher_cache_key(ctx: ReportContext, num_videos: int) -> dict:
     e, d = ctx.cfg.eval, ctx.cfg.data
-    return {"num_videos": str(num_videos), "teacher_steps": str(e.teacher_steps), "seed": str(e.seed),
-            "cfg_scale": repr(float(e.cfg_scale)), "shape": f"{d.channels}x{d.num_frames}x{d.height}x{d.width}"}
+    key = {"num_videos": str(num_videos), "teacher_steps": str(e.teacher_steps), "seed": str(e.seed),
+           "cfg_scale": repr(float(e.cfg_scale)), "shape": f"{d.channels}x{d.num_frames}x{d.height}x{d.width}"}
+    if e.teacher_shift != 1.0:  # (caches made before the shift existed used 1)
+        key["teacher_shift"] = repr(float(e.teacher_shift))
+    return key
 
 
 def _cached_teacher_samples(path: Path, key: dict):
@@ -147,7 +150,8 @@ def teacher_samples(ctx: ReportContext, teacher_phase: str, teacher, prompts) ->
     if teacher_phase.startswith("diffusers:"):
         video = diffusers_teacher_sample(ctx, teacher_phase, teacher, prompts)
     else:
-        video = teacher_sample(teacher, prompts, ctx.cfg.data, e.teacher_steps, e.cfg_scale, seed=e.seed)
+        video = teacher_sample(teacher, prompts, ctx.cfg.data, e.teacher_steps, e.cfg_scale, seed=e.seed,
+                               shift=e.teacher_shift)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"video": video.float().cpu().contiguous()}, str(path), metadata=key)
@@ -155,15 +159,14 @@ def teacher_samples(ctx: ReportContext, teacher_phase: str, teacher, prompts) ->
 
 
 def diffusers_teacher_sample(ctx: ReportContext, spec: str, teacher, prompts) -> torch.Tensor:
-    """The bidirectional teacher's ODE (its scheduler's shift, eval CFG) from the same noise as teacher_sample."""
-    from ..encoders import scheduler_shift, strip_prefix
+    """The bidirectional teacher's ODE (eval steps, shift and CFG) from the same noise as teacher_sample."""
     from ..inference.bidirectional import bidirectional_sample
 
     e, d = ctx.cfg.eval, ctx.cfg.data
     g = torch.Generator().manual_seed(e.seed)
     noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=g)
     return bidirectional_sample(teacher, noise, prompts["context"], prompts["uncond_context"], e.teacher_steps,
-                                e.cfg_scale, scheduler_shift(strip_prefix(spec)))
+                                e.cfg_scale, e.teacher_shift)
 
 
 def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: Path | None = None):

@@ -124,18 +124,18 @@ class Trainer:
             model = self.load_phase_weights(self.new_model(), source)
         return model.eval().requires_grad_(False)
 
-    def _phase_key(self, phase: PhaseConfig, field: str) -> str:
-        return f"phases.{self.cfg.phases.index(phase)}.{field}"
+    def _phase_key(self, phase: PhaseConfig, ref: str) -> str:
+        return f"phases.{self.cfg.phases.index(phase)}.{ref}"
 
     def check_diffusers_sources(self, start_phase: int = 0) -> None:
         """Before any training: every diffusers folder the remaining phases read matches the run's model."""
         from ..convert.into_run import check_diffusers_source
 
         for phase in self.cfg.phases[start_phase:]:
-            for field in ("init_from", "teacher_from"):
-                spec = getattr(phase, field)
+            for ref in ("init_from", "teacher_from"):
+                spec = getattr(phase, ref)
                 if spec.startswith("diffusers:"):
-                    check_diffusers_source(spec, self.cfg.model, self._phase_key(phase, field))
+                    check_diffusers_source(spec, self.cfg.model, self._phase_key(phase, ref))
 
     # ------------------------------------------------------------------ data
     def make_data(self, phase: PhaseConfig):
