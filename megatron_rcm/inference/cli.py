@@ -73,8 +73,8 @@ def run_sample(args) -> int:
     if cfg.encoders.has_vae:  # a run with a VAE: decode the latents to pixels
         from .real_video import DECODED_FPS, run_encoders
 
-        video, kw = run_encoders(cfg, args.device, text=False).vae.decode(video).float(), {"fps": DECODED_FPS,
-                                                                                          "scale": 1}
+        video = run_encoders(cfg, args.device, text=False).vae.decode(video).float()
+        kw = {"fps": DECODED_FPS, "scale": 1}
     path = write_video(out, video, **kw)
     sampler = "ODE (teacher)" if phase.kind == "teacher" else "few-step"
     print(f"wrote {path}: {num_videos} video(s) x {video.shape[2]} frames, {steps}-step {sampler} sampling of "
