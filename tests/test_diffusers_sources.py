@@ -13,6 +13,14 @@ from megatron_rcm.convert.into_run import DiffusersSourceError, load_diffusers_i
 from megatron_rcm.models import build_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(pipeline, *extra):
     return load_config(None, [*run_overrides(pipeline), "data.kind=latent_shards", "data.shard_dir=unused",
                               "data.channels=4", *extra])

@@ -14,6 +14,15 @@ PROMPTS = ["a red cat runs across the city at night", "fish",
            "a big blue car drives fast over a forest and a beach in the rain with the camera zoom on the sun"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The float64 VAE convolutions run ~10x slower on two threads of a busy 2-core box than on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_wan_pipeline):
     from diffusers import WanPipeline
@@ -55,9 +64,9 @@ def vae64(tiny_wan_pipeline):
 
 def test_decode_normalises_like_wan_pipeline_and_streamed_chunks_equal_one_decode(vae64):
     g = torch.Generator().manual_seed(3)
-    latents = torch.randn(2, 4, 7, 4, 4, generator=g, dtype=torch.float64)
+    latents = torch.randn(1, 4, 5, 4, 4, generator=g, dtype=torch.float64)
     full = vae64.decode(latents)
-    assert full.shape == (2, 3, 1 + 4 * 6, 32, 32)
+    assert full.shape == (1, 3, 1 + 4 * 4, 32, 32)
     # reference: WanPipeline's de-normalisation (latents / (1/std) + mean) and diffusers' own decode
     mean = torch.tensor(LATENTS_MEAN, dtype=torch.float64).view(1, 4, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(LATENTS_STD, dtype=torch.float64).view(1, 4, 1, 1, 1)
@@ -65,7 +74,7 @@ def test_decode_normalises_like_wan_pipeline_and_streamed_chunks_equal_one_decod
     assert torch.equal(full, ref)
     inside = ((full > -1) & (full < 1)).double().mean()
     assert inside > 0.5, "random VAE saturates: the comparison would be vacuous"
-    for sizes in ([3, 2, 2], [1] * 7, [7]):
+    for sizes in ([3, 2], [1, 2, 2]):
         dec = vae64.stream()
         parts = [dec.decode(c) for c in latents.split(sizes, dim=2)]
         assert [p.shape[2] for p in parts] == [1 + 4 * (sizes[0] - 1)] + [4 * s for s in sizes[1:]]
