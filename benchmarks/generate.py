@@ -5,9 +5,15 @@
 
 Weights are random (speed does not depend on them); bf16 parameters, no CFG (a distilled student), the KV
 cache of ``megatron_rcm.inference.streaming.stream_video`` (sink + rolling window when ``--window-chunks``
-is set). No VAE decode: times are for latents. Reports time to the first chunk, latent frames per second
-over the whole video, the equivalent video frames per second (Wan's VAE makes 4 video frames of each latent
-frame after the first: 21 latent frames = 81 video frames) and peak memory.
+is set). Without ``--vae`` the times are for latents; with ``--vae`` every chunk is also decoded to pixels
+as it is produced, by the streaming decoder of the real Wan2.1 VAE architecture (``AutoencoderKLWan()``'s
+default config, random weights, ``--vae-dtype``), exactly as ``megatron-rcm generate`` does
+(``megatron_rcm.inference.real_video.stream_decoded``) - the way Self-Forcing's 17 fps counts the decode.
+Reports time to the first chunk, latent frames per second over the whole video, the equivalent video frames
+per second (Wan's VAE makes 4 video frames of each latent frame after the first: 21 latent frames = 81 video
+frames), the share of the time spent in the VAE and peak memory.
+
+    python benchmarks/generate.py --vae                 # the same, decode included
 """
 from __future__ import annotations
 
@@ -29,38 +35,50 @@ def build(chunk_frames: int, layers: int, window_chunks: int, sink_chunks: int, 
     return build_model(cfg, causal).to(device).eval()
 
 
+def build_vae(device, dtype: str, base_dim: int = 96):
+    """The real Wan2.1 VAE architecture (AutoencoderKLWan's default config; ``base_dim`` < 96 only for smoke runs)."""
+    from diffusers import AutoencoderKLWan
+
+    from megatron_rcm.encoders import WanVideoVAE
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan() if base_dim == 96 else AutoencoderKLWan(base_dim=base_dim)
+    return WanVideoVAE(torch.nn.Module.to(vae, getattr(torch, dtype)), device)  # (ModelMixin.to warns on casts)
+
+
 def run(args, mode: str, device) -> dict:
-    from megatron_rcm.inference.streaming import StreamConfig, stream_video
+    from megatron_rcm.inference.real_video import stream_decoded
 
     chunk = args.chunk_frames if mode == "chunk" else 1
     model = build(chunk, args.layers, args.window_chunks, args.sink_chunks, args.attention, device)
-    ctx = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
-    cfg = StreamConfig(steps=args.steps, shift=5.0, guidance_scale=1.0)
+    vae = build_vae(device, args.vae_dtype, args.vae_base_dim) if args.vae else None
+    inputs = {"context": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for rep in range(args.reps + 1):  # the first pass warms up kernels and the allocator
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        g = torch.Generator(device=device).manual_seed(rep)
         sync()
         t0 = time.perf_counter()
-        first = None
+        first, decode = None, 0.0
         with torch.no_grad():
-            for out in stream_video(model, ctx, args.frames, args.height, args.width, cfg, generator=g, sync=sync):
+            for _out, _frames, decode_s in stream_decoded(model, inputs, args.frames, args.height, args.width,
+                                                          args.steps, 1.0, rep, vae, sync=sync):
+                decode += decode_s
                 if first is None:
-                    sync()
                     first = time.perf_counter() - t0
         sync()
         total = time.perf_counter() - t0
         if rep > 0:
-            rows.append((first, total))
+            rows.append((first, total, decode))
     first = sorted(r[0] for r in rows)[len(rows) // 2]
     total = sorted(r[1] for r in rows)[len(rows) // 2]
+    decode = sorted(r[2] for r in rows)[len(rows) // 2]
     video_frames = 1 + 4 * (args.frames - 1)
     return {"mode": mode, "compile": args.compile, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers,
-            "frames": args.frames,
+            "frames": args.frames, "vae": args.vae, "vae_dtype": args.vae_dtype if args.vae else None,
             "first_chunk_s": first, "total_s": total, "latent_fps": args.frames / total,
-            "video_fps": video_frames / total,
+            "video_fps": video_frames / total, "vae_share": decode / total,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
 
@@ -82,19 +100,24 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="append one JSON line per mode")
     ap.add_argument("--compile", action="store_true",
                     help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
+    ap.add_argument("--vae", action="store_true", help="decode every chunk with the Wan2.1 VAE as it is produced")
+    ap.add_argument("--vae-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    ap.add_argument("--vae-base-dim", type=int, default=96, help="96 = the real Wan2.1 VAE (smaller: smoke runs)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     from megatron_rcm.ops import fusion
 
     fusion.set_enabled(args.compile)
-    print("| mode | steps | layers | latent frames | first chunk (s) | total (s) | latent frames/s | video frames/s | "
-          "peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | steps | layers | latent frames | VAE decode | first chunk (s) | total (s) | latent frames/s | "
+          "video frames/s | time in VAE | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         r = run(args, mode, device)
+        vae = f"yes ({r['vae_dtype']})" if r["vae"] else "no"
         print(f"| {mode}-wise ({r['chunk_frames']} frame{'s' if r['chunk_frames'] > 1 else ''}) | {r['steps']} | "
-              f"{r['layers']} | {r['frames']} | {r['first_chunk_s']:.3f} | {r['total_s']:.3f} | {r['latent_fps']:.1f} | "
-              f"{r['video_fps']:.1f} | {r['peak_gib']:.1f} |", flush=True)
+              f"{r['layers']} | {r['frames']} | {vae} | {r['first_chunk_s']:.3f} | {r['total_s']:.3f} | "
+              f"{r['latent_fps']:.1f} | {r['video_fps']:.1f} | {100 * r['vae_share']:.0f}% | {r['peak_gib']:.1f} |",
+              flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_dir_commands(sub)
 
+    from .data.cli import add_encode_data_command
+
+    add_encode_data_command(sub)
+
     from .launch import add_launch_arguments, run_launch
 
     p = sub.add_parser("launch", help="start a (multi-node / SLURM) torchrun job: launch [opts] -- train CFG ...")

@@ -27,3 +27,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_pipeline(tmp_path_factory):
+    """A tiny random diffusers Wan2.1 pipeline folder (tests/fixtures/tiny_wan_pipeline.py), read-only for tests."""
+    from fixtures.tiny_wan_pipeline import save_tiny_wan_pipeline
+
+    return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan") / "Wan2.1-T2V-tiny-Diffusers")

@@ -72,3 +72,16 @@ def test_kernel_table_ranks_kernels_by_gpu_time():
     assert table[2] == "| attn_fwd | 2 | 5.0 | 50.0% |"
     assert table[3] == "| gemm/bf16 | 4 | 3.0 | 30.0% |"  # '|' escaped for markdown
     assert table[-1] == "| (all 3 kernels) | | 10.0 | 100% |" and len(table) == 5
+
+
+def test_generate_benchmarks_run_and_print_their_tables(capsys, one_thread):
+    """CPU smoke runs of the issue-17 GPU benchmarks (tiny sizes): the scripts the GPU figures come from work."""
+    _load("generate_data").main(["--device", "cpu", "--layers", "1", "--frames", "5", "--height", "16", "--width",
+                                 "16", "--steps", "2", "--videos", "1"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| video |") and table[2].startswith("| 5x16x16 | 16x2x2x2 | 2 | 1 | 2 (multistep2)")
+    _load("generate").main(["--device", "cpu", "--layers", "1", "--frames", "4", "--height", "8", "--width", "8",
+                            "--chunk-frames", "2", "--reps", "1", "--modes", "chunk", "--vae", "--vae-base-dim", "8",
+                            "--vae-dtype", "float32"])
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| chunk-wise (2 frames) | 2 | 1 | 4 | yes (float32) |")

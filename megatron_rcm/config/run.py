@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..encoders.config import EncodersConfig, validate_encoders
 from ..parallel.config import ParallelConfig, validate_parallel
 from .data import DataConfig, validate_data
 from .errors import ConfigError
@@ -71,6 +72,7 @@ class EvalConfig:
     num_videos: int = 16
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     teacher_steps: int = 32
+    teacher_shift: float = 1.0  # flow shift of the teacher's reference ODE (Wan2.1 at 480p samples with 3)
     cfg_scale: float = 3.0
     seed: int = 1234
     at_phase_end: bool = True  # false: skip the end-of-phase sample video + quality report (quick runs, tests)
@@ -87,6 +89,7 @@ class RunConfig:
     phases: list[PhaseConfig] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # used under torchrun (WORLD_SIZE > 1)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)  # frozen umT5 + VAE (real Wan runs)
 
 
 def _key_of(err: OmegaConfBaseException) -> str:
@@ -135,6 +138,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate_run(cfg: RunConfig) -> None:
     validate_model(cfg.model)
     validate_data(cfg.data)
+    validate_encoders(cfg.encoders)
     for data_key, model_key in (("channels", "in_channels"), ("text_dim", "text_dim"), ("text_len", "text_len"),
                                 ("action_dim", "action_dim")):
         if getattr(cfg.data, data_key) != getattr(cfg.model, model_key):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config.errors import ConfigError
 from ..config.model import ModelConfig
 from ..models.causal_wan import DTYPES, CausalWanModel, build_model
 
@@ -114,15 +115,21 @@ def load_diffusers_state_dict(folder) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_strict(model: CausalWanModel, state: dict, allow_missing_action: bool, source: str) -> None:
-    """Copy ``state`` into ``model`` by name; any unknown/missing key, shape or dtype problem is an error."""
+def _load_strict(model: CausalWanModel, state: dict, allow_missing_action: bool, source: str,
+                 optional_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``model`` by name; any unknown/missing key, shape or dtype problem is an error.
+
+    Keys under ``optional_prefixes`` (and the action embedder with ``allow_missing_action``) may be absent:
+    those are our zero-initialised extras, which leave the loaded model computing what it did.
+    """
     own = model.state_dict()
     unexpected = set(state) - set(own)
     if unexpected:
         raise ConversionError(f"{source}: unexpected {_list_keys(unexpected)} (not in CausalWanModel)")
     missing = set(own) - set(state)
-    if allow_missing_action:
-        missing = {k for k in missing if not k.startswith("action_embedder.")}
+    optional = tuple(optional_prefixes) + (("action_embedder.",) if allow_missing_action else ())
+    if optional:
+        missing = {k for k in missing if not k.startswith(optional)}
     if missing:
         raise ConversionError(f"{source}: missing {_list_keys(missing)}")
     bad_dtype = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in _SUPPORTED_DTYPES]
@@ -273,24 +280,59 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--drop-action-embedder", action="store_true", help="on export: drop action weights")
     parser.add_argument("--weights", default="ema", help="on export from a sharded checkpoint: which weights "
                         "(ema, model, or another saved group such as critic); default ema")
+    parser.add_argument("--pipeline-from", metavar="DIR_SRC", default=None, help="on export: write a complete "
+                        "diffusers WanPipeline folder, taking vae/, text_encoder/, tokenizer/, scheduler/ and "
+                        "model_index.json from this pipeline folder")
     return parser
 
 
+class ConvertInputError(ConfigError):
+    """A refused conversion, reported by the CLI as one line (exit code 2)."""
+
+    def __init__(self, message: str):
+        self.key, self.value, self.allowed = "convert", None, message
+        ValueError.__init__(self, message)
+
+
 def run_convert(ns: argparse.Namespace) -> int:
-    """Run the conversion the parsed arguments describe; returns 0 (a CLI exit status)."""
+    """Run the conversion the parsed arguments describe; returns 0 (a CLI exit status).
+
+    Refusals (unsupported features, missing files, wrong shapes) become one :class:`ConvertInputError` line.
+    """
+    try:
+        return _convert(ns)
+    except ConfigError:
+        raise
+    except (ConversionError, FileNotFoundError, ValueError) as err:
+        raise ConvertInputError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+
+
+def _convert(ns: argparse.Namespace) -> int:
     from .native import load_model_checkpoint, load_sharded_checkpoint_model, save_model_checkpoint
 
     dtype = DTYPES[ns.dtype] if ns.dtype else None
     if ns.from_diffusers:
-        model = import_diffusers(ns.from_diffusers, dtype=dtype, action_dim=ns.action_dim, text_len=ns.text_len)
+        if ns.pipeline_from:
+            raise ConversionError("--pipeline-from goes with --to-diffusers (it names the pipeline whose vae, text "
+                                  "encoder, tokenizer and scheduler join the exported transformer)")
+        from ..encoders import transformer_dir
+
+        folder = transformer_dir(ns.from_diffusers)  # a pipeline folder's transformer/ or a bare transformer folder
+        model = import_diffusers(folder, dtype=dtype, action_dim=ns.action_dim, text_len=ns.text_len)
         out = save_model_checkpoint(model, ns.out)
     else:
         if Path(ns.to_diffusers).is_dir():
             model = load_sharded_checkpoint_model(ns.to_diffusers, weights=ns.weights)
         else:
             model = load_model_checkpoint(ns.to_diffusers)
-        out = export_diffusers(model, ns.out, max_shard_size=ns.max_shard_size, dtype=dtype,
-                               drop_action_embedder=ns.drop_action_embedder)
+        if ns.pipeline_from:
+            from .pipeline_export import export_pipeline
+
+            out = export_pipeline(model, ns.out, ns.pipeline_from, max_shard_size=ns.max_shard_size, dtype=dtype,
+                                  drop_action_embedder=ns.drop_action_embedder)
+        else:
+            out = export_diffusers(model, ns.out, max_shard_size=ns.max_shard_size, dtype=dtype,
+                                   drop_action_embedder=ns.drop_action_embedder)
     print(f"wrote {out}")
     return 0
 

@@ -31,8 +31,18 @@ def save_model_checkpoint(model, path) -> Path:
     return path
 
 
+def _run_model_config(path: Path) -> ModelConfig | None:
+    """The model config of the run a phase file belongs to (``RUN/phases/<name>/{ema,model}.safetensors``)."""
+    run_config = path.parent.parent.parent / "config.yaml"
+    if path.parent.parent.name != "phases" or not run_config.is_file():
+        return None
+    from ..config.run import load_config
+
+    return load_config(run_config).model
+
+
 def load_model_checkpoint(path, dtype: torch.dtype | None = None):
-    """Rebuild the model from the sidecar config and load its weights strictly."""
+    """Rebuild the model from the sidecar config (or, for a phase file, its run's config.yaml) and load strictly."""
     from ..models.causal_wan import build_model
     from .diffusers_wan import _load_strict
 
@@ -40,9 +50,13 @@ def load_model_checkpoint(path, dtype: torch.dtype | None = None):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     side = _sidecar(path)
-    if not side.is_file():
-        raise FileNotFoundError(f"checkpoint config sidecar not found: {side}")
-    cfg = ModelConfig(**json.loads(side.read_text())["model"])
+    if side.is_file():
+        cfg = ModelConfig(**json.loads(side.read_text())["model"])
+    else:
+        cfg = _run_model_config(path)
+        if cfg is None:
+            raise FileNotFoundError(f"checkpoint config not found: neither the sidecar {side} nor, for a phase file "
+                                    "RUN/phases/<name>/*.safetensors, the run's config.yaml exists")
     model = build_model(cfg)
     _load_strict(model, load_file(str(path)), allow_missing_action=False, source=str(path))
     return model if dtype is None else model.to(dtype)

@@ -6,8 +6,11 @@ Layout of a shard folder: ``manifest.json`` = {"version": 1, "shards": [{"file",
     "class_id" [N], "uncond_context" [L,D]; or
   * ``*.tar`` (webdataset style): per sample ``<key>.latents.npy``, ``<key>.context.npy``, optional
     ``<key>.actions.npy`` / ``<key>.class_id.npy``, and optionally one ``__uncond__.context.npy``.
+Shards made from text prompts also keep each sample's prompt: a JSON list under the safetensors
+metadata key "prompts", or ``<key>.prompt.txt`` tar members (:func:`read_shard_prompts`).
 Every shard is checked against the manifest's size and sha256 when first opened; a bad shard is an
-error naming the file, never a silent skip.
+error naming the file, never a silent skip. Shard files and the manifest are written under a
+temporary name and renamed, so a crash never leaves a half-written one.
 """
 from __future__ import annotations
 
@@ -37,6 +40,67 @@ def _npy_bytes(t: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _tar_bytes(items) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for member, payload in items:
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def write_shard_file(path: str, samples: list[dict], uncond: torch.Tensor | None = None, fmt: str = "safetensors",
+                     prompts: list[str] | None = None, key: str = "00000") -> dict:
+    """Write one shard (``samples``: per-sample tensor dicts) atomically; returns its manifest entry."""
+    if fmt == "safetensors":
+        tensors = {k: torch.stack([s[k] for s in samples]).contiguous() for k in samples[0]}
+        if uncond is not None:
+            tensors["uncond_context"] = uncond
+        meta = {"prompts": json.dumps(list(prompts), ensure_ascii=False)} if prompts is not None else None
+        data = st_save(tensors, metadata=meta)
+    else:
+        items = [("__uncond__.context.npy", _npy_bytes(uncond))] if uncond is not None else []
+        for j, s in enumerate(samples):
+            items += [(f"{key}_{j:06d}.{k}.npy", _npy_bytes(v)) for k, v in s.items()]
+            if prompts is not None:
+                items.append((f"{key}_{j:06d}.prompt.txt", prompts[j].encode("utf-8")))
+        data = _tar_bytes(items)
+    _write_atomic(path, data)
+    return {"file": os.path.basename(path), "count": len(samples), "bytes": os.path.getsize(path),
+            "sha256": sha256_file(path)}
+
+
+def write_manifest(out_dir: str, entries: list[dict]) -> str:
+    path = os.path.join(out_dir, MANIFEST)
+    _write_atomic(path, json.dumps({"version": 1, "shards": entries}, indent=1).encode())
+    return path
+
+
+def read_shard_prompts(path: str) -> list[str] | None:
+    """The prompt text of each sample of a shard, or None for shards made without prompts."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            return json.loads(meta["prompts"]) if "prompts" in meta else None
+        with tarfile.open(path, "r") as tar:
+            found = {m.name.rsplit(".", 2)[0]: tar.extractfile(m).read().decode("utf-8")
+                     for m in tar.getmembers() if m.name.endswith(".prompt.txt")}
+        return [found[k] for k in sorted(found)] if found else None
+    except Exception as err:
+        raise ShardError(f"cannot read the prompts of shard {path}: {type(err).__name__}: {err}") from err
+
+
 class ShardWriter:
     """Accumulates samples and writes fixed-size shards plus the manifest (on close)."""
 
@@ -64,35 +128,14 @@ class ShardWriter:
         if not self.pending:
             return
         name = f"{self.prefix}-{len(self.entries):05d}.{'safetensors' if self.fmt == 'safetensors' else 'tar'}"
-        path = os.path.join(self.out_dir, name)
-        if self.fmt == "safetensors":
-            tensors = {k: torch.stack([s[k] for s in self.pending]).contiguous() for k in self.pending[0]}
-            if self.uncond is not None:
-                tensors["uncond_context"] = self.uncond
-            data = st_save(tensors)
-            with open(path, "wb") as f:
-                f.write(data)
-        else:
-            with tarfile.open(path, "w") as tar:
-                items = [("__uncond__.context.npy", self.uncond)] if self.uncond is not None else []
-                for j, s in enumerate(self.pending):
-                    items += [(f"{len(self.entries):05d}_{j:06d}.{k}.npy", v) for k, v in s.items()]
-                for member, tensor in items:
-                    payload = _npy_bytes(tensor)
-                    info = tarfile.TarInfo(member)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-        self.entries.append({"file": name, "count": len(self.pending), "bytes": os.path.getsize(path),
-                             "sha256": sha256_file(path)})
+        self.entries.append(write_shard_file(os.path.join(self.out_dir, name), self.pending, self.uncond, self.fmt,
+                                             key=f"{len(self.entries):05d}"))
         self.pending = []
 
     def close(self) -> str:
         """Write the last partial shard and the manifest; returns the manifest path."""
         self._flush()
-        path = os.path.join(self.out_dir, MANIFEST)
-        with open(path, "w") as f:
-            json.dump({"version": 1, "shards": self.entries}, f, indent=1)
-        return path
+        return write_manifest(self.out_dir, self.entries)
 
     def __enter__(self):
         return self
@@ -135,6 +178,8 @@ def _read_shard(path: str) -> dict:
         with tarfile.open(path, "r") as tar:
             for m in tar.getmembers():
                 key, field, ext = m.name.rsplit(".", 2)
+                if ext != "npy":  # e.g. <key>.prompt.txt: text, read by read_shard_prompts
+                    continue
                 arr = torch.from_numpy(np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False))
                 if key == "__uncond__":
                     out["uncond_context"] = arr

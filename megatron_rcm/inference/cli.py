@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config.errors import ConfigError
-from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config
+from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config, load_teacher_model
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -54,14 +54,28 @@ def run_sample(args) -> int:
     from ..utils.video import write_video
     from .sampling import prompt_batch, sample_phase
 
+    if args.prompt is not None or args.prompts is not None:  # text prompts: one file per (prompt, seed)
+        from .real_video import sample_files
+
+        if args.class_id is not None:
+            raise ConfigError("--class-id", args.class_id, "absent with --prompt/--prompts (text prompts)")
+        cfg, phase, model = _open(args)
+        return sample_files(args, cfg, phase, model)
     out = _video_out(args.out)
     num_videos = _positive("--num-videos", args.num_videos, "at least 1 video")
     cfg, phase, model = _open(args)
     steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(cfg.data, num_videos, seed, args.device, args.class_id)
-    video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed)
-    path = write_video(out, video)
+    video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
+                         teacher_shift=cfg.eval.teacher_shift)
+    kw = {}
+    if cfg.encoders.has_vae:  # a run with a VAE: decode the latents to pixels
+        from .real_video import DECODED_FPS, run_encoders
+
+        video = run_encoders(cfg, args.device, text=False).vae.decode(video).float()
+        kw = {"fps": DECODED_FPS, "scale": 1}
+    path = write_video(out, video, **kw)
     sampler = "ODE (teacher)" if phase.kind == "teacher" else "few-step"
     print(f"wrote {path}: {num_videos} video(s) x {video.shape[2]} frames, {steps}-step {sampler} sampling of "
           f"phase '{phase.name}' ({args.weights} weights), guidance {guidance:g}, seed {seed}")
@@ -77,14 +91,14 @@ def run_eval(args) -> int:
     steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4") for k in args.steps]
     cfg = load_run_config(args.run_dir)
     phase = find_phase(cfg, args.phase)
-    if not phase.teacher_from or phase.teacher_from.startswith("diffusers:"):
-        students = [p.name for p in cfg.phases if p.teacher_from and not p.teacher_from.startswith("diffusers:")]
+    if not phase.teacher_from:
+        students = [p.name for p in cfg.phases if p.teacher_from]
         raise ConfigError("--phase", phase.name, f"a phase with teacher_from set (it is compared with that teacher "
                           f"phase's many-step samples): one of {students}")
     if args.num_videos is not None:
         cfg.eval.num_videos = _positive("--num-videos", args.num_videos, "at least 1 video (2+ for the FD column)")
     model = load_phase_model(cfg, phase.name, args.weights, args.device)
-    teacher = load_phase_model(cfg, phase.teacher_from, "ema", args.device)
+    teacher = load_teacher_model(cfg, phase.teacher_from, args.device)
     ctx = ReportContext(cfg, Path(cfg.output_dir), torch.device(args.device), print)
     rows, _ = quality_rows(ctx, phase, model, teacher, steps)
     print(format_quality_table(phase.name, cfg.eval.teacher_steps, rows))
@@ -97,8 +111,16 @@ def run_generate_data(args) -> int:
     from ..data.shards import write_teacher_shards
     from .sampling import sample_phase
 
-    num_videos = _positive("--num-videos", args.num_videos, "at least 1 video")
-    shard_size = _positive("--shard-size", args.shard_size, "at least 1 video per shard")
+    if args.teacher is not None:  # generate-data --teacher diffusers:DIR --prompts FILE (data/cli.py)
+        from ..data.cli import run_teacher_data
+
+        return run_teacher_data(args)
+    if args.run_dir is None or args.phase is None:
+        raise ConfigError("RUN_DIR/--phase", args.run_dir, "RUN_DIR --phase NAME (a trained teacher phase), or "
+                          "--teacher diffusers:DIR --prompts FILE (a diffusers Wan teacher)")
+    num_videos = _positive("--num-videos", 0 if args.num_videos is None else args.num_videos, "at least 1 video")
+    shard_size = _positive("--shard-size", 256 if args.shard_size is None else args.shard_size,
+                           "at least 1 video per shard")
     cfg, phase, model = _open(args)
     steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
     dataset = build_dataset(cfg.data, batch_size=min(num_videos, cfg.data.batch_size))
@@ -108,7 +130,8 @@ def run_generate_data(args) -> int:
         prompts = {k: v.to(args.device) for k, v in batch.items() if hasattr(v, "to")}
         seed = args.seed + calls[0]  # fresh noise per batch, reproducible from --seed
         calls[0] += 1
-        return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed).float().cpu()
+        return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
+                            teacher_shift=cfg.eval.teacher_shift).float().cpu()
 
     manifest = write_teacher_shards(sample_fn, dataset, args.out, num_videos, shard_size, args.format)
     print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}' to {args.out} ({manifest}); "
@@ -165,6 +188,12 @@ def run_generate(args) -> int:
     if frames < 1 or frames % chunk:
         raise ConfigError("--frames", frames, f"a positive multiple of the chunk size ({chunk} latent frames)")
     action_fn = _action_fn(args, cfg, model, frames // chunk)
+    if args.prompt is not None or args.prompts is not None or cfg.encoders.has_vae:  # text prompts / VAE decode
+        from .real_video import generate_files
+
+        if args.class_id is not None:
+            raise ConfigError("--class-id", args.class_id, "absent with --prompt/--prompts or a run with a VAE")
+        return generate_files(args, cfg, phase, model, frames, action_fn)
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
@@ -189,6 +218,14 @@ def _run_args(p: argparse.ArgumentParser, phase_help: str) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    """Text prompts (runs with encoders.diffusers_dir: umT5-encoded, the video VAE-decoded)."""
+    p.add_argument("--prompt", default=None, help="a text prompt (needs encoders.diffusers_dir in the run)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="a prompt file: one video per prompt")
+    p.add_argument("--negative-prompt", default=None, help="CFG's negative prompt (default: encoders.negative_prompt, "
+                   "else Wan2.1's default)")
+
+
 def add_run_dir_commands(sub) -> None:
     """Register sample / eval / generate-data / generate on an argparse subparsers object."""
     p = sub.add_parser("sample", help="sample a trained phase to a video file (ODE for teachers, few-step otherwise)")
@@ -199,7 +236,10 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="prompts and noise (default eval.seed)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: eval.cfg_scale for "
                    "teachers, 1 for students)")
-    p.add_argument("--out", required=True, help="FILE.mp4 or FILE.gif")
+    p.add_argument("--out", required=True, help="FILE.mp4 or FILE.gif; with --prompt/--prompts a folder")
+    _prompt_args(p)
+    p.add_argument("--num-seeds", type=int, default=1, help="with --prompt/--prompts: videos per prompt (seeds "
+                   "seed..seed+N-1), files <prompt>-<i>.mp4 as VBench reads them")
     p.set_defaults(func=run_sample)
 
     p = sub.add_parser("eval", help="quality table of a distilled phase vs its teacher's many-step samples")
@@ -208,15 +248,26 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--num-videos", type=int, default=None, help="prompts compared (default eval.num_videos)")
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("generate-data", help="teacher samples into latent shards (synthetic data for a later run)")
-    _run_args(p, "the (teacher) phase that generates")
-    p.add_argument("--num-videos", type=int, required=True)
+    p = sub.add_parser("generate-data", help="teacher samples into latent shards: of a trained phase (RUN_DIR "
+                       "--phase) or of a diffusers Wan teacher (--teacher diffusers:DIR --prompts FILE)")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None,
+                   help="a training output_dir (holds config.yaml and phases/); not with --teacher")
+    p.add_argument("--phase", default=None, help="the (teacher) phase that generates (with RUN_DIR)")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="the phase's EMA (default) or raw weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-videos", type=int, default=None, help="with RUN_DIR: videos to generate")
     p.add_argument("--out", required=True, help="shard folder (manifest.json + shards)")
     p.add_argument("--format", choices=("safetensors", "tar"), default="safetensors")
-    p.add_argument("--shard-size", type=int, default=256, help="videos per shard")
-    p.add_argument("--steps", type=int, default=None, help="default: eval.teacher_steps for teachers, 2 otherwise")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default eval.cfg_scale for teachers)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (batch i uses seed + i)")
+    p.add_argument("--shard-size", type=int, default=None, help="videos per shard (default 256; 64 for --teacher)")
+    p.add_argument("--steps", type=int, default=None, help="default: eval.teacher_steps for teacher phases, 2 for "
+                   "students, 50 for --teacher")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default eval.cfg_scale for teacher "
+                   "phases, 5 for --teacher)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (RUN_DIR: batch i uses seed + i; --teacher: "
+                   "video i uses seed + i)")
+    from ..data.cli import add_teacher_data_arguments
+
+    add_teacher_data_arguments(p)
     p.set_defaults(func=run_generate_data)
 
     p = sub.add_parser("generate", help="stream a video chunk by chunk (any length; actions for world models)")
@@ -227,6 +278,7 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="prompt and noise (default eval.seed)")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1: off)")
     p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
+    _prompt_args(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")

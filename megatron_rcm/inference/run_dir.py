@@ -79,3 +79,16 @@ def load_phase_model(cfg, phase_name: str, which: str = "ema", device: str | tor
         first = str(err).splitlines()[0]
         raise RunDirError(f"cannot load {path} into the model of {cfg.output_dir}/config.yaml: {first}") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_teacher_model(cfg, source: str, device: str | torch.device = "cpu"):
+    """A phase's frozen teacher: an earlier phase's EMA weights, or a diffusers transformer (``diffusers:DIR``)."""
+    if not source.startswith("diffusers:"):
+        return load_phase_model(cfg, source, "ema", device)
+    from ..convert.into_run import load_diffusers_into
+    from ..models import build_model
+
+    key = next((f"phases.{i}.teacher_from" for i, p in enumerate(cfg.phases) if p.teacher_from == source),
+               "teacher_from")
+    model = load_diffusers_into(build_model(cfg.model, cfg.causal), source, key)
+    return model.to(device).eval().requires_grad_(False)

@@ -49,8 +49,11 @@ def _action_fn(prompts, layout):
 
 @torch.no_grad()
 def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float = 1.0, seed: int = 0,
-                   writer=None, log=None) -> torch.Tensor:
-    """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W]."""
+                   writer=None, log=None, decode=None) -> torch.Tensor:
+    """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W] (latents).
+
+    ``writer`` receives each chunk as it is made, through ``decode`` (latents -> pixels) when given.
+    """
     from ..network import Denoiser
     from .streaming import generate_video
 
@@ -64,14 +67,14 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
                            action_fn=_action_fn(prompts, net.layout(d.num_frames // net.patch_frames)), seed=seed,
-                           writer=writer, log=log)
+                           writer=writer, decode=decode, log=log)
     model.train(was_training)
     return video
 
 
 @torch.no_grad()
 def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, shift: float = 1.0) -> torch.Tensor:
     """The teacher's deterministic ``steps``-step ODE sample with CFG, chunk by chunk -> [B, C, F, H, W].
 
     The noise comes from a CPU generator seeded with ``seed`` (or ``generator``, to continue a stream
@@ -95,7 +98,7 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     was_training = net.model.training
     net.model.eval()
     cond = Condition(prompts["context"], prompts["uncond_context"])
-    chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width, partial(multistep2_fm, steps=steps),
+    chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width, partial(multistep2_fm, steps=steps, shift=shift),
                            lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout))
     video = torch.cat([c.frames for c in chunks], dim=2)
     net.model.train(was_training)
@@ -103,11 +106,11 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
 
 
 def sample_phase(kind: str, model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int = 0,
-                 writer=None) -> torch.Tensor:
+                 writer=None, teacher_shift: float = 1.0) -> torch.Tensor:
     """Sample a trained phase the way it is meant to be sampled: the ODE for teachers, few-step otherwise.
 
     ``writer`` (streamed output) is only used by the few-step sampler; the ODE returns the whole video.
     """
     if kind == "teacher":
-        return teacher_sample(model, prompts, data_cfg, steps, guidance, seed=seed)
+        return teacher_sample(model, prompts, data_cfg, steps, guidance, seed=seed, shift=teacher_shift)
     return student_sample(model, prompts, data_cfg, steps, guidance, seed=seed, writer=writer)

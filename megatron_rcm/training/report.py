@@ -8,6 +8,12 @@ teacher phase so every later phase is compared against the same videos.
 
 Everything here takes a :class:`ReportContext` (config, output folder, device, print), so the
 trainer and the ``megatron-rcm eval`` command share it without a Trainer.
+
+Runs with a VAE (``encoders.diffusers_dir``) write VAE-decoded videos (the streamed one decoded chunk by
+chunk as it is generated) and compare student and teacher in pixel space; data without class ids
+(text prompts) has no classifier, so only MSE/PSNR are reported. A diffusers teacher
+(``teacher_from: diffusers:DIR``) is bidirectional: its reference samples come from the full-attention
+ODE (:mod:`megatron_rcm.inference.bidirectional`) and are cached under ``eval/``.
 """
 from __future__ import annotations
 
@@ -38,9 +44,42 @@ class ReportContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     print: Callable[[str], None] = print
     scalars: Callable[[str, dict, int], None] = _no_scalars  # (tag, values, step), e.g. TensorBoard
+    _vae: object = field(default=None, repr=False)
 
     def phase_dir(self, name: str) -> Path:
         return Path(self.out) / "phases" / name
+
+    def teacher_dir(self, teacher_from: str) -> Path:
+        """Where a teacher's reference samples are cached: its phase folder, or eval/ for a diffusers teacher."""
+        if teacher_from.startswith("diffusers:"):
+            import hashlib
+
+            tag = hashlib.sha256(teacher_from.encode()).hexdigest()[:12]
+            return Path(self.out) / "eval" / f"diffusers_teacher_{tag}"
+        return self.phase_dir(teacher_from)
+
+    def vae(self):
+        """The run's frozen VAE (loaded once), or None for runs without encoders."""
+        if self._vae is None and self.cfg.encoders.has_vae:
+            from ..encoders import load_encoders
+
+            self._vae = load_encoders(self.cfg.encoders, self.cfg.model, self.device, text=False).vae
+        return self._vae
+
+
+def to_pixels(ctx: ReportContext, video: torch.Tensor) -> torch.Tensor:
+    """Latents -> VAE-decoded pixels for runs with a VAE; unchanged otherwise (pixel-space runs)."""
+    vae = ctx.vae()
+    return video if vae is None else vae.decode(video).float()
+
+
+def video_writer_args(ctx: ReportContext) -> dict:
+    """Decoded videos are written at Wan's 16 fps, full size; the tiny pixel-space ones 8 fps, 4x enlarged."""
+    return {"fps": 16, "scale": 1} if ctx.vae() is not None else {}
+
+
+def has_class_ids(prompts: dict) -> bool:
+    return "class_id" in prompts and bool((prompts["class_id"] >= 0).all())
 
 
 def eval_prompts(ctx: ReportContext) -> dict:
@@ -49,7 +88,12 @@ def eval_prompts(ctx: ReportContext) -> dict:
 
 
 def sample(ctx: ReportContext, model, prompts, steps: int, guidance: float, writer=None):
-    return student_sample(model, prompts, ctx.cfg.data, steps, guidance, seed=ctx.cfg.eval.seed, writer=writer)
+    decode = None
+    if writer is not None and ctx.vae() is not None:  # the streamed video: one decoder state for sample 0
+        stream = ctx.vae().stream()
+        decode = lambda chunk: stream.decode(chunk[:1])  # noqa: E731
+    return student_sample(model, prompts, ctx.cfg.data, steps, guidance, seed=ctx.cfg.eval.seed, writer=writer,
+                          decode=decode)
 
 
 def feature_extractor(ctx: ReportContext):
@@ -69,8 +113,11 @@ def feature_extractor(ctx: ReportContext):
 
 def _teacher_cache_key(ctx: ReportContext, num_videos: int) -> dict:
     e, d = ctx.cfg.eval, ctx.cfg.data
-    return {"num_videos": str(num_videos), "teacher_steps": str(e.teacher_steps), "seed": str(e.seed),
-            "cfg_scale": repr(float(e.cfg_scale)), "shape": f"{d.channels}x{d.num_frames}x{d.height}x{d.width}"}
+    key = {"num_videos": str(num_videos), "teacher_steps": str(e.teacher_steps), "seed": str(e.seed),
+           "cfg_scale": repr(float(e.cfg_scale)), "shape": f"{d.channels}x{d.num_frames}x{d.height}x{d.width}"}
+    if e.teacher_shift != 1.0:  # (caches made before the shift existed used 1)
+        key["teacher_shift"] = repr(float(e.teacher_shift))
+    return key
 
 
 def _cached_teacher_samples(path: Path, key: dict):
@@ -95,16 +142,31 @@ def teacher_samples(ctx: ReportContext, teacher_phase: str, teacher, prompts) ->
     overwritten (it stays the run's reference).
     """
     e = ctx.cfg.eval
-    path = ctx.phase_dir(teacher_phase) / TEACHER_SAMPLES
+    path = ctx.teacher_dir(teacher_phase) / TEACHER_SAMPLES
     key = _teacher_cache_key(ctx, len(prompts["context"]))
     cached = _cached_teacher_samples(path, key)
     if cached is not None:
         return cached.to(ctx.device)
-    video = teacher_sample(teacher, prompts, ctx.cfg.data, e.teacher_steps, e.cfg_scale, seed=e.seed)
+    if teacher_phase.startswith("diffusers:"):
+        video = diffusers_teacher_sample(ctx, teacher_phase, teacher, prompts)
+    else:
+        video = teacher_sample(teacher, prompts, ctx.cfg.data, e.teacher_steps, e.cfg_scale, seed=e.seed,
+                               shift=e.teacher_shift)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"video": video.float().cpu().contiguous()}, str(path), metadata=key)
     return video
+
+
+def diffusers_teacher_sample(ctx: ReportContext, spec: str, teacher, prompts) -> torch.Tensor:
+    """The bidirectional teacher's ODE (eval steps, shift and CFG) from the same noise as teacher_sample."""
+    from ..inference.bidirectional import bidirectional_sample
+
+    e, d = ctx.cfg.eval, ctx.cfg.data
+    g = torch.Generator().manual_seed(e.seed)
+    noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=g)
+    return bidirectional_sample(teacher, noise, prompts["context"], prompts["uncond_context"], e.teacher_steps,
+                                e.cfg_scale, e.teacher_shift)
 
 
 def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: Path | None = None):
@@ -116,15 +178,17 @@ def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: 
     from ..utils.video import StreamingVideoWriter
 
     prompts = eval_prompts(ctx)
-    extractor = feature_extractor(ctx)
+    extractor = feature_extractor(ctx) if has_class_ids(prompts) else None
     # no teacher (e.g. MeanFlow from data): no reference videos, only the student's own motion accuracy
     ref = teacher_samples(ctx, phase.teacher_from, teacher, prompts) if teacher is not None else None
+    ref = None if ref is None else to_pixels(ctx, ref)
     rows, metrics = [], {}
     for k in steps:
         writer = None
         if k == 2 and samples_dir is not None:  # the streamed video: frames are written chunk by chunk
-            writer = StreamingVideoWriter(str(Path(samples_dir) / f"{phase.name}_2step_streamed.mp4"))
-        video = sample(ctx, model, prompts, k, 1.0, writer=writer)
+            writer = StreamingVideoWriter(str(Path(samples_dir) / f"{phase.name}_2step_streamed.mp4"),
+                                          **video_writer_args(ctx))
+        video = to_pixels(ctx, sample(ctx, model, prompts, k, 1.0, writer=writer))
         if writer is not None:
             writer.close()
         stats = evaluate_samples(video, video if ref is None else ref, prompts["class_id"], extractor)
@@ -148,10 +212,15 @@ def phase_report(ctx: ReportContext, phase, model, teacher) -> dict:
     samples_dir.mkdir(parents=True, exist_ok=True)
     if phase.kind == "teacher":
         prompts = eval_prompts(ctx)
-        extractor = feature_extractor(ctx)
         video = teacher_samples(ctx, phase.name, model, prompts)
-        path = write_video(str(samples_dir / f"{phase.name}_{e.teacher_steps}step.mp4"), video[: min(4, len(video))])
-        stats = evaluate_samples(video, video, prompts["class_id"], extractor)
+        shown = to_pixels(ctx, video[: min(4, len(video))])
+        shown = shown[0] if len(shown) == 1 else shown  # one video: no grid border
+        path = write_video(str(samples_dir / f"{phase.name}_{e.teacher_steps}step.mp4"), shown,
+                           **video_writer_args(ctx))
+        if not has_class_ids(prompts):  # text prompts: no classifier to read the motion with
+            ctx.print(f"[{phase.name}] teacher {e.teacher_steps}-step samples: {path}")
+            return {}
+        stats = evaluate_samples(video, video, prompts["class_id"], feature_extractor(ctx))
         ctx.print(f"[{phase.name}] teacher {e.teacher_steps}-step samples: {path}; "
                   f"motion accuracy {stats['motion_acc_teacher']:.3f}")
         return {"teacher_motion_acc": stats["motion_acc_teacher"]}

@@ -107,16 +107,23 @@ class Trainer:
         torch.manual_seed(seed)
         model = self.new_model()
         if phase.init_from.startswith("diffusers:"):
-            from ..convert.diffusers_wan import import_diffusers
+            from ..convert.into_run import load_diffusers_into
 
-            imported = import_diffusers(phase.init_from.split(":", 1)[1])
-            model.load_state_dict(imported.state_dict(), strict=False)
+            load_diffusers_into(model, phase.init_from, self._phase_key(phase, "init_from"))
         elif phase.init_from != "scratch":
             self.load_phase_weights(model, phase.init_from)
         return model
 
-    def _frozen(self, phase_name: str) -> CausalWanModel:
-        model = self.load_phase_weights(self.new_model(), phase_name)
+    def _frozen(self, source: str) -> CausalWanModel:
+        """The frozen teacher: an earlier phase's EMA weights, or a diffusers transformer (``diffusers:DIR``)."""
+        if source.startswith("diffusers:"):
+            from ..convert.into_run import load_diffusers_into
+
+            key = next((self._phase_key(p, "teacher_from") for p in self.cfg.phases if p.teacher_from == source),
+                       "teacher_from")
+            model = load_diffusers_into(self.new_model(), source, key)
+        else:
+            model = self.load_phase_weights(self.new_model(), source)
         return model.eval().requires_grad_(False)
 
     def _new_critic(self, phase: PhaseConfig, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
@@ -128,6 +135,19 @@ class Trainer:
         opt = par.optimizers([p for p in model.parameters() if p.requires_grad], [], lr=lr, betas=tuple(betas),
                              weight_decay=weight_decay)[0]
         return TrainedSideModel(model, opt, grad_clip, backward=par.side_backward, sync_and_clip=par.sync_and_clip)
+
+    def _phase_key(self, phase: PhaseConfig, ref: str) -> str:
+        return f"phases.{self.cfg.phases.index(phase)}.{ref}"
+
+    def check_diffusers_sources(self, start_phase: int = 0) -> None:
+        """Before any training: every diffusers folder the remaining phases read matches the run's model."""
+        from ..convert.into_run import check_diffusers_source
+
+        for phase in self.cfg.phases[start_phase:]:
+            for ref in ("init_from", "teacher_from"):
+                spec = getattr(phase, ref)
+                if spec.startswith("diffusers:"):
+                    check_diffusers_source(spec, self.cfg.model, self._phase_key(phase, ref))
 
     # ------------------------------------------------------------------ data
     def make_data(self, phase: PhaseConfig):
@@ -157,6 +177,7 @@ class Trainer:
             resume_path = None if state.get("phase_done") else path
             self.results = [PhaseResult(**r) for r in state.get("results", [])]
             self.logger.print(f"resuming from {path} (phase {start_phase}, step {state['phase_step']})")
+        self.check_diffusers_sources(start_phase)
         for index in range(start_phase, len(self.cfg.phases)):
             self.run_phase(index, resume_path if index == start_phase else None)
         dck.wait_for_pending_save()  # flush point of asynchronous checkpoints

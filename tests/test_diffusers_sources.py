@@ -1,0 +1,167 @@
+"""diffusers:DIR as init_from / teacher_from (strict, config compared key by key) and one-line refusals."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from fixtures.tiny_wan_pipeline import TEXT_LEN, run_overrides
+from megatron_rcm.cli import main
+from megatron_rcm.config.run import load_config
+from megatron_rcm.convert import load_diffusers_state_dict
+from megatron_rcm.convert.into_run import DiffusersSourceError, load_diffusers_into
+from megatron_rcm.models import build_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(pipeline, *extra):
+    return load_config(None, [*run_overrides(pipeline), "data.kind=latent_shards", "data.shard_dir=unused",
+                              "data.channels=4", *extra])
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_strict_load_copies_every_tensor_and_keeps_our_zero_extras(tiny_wan_pipeline):
+    src = load_diffusers_state_dict(tiny_wan_pipeline / "transformer")
+    for extra in ([], ["model.interval_embedding=true"]):
+        cfg = _cfg(tiny_wan_pipeline, *extra)
+        model = load_diffusers_into(build_model(cfg.model, cfg.causal), f"diffusers:{tiny_wan_pipeline}", "k")
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in src.items())
+        assert set(own) - set(src) == ({k for k in own if "interval_embedder" in k} if extra else set())
+        if extra:
+            assert all(torch.count_nonzero(v) == 0 for k, v in own.items() if "interval_embedder.linear_2" in k)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["model.num_layers=3"], ["model.num_layers = 3 (folder: 2)"]),
+    (["model.num_layers=1"], ["model.num_layers = 1 (folder: 2)"]),
+    (["model.eps=1e-5", "model.cross_attn_norm=false"],
+     ["model.cross_attn_norm = False (folder: True)", "model.eps = 1e-05 (folder: 1e-06)"]),
+])
+def test_a_run_whose_model_differs_from_the_folder_stops_before_training(tiny_wan_pipeline, tmp_path, capsys,
+                                                                          overrides, named):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f'phases:\n  - {{name: t, kind: teacher, objective: flow_matching, steps: 1, '
+                    f'init_from: "diffusers:{tiny_wan_pipeline}"}}\n')
+    err = _error(capsys, ["train", str(yaml), *run_overrides(tiny_wan_pipeline), "data.kind=latent_shards",
+                          "data.shard_dir=unused", "data.channels=4", f"output_dir={tmp_path / 'run'}", *overrides])
+    assert "phases.0.init_from: the run's model differs from" in err and "config.json" in err
+    assert all(n in err for n in named), err
+    assert not (tmp_path / "run" / "phases").exists()
+
+
+def test_teacher_from_diffusers_is_the_frozen_folder_model(tiny_wan_pipeline, tmp_path):
+    from megatron_rcm.training.trainer import Trainer
+
+    cfg = _cfg(tiny_wan_pipeline, f"output_dir={tmp_path}",
+               f'phases=[{{name: d, kind: sf_dmd, objective: dmd, teacher_from: "diffusers:{tiny_wan_pipeline}", '
+               'objective_args: {score_mask: full}}]')
+    teacher = Trainer(cfg)._frozen(cfg.phases[0].teacher_from)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    src = load_diffusers_state_dict(tiny_wan_pipeline / "transformer")
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in src.items())
+    bare = tmp_path / "no_transformer"
+    shutil.copytree(tiny_wan_pipeline, bare, ignore=shutil.ignore_patterns("transformer"))
+    cfg.phases[0].teacher_from = f"diffusers:{bare}"
+    with pytest.raises(DiffusersSourceError, match=r"phases.0.teacher_from: .*no transformer/ sub-folder"):
+        Trainer(cfg)._frozen(cfg.phases[0].teacher_from)
+
+
+def test_convert_refusals_are_one_line(tiny_wan_pipeline, tmp_path, capsys):
+    bad = tmp_path / "i2v"
+    shutil.copytree(tiny_wan_pipeline / "transformer", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280}))
+    assert "'image_dim'" in _error(capsys, ["convert", "--from-diffusers", str(bad), "--out", str(tmp_path / "m")])
+    assert "checkpoint file not found" in _error(capsys, ["convert", "--to-diffusers", str(tmp_path / "no.safetensors"),
+                                                          "--out", str(tmp_path / "d")])
+    lone = tmp_path / "lone.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(lone))
+    assert "run's config.yaml" in _error(capsys, ["convert", "--to-diffusers", str(lone), "--out", str(tmp_path / "d")])
+    # a pipeline export from an imported checkpoint: the source must hold every part, and fit the model
+    ckpt = tmp_path / "m.safetensors"
+    assert main(["convert", "--from-diffusers", f"diffusers:{tiny_wan_pipeline}", "--out", str(ckpt)]) == 0
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_wan_pipeline, partial, ignore=shutil.ignore_patterns("scheduler"))
+    err = _error(capsys, ["convert", "--to-diffusers", str(ckpt), "--out", str(tmp_path / "p"), "--pipeline-from",
+                          str(partial)])
+    assert "has no scheduler/ sub-folder" in err and not (tmp_path / "p").exists()
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_wan_pipeline, wide)
+    vae_cfg = json.loads((wide / "vae" / "config.json").read_text())
+    (wide / "vae" / "config.json").write_text(json.dumps({**vae_cfg, "z_dim": 16}))
+    err = _error(capsys, ["convert", "--to-diffusers", str(ckpt), "--out", str(tmp_path / "p"), "--pipeline-from",
+                          str(wide)])
+    assert "makes 16 latent channels but the model's in_channels = 4" in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p.")]  # no temporary folder left behind
+
+
+def test_prompts_need_a_run_with_encoders(tmp_path, capsys):
+    from megatron_rcm.config.run import to_yaml
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=2",
+                             f"output_dir={run}", "phases=[{name: t, kind: teacher, objective: flow_matching}]"])
+    (run / "phases" / "t").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    from safetensors.torch import save_file
+    save_file(build_model(cfg.model, cfg.causal).state_dict(), str(run / "phases" / "t" / "ema.safetensors"))
+    err = _error(capsys, ["generate", str(run), "--phase", "t", "--prompt", "a cat", "--out", str(tmp_path / "x.gif")])
+    assert "encoders.diffusers_dir" in err
+    assert TEXT_LEN  # the fixture module's constants stay importable from here
+
+
+def test_the_wan_1_3b_example_resolves_and_info_counts_on_the_meta_device(capsys):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "wan2.1_t2v_1.3b.yaml"
+    for extra in ([], ["causal.chunk_frames=1"]):  # chunk-wise (3 frames) and frame-wise
+        cfg = load_config(example, ["encoders.diffusers_dir=/data/wan", *extra])
+        assert (cfg.data.num_frames, cfg.data.height, cfg.data.width) == (21, 60, 104)
+        assert cfg.phases[0].init_from == cfg.phases[2].teacher_from == "diffusers:/data/wan"
+        assert cfg.phases[2].objective_args["score_mask"] == "full"
+        capsys.readouterr()
+        assert main(["info", str(example), *extra]) == 0
+        assert "parameters: 1,418,996,800 (1.419 B)" in capsys.readouterr().out
+
+
+def test_teacher_reference_ode_uses_eval_teacher_shift():
+    from functools import partial
+
+    from megatron_rcm.config.model import CausalConfig, model_preset
+    from megatron_rcm.diffusion.samplers import multistep2_fm
+    from megatron_rcm.inference.sampling import teacher_sample
+    from megatron_rcm.inference.streaming import stream_chunks
+    from megatron_rcm.network import Condition, Denoiser
+
+    cfg = load_config(None, ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=2",
+                             "causal.chunk_frames=1"])
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=1), CausalConfig(chunk_frames=1)).double()
+    g = torch.Generator().manual_seed(5)
+    prompts = {"context": torch.randn(1, 8, 32, generator=g, dtype=torch.float64),
+               "uncond_context": torch.randn(1, 8, 32, generator=g, dtype=torch.float64)}
+    shifted = teacher_sample(model, prompts, cfg.data, 3, 2.0, seed=1, shift=3.0)
+    noise = torch.randn(1, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1)).double()
+    starts = iter(torch.split(noise, 1, dim=2))
+    ref = torch.cat([c.frames for c in stream_chunks(
+        Denoiser(model), Condition(prompts["context"], prompts["uncond_context"]), 2, 8, 8,
+        partial(multistep2_fm, steps=3, shift=3.0), lambda _c, _s: next(starts), 2.0)], dim=2)
+    assert torch.allclose(shifted, ref, rtol=0, atol=1e-12)
+    assert (shifted - teacher_sample(model, prompts, cfg.data, 3, 2.0, seed=1)).abs().max() > 1e-3
