@@ -160,6 +160,13 @@ def _norm_affine(x, tx, weight, bias, eps: float, dtype: torch.dtype):
     return n.to(dtype), None if tn is None else tn.to(dtype)
 
 
+def _modulation_vectors(mod):
+    """[B, F, 6, D] -> six [B, F, 1, D] tensors of their own. Why copies (tiny: per frame, not per token):
+    as views of one tensor they alias each other, and a compiled consumer (ops/fusion.py) then guards on
+    their shared base's layout and recompiles for every call site that lays it out differently."""
+    return [t.unsqueeze(2).contiguous() for t in mod.unbind(2)]
+
+
 def _per_frame(x, frames: int):
     """[B, S, D] -> [B, frames, S/frames, D] so per-frame modulation broadcasts over a frame's tokens."""
     return None if x is None else x.unflatten(1, (frames, -1))
@@ -181,8 +188,8 @@ class WanBlock(nn.Module):
         """x [B, S, D]; temb [B, F, 6, D] per-frame modulation (F frames of S/F tokens each)."""
         frames = temb.shape[1]
         mod = self.scale_shift_table.unsqueeze(0) + dual.upcast(temb)  # [B, F, 6, D]
-        m = [t.unsqueeze(2) for t in mod.unbind(2)]  # 6 x [B, F, 1, D]
-        tm = [None] * 6 if ttemb is None else [t.unsqueeze(2) for t in dual.upcast(ttemb).unbind(2)]
+        m = _modulation_vectors(mod)  # 6 x [B, F, 1, D]
+        tm = [None] * 6 if ttemb is None else _modulation_vectors(dual.upcast(ttemb))
         shift, scale, gate, c_shift, c_scale, c_gate = m
         t_shift, t_scale, t_gate, tc_shift, tc_scale, tc_gate = tm
         xf, txf = _per_frame(x, frames), _per_frame(tx, frames)

@@ -20,13 +20,27 @@ from typing import Callable
 import torch
 
 _enabled = os.environ.get("MEGATRON_RCM_COMPILE", "0") == "1"
+_devices: tuple[str, ...] = ("cuda",)  # device types whose calls take the compiled path
+_backend = "inductor"
 _registry: list = []  # every fusable wrapper, so reset() can drop their compiled versions
+# A fusable function legitimately has one graph per (grad mode, tangent or not, array rank of its call
+# site): up to 8, dynamo's default limit, after which it silently runs eager. Shapes never add graphs
+# (dynamic) and views never do (_unview); tests/test_fusion_cpu.py counts them (at most 6 today).
+RECOMPILE_LIMIT = 32
 
 
-def set_enabled(flag: bool) -> None:
-    """Switch the compiled path on or off for every :func:`fusable` function."""
-    global _enabled
-    _enabled = bool(flag)
+def set_enabled(flag: bool, devices: tuple[str, ...] = ("cuda",), backend="inductor") -> None:
+    """Switch the compiled path on or off for every :func:`fusable` function.
+
+    ``devices`` and ``backend`` exist for tests and tools (e.g. counting the graphs dynamo makes on the
+    CPU with a counting backend); training uses the defaults. Changing them drops compiled versions.
+    """
+    global _enabled, _devices, _backend
+    if (tuple(devices), backend) != (_devices, _backend):
+        reset()
+    _enabled, _devices, _backend = bool(flag), tuple(devices), backend
+    if _enabled:  # see RECOMPILE_LIMIT
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def enabled() -> bool:
@@ -37,6 +51,28 @@ def reset() -> None:
     """Forget every compiled version (the next enabled CUDA call compiles again); for tests and tools."""
     for wrapper in _registry:
         wrapper.compiled = None
+
+
+class _Alias(torch.autograd.Function):
+    """The same tensor as a non-view alias (gradient passes through unchanged)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _unview(a):
+    """Why: dynamo guards on a view input's base tensor (its sizes and strides), and the same activation
+    reaches these functions as a view of differently laid out bases (the embedding's concat, the previous
+    block's [B, F, T, D] output, a received pipeline message), so every call site recompiled until the
+    recompile limit sent the calls back to eager. An alias that is not a view has no base to guard on."""
+    if not isinstance(a, torch.Tensor) or not a._is_view():
+        return a
+    return _Alias.apply(a) if a.requires_grad and torch.is_grad_enabled() else a.detach()
 
 
 def _first_tensor(args) -> torch.Tensor | None:
@@ -60,11 +96,13 @@ def fusable(fn: Callable | None = None, *, eager_if: Callable[..., bool] | None 
         if torch.compiler.is_compiling():  # already inside a fused graph: trace the plain function
             return fn(*args, **kwargs)
         x = _first_tensor(args)
-        if not _enabled or x is None or not x.is_cuda or (eager_if is not None and eager_if(*args, **kwargs)):
+        if (not _enabled or x is None or x.device.type not in _devices
+                or (eager_if is not None and eager_if(*args, **kwargs))):
             return fn(*args, **kwargs)
         if wrapper.compiled is None:
-            wrapper.compiled = torch.compile(fn, dynamic=None)
-        return wrapper.compiled(*args, **kwargs)
+            # dynamic: one graph for every sequence length and batch (TF sequences, chunks, CFG doubling)
+            wrapper.compiled = torch.compile(fn, dynamic=True, backend=_backend)
+        return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
 
     wrapper.eager = fn
     wrapper.compiled = None
