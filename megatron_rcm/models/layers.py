@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops import dual
 from ..ops.attention import attention_jvp
+from ..ops.fusion import enabled as fusion_enabled
 from ..ops.fusion import fusable
 from ..ops.masks import GroupMask
 from .rope import apply_rope
@@ -161,10 +162,12 @@ def _norm_affine(x, tx, weight, bias, eps: float, dtype: torch.dtype):
 
 
 def _modulation_vectors(mod):
-    """[B, F, 6, D] -> six [B, F, 1, D] tensors of their own. Why copies (tiny: per frame, not per token):
-    as views of one tensor they alias each other, and a compiled consumer (ops/fusion.py) then guards on
-    their shared base's layout and recompiles for every call site that lays it out differently."""
-    return [t.unsqueeze(2).contiguous() for t in mod.unbind(2)]
+    """[B, F, 6, D] -> six [B, F, 1, D] modulation vectors. With fusion on they are tensors of their own
+    (tiny copies: per frame, not per token): as views of one tensor they alias each other, and the compiled
+    consumers (ops/fusion.py) then guard on their shared base and recompile per call site. Eager runs keep
+    the views (six copy kernels per block would only add launches)."""
+    vectors = [t.unsqueeze(2) for t in mod.unbind(2)]
+    return [v.contiguous() for v in vectors] if fusion_enabled() else vectors
 
 
 def _per_frame(x, frames: int):

@@ -22,10 +22,13 @@ import torch
 _enabled = os.environ.get("MEGATRON_RCM_COMPILE", "0") == "1"
 _devices: tuple[str, ...] = ("cuda",)  # device types whose calls take the compiled path
 _backend = "inductor"
+# torch.compile's ``dynamic``: "auto" (static graphs first, a dynamic one once a shape changes: streaming,
+# whose shapes never change, keeps the faster static kernels) or "true" (dynamic from the first call)
+_DYNAMIC = {"auto": None, "true": True, "false": False}[os.environ.get("MEGATRON_RCM_COMPILE_DYNAMIC", "auto")]
 _registry: list = []  # every fusable wrapper, so reset() can drop their compiled versions
 # A fusable function legitimately has one graph per (grad mode, tangent or not, array rank of its call
-# site): up to 8, dynamo's default limit, after which it silently runs eager. Shapes never add graphs
-# (dynamic) and views never do (_unview); tests/test_fusion_cpu.py counts them (at most 6 today).
+# site), plus the static graph it starts with: up to 9, past dynamo's default limit of 8, after which it
+# silently runs eager. Views never add graphs (_unview); tests/test_fusion_cpu.py counts them.
 RECOMPILE_LIMIT = 32
 
 
@@ -100,8 +103,7 @@ def fusable(fn: Callable | None = None, *, eager_if: Callable[..., bool] | None 
                 or (eager_if is not None and eager_if(*args, **kwargs))):
             return fn(*args, **kwargs)
         if wrapper.compiled is None:
-            # dynamic: one graph for every sequence length and batch (TF sequences, chunks, CFG doubling)
-            wrapper.compiled = torch.compile(fn, dynamic=True, backend=_backend)
+            wrapper.compiled = torch.compile(fn, dynamic=_DYNAMIC, backend=_backend)
         return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
 
     wrapper.eager = fn
