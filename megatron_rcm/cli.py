@@ -9,9 +9,10 @@ from .config.errors import ConfigError
 
 def _cmd_train(args) -> int:
     from .config.run import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch is imported: config errors are instant
     from .training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, device=args.device)
     results = trainer.run()
     if not trainer.par.is_main:  # under torchrun only rank 0 reports

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config.model import ModelConfig
 from ..models.causal_wan import DTYPES, CausalWanModel, build_model
+from .cli import add_convert_arguments  # noqa: F401  (the parser half of the CLI, torch-free)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -258,24 +259,6 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
 
 
 # ---------------------------------------------------------------------- CLI
-def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``megatron-rcm convert``; pair with :func:`run_convert`."""
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-diffusers", metavar="DIR", help="diffusers WanTransformer3DModel folder -> our CKPT")
-    src.add_argument("--to-diffusers", metavar="CKPT", help="our CKPT (.safetensors + .json sidecar, or a sharded "
-                     "training checkpoint folder of any parallel layout: step_* or its checkpoints/ root) "
-                     "-> diffusers DIR")
-    parser.add_argument("--out", required=True, help="output CKPT file or diffusers folder")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
-    parser.add_argument("--max-shard-size", default="5GB", help="diffusers shard size, e.g. 5GB, 500MB, bytes")
-    parser.add_argument("--action-dim", type=int, default=0, help="on import: add a zero-init action embedder")
-    parser.add_argument("--text-len", type=int, default=None, help="on import: text context length (default 512)")
-    parser.add_argument("--drop-action-embedder", action="store_true", help="on export: drop action weights")
-    parser.add_argument("--weights", default="ema", help="on export from a sharded checkpoint: which weights "
-                        "(ema, model, or another saved group such as critic); default ema")
-    return parser
-
-
 def run_convert(ns: argparse.Namespace) -> int:
     """Run the conversion the parsed arguments describe; returns 0 (a CLI exit status)."""
     from .native import load_model_checkpoint, load_sharded_checkpoint_model, save_model_checkpoint
@@ -293,8 +276,3 @@ def run_convert(ns: argparse.Namespace) -> int:
                                drop_action_embedder=ns.drop_action_embedder)
     print(f"wrote {out}")
     return 0
-
-
-def convert_main(argv=None) -> int:
-    parser = add_convert_arguments(argparse.ArgumentParser(prog="megatron-rcm convert"))
-    return run_convert(parser.parse_args(argv))

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from ..config.errors import ConfigError
 
 WEIGHTS = ("ema", "model")
@@ -64,6 +61,8 @@ def weights_path(cfg, phase_name: str, which: str = "ema") -> Path:
 
 def load_phase_model(cfg, phase_name: str, which: str = "ema", device: str | torch.device = "cpu"):
     """A frozen model (eval mode, no grads) with phase ``phase_name``'s ``which`` (ema | model) weights."""
+    from safetensors.torch import load_file
+
     from ..models import build_model
 
     find_phase(cfg, phase_name)
