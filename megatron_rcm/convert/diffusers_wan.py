@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config.model import ModelConfig
 from ..models.causal_wan import DTYPES, CausalWanModel, build_model
+from ..utils.files import follow_umask, save_safetensors
 from .cli import add_convert_arguments  # noqa: F401  (the parser half of the CLI, torch-free)
 
 CONFIG_NAME = "config.json"
@@ -229,17 +230,17 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
         config[_EXTRA_KEY]["dropped_action_dim"] = cfg.action_dim
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = follow_umask(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))  # mkdtemp: 0700
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         shards = _shard(state, limit)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_safetensors(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         else:
             weight_map, total = {}, 0
             for i, shard in enumerate(shards, 1):
                 name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
                 for k, v in shard.items():
                     weight_map[k] = name
                     total += v.numel() * v.element_size()

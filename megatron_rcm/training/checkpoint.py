@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..utils.files import sha256_file
+from ..utils.files import save_safetensors, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
     root.mkdir(parents=True, exist_ok=True)
     tmp = fresh_temp_dir(root, step, f"tmp-{os.getpid()}")
     for group, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{group}.safetensors"))
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / f"{group}.safetensors")
     torch.save(state, tmp / "state.pt")
     return commit_checkpoint(root, tmp, step, keep)
 

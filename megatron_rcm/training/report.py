@@ -17,9 +17,10 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..inference.sampling import prompt_batch, student_sample, teacher_sample
+from ..utils.files import save_safetensors
 
 _SCALARS = ("mse", "psnr", "fd", "motion_acc_student", "motion_acc_teacher")
 TEACHER_SAMPLES = "eval_teacher_samples.safetensors"
@@ -103,7 +104,7 @@ def teacher_samples(ctx: ReportContext, teacher_phase: str, teacher, prompts) ->
     video = teacher_sample(teacher, prompts, ctx.cfg.data, e.teacher_steps, e.cfg_scale, seed=e.seed)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"video": video.float().cpu().contiguous()}, str(path), metadata=key)
+        save_safetensors({"video": video.float().cpu().contiguous()}, path, metadata=key)
     return video
 
 

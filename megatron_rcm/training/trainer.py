@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config.run import PhaseConfig, RunConfig, to_yaml
 from ..models import CausalWanModel, build_model
 from ..ops import fusion
+from ..utils.files import save_safetensors
 from . import dist_checkpoint as dck
 from .distributed import TrainerParallel
 from .ema import EMA
@@ -294,6 +295,6 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         for which, sd in states:
             tmp = d / f".{which}.tmp.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp)
             tmp.replace(d / f"{which}.safetensors")
         self.par.barrier()
