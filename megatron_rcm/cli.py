@@ -9,8 +9,10 @@ from .config.errors import ConfigError
 
 def _cmd_train(args) -> int:
     from .config.run import load_config
+    from .data.checks import check_data
 
     cfg = load_config(args.config, args.overrides)  # before torch is imported: config errors are instant
+    check_data(cfg)  # shard folders vs the config, before any run folder exists
     from .training.trainer import Trainer
 
     trainer = Trainer(cfg, device=args.device)
