@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, UsageError
 
 WEIGHTS = ("ema", "model")
 
 
-class RunDirError(ConfigError):
+class RunDirError(UsageError):
     """A run folder that cannot serve the request; a ConfigError so the CLI reports it without a trace."""
 
     def __init__(self, message: str):
-        self.key, self.value, self.allowed = "RUN_DIR", None, message
-        ValueError.__init__(self, message)
+        super().__init__(message, key="RUN_DIR")
 
 
 def load_run_config(run_dir: str | Path):
