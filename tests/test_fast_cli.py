@@ -36,6 +36,12 @@ def test_help_imports_no_torch(argv):
 @pytest.mark.parametrize("override,key", [
     ("model.nope=1", "model.nope"),
     ("eval.student_steps=[0,2]", "eval.student_steps"),
+    ("eval.student_steps=[]", "eval.student_steps"),
+    ("eval.student_steps=[2,2]", "eval.student_steps"),
+    ("eval.teacher_steps=0", "eval.teacher_steps"),
+    ("eval.num_videos=0", "eval.num_videos"),
+    ("eval.cfg_scale=-1", "eval.cfg_scale"),
+    ("eval.seed=-3", "eval.seed"),
     ("data.height=7", "data.height/width"),
     ("causal.chunk_frames=3", "causal.chunk_frames"),
     ("phases.1.teacher_from=nope", "phases.1.teacher_from"),

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config.run import PhaseConfig, RunConfig
+from ..data.checks import check_data
 from ..models import CausalWanModel, build_model
 from ..ops import fusion
 from ..utils.files import save_safetensors
@@ -37,7 +38,6 @@ from . import dist_checkpoint as dck
 from .distributed import TrainerParallel
 from .ema import EMA
 from .faults import maybe_fail
-from ..data.checks import check_data
 from .checkpoint import checkpoint_name as ckpt_name
 from .logger import RunLogger
 from .phase_checkpoint import PhaseObjects, load_phase, save_phase
