@@ -204,3 +204,31 @@ def test_a_phase_whose_report_crashed_is_not_retrained(tmp_path, straight, monke
     assert calls == ["teacher", "teacher", "tf_scm"] and results[0].metrics == {"probe": 1.0}
     assert read_done(run / "phases" / "teacher")["report"] == "done"
     _assert_same(_weights(run, "tf_scm"), _weights(straight, "tf_scm"))
+
+
+def test_no_checkpoints_left_continues_from_finished_phases_and_none_finished_offers_restart(tmp_path, one_thread):
+    import shutil
+
+    one = ["phases=[{name: t, kind: teacher, objective: flow_matching, steps: 2}]", "train.checkpoint_every=1"]
+    cfg = _cfg(tmp_path, "run", *one)
+    _train(cfg)
+    run = Path(cfg.output_dir)
+    shutil.rmtree(run / "checkpoints")  # e.g. deleted to save space: the finished phase still counts
+    log = io.StringIO()
+    two = ["phases=[{name: t, kind: teacher, objective: flow_matching, steps: 2}, "
+           "{name: t2, kind: teacher, objective: flow_matching, steps: 1}]", "train.checkpoint_every=1"]
+    assert [r.name for r in _train(_cfg(tmp_path, "run", *two), log=log)] == ["t", "t2"]
+    assert "continuing at phase 't2' from the finished phase(s) t" in log.getvalue()
+
+    cfg = _cfg(tmp_path, "early", *one)
+    with pytest.raises(_Crash):
+        _train(cfg, logger=_CrashingLogger(cfg.output_dir, 2))  # after the step-1 checkpoint
+    early = Path(cfg.output_dir)
+    _corrupt(next((early / "checkpoints" / "step_00000001").glob("__0_*.distcp")))
+    with pytest.raises(ResumeError, match="no phase has finished"):
+        _train(cfg)
+    with pytest.raises(ResumeError, match="--from-finished-phases: no phase of .* has finished"):
+        _train(cfg, start="finished_phases")
+    _train(cfg, start="restart")
+    assert (early / "previous-1" / "checkpoints" / "step_00000001").is_dir()
+    assert read_done(early / "phases" / "t")["result"]["steps"] == 2
