@@ -219,6 +219,11 @@ def test_no_checkpoints_left_continues_from_finished_phases_and_none_finished_of
            "{name: t2, kind: teacher, objective: flow_matching, steps: 1}]", "train.checkpoint_every=1"]
     assert [r.name for r in _train(_cfg(tmp_path, "run", *two), log=log)] == ["t", "t2"]
     assert "continuing at phase 't2' from the finished phase(s) t" in log.getvalue()
+    _corrupt(run / "phases" / "t2" / "model.safetensors")  # same size: only the sha256 can tell
+    log = io.StringIO()
+    _train(_cfg(tmp_path, "run", *two), start="finished_phases", log=log)
+    assert "t2/model.safetensors does not match" in log.getvalue() and "continuing at phase 't2'" in log.getvalue()
+    assert read_done(run / "phases" / "t2")["result"]["steps"] == 1
 
     cfg = _cfg(tmp_path, "early", *one)
     with pytest.raises(_Crash):

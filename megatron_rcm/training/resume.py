@@ -7,7 +7,8 @@ resume that changed settings; the newest describes the folder, :func:`effective_
 **Finished phase**: ``phases/<name>/done.json`` is written right after the phase's weights, holding
 their sizes and sha256 and the phase's result (steps, final loss, skipped steps); its ``report`` field
 is ``pending`` until the end-of-phase report has run, then ``done`` (``skipped`` with
-``eval.at_phase_end=false``). A phase is finished when its done.json is there and its weights match it.
+``eval.at_phase_end=false``). A phase is finished when its done.json is there and its weights match it
+(their sizes; their sha256 too when the run continues from them, which is the only time they are read).
 
 **Modes** (:func:`plan_start`; the ``train`` flags ``--restart`` / ``--from-finished-phases``):
 
@@ -87,8 +88,9 @@ def read_done(phase_dir) -> dict | None:
         return None
 
 
-def check_done(phase_dir, name: str) -> str | None:
-    """None when ``phase_dir`` holds a finished phase ``name`` whose weights match done.json, else why not."""
+def check_done(phase_dir, name: str, full: bool = True) -> str | None:
+    """None when ``phase_dir`` holds a finished phase ``name`` whose weights match done.json (sizes; with
+    ``full`` also sha256), else why not."""
     phase_dir = Path(phase_dir)
     record = read_done(phase_dir)
     if record is None:
@@ -99,17 +101,17 @@ def check_done(phase_dir, name: str) -> str | None:
         p = phase_dir / n
         if not p.is_file():
             return f"{p} is missing ({phase_dir / DONE} lists it)"
-        if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+        if p.stat().st_size != meta["bytes"] or (full and sha256_file(p) != meta["sha256"]):
             return f"{p} does not match {phase_dir / DONE} (size or sha256): it changed after the phase finished"
     return None
 
 
-def finished_prefix(out, names: list[str]) -> tuple[list[dict], list[str]]:
-    """(done records of the leading finished phases, problems found on the way)."""
+def finished_prefix(out, names: list[str], full: bool = True) -> tuple[list[dict], list[str]]:
+    """(done records of the leading finished phases, problems found on the way); ``full``: see check_done."""
     records, problems = [], []
     for name in names:
         d = Path(out) / "phases" / name
-        problem = check_done(d, name)
+        problem = check_done(d, name, full)
         if problem is not None:
             problems.append(problem)
         if problem is not None or not (d / DONE).exists():
@@ -274,13 +276,26 @@ def plan_start(cfg, out, mode: str, checkpoint=None, checkpoint_state: dict | No
     saved_path = effective_config_path(out)
     saved = saved_config_tree(saved_path) if saved_path is not None else None
     old_phases = list(saved.get("phases") or []) if saved else [{"name": n} for n in names]
-    finished, problems = finished_prefix(out, [str(p.get("name")) for p in old_phases])
-    plan.messages += [f"[resume] not a finished phase: {p}" for p in problems]
-    q = len(finished)
+    old_names = [str(p.get("name")) for p in old_phases]
+    finished, problems = finished_prefix(out, old_names, full=False)  # sizes only: cheap for any model
     ck_next, in_progress = 0, None
     if checkpoint is not None:
-        p = int(checkpoint_state["phase_index"])
-        ck_next, in_progress = (p + 1, None) if checkpoint_state.get("phase_done") else (p, p)
+        at = int(checkpoint_state["phase_index"])
+        ck_next, in_progress = (at + 1, None) if checkpoint_state.get("phase_done") else (at, at)
+    if mode == "auto":
+        if checkpoint is None and list_checkpoints(out / "checkpoints"):
+            raise ResumeError(f"no checkpoint in {out / 'checkpoints'} verifies ({'; '.join(bad) or 'none usable'}). "
+                              f"Nothing was changed: {_choices(out, names, finished)}")
+        if checkpoint is None and not finished and not (_any_done(out) or problems):
+            # a new run, or one that never got to its first checkpoint: start at phase 0
+            plan.set_aside = [p.name for p in config_files(out) if p.name != CONFIG]  # stale resume configs
+            plan.set_aside_to = previous if plan.set_aside else ""
+            plan.write_config = (CONFIG, to_yaml(cfg))
+            return plan
+    if mode == "finished_phases" or len(finished) > ck_next:  # the run starts from these weights: sha256 too
+        finished, problems = finished_prefix(out, old_names, full=True)
+    plan.messages += [f"[resume] not a finished phase: {why}" for why in problems]
+    q = len(finished)
     if mode == "finished_phases":
         if not finished:
             why = f" ({'; '.join(problems)})" if problems else ""
@@ -289,20 +304,11 @@ def plan_start(cfg, out, mode: str, checkpoint=None, checkpoint_state: dict | No
         from_finished = True
         plan.set_aside = ["checkpoints"] if (out / "checkpoints").exists() else []
     else:
-        if checkpoint is None and list_checkpoints(out / "checkpoints"):
-            raise ResumeError(f"no checkpoint in {out / 'checkpoints'} verifies ({'; '.join(bad) or 'none usable'}). "
-                              f"Nothing was changed: {_choices(out, names, finished)}")
-        if checkpoint is None and not finished:
-            if _any_done(out) or problems:  # finished-phase records, but not of a usable first phase
-                raise ResumeError(f"{out} has no checkpoints and no usable finished first phase "
-                                  f"({'; '.join(problems) or 'the first phase has no ' + DONE}). "
-                                  "Nothing was changed: re-run the same command with --restart to start over")
-            # a new run, or one that never got to its first checkpoint: start at phase 0
-            plan.set_aside = [p.name for p in config_files(out) if p.name != CONFIG]  # stale resume configs
-            plan.set_aside_to = previous if plan.set_aside else ""
-            plan.write_config = (CONFIG, to_yaml(cfg))
-            return plan
         from_finished = q > ck_next
+        if checkpoint is None and not from_finished:  # finished-phase records, but not of a usable first phase
+            raise ResumeError(f"{out} has no checkpoints and no usable finished first phase "
+                              f"({'; '.join(problems) or 'the first phase has no ' + DONE}). "
+                              "Nothing was changed: re-run the same command with --restart to start over")
     position = q if from_finished else ck_next
     if from_finished:
         in_progress = None
