@@ -8,7 +8,7 @@ resume that changed settings; the newest describes the folder, :func:`effective_
 their sizes and sha256 and the phase's result (steps, final loss, skipped steps); its ``report`` field
 is ``pending`` until the end-of-phase report has run, then ``done`` (``skipped`` with
 ``eval.at_phase_end=false``). A phase is finished when its done.json is there and its weights match it
-(their sizes; their sha256 too when the run continues from them, which is the only time they are read).
+(their sizes; their sha256 too when the run continues from them instead of from a checkpoint).
 
 **Modes** (:func:`plan_start`; the ``train`` flags ``--restart`` / ``--from-finished-phases``):
 
