@@ -9,10 +9,14 @@ from .config.errors import ConfigError
 
 def _cmd_train(args) -> int:
     from .config.run import load_config
+    from .data.checks import check_data
+
+    cfg = load_config(args.config, args.overrides)  # before torch is imported: config errors are instant
+    check_data(cfg)  # shard folders vs the config, before any run folder exists
     from .training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, device=args.device)
+    start = "restart" if args.restart else "finished_phases" if args.from_finished_phases else "auto"
+    trainer = Trainer(cfg, device=args.device, start=start)
     results = trainer.run()
     if not trainer.par.is_main:  # under torchrun only rank 0 reports
         return 0
@@ -41,11 +45,21 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-rcm", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op CPU threads per process (default: OMP_NUM_THREADS if set, else the CPUs of "
+                        "this process's affinity divided by the ranks on this node)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run the training phases of a config (teacher -> TF-CM -> SF-DMD)")
+    p = sub.add_parser("train", help="run the training phases of a config (teacher -> TF-CM -> SF-DMD)",
+                       description="Run the phases of CONFIG into its output_dir; an existing run folder is resumed "
+                       "(README: Checkpoints and resume).")
     _add_config_args(p)
     p.add_argument("--device", default="cpu")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--restart", action="store_true", help="start over: the folder's checkpoints/, phases/, "
+                       "samples/ and configs move to OUTPUT_DIR/previous-N/ (nothing is deleted)")
+    start.add_argument("--from-finished-phases", action="store_true", help="continue at the first unfinished phase "
+                       "from the finished phases' weights (phases/<name>/done.json), setting the checkpoints aside")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("info", help="print the resolved config and the model size")
@@ -86,10 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads {args.threads}: expected a positive number of threads", file=sys.stderr)
+        return 2
+    if args.command != "launch":  # launch sets its workers' threads itself
+        from .utils.threads import configure_threads
+
+        configure_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # quiet: rank 0 of this torchrun job has said it
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 

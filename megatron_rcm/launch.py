@@ -81,7 +81,6 @@ CLUSTER_ENV = {
     # Fail fast instead of hanging on a dead peer; async error handling lets torchrun restart the job.
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "NCCL_DEBUG": "WARN",
-    "OMP_NUM_THREADS": "8",
     # NVLink multicast (NVLS) off: not available on every fabric and a source of hangs on shared hosts.
     "NCCL_NVLS_ENABLE": "0",
     # Workers get their own rendezvous store per attempt: with torchrun's shared store (the default)
@@ -122,6 +121,36 @@ def add_launch_arguments(p) -> None:
     p.add_argument("program", nargs="+", help="megatron-rcm subcommand and its arguments, after --")
 
 
+def worker_env(spec: LaunchSpec, threads: int | None = None, environ=None) -> dict[str, str]:
+    """What the launcher adds to the workers' environment: CLUSTER_ENV (unless already set) and
+    ``OMP_NUM_THREADS``: ``threads``, else the user's, else this node's CPUs (affinity) / its ranks."""
+    from .utils.threads import threads_per_process
+
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in CLUSTER_ENV.items() if k not in environ}
+    n, source = threads_per_process(spec.nproc_per_node, threads, environ)
+    if source != "OMP_NUM_THREADS":  # the user's own value is inherited as it is
+        env["OMP_NUM_THREADS"] = str(n)
+    return env
+
+
+def preflight(program: list[str], node_rank: int = 0) -> None:
+    """For ``launch -- train CONFIG ...``: what would stop every rank, checked once before torchrun starts
+    them (the config, the shard folder and - on node 0 - a trainer already holding the run folder)."""
+    if not program or program[0] != "train":
+        return
+    from .cli import build_parser
+    from .config.run import load_config
+    from .data.checks import check_data
+    from .training.run_lock import probe
+
+    args = build_parser().parse_args(program)
+    cfg = load_config(args.config, args.overrides)
+    check_data(cfg)
+    if node_rank == 0:
+        probe(cfg.output_dir)
+
+
 def run_launch(args) -> int:
     import subprocess
     import sys
@@ -131,9 +160,13 @@ def run_launch(args) -> int:
     else:
         spec = LaunchSpec(args.nnodes, args.nproc_per_node or 1, args.node_rank, args.master_addr, args.master_port,
                           args.max_restarts)
-    env = {k: v for k, v in CLUSTER_ENV.items() if k not in os.environ}
+    env = worker_env(spec, getattr(args, "threads", None))
     cmd = torchrun_command(spec, ["-m", "megatron_rcm.cli", *args.program])
     print(format_command(cmd, env), flush=True)
     if args.dry_run:
         return 0
+    try:
+        preflight(args.program, spec.node_rank)
+    except SystemExit as e:  # argparse already printed what is wrong with the train arguments
+        return int(e.code or 0)
     return subprocess.call([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env={**os.environ, **env})

@@ -44,18 +44,8 @@ def sharded(tmp_path_factory):
 
 
 def _from_pretrained(folder):
-    """diffusers' own loader; without `accelerate` it refuses `_keep_in_fp32_modules`, which is moot in fp32."""
-    try:
-        return WanTransformer3DModel.from_pretrained(folder).float().eval()
-    except ValueError as e:
-        if "low_cpu_mem_usage" not in str(e):
-            raise
-    keep = WanTransformer3DModel._keep_in_fp32_modules
-    WanTransformer3DModel._keep_in_fp32_modules = None
-    try:
-        return WanTransformer3DModel.from_pretrained(folder, low_cpu_mem_usage=False).float().eval()
-    finally:
-        WanTransformer3DModel._keep_in_fp32_modules = keep
+    """diffusers' own loader, as a user would call it (it needs `accelerate`, a dependency of the export path)."""
+    return WanTransformer3DModel.from_pretrained(folder).float().eval()
 
 
 def _inputs(seed=1, b=2, f=3):

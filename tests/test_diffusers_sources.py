@@ -26,6 +26,17 @@ def _cfg(pipeline, *extra):
                               "data.channels=4", *extra])
 
 
+def _shards(pipeline, folder) -> str:
+    """A valid two-sample shard folder of the run's shapes (the data check runs before the model checks)."""
+    from megatron_rcm.data.shards import ShardWriter
+
+    d = _cfg(pipeline).data
+    with ShardWriter(str(folder), shard_size=2) as writer:
+        writer.write({"latents": torch.zeros(2, d.channels, d.num_frames, d.height, d.width),
+                      "context": torch.zeros(2, d.text_len, d.text_dim)})
+    return str(folder)
+
+
 def _error(capsys, argv) -> str:
     capsys.readouterr()
     assert main(argv) == 2
@@ -58,8 +69,9 @@ def test_a_run_whose_model_differs_from_the_folder_stops_before_training(tiny_wa
     yaml = tmp_path / "run.yaml"
     yaml.write_text(f'phases:\n  - {{name: t, kind: teacher, objective: flow_matching, steps: 1, '
                     f'init_from: "diffusers:{tiny_wan_pipeline}"}}\n')
+    shards = _shards(tiny_wan_pipeline, tmp_path / "shards")
     err = _error(capsys, ["train", str(yaml), *run_overrides(tiny_wan_pipeline), "data.kind=latent_shards",
-                          "data.shard_dir=unused", "data.channels=4", f"output_dir={tmp_path / 'run'}", *overrides])
+                          f"data.shard_dir={shards}", "data.channels=4", f"output_dir={tmp_path / 'run'}", *overrides])
     assert "phases.0.init_from: the run's model differs from" in err and "config.json" in err
     assert all(n in err for n in named), err
     assert not (tmp_path / "run" / "phases").exists()

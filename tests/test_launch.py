@@ -48,3 +48,30 @@ def test_dry_run_prints_the_command(capsys):
     out = capsys.readouterr().out
     assert "torchrun --nnodes=1 --nproc-per-node=2" in out and "megatron_rcm.cli train x.yaml" in out
     assert format_command(["a b"], {"K": "v"}) == "K=v 'a b'"
+
+
+def test_workers_share_the_cpus_of_this_node(monkeypatch):
+    from megatron_rcm.launch import worker_env
+    from megatron_rcm.utils import threads
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: 16)
+    spec = LaunchSpec(nproc_per_node=4)
+    assert worker_env(spec, environ={})["OMP_NUM_THREADS"] == "4"  # 16 CPUs / 4 local ranks
+    assert worker_env(LaunchSpec(nproc_per_node=32), environ={})["OMP_NUM_THREADS"] == "1"
+    assert worker_env(spec, threads=3, environ={"OMP_NUM_THREADS": "2"})["OMP_NUM_THREADS"] == "3"  # the flag wins
+    assert "OMP_NUM_THREADS" not in worker_env(spec, environ={"OMP_NUM_THREADS": "2"})  # inherited as set
+
+
+def test_launch_checks_the_run_before_starting_any_rank(tmp_path, capsys):
+    from megatron_rcm.cli import main
+    from megatron_rcm.training.run_lock import RunLock
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {num_layers: 1}\nphases: [{name: t, kind: teacher, objective: flow_matching, steps: 1}]\n")
+    argv = ["launch", "--nproc-per-node", "2", "--", "train", str(cfg), f"output_dir={tmp_path / 'run'}"]
+    assert main(argv + ["eval.student_steps=[0]"]) == 2
+    assert "'eval.student_steps'" in capsys.readouterr().err
+    with RunLock(tmp_path / "run"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is in use by another trainer" in err

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "float64")  # names of models.causal_wan.DTYPES
+
 
 @dataclass
 class ModelConfig:
@@ -95,13 +97,15 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
                           "true or false (true adds the MeanFlow interval embedding)")
     if cfg.eps <= 0:
         raise ConfigError(f"{prefix}.eps", cfg.eps, "a positive float")
-    if cfg.param_dtype not in ("float32", "bfloat16", "float16", "float64"):
-        raise ConfigError(f"{prefix}.param_dtype", cfg.param_dtype, "float32, bfloat16, float16 or float64")
+    if cfg.param_dtype not in PARAM_DTYPES:
+        raise ConfigError(f"{prefix}.param_dtype", cfg.param_dtype, " or ".join(PARAM_DTYPES))
+
+
+# always registered by ops.attention; other names (e.g. "fused") need the registry, which imports torch
+_BUILTIN_BACKENDS = ("auto", "reference", "sdpa")
 
 
 def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: str = "causal") -> None:
-    from ..ops.attention import available_backends
-
     if cfg.chunk_frames <= 0:
         raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames, "a positive integer (1 = frame-wise)")
     if num_frames is not None and num_frames % cfg.chunk_frames:
@@ -112,5 +116,8 @@ def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: st
         raise ConfigError(f"{prefix}.window_chunks", cfg.window_chunks, ">= 0 (0 = unlimited)")
     if cfg.sink_chunks < 0:
         raise ConfigError(f"{prefix}.sink_chunks", cfg.sink_chunks, ">= 0")
-    if cfg.attention_backend not in available_backends():
-        raise ConfigError(f"{prefix}.attention_backend", cfg.attention_backend, f"one of {available_backends()}")
+    if cfg.attention_backend not in _BUILTIN_BACKENDS:
+        from ..ops.attention import available_backends
+
+        if cfg.attention_backend not in available_backends():
+            raise ConfigError(f"{prefix}.attention_backend", cfg.attention_backend, f"one of {available_backends()}")

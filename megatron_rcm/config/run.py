@@ -7,6 +7,7 @@ before any model is built.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ def validate_run(cfg: RunConfig) -> None:
         raise ConfigError("train.grad_accum", cfg.train.grad_accum, "an integer >= 1")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError("train.precision", cfg.train.precision, "fp32 or bf16")
+    validate_eval(cfg.eval)
     seen: list[str] = []
     for i, phase in enumerate(cfg.phases):
         key = f"phases.{i}"
@@ -169,11 +171,30 @@ def validate_run(cfg: RunConfig) -> None:
             ref = getattr(phase, ref_key)
             if ref and ref != "scratch" and not ref.startswith("diffusers:") and ref not in seen:
                 raise ConfigError(f"{key}.{ref_key}", ref, f"'scratch', 'diffusers:<dir>' or an earlier phase: {seen}")
-        from ..training.registry import validate_objective  # objectives depend on config, not vice versa
-
-        validate_objective(phase, key, cfg.model)
         seen.append(phase.name)
     validate_run_parallel(cfg)
+    # last: checking objective_args imports the objectives (and torch), so every other mistake is reported instantly
+    from ..training.registry import validate_objective  # objectives depend on config, not vice versa
+
+    for i, phase in enumerate(cfg.phases):
+        validate_objective(phase, f"phases.{i}", cfg.model)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """The end-of-phase report's settings, checked at load: a bad value would otherwise fail after a phase trained."""
+    steps = list(e.student_steps)
+    if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
+        raise ConfigError("eval.student_steps", steps, "a non-empty list of positive step counts, e.g. [1, 2, 4]")
+    if len(set(steps)) != len(steps):
+        raise ConfigError("eval.student_steps", steps, "step counts without repeats")
+    if e.teacher_steps < 1:
+        raise ConfigError("eval.teacher_steps", e.teacher_steps, "a positive number of ODE steps for the reference")
+    if e.num_videos < 1:
+        raise ConfigError("eval.num_videos", e.num_videos, "at least 1 prompt (2+ for the Frechet distance)")
+    if not math.isfinite(e.cfg_scale) or e.cfg_scale < 0:
+        raise ConfigError("eval.cfg_scale", e.cfg_scale, "a finite guidance scale >= 0 (1 = no guidance)")
+    if e.seed < 0:
+        raise ConfigError("eval.seed", e.seed, "an integer >= 0")
 
 
 def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None:

@@ -14,11 +14,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config.errors import ConfigError
 from ..config.model import ModelConfig
 from ..models.causal_wan import DTYPES, CausalWanModel, build_model
+from ..utils.files import follow_umask, save_safetensors
+from .cli import add_convert_arguments  # noqa: F401  (the parser half of the CLI, torch-free)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -235,17 +237,17 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
         config[_EXTRA_KEY]["dropped_action_dim"] = cfg.action_dim
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = follow_umask(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))  # mkdtemp: 0700
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         shards = _shard(state, limit)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_safetensors(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         else:
             weight_map, total = {}, 0
             for i, shard in enumerate(shards, 1):
                 name = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
                 for k, v in shard.items():
                     weight_map[k] = name
                     total += v.numel() * v.element_size()
@@ -265,27 +267,6 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
 
 
 # ---------------------------------------------------------------------- CLI
-def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``megatron-rcm convert``; pair with :func:`run_convert`."""
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-diffusers", metavar="DIR", help="diffusers WanTransformer3DModel folder -> our CKPT")
-    src.add_argument("--to-diffusers", metavar="CKPT", help="our CKPT (.safetensors + .json sidecar, or a sharded "
-                     "training checkpoint folder of any parallel layout: step_* or its checkpoints/ root) "
-                     "-> diffusers DIR")
-    parser.add_argument("--out", required=True, help="output CKPT file or diffusers folder")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
-    parser.add_argument("--max-shard-size", default="5GB", help="diffusers shard size, e.g. 5GB, 500MB, bytes")
-    parser.add_argument("--action-dim", type=int, default=0, help="on import: add a zero-init action embedder")
-    parser.add_argument("--text-len", type=int, default=None, help="on import: text context length (default 512)")
-    parser.add_argument("--drop-action-embedder", action="store_true", help="on export: drop action weights")
-    parser.add_argument("--weights", default="ema", help="on export from a sharded checkpoint: which weights "
-                        "(ema, model, or another saved group such as critic); default ema")
-    parser.add_argument("--pipeline-from", metavar="DIR_SRC", default=None, help="on export: write a complete "
-                        "diffusers WanPipeline folder, taking vae/, text_encoder/, tokenizer/, scheduler/ and "
-                        "model_index.json from this pipeline folder")
-    return parser
-
-
 class ConvertInputError(ConfigError):
     """A refused conversion, reported by the CLI as one line (exit code 2)."""
 
@@ -335,8 +316,3 @@ def _convert(ns: argparse.Namespace) -> int:
                                    drop_action_embedder=ns.drop_action_embedder)
     print(f"wrote {out}")
     return 0
-
-
-def convert_main(argv=None) -> int:
-    parser = add_convert_arguments(argparse.ArgumentParser(prog="megatron-rcm convert"))
-    return run_convert(parser.parse_args(argv))

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config.model import ModelConfig
+from ..utils.files import save_safetensors
 
 
 def _sidecar(path: Path) -> Path:
@@ -23,7 +24,7 @@ def save_model_checkpoint(model, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
+    save_safetensors(state, tmp)
     side_tmp = path.with_name(path.name + ".json.tmp")
     side_tmp.write_text(json.dumps({"model": dataclasses.asdict(model.cfg)}, indent=2))
     os.replace(tmp, path)

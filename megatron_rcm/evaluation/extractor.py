@@ -6,7 +6,9 @@ import os
 
 import torch
 from torch import nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..utils.files import save_safetensors
 
 
 class VideoFeatureExtractor(nn.Module):
@@ -32,7 +34,7 @@ class VideoFeatureExtractor(nn.Module):
 
     def save(self, path: str) -> None:
         meta = {"num_classes": str(self.num_classes), "channels": str(self.channels), "width": str(self.width)}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path, metadata=meta)
+        save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str) -> "VideoFeatureExtractor":

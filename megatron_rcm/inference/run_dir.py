@@ -1,6 +1,7 @@
 """Open a training run folder (``output_dir``) for sampling: its config and a phase's weights.
 
-A run folder holds ``config.yaml`` (written by ``megatron-rcm train``) and
+A run folder holds ``config.yaml`` (written by ``megatron-rcm train``; ``config.resume-N.yaml`` beside it after
+resumes with changed settings, the newest being the one read) and
 ``phases/<name>/{model,ema}.safetensors`` (written at the end of each phase). Every way this can be
 wrong (no folder, no config, unknown phase, phase not trained yet) is a :class:`RunDirError` that
 names the missing piece and how to produce it.
@@ -9,31 +10,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, UsageError
 
 WEIGHTS = ("ema", "model")
 
 
-class RunDirError(ConfigError):
+class RunDirError(UsageError):
     """A run folder that cannot serve the request; a ConfigError so the CLI reports it without a trace."""
 
     def __init__(self, message: str):
-        self.key, self.value, self.allowed = "RUN_DIR", None, message
-        ValueError.__init__(self, message)
+        super().__init__(message, key="RUN_DIR")
 
 
 def load_run_config(run_dir: str | Path):
-    """The run's saved config, with ``output_dir`` pointing at ``run_dir`` (the folder may have moved)."""
+    """The run's saved config (the newest: ``config.resume-N.yaml`` after resumes with changed settings,
+    else ``config.yaml``), with ``output_dir`` pointing at ``run_dir`` (the folder may have moved)."""
     from ..config.run import load_config
+    from ..training.resume import effective_config_path
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run folder {run_dir} does not exist; give the output_dir of a run "
                           "(`megatron-rcm train CONFIG output_dir=...` creates it)")
-    path = run_dir / "config.yaml"
+    path = effective_config_path(run_dir) or run_dir / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{path} is missing: {run_dir} is not a training run folder "
                           "(`megatron-rcm train CONFIG output_dir=...` writes config.yaml there)")
@@ -64,6 +63,8 @@ def weights_path(cfg, phase_name: str, which: str = "ema") -> Path:
 
 def load_phase_model(cfg, phase_name: str, which: str = "ema", device: str | torch.device = "cpu"):
     """A frozen model (eval mode, no grads) with phase ``phase_name``'s ``which`` (ema | model) weights."""
+    from safetensors.torch import load_file
+
     from ..models import build_model
 
     find_phase(cfg, phase_name)

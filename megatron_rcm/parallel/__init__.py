@@ -11,11 +11,24 @@ Typical use in a trainer (every rank, launched by torchrun or srun)::
     # loss = pipeline_forward_backward(model, microbatches, forward_fn, loss_fn)
     sync_gradients(model, groups); opt.step()
 """
+from __future__ import annotations
+
 from .config import ParallelConfig, validate_parallel
-from .model import ParallelContext, parallelize_model, shard_like, sync_gradients, tp_shard_dim
-from .optim import sharded_optimizer
-from .pipeline import pipeline_forward_backward
-from .state import ParallelGroups, destroy_parallel, initialize_parallel
+
+# the torch-heavy parts load on first use, so `parallel.config` (read by every config load) stays torch-free
+_LAZY = {"ParallelContext": "model", "parallelize_model": "model", "shard_like": "model",
+         "sync_gradients": "model", "tp_shard_dim": "model", "sharded_optimizer": "optim",
+         "pipeline_forward_backward": "pipeline",
+         "ParallelGroups": "state", "destroy_parallel": "state", "initialize_parallel": "state"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ParallelConfig", "validate_parallel", "ParallelContext", "parallelize_model", "shard_like",
            "sync_gradients", "tp_shard_dim", "sharded_optimizer", "pipeline_forward_backward", "ParallelGroups",

@@ -142,16 +142,18 @@ def candidate_checkpoints(root: str | Path) -> list[Path]:
     return candidates
 
 
-def valid_checkpoints(root: str | Path):
+def valid_checkpoints(root: str | Path, bad: list | None = None):
     """Checkpoints that verify, best first: the one ``latest`` names, then newest to oldest.
 
-    Each bad one is reported (with the offending file) and skipped. A generator, so only as many
-    are verified as the caller needs."""
+    Each bad one is reported (with the offending file; its message also appended to ``bad``) and
+    skipped. A generator, so only as many are verified as the caller needs."""
     for path in candidate_checkpoints(root):
         try:
             verify_checkpoint(path)
         except (CheckpointError, OSError) as e:
             report_unusable(e)
+            if bad is not None:
+                bad.append(str(e))
             continue
         yield path
 

@@ -314,15 +314,16 @@ def _load_targets(md: dict, tensors, optimizers, tp: _TensorParallel, replicated
     return state, optim_targets, missing
 
 
-def choose_checkpoint(root) -> Path | None:
+def choose_checkpoint(root, bad: list | None = None) -> Path | None:
     """Collectively: the checkpoint to resume from, the same on every rank.
 
     ``latest`` if it verifies, else the newest older one that does (the ranks share the hashing); each
-    bad one is reported (rank 0) with the offending file. None when there is no usable checkpoint."""
+    bad one is reported (rank 0) with the offending file, and its message appended to ``bad``. None when
+    there is no usable checkpoint."""
     wait_for_pending_save()
     pg = _ckpt_group()
     if pg is None:
-        return next(ckpt.valid_checkpoints(root), None)
+        return next(ckpt.valid_checkpoints(root, bad), None)
     rank, world = _rank_world()
     candidates = _broadcast([str(p) for p in ckpt.candidate_checkpoints(root)] if rank == 0 else None, pg)
     for path in map(Path, candidates):
@@ -338,6 +339,8 @@ def choose_checkpoint(root) -> Path | None:
             return path
         if rank == 0:
             ckpt.report_unusable(ckpt.CheckpointError("; ".join(errors)))
+        if bad is not None:
+            bad.append("; ".join(errors))
     return None
 
 

@@ -22,7 +22,7 @@ import os
 import torch
 from torch import nn
 
-from ..config.errors import ConfigError
+from ..config.errors import ConfigError, UsageError
 from ..network import BatchNoise, StepContext
 
 
@@ -182,6 +182,32 @@ class TrainerParallel:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def agree(self, decide):
+        """Rank 0 runs ``decide()``; every rank returns its result, or raises its ConfigError (the other
+        ranks quietly: rank 0 reports it), so no rank waits for a peer that has given up. Collective."""
+        if self.groups is None:
+            return decide()
+        import torch.distributed as dist
+
+        box = [None]
+        error = None
+        if self.is_main:
+            try:
+                box = [("ok", decide())]
+            except ConfigError as e:
+                error, box = e, [("error", str(e))]
+            except BaseException as e:  # tell the others before dying, so they do not hang
+                error, box = e, [("crash", f"{type(e).__name__}: {e}")]
+        dist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if error is not None:
+            raise error
+        if status == "ok":
+            return value
+        if status == "error":
+            raise UsageError(value, quiet=True)
+        raise RuntimeError(f"rank 0 failed while starting the run: {value}")
 
     def full_state_dict(self, model: nn.Module) -> dict | None:
         """Unsharded weights on rank 0 (None on the others). Collective."""

@@ -23,9 +23,10 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..inference.sampling import prompt_batch, student_sample, teacher_sample
+from ..utils.files import save_safetensors
 
 _SCALARS = ("mse", "psnr", "fd", "motion_acc_student", "motion_acc_teacher")
 TEACHER_SAMPLES = "eval_teacher_samples.safetensors"
@@ -154,7 +155,7 @@ def teacher_samples(ctx: ReportContext, teacher_phase: str, teacher, prompts) ->
                                shift=e.teacher_shift)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"video": video.float().cpu().contiguous()}, str(path), metadata=key)
+        save_safetensors({"video": video.float().cpu().contiguous()}, path, metadata=key)
     return video
 
 
@@ -190,7 +191,7 @@ def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: 
                                           **video_writer_args(ctx))
         video = to_pixels(ctx, sample(ctx, model, prompts, k, 1.0, writer=writer))
         if writer is not None:
-            writer.close()
+            ctx.print(f"[{phase.name}] {k}-step sample video, streamed chunk by chunk: {writer.close()}")
         stats = evaluate_samples(video, video if ref is None else ref, prompts["class_id"], extractor)
         if ref is None:
             stats = {n: v for n, v in stats.items() if n == "motion_acc_student"}
@@ -229,11 +230,23 @@ def phase_report(ctx: ReportContext, phase, model, teacher) -> dict:
     return metrics
 
 
+# (header, width, decimals) of the numeric columns; widths hold 4-digit FDs (FD is often 100s-1000s)
+_COLUMNS = (("mse", 7, 4), ("psnr", 6, 2), ("fd", 9, 2))
+
+
+def _cell(value: float, width: int, decimals: int) -> str:
+    """``value`` right-aligned in exactly ``width`` characters (exponent notation if it would not fit)."""
+    text = f"{value:{width}.{decimals}f}"
+    return text if len(text) <= width else f"{value:{width}.{max(0, width - 7)}e}"
+
+
 def format_quality_table(name: str, teacher_steps: int, rows) -> str:
+    """The quality table (README "Reading the quality table"): columns stay aligned for any value."""
+    head = " | ".join(f"{h:>{w}}" for h, w, _ in _COLUMNS)
     lines = [f"[{name}] quality vs the teacher's {teacher_steps}-step samples (same prompts and seeds):",
-             "  steps |    mse |  psnr |     fd | motion acc (student / teacher)"]
+             f"  steps | {head} | motion acc (student / teacher)"]
     for k, s in rows:  # a phase without a teacher has only the student's motion accuracy (nan elsewhere)
         g = lambda name: s.get(name, float("nan"))  # noqa: E731
-        lines.append(f"  {k:5d} | {g('mse'):.4f} | {g('psnr'):5.2f} | {g('fd'):6.3f} | "
-                     f"{g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
+        cells = " | ".join(_cell(g(h), w, d) for h, w, d in _COLUMNS)
+        lines.append(f"  {k:5d} | {cells} | {g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
     return "\n".join(lines)

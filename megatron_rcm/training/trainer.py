@@ -7,6 +7,10 @@ as the teacher (``teacher_from``). Checkpoints (every ``train.checkpoint_every``
 phase end) hold everything needed for a bitwise-exact resume on CPU: weights, EMA, optimizer,
 objective state, RNG states and the data position.
 
+Before any work the trainer checks the data (:mod:`..data.checks`), locks the run folder (one trainer
+per folder, :mod:`.run_lock`) and decides where to start (:mod:`.resume`: the newest checkpoint that
+verifies, the finished phases' weights, or a clear refusal), rank 0 deciding for every rank.
+
 Under torchrun (``WORLD_SIZE > 1``) the same loop runs on every rank with the layout of
 ``cfg.parallel`` (see :mod:`.distributed` for the batch split, the RNG rule and what rank 0 does).
 """
@@ -17,26 +21,32 @@ import copy
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..config.run import PhaseConfig, RunConfig, to_yaml
+from ..config.run import PhaseConfig, RunConfig
+from ..data.checks import check_data
 from ..models import CausalWanModel, build_model
 from ..network import Denoiser, StepContext, TrainedSideModel
 from ..objectives import PhaseModels
 from ..ops import fusion
+from ..utils.files import save_safetensors
 from . import dist_checkpoint as dck
 from .distributed import TrainerParallel
 from .ema import EMA
 from .faults import maybe_fail
+from .checkpoint import checkpoint_name as ckpt_name
 from .logger import RunLogger
 from .phase_checkpoint import PhaseObjects, load_phase, save_phase
 from .registry import build_objective
 from .report import ReportContext, phase_report
+from .resume import StartPlan, carry_out, effective_mode, mark_reported, plan_start, read_done, write_done
+from .run_lock import RunLock
 
 
 class TrainingError(RuntimeError):
@@ -64,11 +74,15 @@ def _lr_lambda(warmup: int):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, device: str | torch.device = "cpu", logger: RunLogger | None = None,
-                 parallel: TrainerParallel | None = None, on_step=None):
+                 parallel: TrainerParallel | None = None, on_step=None, start: str = "auto"):
         """``on_step(phase=, step=, student=, ema_model=, teacher=)`` runs after every optimizer step (e.g. to
-        measure quality along training); it must leave the models and the RNG as it found them."""
+        measure quality along training); it must leave the models and the RNG as it found them.
+        ``start``: ``auto`` | ``restart`` | ``finished_phases``, what to do with an existing run folder
+        (:mod:`.resume`; the ``train`` flags ``--restart`` / ``--from-finished-phases``)."""
         self.cfg = cfg
         self.on_step = on_step
+        self.start_mode = start
+        self._lock: RunLock | None = None
         self.device = torch.device(device)
         self.par = parallel or TrainerParallel.from_env(cfg, self.device)
         if self.par.distributed and self.device.type == "cuda":
@@ -139,11 +153,14 @@ class Trainer:
     def _phase_key(self, phase: PhaseConfig, ref: str) -> str:
         return f"phases.{self.cfg.phases.index(phase)}.{ref}"
 
-    def check_diffusers_sources(self, start_phase: int = 0) -> None:
-        """Before any training: every diffusers folder the remaining phases read matches the run's model."""
+    def check_diffusers_sources(self) -> None:
+        """Before any work: every diffusers folder that an unfinished phase reads matches the run's model
+        (finished phases are recognised by their done.json, so a resume does not need folders they used)."""
         from ..convert.into_run import check_diffusers_source
 
-        for phase in self.cfg.phases[start_phase:]:
+        for phase in self.cfg.phases:
+            if read_done(self.phase_dir(phase.name)) is not None:
+                continue
             for ref in ("init_from", "teacher_from"):
                 spec = getattr(phase, ref)
                 if spec.startswith("diffusers:"):
@@ -164,39 +181,95 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> list[PhaseResult]:
-        if self.par.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
-        self.par.barrier()
-        seed_everything(self.cfg.seed)
-        resume = self.find_checkpoint()
-        start_phase, resume_path = 0, None
-        if resume is not None:
-            path, state = resume
-            start_phase = state["phase_index"] + (1 if state.get("phase_done") else 0)
-            resume_path = None if state.get("phase_done") else path
-            self.results = [PhaseResult(**r) for r in state.get("results", [])]
-            self.logger.print(f"resuming from {path} (phase {start_phase}, step {state['phase_step']})")
-        self.check_diffusers_sources(start_phase)
-        for index in range(start_phase, len(self.cfg.phases)):
-            self.run_phase(index, resume_path if index == start_phase else None)
-        dck.wait_for_pending_save()  # flush point of asynchronous checkpoints
+        plan = self._open_run_folder()
+        try:
+            seed_everything(self.cfg.seed)
+            self.results = [PhaseResult(**r) for r in plan.results]
+            for index in plan.pending_reports:
+                self._report_finished_phase(index)
+            for index in range(plan.start_phase, len(self.cfg.phases)):
+                self.run_phase(index, Path(plan.checkpoint) if plan.checkpoint and index == plan.start_phase else None)
+            dck.wait_for_pending_save()  # flush point of asynchronous checkpoints
+        finally:
+            self._close_run_folder()
         self.logger.close()
         self.par.close()
         return self.results
+
+    # ------------------------------------------------------------------ the run folder
+    def _open_run_folder(self) -> StartPlan:
+        """Check the data, lock the folder and decide where to start (:mod:`.resume`), all before any work;
+        rank 0 decides, the other ranks follow its verdict (a refusal ends every rank with exit code 2)."""
+        log = self.logger.print
+
+        def claim():
+            self.check_diffusers_sources()
+            check_data(self.cfg)
+            self._lock = RunLock(self.out).acquire(log=log)
+
+        self.par.agree(claim)
+        try:
+            mode = effective_mode(self.start_mode, log=log)
+            bad: list[str] = []
+            found = dck.choose_checkpoint(self.ckpt_root, bad=bad) if mode == "auto" else None  # collective
+
+            def decide() -> StartPlan:
+                state = dck.read_shared_state(found) if found is not None else None
+                plan = plan_start(self.cfg, self.out, mode, found, state, bad)
+                carry_out(self.out, plan, log=log)
+                return plan
+
+            return self.par.agree(decide)
+        except BaseException:
+            self._close_run_folder()
+            raise
+
+    def _close_run_folder(self) -> None:
+        if self._lock is None:
+            return
+        if not self.par.distributed:  # a background save must not outlive the lock (peers may be gone: skip)
+            with contextlib.suppress(Exception):
+                dck.wait_for_pending_save()
+        self._lock.release()
+        self._lock = None
+
+    def _mark_finished(self, index: int, result: PhaseResult, reported: bool = False) -> None:
+        """``phases/<name>/done.json`` (rank 0): after the weights (the phase counts as finished), then after
+        the end-of-phase report (its outcome)."""
+        if not self.par.is_main:
+            return
+        d = self.phase_dir(result.name)
+        if not reported:
+            write_done(d, index, dict(result.__dict__), "pending" if self.cfg.eval.at_phase_end else "skipped")
+        else:
+            mark_reported(d, result.metrics, "done" if self.cfg.eval.at_phase_end else "skipped")
+
+    def _report_finished_phase(self, index: int) -> None:
+        """The end-of-phase report of a phase whose training finished before the last stop."""
+        phase = self.cfg.phases[index]
+        self.logger.print(f"[{phase.name}] training had finished; running its end-of-phase report")
+        if self.par.distributed:  # rank 0 loads full models itself
+            ema_model = teacher = None
+        else:
+            ema_model = self._frozen(phase.name)
+            teacher = self._frozen(phase.teacher_from) if phase.teacher_from else None
+        result = self.results[index]
+        result.metrics.update(self._phase_report(phase, ema_model, teacher) or {})
+        self._mark_finished(index, result, reported=True)
 
     # ------------------------------------------------------------------ checkpoint hooks
     # The only places that touch checkpoint files: sharded checkpoints (training/dist_checkpoint.py,
     # contents in training/phase_checkpoint.py) for any number of processes; a checkpoint written
     # under one parallel layout resumes under any other (tp/cp/pp/dp, one process).
-    def find_checkpoint(self):
-        """(path, saved counters) of the checkpoint to resume from, or None (collective)."""
-        path = dck.choose_checkpoint(self.ckpt_root)
-        return None if path is None else (path, dck.read_shared_state(path))
-
     def save_checkpoint(self, step: int, objs: PhaseObjects, scalars: dict) -> None:
-        save_phase(self.ckpt_root, step, objs, scalars, groups=self.par.groups, model_config=self.cfg.model,
-                   keep=self.cfg.train.keep_checkpoints, async_save=self.cfg.train.async_checkpoint)
+        t0 = time.perf_counter()
+        saved = save_phase(self.ckpt_root, step, objs, scalars, groups=self.par.groups, model_config=self.cfg.model,
+                           keep=self.cfg.train.keep_checkpoints, async_save=self.cfg.train.async_checkpoint)
+        name = self.ckpt_root / ckpt_name(step)
+        if isinstance(saved, dck.PendingSave):
+            self.logger.print(f"[checkpoint] writing {name} in the background")
+        else:
+            self.logger.print(f"[checkpoint] saved {name} ({time.perf_counter() - t0:.1f} s)")
 
     def load_checkpoint(self, path: Path, objs: PhaseObjects) -> dict:
         return load_phase(path, objs, groups=self.par.groups, log=self.logger.print)
@@ -287,7 +360,9 @@ class Trainer:
         self.logger.end_phase()
         self._write_phase_outputs(phase.name, student, ema)
         result = PhaseResult(phase.name, step, last_loss, skipped)
+        self._mark_finished(index, result)  # done.json: the weights are final
         result.metrics.update(self._phase_report(phase, ema.model, teacher) or {})
+        self._mark_finished(index, result, reported=True)
         self.results.append(result)
         save(step, phase_done=True)
         return result
@@ -320,6 +395,6 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         for which, sd in states:
             tmp = d / f".{which}.tmp.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp)
             tmp.replace(d / f"{which}.safetensors")
         self.par.barrier()

@@ -1,7 +1,8 @@
-"""File helpers shared by checkpoints and data shards."""
+"""File helpers shared by checkpoints, phase weights, exports and data shards."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -12,3 +13,36 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which
+    races with other threads creating files); falls back to that where /proc has no Umask line."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> Path:
+    """Give ``path`` the mode a plain ``open()`` / ``mkdir`` would have: writers that go through private
+    temporary files (safetensors' ``save_file``, ``tempfile.mkdtemp``) leave 0600 / 0700, which colleagues
+    sharing a run folder cannot read."""
+    path = Path(path)
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+    return path
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file`` with the file mode following the umask."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return follow_umask(path)
