@@ -1,5 +1,7 @@
 """CPU: the fusion switch never changes CPU results, which calls take the compiled path, and how many
 graphs dynamo makes for a multi-layer model (no recompile-limit fallbacks to eager)."""
+import gc
+
 import pytest
 import torch
 
@@ -73,6 +75,7 @@ def _graphs_per_function(num_layers: int) -> dict:
     finally:
         fusion.set_enabled(False)
         torch._dynamo.reset()
+        gc.collect()  # dynamo's fake tensors must not outlive the test (memory tests walk the live tensors)
 
 
 def test_compiled_graphs_do_not_grow_with_layers_or_hit_the_recompile_limit():

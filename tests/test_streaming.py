@@ -85,8 +85,11 @@ def _live_tensor_bytes() -> int:
         warnings.simplefilter("ignore")  # isinstance() on some deprecated torch objects warns
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type != "meta":
-                st = obj.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
+                try:
+                    st = obj.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+                except RuntimeError:  # tracing leftovers (dynamo's fake tensors) hold no memory
+                    continue
     return sum(storages.values())
 
 
