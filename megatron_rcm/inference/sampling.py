@@ -55,14 +55,14 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     ``writer`` receives each chunk as it is made, through ``decode`` (latents -> pixels) when given.
     """
     from ..network import Denoiser
-    from .streaming import generate_video
+    from .streaming import generate_video, uniform_timesteps
 
     if steps < 1:
         raise ConfigError("--steps", steps, "a positive number of sampling steps")
     was_training = model.training
     model.eval()
     # many-step sampling: an explicit uniform grid of noise levels, same x0 + re-noise sampler
-    timesteps = None if steps <= 4 else [1000.0 * (1 - i / steps) for i in range(steps)]
+    timesteps = None if steps <= 4 else uniform_timesteps(steps)
     d, net = data_cfg, Denoiser.of(model)
     video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..network import Condition, Denoiser
+from ..network import WAN_T_SCALE, Condition, Denoiser
 from ..selfforcing.rollout import denoise_levels, sample_chunk
 
 
@@ -41,11 +41,16 @@ class ChunkOutput:
     cache_tokens: int  # KV cache size after this chunk
 
 
+def uniform_timesteps(steps: int) -> list[float]:
+    """Wan timesteps evenly spaced from pure noise: [1000], [1000, 500], [1000, 750, 500, 250], ..."""
+    return [WAN_T_SCALE * (steps - k) / steps for k in range(steps)]
+
+
 def default_timesteps(steps: int) -> list[float]:
-    """[1000], [1000, 500], [1000, 750, 500, 250], ...: evenly spaced from pure noise."""
+    """The few-step streaming schedule (:func:`uniform_timesteps`, 1..8 steps)."""
     if not 1 <= steps <= 8:
         raise ValueError(f"steps must be in 1..8 for few-step streaming, got {steps}")
-    return [1000.0 * (steps - k) / steps for k in range(steps)]
+    return uniform_timesteps(steps)
 
 
 def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, width: int, chunk_sampler: Callable,
