@@ -35,3 +35,14 @@ def tiny_wan_pipeline(tmp_path_factory):
     from fixtures.tiny_wan_pipeline import save_tiny_wan_pipeline
 
     return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan") / "Wan2.1-T2V-tiny-Diffusers")
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module (module-scoped fixtures that build or train models need it too):
+    tiny models and float64 convolutions run up to ~100x faster on one thread of a busy 2-core box than on
+    two (OpenMP spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

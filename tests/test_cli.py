@@ -31,16 +31,12 @@ FRAMES, CHUNK = 4, 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run ~100x faster on one thread of a busy 2-core box than on two (OpenMP spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see conftest)."""
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, single_thread):
+def run(tmp_path_factory, one_thread_module):
     """A trained two-phase run folder (teacher -> tf_scm), made by the train command itself."""
     root = tmp_path_factory.mktemp("cli")
     (root / "run.yaml").write_text(YAML)
@@ -52,7 +48,7 @@ def run(tmp_path_factory, single_thread):
 
 
 @pytest.fixture(scope="module")
-def action_run(tmp_path_factory, single_thread):
+def action_run(tmp_path_factory, one_thread_module):
     """A run folder of an action-conditioned model (untrained weights: only the folder layout matters)."""
     root = tmp_path_factory.mktemp("cli_actions") / "run"
     cfg = load_config(None, TINY + ["data.action_dim=4", "model.action_dim=4", f"output_dir={root}",

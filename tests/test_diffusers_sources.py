@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 
+from fixtures.runs import cli_error
 from fixtures.tiny_wan_pipeline import TEXT_LEN, run_overrides
 from megatron_rcm.cli import main
 from megatron_rcm.config.run import load_config
@@ -14,11 +15,8 @@ from megatron_rcm.models import build_model
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see conftest)."""
 
 
 def _cfg(pipeline, *extra):
@@ -37,13 +35,7 @@ def _shards(pipeline, folder) -> str:
     return str(folder)
 
 
-def _error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error" in line]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+_error = cli_error
 
 
 def test_strict_load_copies_every_tensor_and_keeps_our_zero_extras(tiny_wan_pipeline):

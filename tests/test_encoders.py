@@ -15,12 +15,8 @@ PROMPTS = ["a red cat runs across the city at night", "fish",
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The float64 VAE convolutions run ~10x slower on two threads of a busy 2-core box than on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Honest resume: every checkpoint corrupt stops with the choices (nothing touched); --from-finished-phases and
 --restart; a finished phase whose report crashed is not retrained; changed settings on resume."""
-import contextlib
 import io
 import os
 from pathlib import Path
@@ -16,29 +15,11 @@ from megatron_rcm.training.logger import RunLogger
 from megatron_rcm.training.resume import ResumeError, read_done
 from megatron_rcm.training.trainer import Trainer
 
+from fixtures.runs import TWO_PHASES, Crash, CrashingLogger
+
 BASE = ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=4", "data.batch_size=2",
         "causal.chunk_frames=2", "train.checkpoint_every=3", "eval.at_phase_end=false"]
-YAML = """
-phases:
-  - {name: teacher, kind: teacher, objective: flow_matching, steps: 6, optim: {lr: 1.0e-3}}
-  - {name: tf_scm, kind: tf_cm, objective: scm, steps: 4, init_from: teacher, teacher_from: teacher,
-     objective_args: {sigma_d: 0.5, cfg_scale: 2.0, r_warmup_steps: 2}}
-"""
-
-
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashingLogger(RunLogger):
-    def __init__(self, out, crash_at):
-        super().__init__(out, tensorboard=False)
-        self.crash_at = crash_at
-
-    def step(self, global_step, phase_step, metrics, samples_per_step):
-        super().step(global_step, phase_step, metrics, samples_per_step)
-        if global_step == self.crash_at:
-            raise _Crash(f"simulated kill at global step {global_step}")
+YAML = TWO_PHASES
 
 
 def _yaml(root):
@@ -97,8 +78,8 @@ def straight(tmp_path_factory):
 def test_all_checkpoints_corrupt_stops_with_the_choices_then_continues_from_finished_phases(
         tmp_path, straight, capsys, one_thread):
     cfg = _cfg(tmp_path, "run")
-    with pytest.raises(_Crash):  # mid tf_scm: checkpoints step 3 (teacher) and 6 (teacher finished)
-        _train(cfg, logger=_CrashingLogger(cfg.output_dir, 8))
+    with pytest.raises(Crash):  # mid tf_scm: checkpoints step 3 (teacher) and 6 (teacher finished)
+        _train(cfg, logger=CrashingLogger(cfg.output_dir, 8))
     run = Path(cfg.output_dir)
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     assert [p.name for p in ckpts] == ["step_00000003", "step_00000006"]
@@ -145,8 +126,8 @@ def test_resume_with_changes_keeps_config_yaml_and_refuses_architecture_data_and
         tmp_path, capsys, one_thread):
     one = ["phases=[{name: t, kind: teacher, objective: flow_matching, steps: 4}]", "train.checkpoint_every=2"]
     cfg = _cfg(tmp_path, "run", *one)
-    with pytest.raises(_Crash):
-        _train(cfg, logger=_CrashingLogger(cfg.output_dir, 3))
+    with pytest.raises(Crash):
+        _train(cfg, logger=CrashingLogger(cfg.output_dir, 3))
     run = Path(cfg.output_dir)
     original = (run / "config.yaml").read_text()
     for change, refused in (("model.num_layers=2", "model.num_layers 1 -> 2 (the architecture)"),
@@ -186,12 +167,12 @@ def test_a_phase_whose_report_crashed_is_not_retrained(tmp_path, straight, monke
     def report(self, phase, ema_model, teacher):
         calls.append(phase.name)
         if len(calls) == 1:
-            raise _Crash("report failed")
+            raise Crash("report failed")
         return {"probe": 1.0}
 
     monkeypatch.setattr(Trainer, "_phase_report", report)
     cfg = _cfg(tmp_path, "run", "eval.at_phase_end=true")
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _train(cfg)
     run = Path(cfg.output_dir)
     assert read_done(run / "phases" / "teacher")["report"] == "pending"
@@ -226,8 +207,8 @@ def test_no_checkpoints_left_continues_from_finished_phases_and_none_finished_of
     assert read_done(run / "phases" / "t2")["result"]["steps"] == 1
 
     cfg = _cfg(tmp_path, "early", *one)
-    with pytest.raises(_Crash):
-        _train(cfg, logger=_CrashingLogger(cfg.output_dir, 2))  # after the step-1 checkpoint
+    with pytest.raises(Crash):
+        _train(cfg, logger=CrashingLogger(cfg.output_dir, 2))  # after the step-1 checkpoint
     early = Path(cfg.output_dir)
     _corrupt(next((early / "checkpoints" / "step_00000001").glob("__0_*.distcp")))
     with pytest.raises(ResumeError, match="no phase has finished"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from fixtures.runs import cli_error
 from fixtures.tiny_wan_pipeline import SHIFT, TEXT_LEN
 from megatron_rcm.cli import main
 from megatron_rcm.data.encode_videos import resize_and_crop
@@ -16,11 +17,8 @@ GEO = ["--frames", "13", "--height", "32", "--width", "32", "--text-len", str(TE
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """Every test here runs single-threaded (see conftest)."""
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +122,7 @@ def test_ranks_split_the_shards_and_the_last_one_writes_the_manifest(tiny_wan_pi
     assert data.total == 3 and read_shard_prompts(str(out / "shard-00001.tar")) == PROMPTS[2:]
 
 
-def _error(capsys, argv) -> str:
-    """The one error line of a command that must exit with 2 (a progress bar may have run before it)."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "error" in line]
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+_error = cli_error
 
 
 def test_generate_data_input_errors(tiny_wan_pipeline, prompt_file, tmp_path, capsys):

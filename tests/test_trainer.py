@@ -10,31 +10,13 @@ from megatron_rcm.config.run import load_config
 from megatron_rcm.training.logger import RunLogger
 from megatron_rcm.training.trainer import Trainer, TrainingError
 
+from fixtures.runs import TWO_PHASES, Crash, CrashingLogger
+
 BASE = ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=4", "data.batch_size=2",
         "causal.chunk_frames=2", "train.checkpoint_every=3", "eval.num_videos=2", "eval.teacher_steps=2",
         "eval.student_steps=[1]"]
 
-YAML = """
-phases:
-  - {name: teacher, kind: teacher, objective: flow_matching, steps: 6, optim: {lr: 1.0e-3}}
-  - {name: tf_scm, kind: tf_cm, objective: scm, steps: 4, init_from: teacher, teacher_from: teacher,
-     objective_args: {sigma_d: 0.5, cfg_scale: 2.0, r_warmup_steps: 2}}
-"""
-
-
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashingLogger(RunLogger):
-    def __init__(self, out, crash_at):
-        super().__init__(out, tensorboard=False)
-        self.crash_at = crash_at
-
-    def step(self, global_step, phase_step, metrics, samples_per_step):
-        super().step(global_step, phase_step, metrics, samples_per_step)
-        if global_step == self.crash_at:
-            raise _Crash(f"simulated kill at global step {global_step}")
+YAML = TWO_PHASES
 
 
 def _cfg(tmp_path, name, extra=()):
@@ -56,8 +38,8 @@ def test_kill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, 
     straight = _cfg(tmp_path, "straight")
     Trainer(straight, logger=RunLogger(straight.output_dir, tensorboard=False)).run()
     crashed = _cfg(tmp_path, "crashed")
-    with pytest.raises(_Crash):
-        Trainer(crashed, logger=_CrashingLogger(crashed.output_dir, crash_at)).run()
+    with pytest.raises(Crash):
+        Trainer(crashed, logger=CrashingLogger(crashed.output_dir, crash_at)).run()
     Trainer(crashed, logger=RunLogger(crashed.output_dir, tensorboard=False)).run()
     for phase in ("teacher", "tf_scm"):
         a, b = _weights(straight, phase), _weights(crashed, phase)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +16,7 @@ from safetensors.torch import load_file
 from ..config.errors import ConfigError
 from ..config.model import ModelConfig
 from ..models.causal_wan import DTYPES, CausalWanModel, build_model
-from ..utils.files import follow_umask, save_safetensors
+from ..utils.files import atomic_folder, save_safetensors
 from .cli import add_convert_arguments  # noqa: F401  (the parser half of the CLI, torch-free)
 
 CONFIG_NAME = "config.json"
@@ -236,9 +233,7 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
     if cfg.action_dim > 0:
         config[_EXTRA_KEY]["dropped_action_dim"] = cfg.action_dim
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = follow_umask(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))  # mkdtemp: 0700
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         shards = _shard(state, limit)
         if len(shards) == 1:
@@ -253,16 +248,6 @@ def export_diffusers(model: CausalWanModel, folder, max_shard_size: int | str = 
                     total += v.numel() * v.element_size()
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / "x")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..encoders import component_dir
 from ..encoders.folder import PIPELINE_INDEX
+from ..utils.files import atomic_folder
 from .diffusers_wan import CLASS_NAME, ConversionError, export_diffusers
 
 COPIED = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -60,23 +60,11 @@ def export_pipeline(model, out, pipeline_from, max_shard_size="5GB", dtype=None,
     except ValueError as err:
         raise ConversionError(f"cannot read {index_path}: {err}") from None
     _check_compatible(model, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.pipeline-", dir=out.parent))
-    try:
+    with atomic_folder(out, "pipeline") as tmp:
         export_diffusers(model, tmp / "transformer", max_shard_size=max_shard_size, dtype=dtype,
                          drop_action_embedder=drop_action_embedder)
         for name in COPIED:
             shutil.copytree(source / name, tmp / name, copy_function=_link_or_copy)
         index["transformer"] = ["diffusers", CLASS_NAME]
         (tmp / PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

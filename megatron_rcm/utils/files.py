@@ -1,8 +1,11 @@
 """File helpers shared by checkpoints, phase weights, exports and data shards."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -46,3 +49,25 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
 
     save_file(tensors, str(path), metadata=metadata)
     return follow_umask(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path, tag: str = "tmp"):
+    """Yield an empty temporary folder beside ``folder``; when the block ends it replaces ``folder`` (an
+    existing one is moved aside first, then removed), when the block raises it is removed. So a crash
+    never leaves a half-written folder, and readers see the old folder or the whole new one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = follow_umask(tempfile.mkdtemp(prefix=f".{folder.name}.{tag}-", dir=folder.parent))  # mkdtemp: 0700
+    try:
+        yield tmp
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "x")
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
