@@ -56,7 +56,8 @@ def test_killed_ranks_are_restarted_and_resume_exactly(tmp_path):
     straight, _ = _train(tmp_path, "straight")
     crashed, log = _train(tmp_path, "crashed", fail_at="step:3:1,save:4:0")
     assert "rank 1: deliberate failure at step 3" in log and "rank 0: deliberate failure at save 4" in log, log[-4000:]
-    assert re.findall(r"resuming from \S*(step_\d+) ", log)[-1] == "step_00000002", log[-4000:]
+    resumed = re.findall(r"resuming from \S*(step_\d+) ", log)
+    assert resumed and resumed[-1] == "step_00000002", log[-4000:]
     leftovers = [p.name for p in (crashed / "checkpoints").iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers  # the cut-short save's folder was replaced when step 4 was saved again
     _assert_same_weights(straight, crashed)
