@@ -40,7 +40,8 @@ class ModelConfig:
 class CausalConfig:
     """How attention is restricted in time (docs/design.md, "The model")."""
 
-    chunk_frames: int = 1  # latent frames per chunk; 1 = frame-wise
+    chunk_frames: int = 1  # latent frames per chunk; 1 = frame-wise (Causal-rCM chunk_t)
+    first_chunk_frames: int = 0  # latent frames of the first chunk; 0 = like chunk_frames (Causal-rCM first_chunk_t)
     window_chunks: int = 0  # most recent chunks visible (incl. own); 0 = unlimited
     sink_chunks: int = 0  # first chunks always visible (long rollouts)
     attention_backend: str = "auto"
@@ -104,7 +105,16 @@ def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: st
 
     if cfg.chunk_frames <= 0:
         raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames, "a positive integer (1 = frame-wise)")
-    if num_frames is not None and num_frames % cfg.chunk_frames:
+    if cfg.first_chunk_frames < 0:
+        raise ConfigError(f"{prefix}.first_chunk_frames", cfg.first_chunk_frames,
+                          ">= 0 (0 = the first chunk is like the others)")
+    first = cfg.first_chunk_frames or cfg.chunk_frames
+    if num_frames is not None and (num_frames < first or (num_frames - first) % cfg.chunk_frames):
+        if cfg.first_chunk_frames:
+            fits = [f for f in range(1, num_frames + 1) if (num_frames - f) % cfg.chunk_frames == 0]
+            raise ConfigError(f"{prefix}.first_chunk_frames", cfg.first_chunk_frames,
+                              f"first chunk + k x causal.chunk_frames ({cfg.chunk_frames}) = the {num_frames} latent "
+                              f"frames: one of {fits}")
         divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
         raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames,
                           f"a divisor of the {num_frames} latent frames: {divisors}")

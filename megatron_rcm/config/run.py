@@ -199,7 +199,8 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
     validate_parallel(par, cfg.model)
     for i, phase in enumerate(cfg.phases):
         self_forcing = is_self_forcing(phase)
-        if self_forcing:
+        if self_forcing:  # KV-cached chunks are split by frames; cp | frames and cp | chunk_frames imply that cp
+            # divides the first chunk (frames - k x chunk_frames) too
             validate_parallel(par, cfg.model, num_frames=frames, chunk_frames=cfg.causal.chunk_frames)
         if phase.kind in ("teacher", "tf_cm"):
             validate_parallel(par, cfg.model, num_frames=2 * frames)

@@ -140,6 +140,17 @@ def run_generate_data(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- generate
+def _stream_layout(model, frames: int):
+    """The chunk layout of ``--frames`` latent frames, or an error naming the flag and the frame counts that fit."""
+    pt, c = model.patch[0], model.causal
+    first, chunk = (c.first_chunk_frames or c.chunk_frames) * pt, c.chunk_frames * pt
+    if frames < first or frames % pt or (frames - first) % chunk:
+        fits = ", ".join(str(first + k * chunk) for k in range(4))
+        raise ConfigError("--frames", frames, f"whole chunks: the first chunk of {first} latent frames plus any number "
+                          f"of chunks of {chunk} ({fits}, ...)")
+    return model.chunk_layout(frames // pt)
+
+
 def _parse_action_ids(text: str, num_chunks: int, action_dim: int) -> list[int]:
     try:
         ids = [int(tok) for tok in text.replace(",", " ").split()]
@@ -152,11 +163,12 @@ def _parse_action_ids(text: str, num_chunks: int, action_dim: int) -> list[int]:
     return ids
 
 
-def _action_fn(args, cfg, model, num_chunks: int):
-    """None, a fixed per-chunk list (--actions) or stdin (--interactive), matched against model.action_dim."""
+def _action_fn(args, cfg, model, layout):
+    """None, a fixed per-chunk list (--actions) or stdin (--interactive), matched against model.action_dim;
+    each chunk's actions cover its own frames (``layout``: a first chunk may have its own size)."""
     from .streaming import one_hot_actions, stdin_action_reader
 
-    action_dim, chunk = cfg.model.action_dim, model.causal.chunk_frames
+    action_dim, num_chunks = cfg.model.action_dim, layout.n_chunks
     given = args.actions is not None or args.interactive
     if action_dim and not given:
         raise ConfigError("--actions", None, f"--actions ID,ID,... (one per chunk) or --interactive: this model is "
@@ -167,9 +179,9 @@ def _action_fn(args, cfg, model, num_chunks: int):
     if not action_dim:
         return None
     if args.interactive:
-        return stdin_action_reader(action_dim, chunk)
+        return stdin_action_reader(action_dim, layout.size)
     ids = _parse_action_ids(args.actions, num_chunks, action_dim)
-    return lambda index, _frames: one_hot_actions([ids[index]], action_dim, chunk)
+    return lambda index, _frames: one_hot_actions([ids[index]], action_dim, layout.size(index))
 
 
 def run_generate(args) -> int:
@@ -183,11 +195,9 @@ def run_generate(args) -> int:
         _video_out(args.out)
     cfg, phase, model = _open(args)
     d = cfg.data
-    chunk = model.causal.chunk_frames * model.patch[0]
     frames = d.num_frames if args.frames is None else args.frames
-    if frames < 1 or frames % chunk:
-        raise ConfigError("--frames", frames, f"a positive multiple of the chunk size ({chunk} latent frames)")
-    action_fn = _action_fn(args, cfg, model, frames // chunk)
+    layout = _stream_layout(model, frames)
+    action_fn = _action_fn(args, cfg, model, layout)
     if args.prompt is not None or args.prompts is not None or cfg.encoders.has_vae:  # text prompts / VAE decode
         from .real_video import generate_files
 
@@ -197,7 +207,9 @@ def run_generate(args) -> int:
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
-    print(f"streaming {frames} frames ({frames // chunk} chunks of {chunk}) from phase '{phase.name}', "
+    pattern = (f"{layout.n_chunks} chunks of {layout.chunk_frames}" if layout.first == layout.chunk_frames else
+               f"a chunk of {layout.first} + {layout.n_chunks - 1} of {layout.chunk_frames}")
+    print(f"streaming {frames} frames ({pattern}) from phase '{phase.name}', "
           f"{args.steps} steps per chunk, to {out}")
     writer = StreamingVideoWriter(out)
     try:

@@ -6,7 +6,7 @@ append its keys/values to the cache. The cache evicts by the model's ``ChunkVisi
 chunks + window), so videos of any length keep a flat cache while RoPE positions keep increasing.
 The noise order matches :func:`self_forcing_rollout`, so a stream reproduces a rollout from one seed.
 
-World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, chunk_frames, A]`` is called
+World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, that chunk's frames, A]`` is called
 before each chunk (``frames_so_far`` = list of the latest chunks, oldest first), e.g.
 :func:`stdin_action_reader` for interactive play. Only as many chunks are kept as the model can
 still see (its window), so an endless interactive stream holds bounded memory.
@@ -173,15 +173,19 @@ def one_hot_actions(ids, action_dim: int, chunk_frames: int, batch: int = 1) -> 
     return a.unsqueeze(0).expand(batch, -1, -1)
 
 
-def stdin_action_reader(action_dim: int, chunk_frames: int, batch: int = 1, stream=None, prompt: bool = True,
-                        default: int = 0) -> Callable:
+def stdin_action_reader(action_dim: int, chunk_frames: int | Callable[[int], int], batch: int = 1, stream=None,
+                        prompt: bool = True, default: int = 0) -> Callable:
     """An ``action_fn`` that reads one line of action ids per chunk (e.g. "2" or "0 0 3 3").
 
-    Empty line or EOF repeats the previous action; invalid input is reported and repeats it too.
+    ``chunk_frames``: the frames of every chunk, or ``size(chunk_index)`` when the first chunk has its own
+    size (``ChunkLayout.size``). Empty line or EOF repeats the previous action; invalid input is reported
+    and repeats it too (a per-frame line that does not fit the chunk is invalid).
     """
     state = {"ids": [default]}
+    size = chunk_frames if callable(chunk_frames) else (lambda _chunk: chunk_frames)
 
     def action_fn(chunk_index, frames_so_far):
+        chunk_frames = size(chunk_index)
         src = stream or sys.stdin
         if prompt:
             print(f"chunk {chunk_index}: action ids (0..{action_dim - 1}), enter = repeat {state['ids']}: ",
@@ -194,6 +198,7 @@ def stdin_action_reader(action_dim: int, chunk_frames: int, batch: int = 1, stre
                 state["ids"] = ids
             except ValueError as err:
                 print(f"ignored ({err}); repeating {state['ids']}", file=sys.stderr)
-        return one_hot_actions(state["ids"], action_dim, chunk_frames, batch)
+        ids = state["ids"] if len(state["ids"]) in (1, chunk_frames) else state["ids"][-1:]
+        return one_hot_actions(ids, action_dim, chunk_frames, batch)
 
     return action_fn

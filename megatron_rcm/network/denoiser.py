@@ -103,7 +103,7 @@ class Denoiser:
 
     def layout(self, x_or_frames) -> ChunkLayout:
         frames = x_or_frames if isinstance(x_or_frames, int) else self.frames(x_or_frames)
-        return ChunkLayout(frames, self.model.causal.chunk_frames)
+        return self.model.chunk_layout(frames)
 
     def tokens_per_frame(self, x: torch.Tensor) -> int:
         return self.model.tokens_per_frame(x.shape[3], x.shape[4])
@@ -115,10 +115,12 @@ class Denoiser:
         if kind not in MASK_KINDS:
             raise ValueError(f"mask kind must be one of {MASK_KINDS} or a GroupMask, got {kind!r}")
         c = self.model.causal
-        key = (kind, self.frames(x), self.tokens_per_frame(x), c.chunk_frames, c.window_chunks, c.sink_chunks)
+        key = (kind, self.frames(x), self.tokens_per_frame(x), c.chunk_frames, c.first_chunk_frames, c.window_chunks,
+               c.sink_chunks)
         if key not in self._masks:
             build = block_causal_mask if kind == "block_causal" else teacher_forcing_mask
-            self._masks[key] = build(key[1], key[2], c.chunk_frames, self.model.visibility())
+            self._masks[key] = build(key[1], key[2], c.chunk_frames, self.model.visibility(),
+                                     first_chunk_frames=c.first_chunk_frames or None)
         return self._masks[key]
 
     def wan_time(self, s, x: torch.Tensor) -> torch.Tensor:
