@@ -45,6 +45,12 @@ class CausalConfig:
     window_chunks: int = 0  # most recent chunks visible (incl. own); 0 = unlimited
     sink_chunks: int = 0  # first chunks always visible (long rollouts)
     attention_backend: str = "auto"
+    # noisy context (network/context.py): cache chunks >= start at context_noise_level instead of clean (t = 0),
+    # in streaming, the self-forcing rollout and teacher forcing alike (Causal-rCM context_from_last_step,
+    # context_from_last_step_start_chunk; the level is its backward_timesteps[-1] = 5/8)
+    context_from_last_step: bool = False
+    context_from_last_step_start_chunk: int = 0
+    context_noise_level: float = 0.625
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -122,5 +128,11 @@ def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: st
         raise ConfigError(f"{prefix}.window_chunks", cfg.window_chunks, ">= 0 (0 = unlimited)")
     if cfg.sink_chunks < 0:
         raise ConfigError(f"{prefix}.sink_chunks", cfg.sink_chunks, ">= 0")
+    if cfg.context_from_last_step_start_chunk < 0:
+        raise ConfigError(f"{prefix}.context_from_last_step_start_chunk", cfg.context_from_last_step_start_chunk,
+                          ">= 0 (the first chunk cached with noisy context)")
+    if not 0.0 < cfg.context_noise_level < 1.0:
+        raise ConfigError(f"{prefix}.context_noise_level", cfg.context_noise_level,
+                          "a flow-matching level in (0, 1): the level of the sampler's last step, e.g. 0.625")
     if cfg.attention_backend not in available_backends():
         raise ConfigError(f"{prefix}.attention_backend", cfg.attention_backend, f"one of {available_backends()}")

@@ -43,6 +43,46 @@ def _guidance_for(phase, cfg, guidance: float | None) -> float:
     return cfg.eval.cfg_scale if phase.kind == "teacher" else 1.0
 
 
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Per-chunk schedules and noisy context of the few-step sampler (Causal-rCM's inference flags)."""
+    g = p.add_argument_group("few-step sampler (distilled students)")
+    g.add_argument("--steps-per-chunk", type=int, nargs="+", default=None, metavar="K",
+                   help="steps of each chunk, the last repeated, non-increasing, e.g. 4 2 (Causal-rCM --steps_per_chunk)")
+    g.add_argument("--mid-t-schedules", default=None, metavar="T,T;T",
+                   help="intermediate FM times per --steps-per-chunk entry, ';'-separated, fractions allowed, e.g. "
+                   "'15/16,5/6,5/8;5/6' (Causal-rCM --mid_t_schedules); default: the first K of the evenly spaced grid")
+    g.add_argument("--sigma-max", type=float, default=0.0, help="first level sigma_max / (sigma_max + 1), e.g. 1600 "
+                   "(Causal-rCM --sigma_max); default 0: level 1")
+    g.add_argument("--context-from-last-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="cache each chunk from its last denoising step (noisy context; default: the run's "
+                   "causal.context_from_last_step)")
+    g.add_argument("--context-from-last-step-start-chunk", type=int, default=None, metavar="N",
+                   help="first chunk with noisy context (default: causal.context_from_last_step_start_chunk)")
+    g.add_argument("--context-noise-level", type=float, default=None, metavar="S",
+                   help="FM level of the noisy context (default: causal.context_noise_level)")
+
+
+def stream_options(args, causal, steps: int = 2):
+    """The ``StreamConfig`` of the sampler flags (validated: errors name the flag); ``causal``: the run's config."""
+    from ..diffusion.step_schedule import parse_chunk_schedules
+    from ..network import NoisyContext
+    from .streaming import StreamConfig
+
+    schedules = None if args.mid_t_schedules is None else parse_chunk_schedules(args.mid_t_schedules)
+    on = causal.context_from_last_step if args.context_from_last_step is None else args.context_from_last_step
+    start = args.context_from_last_step_start_chunk
+    start = causal.context_from_last_step_start_chunk if start is None else start
+    level = causal.context_noise_level if args.context_noise_level is None else args.context_noise_level
+    if start < 0:
+        raise ConfigError("--context-from-last-step-start-chunk", start, "a chunk index >= 0")
+    if not 0.0 < level < 1.0:
+        raise ConfigError("--context-noise-level", level, "a flow-matching level in (0, 1), e.g. 0.625")
+    opts = StreamConfig(steps=steps, steps_per_chunk=args.steps_per_chunk, chunk_schedules=schedules,
+                        sigma_max=args.sigma_max, noisy_context=NoisyContext(level if on else 0.0, start))
+    opts.schedule()  # fail now, naming the flag
+    return opts
+
+
 def _video_out(path: str) -> str:
     if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError("--out", path, f"a video file ending in one of {VIDEO_SUFFIXES}")
@@ -68,7 +108,7 @@ def run_sample(args) -> int:
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(cfg.data, num_videos, seed, args.device, args.class_id)
     video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
-                         teacher_shift=cfg.eval.teacher_shift)
+                         teacher_shift=cfg.eval.teacher_shift, options=stream_options(args, cfg.causal, steps))
     kw = {}
     if cfg.encoders.has_vae:  # a run with a VAE: decode the latents to pixels
         from .real_video import DECODED_FPS, run_encoders
@@ -88,8 +128,15 @@ def run_eval(args) -> int:
 
     from ..training.report import ReportContext, format_quality_table, quality_rows
 
-    steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4") for k in args.steps]
     cfg = load_run_config(args.run_dir)
+    options = stream_options(args, cfg.causal)
+    default_steps = [] if args.steps_per_chunk else [1, 2, 4]  # --steps-per-chunk alone: just that schedule's row
+    steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4")
+             for k in (default_steps if args.steps is None else args.steps)]
+    if args.steps_per_chunk:
+        from dataclasses import replace
+
+        steps.append(replace(options, steps=max(args.steps_per_chunk)))
     phase = find_phase(cfg, args.phase)
     if not phase.teacher_from:
         students = [p.name for p in cfg.phases if p.teacher_from]
@@ -100,7 +147,7 @@ def run_eval(args) -> int:
     model = load_phase_model(cfg, phase.name, args.weights, args.device)
     teacher = load_teacher_model(cfg, phase.teacher_from, args.device)
     ctx = ReportContext(cfg, Path(cfg.output_dir), torch.device(args.device), print)
-    rows, _ = quality_rows(ctx, phase, model, teacher, steps)
+    rows, _ = quality_rows(ctx, phase, model, teacher, steps, options=options)
     print(format_quality_table(phase.name, cfg.eval.teacher_steps, rows))
     return 0
 
@@ -209,13 +256,15 @@ def run_generate(args) -> int:
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
     pattern = (f"{layout.n_chunks} chunks of {layout.chunk_frames}" if layout.first == layout.chunk_frames else
                f"a chunk of {layout.first} + {layout.n_chunks - 1} of {layout.chunk_frames}")
+    options = stream_options(args, cfg.causal, args.steps)
+    per_chunk = " ".join(map(str, args.steps_per_chunk)) if args.steps_per_chunk else str(args.steps)
     print(f"streaming {frames} frames ({pattern}) from phase '{phase.name}', "
-          f"{args.steps} steps per chunk, to {out}")
+          f"{per_chunk} steps per chunk, to {out}")
     writer = StreamingVideoWriter(out)
     try:
         generate_video(model, prompts["context"], frames, d.height, d.width, steps=args.steps,
                        guidance_scale=args.guidance, uncond_context=prompts["uncond_context"], action_fn=action_fn,
-                       seed=seed, writer=writer, log=print)
+                       seed=seed, writer=writer, log=print, options=options)
     finally:
         path = writer.close()
     print(f"wrote {path}: {writer.frames_written} frames")
@@ -252,12 +301,15 @@ def add_run_dir_commands(sub) -> None:
     _prompt_args(p)
     p.add_argument("--num-seeds", type=int, default=1, help="with --prompt/--prompts: videos per prompt (seeds "
                    "seed..seed+N-1), files <prompt>-<i>.mp4 as VBench reads them")
+    add_sampler_arguments(p)
     p.set_defaults(func=run_sample)
 
     p = sub.add_parser("eval", help="quality table of a distilled phase vs its teacher's many-step samples")
     _run_args(p, "a phase with teacher_from (it is compared with that teacher)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts (default 1 2 4)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="student step counts (default 1 2 4; with "
+                   "--steps-per-chunk only that schedule's row)")
     p.add_argument("--num-videos", type=int, default=None, help="prompts compared (default eval.num_videos)")
+    add_sampler_arguments(p)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("generate-data", help="teacher samples into latent shards: of a trained phase (RUN_DIR "
@@ -291,6 +343,7 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1: off)")
     p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
     _prompt_args(p)
+    add_sampler_arguments(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")
