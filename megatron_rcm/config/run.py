@@ -206,7 +206,7 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
         for sequence in cls.sequences:  # the [clean ; noisy] sequence has twice the video's frames
             validate_parallel(par, cfg.model, num_frames=2 * frames if sequence == "teacher_forcing" else frames)
         key = f"phases.{i}.objective_args"
-        cls.check_run(cls.parse_config(dict(phase.objective_args), key), cfg, key, par)
+        cls.check_run(cls.parse_config(dict(phase.objective_args), key), cfg, phase, key, par)
         accum = cfg.train.grad_accum
         if accum > 1 and self_forcing:
             raise ConfigError("train.grad_accum", accum, f"1 while phases.{i} is a self-forcing phase (its rollout "

@@ -47,7 +47,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Per-chunk schedules and noisy context of the few-step sampler (Causal-rCM's inference flags)."""
     g = p.add_argument_group("few-step sampler (distilled students)")
     g.add_argument("--steps-per-chunk", type=int, nargs="+", default=None, metavar="K",
-                   help="steps of each chunk, the last repeated, non-increasing, e.g. 4 2 (Causal-rCM --steps_per_chunk)")
+                   help="steps of each chunk, the last repeated, non-increasing, e.g. 4 2 "
+                   "(Causal-rCM --steps_per_chunk)")
     g.add_argument("--mid-t-schedules", default=None, metavar="T,T;T",
                    help="intermediate FM times per --steps-per-chunk entry, ';'-separated, fractions allowed, e.g. "
                    "'15/16,5/6,5/8;5/6' (Causal-rCM --mid_t_schedules); default: the first K of the evenly spaced grid")
@@ -170,6 +171,7 @@ def run_generate_data(args) -> int:
                            "at least 1 video per shard")
     cfg, phase, model = _open(args)
     steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
+    levels = _trajectory_levels(args, phase)
     dataset = build_dataset(cfg.data, batch_size=min(num_videos, cfg.data.batch_size))
     calls = [0]
 
@@ -177,13 +179,34 @@ def run_generate_data(args) -> int:
         prompts = {k: v.to(args.device) for k, v in batch.items() if hasattr(v, "to")}
         seed = args.seed + calls[0]  # fresh noise per batch, reproducible from --seed
         calls[0] += 1
+        if levels:  # the teacher's ODE states at the student's K levels too (ODE-regression data)
+            from .trajectory import sample_trajectory
+
+            return sample_trajectory(model, prompts, cfg.data, steps, guidance, seed, cfg.eval.teacher_shift, levels)
         return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
                             teacher_shift=cfg.eval.teacher_shift).float().cpu()
 
     manifest = write_teacher_shards(sample_fn, dataset, args.out, num_videos, shard_size, args.format)
-    print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}' to {args.out} ({manifest}); "
+    with_traj = f" with their ODE states at {len(levels)} levels" if levels else ""
+    print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}'{with_traj} to {args.out} ({manifest}); "
           f"train from them with: data.kind=latent_shards data.shard_dir={args.out}")
     return 0
+
+
+def _trajectory_levels(args, phase=None) -> list[float]:
+    """The student levels of ``--trajectory K`` ([] without it); only a teacher's ODE has a trajectory."""
+    if not args.trajectory:
+        return []
+    if args.trajectory < 1 or args.trajectory > 8:
+        raise ConfigError("--trajectory", args.trajectory, "1..8 student sampling levels (K of a K-step student)")
+    if phase is not None and phase.kind != "teacher":
+        raise ConfigError("--trajectory", args.trajectory, f"a teacher phase's ODE: phase '{phase.name}' is a "
+                          f"{phase.kind} phase (a few-step student has no ODE trajectory)")
+    if args.trajectory_shift <= 0:
+        raise ConfigError("--trajectory-shift", args.trajectory_shift, "a positive time shift (1 = none)")
+    from .trajectory import trajectory_levels
+
+    return trajectory_levels(args.trajectory, args.trajectory_shift)
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -329,6 +352,11 @@ def add_run_dir_commands(sub) -> None:
                    "phases, 5 for --teacher)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (RUN_DIR: batch i uses seed + i; --teacher: "
                    "video i uses seed + i)")
+    p.add_argument("--trajectory", type=int, default=0, metavar="K", help="also store the teacher's ODE states at a "
+                   "K-step student's sampling levels (K evenly spaced Wan timesteps from 1000): the data of objective "
+                   "ode_regression (CausVid / Self-Forcing ODE initialisation)")
+    p.add_argument("--trajectory-shift", type=float, default=1.0, help="time shift of those K levels (Self-Forcing: "
+                   "5 with its warped denoising steps)")
     from ..data.cli import add_teacher_data_arguments
 
     add_teacher_data_arguments(p)

@@ -145,6 +145,7 @@ def sample_files(args, cfg, phase, model) -> int:
     prompts = gather_prompts(args.prompt, args.prompts)
     if args.num_seeds < 1:
         raise ConfigError("--num-seeds", args.num_seeds, "at least 1 video per prompt")
+    options = stream_options(args, cfg.causal)  # (its step count is the sampled one)
     out = Path(args.out)
     if out.suffix.lower() in (".mp4", ".gif"):
         raise ConfigError("--out", args.out, "a folder: with --prompt/--prompts one file per (prompt, seed) is written "
@@ -158,7 +159,7 @@ def sample_files(args, cfg, phase, model) -> int:
         inputs = prompt_inputs(encoders, [prompt], args.negative_prompt, device)
         for i in range(args.num_seeds):
             latents = sample_phase(phase.kind, model, inputs, cfg.data, steps, guidance, seed=seed + i,
-                                   teacher_shift=cfg.eval.teacher_shift, options=stream_options(args, cfg.causal, steps))
+                                   teacher_shift=cfg.eval.teacher_shift, options=options)
             video = encoders.vae.decode(latents).float() if encoders.vae is not None else latents
             kw = {"fps": DECODED_FPS, "scale": 1} if encoders.vae is not None else {}
             path = write_video(str(out / benchmark_file_name(prompt, i)), video[0], **kw)

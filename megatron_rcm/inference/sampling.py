@@ -103,7 +103,8 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     fresh = lambda shape: torch.randn(shape, generator=generator).to(device, net.dtype)  # noqa: E731 (noisy context)
     chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width,
                            chunkwise(partial(multistep2_fm, steps=steps, shift=shift)),
-                           lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout), fresh_noise=fresh)
+                           lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout),
+                           fresh_noise=fresh)
     video = torch.cat([c.frames for c in chunks], dim=2)
     net.model.train(was_training)
     return video

@@ -11,5 +11,6 @@ from .denoiser import (MASK_KINDS, WAN_T_SCALE, ChunkCache, Denoiser, combine_gu
 from .noise import BatchNoise, StepContext
 from .side_model import TrainedSideModel
 
-__all__ = ["Condition", "NoisyContext", "TeacherForcingContext", "Denoiser", "ChunkCache", "MASK_KINDS", "WAN_T_SCALE", "combine_guidance",
+__all__ = ["Condition", "NoisyContext", "TeacherForcingContext",
+           "Denoiser", "ChunkCache", "MASK_KINDS", "WAN_T_SCALE", "combine_guidance",
            "wan_timesteps_to_levels", "BatchNoise", "StepContext", "TrainedSideModel"]

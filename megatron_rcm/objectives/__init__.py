@@ -7,3 +7,4 @@ from .scm import SCMConfig, SCMObjective
 from .meanflow import MeanFlowConfig, MeanFlowObjective, MeanFlowNet, TFMeanFlowNet
 from .dmd import DMDConfig, SelfForcingDMD
 from .rcm import RCMConfig, RCMObjective
+from .ode_regression import ODERegressionConfig, ODERegressionObjective

@@ -101,9 +101,9 @@ class Objective:
         return None
 
     @classmethod
-    def check_run(cls, cfg, run, key: str, parallel) -> None:
-        """Checks of the parsed ``objective_args`` (``cfg``) against the whole run config and its parallel layout;
-        raise ConfigError naming the key (``key`` = ``phases.N.objective_args``). Default: nothing to check."""
+    def check_run(cls, cfg, run, phase, key: str, parallel) -> None:
+        """Checks of the parsed ``objective_args`` (``cfg``) against the whole run config, the phase and the
+        parallel layout; raise ConfigError naming the key (``key`` = ``phases.N.objective_args``). Default: none."""
         return None
 
     @classmethod

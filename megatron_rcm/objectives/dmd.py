@@ -102,7 +102,7 @@ class SelfForcingDMD(Objective):
         return cfg.rollout
 
     @classmethod
-    def check_run(cls, cfg: DMDConfig, run, key: str, parallel) -> None:
+    def check_run(cls, cfg: DMDConfig, run, phase, key: str, parallel) -> None:
         if cfg.rollout.replayed_backprop and parallel.pp > 1:
             raise ConfigError(f"{key}.rollout.replayed_backprop", True,
                               "false under pipeline parallelism (parallel.pp > 1): the replay recomputes each chunk "

@@ -71,8 +71,8 @@ class RCMObjective(Objective):
         return cfg.dmd_cfg.rollout
 
     @classmethod
-    def check_run(cls, cfg: RCMSetup, run, key: str, parallel) -> None:
-        SelfForcingDMD.check_run(cfg.dmd_cfg, run, f"{key}.dmd", parallel)
+    def check_run(cls, cfg: RCMSetup, run, phase, key: str, parallel) -> None:
+        SelfForcingDMD.check_run(cfg.dmd_cfg, run, phase, f"{key}.dmd", parallel)
 
     @classmethod
     def from_phase(cls, cfg: RCMSetup, models):

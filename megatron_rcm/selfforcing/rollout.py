@@ -30,7 +30,7 @@ batch (:class:`~megatron_rcm.network.BatchNoise`).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

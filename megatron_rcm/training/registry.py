@@ -10,10 +10,10 @@ from ..config.errors import ConfigError
 def objectives() -> dict:
     """name -> class (imported lazily: configs are checked without importing torch-heavy modules twice)."""
     from ..objectives import (DCMObjective, DiffusionForcingObjective, FlowMatchingObjective, MeanFlowObjective,
-                              RCMObjective, SCMObjective, SelfForcingDMD)
+                              ODERegressionObjective, RCMObjective, SCMObjective, SelfForcingDMD)
 
     return {cls.name: cls for cls in (FlowMatchingObjective, DiffusionForcingObjective, DCMObjective, SCMObjective,
-                                      MeanFlowObjective, SelfForcingDMD, RCMObjective)}
+                                      MeanFlowObjective, ODERegressionObjective, SelfForcingDMD, RCMObjective)}
 
 
 def objective_class(phase, key: str):
