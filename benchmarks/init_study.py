@@ -6,8 +6,9 @@
 (a) trains two causal teachers once (cached under --cache-dir by a hash of what they depend on): TF-FM
 (teacher-forcing flow matching, the recipe's teacher and the real score of every SF-DMD run) and DF
 (diffusion forcing); (b) for every seed, makes six initialisations from them — the TF-FM teacher itself,
-the DF teacher itself, ODE regression onto the TF-FM teacher's ODE (on-the-fly trajectories), TF-dCM,
-TF-sCM and TF-MeanFlow (each distilled from the TF-FM teacher for --init-steps steps) — and (c) refines
+the DF teacher itself, ODE regression onto the TF-FM teacher's ODE (trajectories of --ode-videos videos at a
+4-step student's levels, written once by the ``generate-data --trajectory`` machinery and shared by all
+seeds), TF-dCM, TF-sCM and TF-MeanFlow (each distilled from the TF-FM teacher for --init-steps steps) — and (c) refines
 each with the same SF-DMD phase (--dmd-steps, the tiny recipe's settings); (d) reports, as mean ± std over
 seeds, the quality of each init before and after SF-DMD: Frechet distance of the evaluation classifier's
 features and motion accuracy against the TF-FM teacher's many-step ODE samples (``training.report``), and
@@ -15,7 +16,8 @@ diversity = the per-pixel standard deviation of one prompt's samples over noise 
 --diversity-prompts prompts (the data's own spread and the teacher's are printed for scale); (e) runs
 benchmarks/convergence.py's TF-dCM vs TF-sCM comparison at equal counted compute with the reference
 (Causal-rCM / rCM) settings (dCM: 48-step grid with shift 3; sCM: sigma_data 1, log-normal(-0.8, 1.6) times,
-Adam betas (0, 0.999)); (f) prints markdown, --write-results appends it to benchmarks/RESULTS.md.
+Adam betas (0, 0.999)) from the same TF-FM teacher; (f) prints markdown, --write-results appends it to
+benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -51,8 +53,7 @@ LABELS = {"tf_teacher": "causal teacher (TF-FM)", "df_teacher": "diffusion-forci
 # init phases distilled from the TF-FM teacher: (objective, objective_args, lr, betas); the tiny recipe's sCM,
 # convergence.py's dCM / MeanFlow settings, and ODE regression onto the teacher's 4-step-student trajectory
 INIT_PHASES = {
-    "ode": ("ode_regression", {"denoising_steps": [1000, 750, 500, 250], "ode_steps": 8, "guidance_scale": 2.0},
-            5e-4, [0.9, 0.99]),
+    "ode": ("ode_regression", {}, 5e-4, [0.9, 0.99]),  # trajectories from the shards (ode_shards)
     "dcm": ("dcm", {"cfg_scale": 2.0, "num_steps": 40, "shift": 1.0}, 5e-4, [0.9, 0.99]),
     "scm": ("scm", {"sigma_d": 1.0, "cfg_scale": 2.0, "r_warmup_steps": 150, "p_mean": -0.8, "p_std": 1.6},
             1e-4, [0.0, 0.999]),
@@ -62,8 +63,9 @@ INIT_PHASES = {
 # rCM's sCM: sigma_data 1, p_G LogNormal(-0.8, 1.6), betas (0, 0.999)); warm-up and lr sized for the tiny set
 REFERENCE_CONVERGENCE_ARGS = ["dcm.num_steps=48", "dcm.shift=3.0", "scm.sigma_d=1.0", "scm.p_mean=-0.8",
                               "scm.p_std=1.6", "scm.r_warmup_steps=150"]
+ODE_LEVELS = (1.0, 0.75, 0.5, 0.25)  # the 4-step student's levels (Self-Forcing's [1000, 750, 500, 250], no warp)
 QUICK = {"teacher_steps": 2, "init_steps": 2, "dmd_steps": 1, "seeds": 2, "convergence_budget": 28.0,
-         "diversity_prompts": 1, "diversity_seeds": 2,
+         "diversity_prompts": 1, "diversity_seeds": 2, "ode_videos": 2, "ode_steps": 2,
          "overrides": ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=4",
                        "data.batch_size=2", "causal.chunk_frames=2", "eval.num_videos=2", "eval.teacher_steps=2"]}
 
@@ -101,13 +103,15 @@ def init_phase(init: str, steps: int) -> PhaseConfig | None:
                        objective_args=dict(obj_args))
 
 
-def run_config(cfg, teachers, dmd, init: str, seed: int, steps: int, out: Path):
+def run_config(cfg, teachers, dmd, init: str, seed: int, steps: int, out: Path, shard_dir: str | None = None):
+    """[teachers, init (unless a teacher), sf_dmd]; with ``shard_dir`` the run trains on those latent shards."""
     phases = list(teachers)
     first = init_phase(init, steps)
     if first is not None:
         phases.append(first)
     phases.append(dataclasses.replace(dmd, init_from=init))
-    run = dataclasses.replace(cfg, output_dir=str(out), seed=seed, phases=phases)
+    data = cfg.data if shard_dir is None else dataclasses.replace(cfg.data, kind="latent_shards", shard_dir=shard_dir)
+    run = dataclasses.replace(cfg, output_dir=str(out), seed=seed, phases=phases, data=data)
     validate_run(run)
     return run
 
@@ -175,6 +179,48 @@ def train_teachers(cfg, teachers, args) -> Path:
     return out
 
 
+def ode_shards(cfg, teacher_dir: Path, args) -> Path:
+    """The TF-FM teacher's ODE samples with their states at the 4-step student's levels (``generate-data
+    --trajectory 4`` of the run-folder form: the same machinery), written once and shared by all seeds."""
+    from megatron_rcm.data import build_dataset
+    from megatron_rcm.data.shards import MANIFEST, write_teacher_shards
+    from megatron_rcm.inference.trajectory import sample_trajectory
+
+    out = teacher_dir / f"ode_trajectories-{args.ode_videos}x{args.ode_steps}"
+    if (out / MANIFEST).exists():
+        return out
+    run = dataclasses.replace(cfg, output_dir=str(teacher_dir))
+    model = Trainer(run, device=args.device, logger=convergence._logger(teacher_dir, run, True))._frozen("tf_teacher")
+    calls = [0]
+
+    def sample_fn(batch):
+        prompts = {k: v.to(args.device) for k, v in batch.items() if hasattr(v, "to")}
+        calls[0] += 1
+        return sample_trajectory(model, prompts, cfg.data, args.ode_steps, cfg.eval.cfg_scale, 1000 + calls[0], 1.0,
+                                 list(ODE_LEVELS))
+
+    t0 = time.perf_counter()
+    dataset = build_dataset(cfg.data, batch_size=min(args.ode_videos, cfg.data.batch_size))
+    write_teacher_shards(sample_fn, dataset, str(out), args.ode_videos, shard_size=256)
+    print(f"ode trajectories: {args.ode_videos} videos x {len(ODE_LEVELS)} levels, {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def share_teacher_with_convergence(args, teacher_dir: Path, argv: list[str]) -> None:
+    """Point benchmarks/convergence.py's teacher cache at this study's TF-FM teacher (same recipe phase, same
+    eval settings), so its dCM vs sCM part distils the very teacher of the table above."""
+    from megatron_rcm.training.report import TEACHER_SAMPLES
+
+    cargs = convergence.parse_args(argv)
+    target = Path(cargs.cache_dir) / f"teacher-{convergence.teacher_key(convergence.base_config(cargs))}"
+    if (target / "phases" / "teacher").exists() or not (teacher_dir / "phases" / "tf_teacher" / TEACHER_SAMPLES).exists():
+        return  # (without the teacher's reference samples convergence.py would train its teacher into the link)
+    (target / "phases").mkdir(parents=True, exist_ok=True)
+    (target / "phases" / "teacher").symlink_to((teacher_dir / "phases" / "tf_teacher").resolve(), target_is_directory=True)
+    if not (target / "eval").exists():
+        (target / "eval").symlink_to((teacher_dir / "eval").resolve(), target_is_directory=True)
+
+
 def link_teachers(teacher_dir: Path, out: Path, names) -> None:
     if out.exists():
         shutil.rmtree(out)
@@ -186,7 +232,8 @@ def link_teachers(teacher_dir: Path, out: Path, names) -> None:
 
 
 def run_init(cfg, teachers, dmd, init, seed, teacher_dir, args) -> dict:
-    """Train the init (if it is not a teacher) and SF-DMD from it; the measures of both."""
+    """Train the init (if it is not a teacher; with --shared-inits only for the first seed) and SF-DMD from it;
+    the measures of both."""
     out = Path(args.work_dir) / f"{init}-seed{seed}"
     link_teachers(teacher_dir, out, [t.name for t in teachers])
     run = run_config(cfg, teachers, dmd, init, seed, args.init_steps, out)
@@ -194,8 +241,14 @@ def run_init(cfg, teachers, dmd, init, seed, teacher_dir, args) -> dict:
     t0 = time.perf_counter()
     teacher = trainer._frozen("tf_teacher")
     first = len(teachers)
-    if run.phases[first].kind != "sf_dmd":
-        trainer.run_phase(first)
+    if args.shared_inits and seed != args.seeds_list[0] and run.phases[first].kind != "sf_dmd":
+        shared = Path(args.work_dir) / f"{init}-seed{args.seeds_list[0]}" / "phases" / init
+        (out / "phases" / init).symlink_to(shared.resolve(), target_is_directory=True)
+        first += 1
+    if run.phases[first].kind != "sf_dmd":  # the init phase (ODE regression on the trajectory shards)
+        shards = str(ode_shards(cfg, teacher_dir, args)) if init == "ode" else None
+        init_run = run_config(cfg, teachers, dmd, init, seed, args.init_steps, out, shards)
+        Trainer(init_run, device=args.device, logger=convergence._logger(out, init_run, args.quiet)).run_phase(first)
         first += 1
     before = measure(trainer, run.phases[-1], trainer._frozen(init), teacher, args)
     trainer.run_phase(first)
@@ -228,7 +281,9 @@ def format_study(results: dict, refs: dict, args, device: str, command: str, tea
              f"Teachers: TF-FM and DF, {args.teacher_steps} steps each (the tiny recipe's teacher settings; the TF-FM "
              f"teacher is every SF-DMD run's real score and the reference of every FD); inits distilled from the TF-FM "
              f"teacher for {args.init_steps} steps; SF-DMD {args.dmd_steps} steps (the tiny recipe's settings) from "
-             f"each. {seeds} seed(s) per init (init + SF-DMD), mean ± std. FD / motion accuracy: "
+             f"each. {seeds} seed(s) per init ({'SF-DMD only: each init trained once' if args.shared_inits else 'init + SF-DMD'}"
+             f"), mean ± std. ODE regression: {args.ode_videos} TF-FM teacher trajectories ({args.ode_steps} ODE steps, "
+             f"levels {list(ODE_LEVELS)}). FD / motion accuracy: "
              f"{args.num_videos} prompts vs the teacher's {args.eval_teacher_steps}-step CFG ODE samples (teacher "
              f"motion accuracy {teacher_acc:.3f}). Diversity: per-pixel std of {args.diversity_seeds} 2-step samples "
              f"of one prompt over noise seeds, mean of {args.diversity_prompts} prompts (data itself "
@@ -270,6 +325,10 @@ def parse_args(argv):
     ap.add_argument("--dmd-steps", type=int, default=60, help="SF-DMD from every init (the recipe: 60)")
     ap.add_argument("--diversity-prompts", type=int, default=4)
     ap.add_argument("--diversity-seeds", type=int, default=8)
+    ap.add_argument("--shared-inits", action="store_true", help="train each init once (first seed) and vary only "
+                    "SF-DMD's seed (to fit a small compute budget)")
+    ap.add_argument("--ode-videos", type=int, default=256, help="teacher ODE trajectories for ODE regression")
+    ap.add_argument("--ode-steps", type=int, default=16, help="their ODE steps (the eval reference uses 16 too)")
     ap.add_argument("--convergence-budget", type=float, default=3000.0, help="FE per method for dCM vs sCM (0: skip)")
     ap.add_argument("--convergence-points", type=int, default=5)
     ap.add_argument("--cache-dir", default="runs/init_study_cache")
@@ -296,8 +355,7 @@ def parse_args(argv):
     return args
 
 
-def run_convergence(args, command_prefix: str) -> str:
-    """benchmarks/convergence.py's dCM vs sCM at equal counted compute with the reference settings."""
+def convergence_argv(args) -> list[str]:
     argv = ["--methods", "dcm,scm", "--budget-fe", str(args.convergence_budget), "--points",
             str(args.convergence_points), "--teacher-steps", str(args.teacher_steps), "--device", args.device,
             "--cache-dir", str(Path(args.cache_dir) / "convergence"), "--work-dir", str(Path(args.work_dir) / "conv"),
@@ -306,7 +364,13 @@ def run_convergence(args, command_prefix: str) -> str:
         argv += ["--quick", "--reps", "1", "--jvp-fe", "2", "--bwd-fe", "2"]
     if args.quiet:
         argv.append("--quiet")
-    argv += list(args.overrides if not args.quick else args.overrides[len(QUICK["overrides"]):])
+    return argv + list(args.overrides if not args.quick else args.overrides[len(QUICK["overrides"]):])
+
+
+def run_convergence(args, command_prefix: str, teacher_dir: Path) -> str:
+    """benchmarks/convergence.py's dCM vs sCM at equal counted compute with the reference settings."""
+    argv = convergence_argv(args)
+    share_teacher_with_convergence(args, teacher_dir, argv)
     out = convergence.main(argv)
     report = out["report"].replace("## Convergence at equal compute: dCM vs sCM vs MeanFlow",
                                    "### TF-dCM vs TF-sCM at equal counted compute, reference settings", 1)
@@ -339,7 +403,7 @@ def main(argv=None) -> dict:
     report += f"\nRanking by 2-step FD after SF-DMD (best first): {', '.join(LABELS[i] for i in rank_inits(results))}.\n"
     report += f"Wall time of the study part: {time.perf_counter() - t0:.0f} s.\n"
     if args.convergence_budget > 0:
-        report += "\n" + run_convergence(args, command)
+        report += "\n" + run_convergence(args, command, teacher_dir)
     if args.out_md:
         Path(args.out_md).write_text(report)
     print(report)
