@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                  # fused kernel, 30 layers, 21 x 1560 tokens
     python benchmarks/train_step.py --attention reference --layers 4  # the reference JVP path
     python benchmarks/train_step.py --no-checkpointing --layers 10
+    python benchmarks/train_step.py --kinds dmd --replayed           # SF-DMD with replayed backprop (peak memory)
 
 Reports per step: time (median after one warm-up), tokens/s (video tokens of the batch / step time), model
 FLOPs and MFU against the bf16 dense peak, and peak memory. FLOPs are counted per network call while the
@@ -88,7 +89,8 @@ def build(args, device):
 
     torch.manual_seed(0)
     cfg = model_preset("wan2.1-1.3b", num_layers=args.layers)
-    causal = CausalConfig(chunk_frames=args.chunk_frames, attention_backend=args.attention)
+    causal = CausalConfig(chunk_frames=args.chunk_frames, first_chunk_frames=args.first_chunk_frames,
+                          attention_backend=args.attention)
     student = build_model(cfg, causal).to(device)
     student.gradient_checkpointing, student.checkpoint_layers = args.checkpointing, args.checkpoint_layers
     teacher = copy.deepcopy(student).requires_grad_(False).to(torch.bfloat16)
@@ -113,8 +115,9 @@ def run(args, kind: str, device) -> dict:
     else:
         critic = copy.deepcopy(student)
         critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
-        cfg = DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6,
-                        rollout=RolloutConfig(denoising_steps=[1000.0, 500.0]))
+        rollout = RolloutConfig(denoising_steps=[1000.0, 500.0], last_step_only=True,  # the same graph every rep
+                                replayed_backprop=args.replayed)
+        cfg = DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6, rollout=rollout)
         obj = SelfForcingDMD(Denoiser(teacher), cfg, TrainedSideModel.local(critic, cfg.critic_lr, cfg.critic_betas,
                                                                            grad_clip=cfg.critic_grad_clip))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=device.type == "cuda")
@@ -152,7 +155,7 @@ def run(args, kind: str, device) -> dict:
     step = statistics.median(times)
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing,
+    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing, "replayed": args.replayed,
             "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
@@ -189,6 +192,10 @@ def main(argv=None):
     ap.add_argument("--height", type=int, default=60)
     ap.add_argument("--width", type=int, default=104)
     ap.add_argument("--chunk-frames", type=int, default=3)
+    ap.add_argument("--first-chunk-frames", type=int, default=0, help="0: like --chunk-frames (1 with --chunk-frames 4: "
+                    "Causal-rCM's c1-4)")
+    ap.add_argument("--replayed", action="store_true", help="SF-DMD: replayed backprop (rollout without grad, each "
+                    "chunk's exit step recomputed in backward: one chunk's graph at a time)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
@@ -214,10 +221,11 @@ def main(argv=None):
     print("| step | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | "
           "TFLOP/step | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    replayed = " (replayed)" if args.replayed else ""
     for kind in args.kinds.split(","):
         r = run(args, kind, device)
         r["attention"] = used
-        print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {used} | {ckpt_label(r)} | "
+        print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD' + replayed} | {used} | {ckpt_label(r)} | "
               f"{'compiled' if args.compile else 'eager'} | "
               f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |", flush=True)

@@ -151,6 +151,35 @@ def test_generate_with_actions_and_interactive_stdin(action_run, tmp_path, capsy
     assert not (read_video(str(other)) == read_video(str(given))).all()
 
 
+def test_generate_data_trajectory_feeds_ode_regression(run, tmp_path, capsys):
+    shards = tmp_path / "ode"
+    assert main(["generate-data", str(run), "--phase", "teacher", "--num-videos", "2", "--steps", "2",
+                 "--trajectory", "2", "--out", str(shards)]) == 0
+    assert "ODE states at 2 levels" in capsys.readouterr().out
+    batch = next(LatentShardDataset(str(shards), batch_size=2))
+    assert batch["trajectory"].shape == (2, 2, 3, FRAMES, 8, 8)
+    assert batch["trajectory_levels"].tolist() == [[1.0, 0.5]] * 2
+    assert torch.isfinite(batch["trajectory"]).all() and not torch.equal(batch["trajectory"][:, 1], batch["latents"])
+    yaml = tmp_path / "ode.yaml"
+    yaml.write_text("phases:\n  - {name: ode, kind: tf_cm, objective: ode_regression, steps: 2}\n")
+    assert main(["train", str(yaml), *TINY, "data.kind=latent_shards", f"data.shard_dir={shards}",
+                 "eval.at_phase_end=false", f"output_dir={tmp_path / 'ode_run'}"]) == 0
+    assert "phase ode: 2 steps" in capsys.readouterr().out
+
+
+def test_per_chunk_steps_and_noisy_context_flags(run, tmp_path, capsys):
+    out = tmp_path / "per_chunk.gif"
+    assert main(["generate", str(run), "--phase", "tf_scm", "--frames", "6", "--class-id", "1", "--steps-per-chunk",
+                 "2", "1", "--mid-t-schedules", "5/8;", "--context-from-last-step", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 1 steps per chunk" in text and read_video(str(out)).shape[0] == 6
+    assert main(["eval", str(run), "--phase", "tf_scm", "--steps-per-chunk", "2", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("2,1 |")]
+    assert len(rows) == 1
+    assert main(["sample", str(run), "--phase", "tf_scm", "--steps-per-chunk", "2", "1", "--num-videos", "1",
+                 "--out", str(tmp_path / "s.gif")]) == 0
+
+
 def test_errors_name_the_problem_and_exit_2(run, action_run, tmp_path, capsys):
     out = str(tmp_path / "x.gif")
     assert "does not exist" in _error(capsys, ["sample", str(tmp_path / "nope"), "--phase", "teacher", "--out", out])
@@ -182,6 +211,12 @@ def test_errors_name_the_problem_and_exit_2(run, action_run, tmp_path, capsys):
     assert "takes no actions" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--interactive"])
     assert "--format" in _error(capsys, ["generate-data", str(run), "--phase", "teacher", "--num-videos", "1",
                                          "--out", out, "--format", "zip"])
+    assert "'--trajectory'" in _error(capsys, ["generate-data", str(run), "--phase", "tf_scm", "--num-videos", "1",
+                                               "--trajectory", "2", "--out", str(tmp_path / "t")])
+    assert "'--steps-per-chunk'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm",
+                                                    "--steps-per-chunk", "1", "2"])
+    assert "'--mid-t-schedules'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--steps-per-chunk",
+                                                    "3", "--mid-t-schedules", "1/2"])
 
 
 def test_console_entry_point_runs_the_new_commands(run, tmp_path):

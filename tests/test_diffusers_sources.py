@@ -151,7 +151,7 @@ def test_teacher_reference_ode_uses_eval_teacher_shift():
     from megatron_rcm.config.model import CausalConfig, model_preset
     from megatron_rcm.diffusion.samplers import multistep2_fm
     from megatron_rcm.inference.sampling import teacher_sample
-    from megatron_rcm.inference.streaming import stream_chunks
+    from megatron_rcm.inference.streaming import chunkwise, stream_chunks
     from megatron_rcm.network import Condition, Denoiser
 
     cfg = load_config(None, ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=2",
@@ -166,6 +166,6 @@ def test_teacher_reference_ode_uses_eval_teacher_shift():
     starts = iter(torch.split(noise, 1, dim=2))
     ref = torch.cat([c.frames for c in stream_chunks(
         Denoiser(model), Condition(prompts["context"], prompts["uncond_context"]), 2, 8, 8,
-        partial(multistep2_fm, steps=3, shift=3.0), lambda _c, _s: next(starts), 2.0)], dim=2)
+        chunkwise(partial(multistep2_fm, steps=3, shift=3.0)), lambda _c, _s: next(starts), 2.0)], dim=2)
     assert torch.allclose(shifted, ref, rtol=0, atol=1e-12)
     assert (shifted - teacher_sample(model, prompts, cfg.data, 3, 2.0, seed=1)).abs().max() > 1e-3

@@ -106,7 +106,7 @@ def test_full_mask_and_is_full():
 
 
 def test_bad_inputs_have_clear_errors():
-    with pytest.raises(ValueError, match="chunk_frames=3 must be positive and divide num_frames=8"):
+    with pytest.raises(ValueError, match="8 latent frames are not a whole number of chunks"):
         block_causal_mask(8, 4, 3)
     with pytest.raises(ValueError, match="outside"):
         GroupMask(torch.tensor([0, 3]), torch.tensor([0]), torch.ones(2, 2, dtype=torch.bool))

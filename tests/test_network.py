@@ -9,7 +9,7 @@ import torch
 from conftest import rel_err
 from megatron_rcm.config.model import CausalConfig, model_preset
 from megatron_rcm.diffusion.samplers import euler_fm
-from megatron_rcm.inference.streaming import stream_chunks
+from megatron_rcm.inference.streaming import chunkwise, stream_chunks
 from megatron_rcm.models import build_model
 from megatron_rcm.network import BatchNoise, Condition, Denoiser, StepContext
 from megatron_rcm.ops.chunks import ChunkLayout
@@ -70,7 +70,7 @@ def test_guidance_combines_output_and_tangent_of_one_batched_forward(call):
 
 def _stream(net, x_noise, cond, guidance, steps=2):
     starts = iter(torch.split(x_noise, 2, dim=2))
-    chunks = stream_chunks(net, cond, F, H, W, partial(euler_fm, steps=steps, shift=3.0),
+    chunks = stream_chunks(net, cond, F, H, W, chunkwise(partial(euler_fm, steps=steps, shift=3.0)),
                            lambda _c, _s: next(starts), guidance)
     return torch.cat([c.frames for c in chunks], dim=2)
 

@@ -157,7 +157,7 @@ def test_checkpointed_rollout_gives_identical_gradients(chunk_frames, window, si
 def test_frozen_cache_keeps_the_forward_view():
     from megatron_rcm.models.kv_cache import KVCache, LayerCache
 
-    cache = KVCache(1, 2)
+    cache = KVCache(1)
     k = torch.randn(1, 2, 1, 4)
     cache.append(0, 0, k, k)
     cache.commit(0)

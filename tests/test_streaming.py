@@ -105,7 +105,7 @@ def test_long_interactive_rollout_holds_flat_memory():
     model = _model(chunk_frames=1, window=2, sink=1, action_dim=3)
     caches, seen = [], []
     new_cache = model.new_kv_cache
-    model.new_kv_cache = lambda *a: caches.append(new_cache(*a)) or caches[-1]
+    model.new_kv_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
     reader = stdin_action_reader(3, 1, batch=2, stream=io.StringIO("0\n1\n2\n" * 6), prompt=False)
 
     def act(chunk, frames_so_far):

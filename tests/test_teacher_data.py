@@ -71,6 +71,35 @@ def test_generate_data_from_a_diffusers_teacher(tiny_wan_pipeline, prompt_file, 
     assert rel_err(batch["latents"][0], batch["latents"][1]) > 0.1
 
 
+def test_generate_data_trajectory_from_a_diffusers_teacher(tiny_wan_pipeline, prompt_file, tmp_path, capsys):
+    """--trajectory 3 with --trajectory-shift = the teacher's shift puts the student's levels on the teacher's own
+    3-step Euler grid: the same end point as without it, and the states the reference Euler steps pass through."""
+    from diffusers import WanTransformer3DModel
+
+    from megatron_rcm.encoders import EncodersConfig, load_encoders
+
+    out = tmp_path / "traj"
+    assert _generate(tiny_wan_pipeline, prompt_file, out, "--trajectory", "3", "--trajectory-shift", str(SHIFT)) == 0
+    batch = next(LatentShardDataset(str(out), batch_size=3))
+    assert batch["trajectory"].shape == (3, 3, 4, 4, 4, 4)
+    levels = [SHIFT * v / (1 + (SHIFT - 1) * v) for v in (1.0, 2 / 3, 1 / 3)]
+    torch.testing.assert_close(batch["trajectory_levels"], torch.tensor([levels] * 3), rtol=0, atol=1e-6)
+    enc = load_encoders(EncodersConfig(diffusers_dir=str(tiny_wan_pipeline)), vae=False, text_len=TEXT_LEN)
+    ctx = enc.prompt_contexts(PROMPTS)
+    dm = WanTransformer3DModel.from_pretrained(str(tiny_wan_pipeline / "transformer")).eval()
+    x = torch.randn((4, 4, 4, 4), generator=torch.Generator().manual_seed(7 + 1))[None]  # video 1
+    grid = levels + [0.0]
+    with torch.no_grad():
+        for i in range(3):
+            assert rel_err(batch["trajectory"][1, i], x[0]) < 1e-4, i
+            t = torch.tensor([1000.0 * grid[i]])
+            vc = dm(x, t, ctx["context"][1][None], return_dict=False)[0]
+            vu = dm(x, t, ctx["uncond_context"][1][None], return_dict=False)[0]
+            x = x + (grid[i + 1] - grid[i]) * (vu + 5.0 * (vc - vu))
+    assert rel_err(batch["latents"][1], x[0]) < 1e-4
+    assert "shard" in capsys.readouterr().out
+
+
 def test_interrupted_generate_data_resumes_without_rewriting_a_finished_shard(tiny_wan_pipeline, prompt_file,
                                                                               tmp_path, monkeypatch, capsys):
     import megatron_rcm.inference.bidirectional as bidir

@@ -42,10 +42,17 @@ class ModelConfig:
 class CausalConfig:
     """How attention is restricted in time (docs/design.md, "The model")."""
 
-    chunk_frames: int = 1  # latent frames per chunk; 1 = frame-wise
+    chunk_frames: int = 1  # latent frames per chunk; 1 = frame-wise (Causal-rCM chunk_t)
+    first_chunk_frames: int = 0  # latent frames of the first chunk; 0 = like chunk_frames (Causal-rCM first_chunk_t)
     window_chunks: int = 0  # most recent chunks visible (incl. own); 0 = unlimited
     sink_chunks: int = 0  # first chunks always visible (long rollouts)
     attention_backend: str = "auto"
+    # noisy context (network/context.py): cache chunks >= start at context_noise_level instead of clean (t = 0),
+    # in streaming, the self-forcing rollout and teacher forcing alike (Causal-rCM context_from_last_step,
+    # context_from_last_step_start_chunk; the level is its backward_timesteps[-1] = 5/8)
+    context_from_last_step: bool = False
+    context_from_last_step_start_chunk: int = 0
+    context_noise_level: float = 0.625
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -108,7 +115,16 @@ _BUILTIN_BACKENDS = ("auto", "reference", "sdpa")
 def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: str = "causal") -> None:
     if cfg.chunk_frames <= 0:
         raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames, "a positive integer (1 = frame-wise)")
-    if num_frames is not None and num_frames % cfg.chunk_frames:
+    if cfg.first_chunk_frames < 0:
+        raise ConfigError(f"{prefix}.first_chunk_frames", cfg.first_chunk_frames,
+                          ">= 0 (0 = the first chunk is like the others)")
+    first = cfg.first_chunk_frames or cfg.chunk_frames
+    if num_frames is not None and (num_frames < first or (num_frames - first) % cfg.chunk_frames):
+        if cfg.first_chunk_frames:
+            fits = [f for f in range(1, num_frames + 1) if (num_frames - f) % cfg.chunk_frames == 0]
+            raise ConfigError(f"{prefix}.first_chunk_frames", cfg.first_chunk_frames,
+                              f"first chunk + k x causal.chunk_frames ({cfg.chunk_frames}) = the {num_frames} latent "
+                              f"frames: one of {fits}")
         divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
         raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames,
                           f"a divisor of the {num_frames} latent frames: {divisors}")
@@ -116,6 +132,12 @@ def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: st
         raise ConfigError(f"{prefix}.window_chunks", cfg.window_chunks, ">= 0 (0 = unlimited)")
     if cfg.sink_chunks < 0:
         raise ConfigError(f"{prefix}.sink_chunks", cfg.sink_chunks, ">= 0")
+    if cfg.context_from_last_step_start_chunk < 0:
+        raise ConfigError(f"{prefix}.context_from_last_step_start_chunk", cfg.context_from_last_step_start_chunk,
+                          ">= 0 (the first chunk cached with noisy context)")
+    if not 0.0 < cfg.context_noise_level < 1.0:
+        raise ConfigError(f"{prefix}.context_noise_level", cfg.context_noise_level,
+                          "a flow-matching level in (0, 1): the level of the sampler's last step, e.g. 0.625")
     if cfg.attention_backend not in _BUILTIN_BACKENDS:
         from ..ops.attention import available_backends
 

@@ -205,7 +205,7 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
     score passes over the video's frames. Each phase's global batch is split evenly over the
     data-parallel ranks.
     """
-    from ..training.registry import is_self_forcing  # objectives depend on config, not vice versa
+    from ..training.registry import objective_class  # objectives depend on config, not vice versa
 
     par = cfg.parallel
     for key in ("tp", "cp", "pp"):
@@ -219,11 +219,15 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
     frames = cfg.data.num_frames // int(cfg.model.patch_size[0])
     validate_parallel(par, cfg.model)
     for i, phase in enumerate(cfg.phases):
-        self_forcing = is_self_forcing(phase)
-        if self_forcing:
+        cls = objective_class(phase, f"phases.{i}")
+        self_forcing = cls.self_forcing
+        if self_forcing:  # KV-cached chunks are split by frames; cp | frames and cp | chunk_frames imply that cp
+            # divides the first chunk (frames - k x chunk_frames) too
             validate_parallel(par, cfg.model, num_frames=frames, chunk_frames=cfg.causal.chunk_frames)
-        if phase.kind in ("teacher", "tf_cm"):
-            validate_parallel(par, cfg.model, num_frames=2 * frames)
+        for sequence in cls.sequences:  # the [clean ; noisy] sequence has twice the video's frames
+            validate_parallel(par, cfg.model, num_frames=2 * frames if sequence == "teacher_forcing" else frames)
+        key = f"phases.{i}.objective_args"
+        cls.check_run(cls.parse_config(dict(phase.objective_args), key), cfg, phase, key, par)
         accum = cfg.train.grad_accum
         if accum > 1 and self_forcing:
             raise ConfigError("train.grad_accum", accum, f"1 while phases.{i} is a self-forcing phase (its rollout "

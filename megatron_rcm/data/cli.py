@@ -49,7 +49,10 @@ def run_teacher_data(args) -> int:
                          shard_size=64 if args.shard_size is None else args.shard_size,
                          batch_size=args.batch_size, negative_prompt=args.negative_prompt,
                          encoders_dir=args.encoders, fmt=args.format, solver=args.solver, dtype=args.dtype,
-                         text_len=args.text_len)
+                         text_len=args.text_len, trajectory=args.trajectory, trajectory_shift=args.trajectory_shift)
+    from ..inference.cli import _trajectory_levels
+
+    _trajectory_levels(args)  # checks the flags before any work
     manifest = generate_teacher_data(ta, device=args.device)
     if manifest is None:
         print(f"this rank's shards are in {args.out}; the manifest is written when the last rank finishes")

@@ -3,7 +3,9 @@
 Layout of a shard folder: ``manifest.json`` = {"version": 1, "shards": [{"file", "count", "bytes",
 "sha256"}...]} and the shard files it lists, each either
   * ``*.safetensors``: tensors "latents" [N,C,F,H,W], "context" [N,L,D], optional "actions" [N,F,A],
-    "class_id" [N], "uncond_context" [L,D]; or
+    "class_id" [N], "uncond_context" [L,D], "trajectory" [N,K,C,F,H,W] + "trajectory_levels" [N,K] (the
+    teacher's ODE states at K sampling levels: ``generate-data --trajectory K``; readers that do not use
+    them ignore them); or
   * ``*.tar`` (webdataset style): per sample ``<key>.latents.npy``, ``<key>.context.npy``, optional
     ``<key>.actions.npy`` / ``<key>.class_id.npy``, and optionally one ``__uncond__.context.npy``.
 Shards made from text prompts also keep each sample's prompt: a JSON list under the safetensors
@@ -28,6 +30,7 @@ from safetensors.torch import save as st_save
 from ..utils.files import sha256_file
 
 MANIFEST = "manifest.json"
+SAMPLE_KEYS = ("latents", "context", "actions", "class_id", "trajectory", "trajectory_levels")  # per-sample tensors
 
 
 class ShardError(RuntimeError):
@@ -119,8 +122,7 @@ class ShardWriter:
         if self.uncond is None and batch.get("uncond_context") is not None:
             self.uncond = batch["uncond_context"][0].detach().cpu().float().contiguous()
         for i in range(n):
-            self.pending.append({k: batch[k][i].detach().cpu() for k in ("latents", "context", "actions", "class_id")
-                                 if batch.get(k) is not None})
+            self.pending.append({k: batch[k][i].detach().cpu() for k in SAMPLE_KEYS if batch.get(k) is not None})
             if len(self.pending) == self.shard_size:
                 self._flush()
 
@@ -149,8 +151,9 @@ def write_teacher_shards(sample_fn, dataset, out_dir: str, num_videos: int, shar
                          fmt: str = "safetensors") -> str:
     """Sample teacher videos for the dataset's prompts into shards; returns the manifest path.
 
-    ``sample_fn(batch) -> latents`` [B,C,F,H,W]; the batch's context/actions/class ids are kept so
-    the shards can replace the synthetic set one-for-one.
+    ``sample_fn(batch) -> latents`` [B,C,F,H,W] (or a dict of per-sample tensors with "latents", e.g. an ODE
+    trajectory too); the batch's context/actions/class ids are kept so the shards can replace the synthetic
+    set one-for-one.
     """
     writer = ShardWriter(out_dir, shard_size, fmt)
     done = 0
@@ -159,8 +162,8 @@ def write_teacher_shards(sample_fn, dataset, out_dir: str, num_videos: int, shar
         batch = dict(next(it))
         take = min(num_videos - done, batch["latents"].shape[0])
         with torch.no_grad():
-            latents = sample_fn(batch)
-        batch["latents"] = latents
+            made = sample_fn(batch)
+        batch.update(made if isinstance(made, dict) else {"latents": made})
         writer.write({k: (v[:take] if k != "uncond_context" else v) for k, v in batch.items()
                       if isinstance(v, torch.Tensor)})
         done += take

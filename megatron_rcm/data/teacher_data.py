@@ -42,6 +42,8 @@ class TeacherDataArgs:
     solver: str = "multistep2"
     dtype: str = "auto"  # teacher and encoders: bfloat16 on CUDA, float32 on CPU
     text_len: int = 512
+    trajectory: int = 0  # K > 0: also store the ODE states at a K-step student's levels (ode_regression data)
+    trajectory_shift: float = 1.0
 
 
 def _positive(flag: str, value, what: str):
@@ -106,6 +108,8 @@ def generate_teacher_data(args: TeacherDataArgs, device="cpu", log: Callable[[st
     from ..encoders.device import encoder_dtype
     from ..encoders.folder import strip_prefix
     from ..inference.bidirectional import bidirectional_sample
+    from ..inference.trajectory import teacher_trajectory, trajectory_levels
+    from ..network import Condition, Denoiser
 
     for flag, value in (("--steps", args.steps), ("--videos-per-prompt", args.videos_per_prompt),
                         ("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
@@ -123,8 +127,11 @@ def generate_teacher_data(args: TeacherDataArgs, device="cpu", log: Callable[[st
     check_latent_channels(vae, tcfg.in_channels, key="the teacher's in_channels")
     lf, lh, lw = latent_geometry(args, vae, tcfg.patch_size)
     shift = scheduler_shift(root) if args.shift is None else args.shift
+    levels = trajectory_levels(args.trajectory, args.trajectory_shift) if args.trajectory else []
     negative = negative_or_default(args.negative_prompt)
-    plan = {k: v for k, v in asdict(args).items() if k not in ("out", "batch_size", "dtype", "prompts", "fmt")}
+    skip = ("out", "batch_size", "dtype", "prompts", "fmt")
+    skip += () if args.trajectory else ("trajectory", "trajectory_shift")
+    plan = {k: v for k, v in asdict(args).items() if k not in skip}  # (folders made before --trajectory resume too)
     plan.update(teacher=str(transformer_dir(args.teacher).resolve()), encoders_dir=str(Path(root).resolve()),
                 shift=shift, negative_prompt=negative, prompts_sha256=sha256_file(args.prompts),
                 latent_shape=[tcfg.in_channels, lf, lh, lw])
@@ -152,10 +159,20 @@ def generate_teacher_data(args: TeacherDataArgs, device="cpu", log: Callable[[st
                 texts_b = [prompts[i // args.videos_per_prompt] for i in batch]
                 context = text.encode(texts_b)
                 noise = torch.stack([video_noise(args.seed, i, (teacher.cfg.in_channels, lf, lh, lw)) for i in batch])
-                latents = bidirectional_sample(teacher, noise.to(device), context, uncond.expand(len(batch), -1, -1),
-                                               args.steps, args.guidance, shift, args.solver)
+                negative = uncond.expand(len(batch), -1, -1)
+                if levels:  # the same ODE with the student's levels in its grid, keeping the states there
+                    latents, states = teacher_trajectory(Denoiser(teacher), Condition(context, negative),
+                                                         noise.to(device), levels, args.steps, shift, args.guidance,
+                                                         "full", args.solver)
+                else:
+                    latents = bidirectional_sample(teacher, noise.to(device), context, negative, args.steps,
+                                                   args.guidance, shift, args.solver)
                 for j in range(len(batch)):
-                    samples.append({"latents": latents[j].float().cpu(), "context": context[j].cpu()})
+                    sample = {"latents": latents[j].float().cpu(), "context": context[j].cpu()}
+                    if levels:
+                        sample.update(trajectory=states[j].float().cpu(),
+                                      trajectory_levels=torch.tensor(levels, dtype=torch.float32))
+                    samples.append(sample)
                 texts += texts_b
                 bar.update(len(batch))
             shards.write(index, samples, uncond[0].cpu(), texts)

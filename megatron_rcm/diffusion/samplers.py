@@ -13,28 +13,34 @@ from .trigflow import fm_from_trig, trig_F_from_v, trig_x0
 
 
 @torch.no_grad()
-def euler_fm(denoise_fn, noise, steps: int, shift: float = 1.0):
-    """First-order FM ODE: x <- x + (s_next - s) v."""
-    sig = fm_sigmas(steps, shift)
+def euler_fm(denoise_fn, noise, steps: int, shift: float = 1.0, sigmas=None, record=None):
+    """First-order FM ODE: x <- x + (s_next - s) v. ``sigmas``: an explicit grid (s_0 > ... > 0) instead of
+    ``steps`` shifted uniform steps; ``record(s, x)`` sees the state at every grid level before its step."""
+    sig = fm_sigmas(steps, shift) if sigmas is None else sigmas
     x = noise
-    for i in range(steps):
+    for i in range(len(sig) - 1):
+        if record is not None:
+            record(float(sig[i]), x)
         x = x + float(sig[i + 1] - sig[i]) * denoise_fn(x, float(sig[i]))
     return x
 
 
 @torch.no_grad()
-def multistep2_fm(denoise_fn, noise, steps: int, shift: float = 1.0):
+def multistep2_fm(denoise_fn, noise, steps: int, shift: float = 1.0, sigmas=None, record=None):
     """DPM-Solver++(2M) in FM time: alpha = 1 - s, sigma = s, lambda = log((1-s)/s), data prediction.
 
     Step: x_n = (s_n/s) x + (1 - s_n)(1 - e^{-h}) D with D = x0 (1st order) or the 2M extrapolation
     (1 + 1/2r) x0 - (1/2r) x0_prev, r = h_prev / h. Falls back to 1st order when h_prev is infinite
-    (step out of s = 1) and on the last step (s_n = 0 returns the data prediction).
+    (step out of s = 1) and on the last step (s_n = 0 returns the data prediction). ``sigmas`` and ``record``
+    as in :func:`euler_fm`.
     """
-    sig = fm_sigmas(steps, shift)
+    sig = fm_sigmas(steps, shift) if sigmas is None else sigmas
     lam = lambda s: torch.log((1 - s) / s)
     x, prev_x0, prev_h = noise, None, None
-    for i in range(steps):
+    for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
+        if record is not None:
+            record(float(s), x)
         x0, _ = fm_x0_eps(x, denoise_fn(x, float(s)), float(s))
         if float(sn) == 0.0:
             return x0
@@ -46,6 +52,33 @@ def multistep2_fm(denoise_fn, noise, steps: int, shift: float = 1.0):
         x = float(sn / s) * x + float((1 - sn) * -torch.expm1(-h)) * d
         prev_x0, prev_h = x0, h
     return x
+
+
+def trajectory_grid(steps: int, shift: float, keep_levels) -> torch.Tensor:
+    """The ODE grid of ``steps`` shifted uniform steps with the ``keep_levels`` inserted (float64, s_0 -> 0)."""
+    grid = fm_sigmas(steps, shift).tolist()
+    for level in keep_levels:
+        if not any(abs(level - g) < 1e-9 for g in grid):
+            grid.append(float(level))
+    return torch.tensor(sorted(grid, reverse=True), dtype=torch.float64)
+
+
+@torch.no_grad()
+def ode_trajectory(solver, denoise_fn, noise, steps: int, shift: float, keep_levels):
+    """(x0, [state at each of ``keep_levels``]) of an ODE ``solver`` (:func:`euler_fm` / :func:`multistep2_fm`) on
+    :func:`trajectory_grid`: the teacher's states at a student's sampling levels (ODE-regression data)."""
+    grid = trajectory_grid(steps, shift, keep_levels)
+    seen = {}
+
+    def record(s, x):
+        for level in keep_levels:
+            if abs(s - level) < 1e-9:
+                seen[level] = x
+    x0 = solver(denoise_fn, noise, steps, shift, sigmas=grid, record=record)
+    missing = [lv for lv in keep_levels if lv not in seen]
+    if missing:
+        raise ValueError(f"trajectory levels {missing} are not in (0, {float(grid[0])}]")
+    return x0, [seen[level] for level in keep_levels]
 
 
 @torch.no_grad()

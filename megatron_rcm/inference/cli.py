@@ -43,6 +43,47 @@ def _guidance_for(phase, cfg, guidance: float | None) -> float:
     return cfg.eval.cfg_scale if phase.kind == "teacher" else 1.0
 
 
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Per-chunk schedules and noisy context of the few-step sampler (Causal-rCM's inference flags)."""
+    g = p.add_argument_group("few-step sampler (distilled students)")
+    g.add_argument("--steps-per-chunk", type=int, nargs="+", default=None, metavar="K",
+                   help="steps of each chunk, the last repeated, non-increasing, e.g. 4 2 "
+                   "(Causal-rCM --steps_per_chunk)")
+    g.add_argument("--mid-t-schedules", default=None, metavar="T,T;T",
+                   help="intermediate FM times per --steps-per-chunk entry, ';'-separated, fractions allowed, e.g. "
+                   "'15/16,5/6,5/8;5/6' (Causal-rCM --mid_t_schedules); default: the first K of the evenly spaced grid")
+    g.add_argument("--sigma-max", type=float, default=0.0, help="first level sigma_max / (sigma_max + 1), e.g. 1600 "
+                   "(Causal-rCM --sigma_max); default 0: level 1")
+    g.add_argument("--context-from-last-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="cache each chunk from its last denoising step (noisy context; default: the run's "
+                   "causal.context_from_last_step)")
+    g.add_argument("--context-from-last-step-start-chunk", type=int, default=None, metavar="N",
+                   help="first chunk with noisy context (default: causal.context_from_last_step_start_chunk)")
+    g.add_argument("--context-noise-level", type=float, default=None, metavar="S",
+                   help="FM level of the noisy context (default: causal.context_noise_level)")
+
+
+def stream_options(args, causal, steps: int = 2):
+    """The ``StreamConfig`` of the sampler flags (validated: errors name the flag); ``causal``: the run's config."""
+    from ..diffusion.step_schedule import parse_chunk_schedules
+    from ..network import NoisyContext
+    from .streaming import StreamConfig
+
+    schedules = None if args.mid_t_schedules is None else parse_chunk_schedules(args.mid_t_schedules)
+    on = causal.context_from_last_step if args.context_from_last_step is None else args.context_from_last_step
+    start = args.context_from_last_step_start_chunk
+    start = causal.context_from_last_step_start_chunk if start is None else start
+    level = causal.context_noise_level if args.context_noise_level is None else args.context_noise_level
+    if start < 0:
+        raise ConfigError("--context-from-last-step-start-chunk", start, "a chunk index >= 0")
+    if not 0.0 < level < 1.0:
+        raise ConfigError("--context-noise-level", level, "a flow-matching level in (0, 1), e.g. 0.625")
+    opts = StreamConfig(steps=steps, steps_per_chunk=args.steps_per_chunk, chunk_schedules=schedules,
+                        sigma_max=args.sigma_max, noisy_context=NoisyContext(level if on else 0.0, start))
+    opts.schedule()  # fail now, naming the flag
+    return opts
+
+
 def _video_out(path: str) -> str:
     if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError("--out", path, f"a video file ending in one of {VIDEO_SUFFIXES}")
@@ -68,7 +109,7 @@ def run_sample(args) -> int:
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(cfg.data, num_videos, seed, args.device, args.class_id)
     video = sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
-                         teacher_shift=cfg.eval.teacher_shift)
+                         teacher_shift=cfg.eval.teacher_shift, options=stream_options(args, cfg.causal, steps))
     kw = {}
     if cfg.encoders.has_vae:  # a run with a VAE: decode the latents to pixels
         from .real_video import DECODED_FPS, run_encoders
@@ -88,8 +129,15 @@ def run_eval(args) -> int:
 
     from ..training.report import ReportContext, format_quality_table, quality_rows
 
-    steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4") for k in args.steps]
     cfg = load_run_config(args.run_dir)
+    options = stream_options(args, cfg.causal)
+    default_steps = [] if args.steps_per_chunk else [1, 2, 4]  # --steps-per-chunk alone: just that schedule's row
+    steps = [_positive("--steps", k, "positive step counts, e.g. --steps 1 2 4")
+             for k in (default_steps if args.steps is None else args.steps)]
+    if args.steps_per_chunk:
+        from dataclasses import replace
+
+        steps.append(replace(options, steps=max(args.steps_per_chunk)))
     phase = find_phase(cfg, args.phase)
     if not phase.teacher_from:
         students = [p.name for p in cfg.phases if p.teacher_from]
@@ -100,7 +148,7 @@ def run_eval(args) -> int:
     model = load_phase_model(cfg, phase.name, args.weights, args.device)
     teacher = load_teacher_model(cfg, phase.teacher_from, args.device)
     ctx = ReportContext(cfg, Path(cfg.output_dir), torch.device(args.device), print)
-    rows, _ = quality_rows(ctx, phase, model, teacher, steps)
+    rows, _ = quality_rows(ctx, phase, model, teacher, steps, options=options)
     print(format_quality_table(phase.name, cfg.eval.teacher_steps, rows))
     return 0
 
@@ -123,6 +171,7 @@ def run_generate_data(args) -> int:
                            "at least 1 video per shard")
     cfg, phase, model = _open(args)
     steps, guidance = _steps_for(phase, cfg, args.steps), _guidance_for(phase, cfg, args.guidance)
+    levels = _trajectory_levels(args, phase)
     dataset = build_dataset(cfg.data, batch_size=min(num_videos, cfg.data.batch_size))
     calls = [0]
 
@@ -130,16 +179,48 @@ def run_generate_data(args) -> int:
         prompts = {k: v.to(args.device) for k, v in batch.items() if hasattr(v, "to")}
         seed = args.seed + calls[0]  # fresh noise per batch, reproducible from --seed
         calls[0] += 1
+        if levels:  # the teacher's ODE states at the student's K levels too (ODE-regression data)
+            from .trajectory import sample_trajectory
+
+            return sample_trajectory(model, prompts, cfg.data, steps, guidance, seed, cfg.eval.teacher_shift, levels)
         return sample_phase(phase.kind, model, prompts, cfg.data, steps, guidance, seed=seed,
                             teacher_shift=cfg.eval.teacher_shift).float().cpu()
 
     manifest = write_teacher_shards(sample_fn, dataset, args.out, num_videos, shard_size, args.format)
-    print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}' to {args.out} ({manifest}); "
+    with_traj = f" with their ODE states at {len(levels)} levels" if levels else ""
+    print(f"wrote {num_videos} {steps}-step samples of phase '{phase.name}'{with_traj} to {args.out} ({manifest}); "
           f"train from them with: data.kind=latent_shards data.shard_dir={args.out}")
     return 0
 
 
+def _trajectory_levels(args, phase=None) -> list[float]:
+    """The student levels of ``--trajectory K`` ([] without it); only a teacher's ODE has a trajectory."""
+    if not args.trajectory:
+        return []
+    if args.trajectory < 1 or args.trajectory > 8:
+        raise ConfigError("--trajectory", args.trajectory, "1..8 student sampling levels (K of a K-step student)")
+    if phase is not None and phase.kind != "teacher":
+        raise ConfigError("--trajectory", args.trajectory, f"a teacher phase's ODE: phase '{phase.name}' is a "
+                          f"{phase.kind} phase (a few-step student has no ODE trajectory)")
+    if args.trajectory_shift <= 0:
+        raise ConfigError("--trajectory-shift", args.trajectory_shift, "a positive time shift (1 = none)")
+    from .trajectory import trajectory_levels
+
+    return trajectory_levels(args.trajectory, args.trajectory_shift)
+
+
 # ---------------------------------------------------------------------------------------------- generate
+def _stream_layout(model, frames: int):
+    """The chunk layout of ``--frames`` latent frames, or an error naming the flag and the frame counts that fit."""
+    pt, c = model.patch[0], model.causal
+    first, chunk = (c.first_chunk_frames or c.chunk_frames) * pt, c.chunk_frames * pt
+    if frames < first or frames % pt or (frames - first) % chunk:
+        fits = ", ".join(str(first + k * chunk) for k in range(4))
+        raise ConfigError("--frames", frames, f"whole chunks: the first chunk of {first} latent frames plus any number "
+                          f"of chunks of {chunk} ({fits}, ...)")
+    return model.chunk_layout(frames // pt)
+
+
 def _parse_action_ids(text: str, num_chunks: int, action_dim: int) -> list[int]:
     try:
         ids = [int(tok) for tok in text.replace(",", " ").split()]
@@ -152,11 +233,12 @@ def _parse_action_ids(text: str, num_chunks: int, action_dim: int) -> list[int]:
     return ids
 
 
-def _action_fn(args, cfg, model, num_chunks: int):
-    """None, a fixed per-chunk list (--actions) or stdin (--interactive), matched against model.action_dim."""
+def _action_fn(args, cfg, model, layout):
+    """None, a fixed per-chunk list (--actions) or stdin (--interactive), matched against model.action_dim;
+    each chunk's actions cover its own frames (``layout``: a first chunk may have its own size)."""
     from .streaming import one_hot_actions, stdin_action_reader
 
-    action_dim, chunk = cfg.model.action_dim, model.causal.chunk_frames
+    action_dim, num_chunks = cfg.model.action_dim, layout.n_chunks
     given = args.actions is not None or args.interactive
     if action_dim and not given:
         raise ConfigError("--actions", None, f"--actions ID,ID,... (one per chunk) or --interactive: this model is "
@@ -167,9 +249,9 @@ def _action_fn(args, cfg, model, num_chunks: int):
     if not action_dim:
         return None
     if args.interactive:
-        return stdin_action_reader(action_dim, chunk)
+        return stdin_action_reader(action_dim, layout.size)
     ids = _parse_action_ids(args.actions, num_chunks, action_dim)
-    return lambda index, _frames: one_hot_actions([ids[index]], action_dim, chunk)
+    return lambda index, _frames: one_hot_actions([ids[index]], action_dim, layout.size(index))
 
 
 def run_generate(args) -> int:
@@ -183,11 +265,9 @@ def run_generate(args) -> int:
         _video_out(args.out)
     cfg, phase, model = _open(args)
     d = cfg.data
-    chunk = model.causal.chunk_frames * model.patch[0]
     frames = d.num_frames if args.frames is None else args.frames
-    if frames < 1 or frames % chunk:
-        raise ConfigError("--frames", frames, f"a positive multiple of the chunk size ({chunk} latent frames)")
-    action_fn = _action_fn(args, cfg, model, frames // chunk)
+    layout = _stream_layout(model, frames)
+    action_fn = _action_fn(args, cfg, model, layout)
     if args.prompt is not None or args.prompts is not None or cfg.encoders.has_vae:  # text prompts / VAE decode
         from .real_video import generate_files
 
@@ -197,13 +277,17 @@ def run_generate(args) -> int:
     seed = cfg.eval.seed if args.seed is None else args.seed
     prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
-    print(f"streaming {frames} frames ({frames // chunk} chunks of {chunk}) from phase '{phase.name}', "
-          f"{args.steps} steps per chunk, to {out}")
+    pattern = (f"{layout.n_chunks} chunks of {layout.chunk_frames}" if layout.first == layout.chunk_frames else
+               f"a chunk of {layout.first} + {layout.n_chunks - 1} of {layout.chunk_frames}")
+    options = stream_options(args, cfg.causal, args.steps)
+    per_chunk = " ".join(map(str, args.steps_per_chunk)) if args.steps_per_chunk else str(args.steps)
+    print(f"streaming {frames} frames ({pattern}) from phase '{phase.name}', "
+          f"{per_chunk} steps per chunk, to {out}")
     writer = StreamingVideoWriter(out)
     try:
         generate_video(model, prompts["context"], frames, d.height, d.width, steps=args.steps,
                        guidance_scale=args.guidance, uncond_context=prompts["uncond_context"], action_fn=action_fn,
-                       seed=seed, writer=writer, log=print)
+                       seed=seed, writer=writer, log=print, options=options)
     finally:
         path = writer.close()
     print(f"wrote {path}: {writer.frames_written} frames")
@@ -240,12 +324,15 @@ def add_run_dir_commands(sub) -> None:
     _prompt_args(p)
     p.add_argument("--num-seeds", type=int, default=1, help="with --prompt/--prompts: videos per prompt (seeds "
                    "seed..seed+N-1), files <prompt>-<i>.mp4 as VBench reads them")
+    add_sampler_arguments(p)
     p.set_defaults(func=run_sample)
 
     p = sub.add_parser("eval", help="quality table of a distilled phase vs its teacher's many-step samples")
     _run_args(p, "a phase with teacher_from (it is compared with that teacher)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts (default 1 2 4)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="student step counts (default 1 2 4; with "
+                   "--steps-per-chunk only that schedule's row)")
     p.add_argument("--num-videos", type=int, default=None, help="prompts compared (default eval.num_videos)")
+    add_sampler_arguments(p)
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("generate-data", help="teacher samples into latent shards: of a trained phase (RUN_DIR "
@@ -265,6 +352,11 @@ def add_run_dir_commands(sub) -> None:
                    "phases, 5 for --teacher)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (RUN_DIR: batch i uses seed + i; --teacher: "
                    "video i uses seed + i)")
+    p.add_argument("--trajectory", type=int, default=0, metavar="K", help="also store the teacher's ODE states at a "
+                   "K-step student's sampling levels (K evenly spaced Wan timesteps from 1000): the data of objective "
+                   "ode_regression (CausVid / Self-Forcing ODE initialisation)")
+    p.add_argument("--trajectory-shift", type=float, default=1.0, help="time shift of those K levels (Self-Forcing: "
+                   "5 with its warped denoising steps)")
     from ..data.cli import add_teacher_data_arguments
 
     add_teacher_data_arguments(p)
@@ -279,6 +371,7 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (default 1: off)")
     p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
     _prompt_args(p)
+    add_sampler_arguments(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")

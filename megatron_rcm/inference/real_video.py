@@ -58,17 +58,20 @@ def benchmark_file_name(prompt: str, index: int, suffix: str = ".mp4", limit: in
 
 
 def stream_decoded(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
-                   seed: int, vae=None, action_fn=None, sync: Callable[[], None] | None = None):
+                   seed: int, vae=None, action_fn=None, sync: Callable[[], None] | None = None, options=None):
     """Yield (chunk, video frames [1, 3, f, H, W] or the latents without ``vae``, decode seconds) per chunk.
 
     Each chunk goes through the VAE's streaming decoder as soon as it is denoised, so a stream can be
-    shown or written while it grows; the decoded frames equal one decode of the whole video.
+    shown or written while it grows; the decoded frames equal one decode of the whole video. ``options``: a
+    ``StreamConfig`` with per-chunk steps / noisy context.
     """
+    from dataclasses import replace
+
     from .streaming import StreamConfig, stream_video
 
     context = inputs["context"]
     gen = torch.Generator(device=context.device).manual_seed(seed)
-    cfg = StreamConfig(steps=steps, guidance_scale=guidance)
+    cfg = replace(options or StreamConfig(), steps=steps, guidance_scale=guidance)
     sync = sync or ((lambda: torch.cuda.synchronize()) if context.is_cuda else (lambda: None))
     decoder = vae.stream() if vae is not None else None
     for out in stream_video(model, context, num_frames, height, width, cfg, inputs.get("uncond_context"), action_fn,
@@ -80,14 +83,14 @@ def stream_decoded(model, inputs: dict, num_frames: int, height: int, width: int
 
 
 def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
-                     seed: int, vae, writer, action_fn=None, log: Callable[[str], None] | None = print):
+                     seed: int, vae, writer, action_fn=None, log: Callable[[str], None] | None = print, options=None):
     """Stream one video into ``writer`` (each chunk decoded and appended as it comes); returns the latents.
 
     Per-chunk lines give the chunk's latency split into denoising (sampling + KV-cache write) and VAE decode.
     """
     chunks = []
     for out, frames, decode_s in stream_decoded(model, inputs, num_frames, height, width, steps, guidance, seed, vae,
-                                                action_fn):
+                                                action_fn, options=options):
         writer.append(frames[0].detach().float().cpu())
         chunks.append(out.frames)
         if log is not None:
@@ -100,9 +103,11 @@ def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: i
 def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
     """``generate`` on a run with encoders: one streamed, VAE-decoded file per prompt."""
     from ..utils.video import StreamingVideoWriter
+    from .cli import stream_options
     from .sampling import prompt_batch
 
     device = torch.device(args.device)
+    options = stream_options(args, cfg.causal, args.steps)
     prompts = gather_prompts(args.prompt, args.prompts)
     encoders = run_encoders(cfg, device, text=bool(prompts), vae=cfg.encoders.has_vae)
     seed = cfg.eval.seed if args.seed is None else args.seed
@@ -123,7 +128,7 @@ def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
             StreamingVideoWriter(str(path))
         try:
             stream_to_writer(model, inputs, frames, d.height, d.width, args.steps, args.guidance, seed, encoders.vae,
-                             writer, action_fn=action_fn)
+                             writer, action_fn=action_fn, options=options)
         finally:
             written = writer.close()
         print(f"wrote {written}: {writer.frames_written} frames")
@@ -133,12 +138,14 @@ def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
 def sample_files(args, cfg, phase, model) -> int:
     """``sample --prompts FILE|--prompt P --num-seeds N --out DIR``: one decoded file per (prompt, seed)."""
     from ..utils.video import write_video
+    from .cli import stream_options
     from .sampling import sample_phase
 
     device = torch.device(args.device)
     prompts = gather_prompts(args.prompt, args.prompts)
     if args.num_seeds < 1:
         raise ConfigError("--num-seeds", args.num_seeds, "at least 1 video per prompt")
+    options = stream_options(args, cfg.causal)  # (its step count is the sampled one)
     out = Path(args.out)
     if out.suffix.lower() in (".mp4", ".gif"):
         raise ConfigError("--out", args.out, "a folder: with --prompt/--prompts one file per (prompt, seed) is written "
@@ -152,7 +159,7 @@ def sample_files(args, cfg, phase, model) -> int:
         inputs = prompt_inputs(encoders, [prompt], args.negative_prompt, device)
         for i in range(args.num_seeds):
             latents = sample_phase(phase.kind, model, inputs, cfg.data, steps, guidance, seed=seed + i,
-                                   teacher_shift=cfg.eval.teacher_shift)
+                                   teacher_shift=cfg.eval.teacher_shift, options=options)
             video = encoders.vae.decode(latents).float() if encoders.vae is not None else latents
             kw = {"fps": DECODED_FPS, "scale": 1} if encoders.vae is not None else {}
             path = write_video(str(out / benchmark_file_name(prompt, i)), video[0], **kw)

@@ -49,10 +49,12 @@ def _action_fn(prompts, layout):
 
 @torch.no_grad()
 def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float = 1.0, seed: int = 0,
-                   writer=None, log=None, decode=None) -> torch.Tensor:
+                   writer=None, log=None, decode=None, options=None) -> torch.Tensor:
     """Few-step streaming sample of ``data_cfg.num_frames`` frames -> [B, C, F, H, W] (latents).
 
     ``writer`` receives each chunk as it is made, through ``decode`` (latents -> pixels) when given.
+    ``options``: a :class:`~megatron_rcm.inference.streaming.StreamConfig` with per-chunk steps / noisy
+    context (``steps`` is then the base grid's step count).
     """
     from ..network import Denoiser
     from .streaming import generate_video, uniform_timesteps
@@ -67,7 +69,7 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
                            action_fn=_action_fn(prompts, net.layout(d.num_frames // net.patch_frames)), seed=seed,
-                           writer=writer, decode=decode, log=log)
+                           writer=writer, decode=decode, log=log, options=options)
     model.train(was_training)
     return video
 
@@ -82,7 +84,7 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     """
     from ..diffusion.samplers import multistep2_fm
     from ..network import Condition, Denoiser
-    from .streaming import stream_chunks
+    from .streaming import chunkwise, stream_chunks
 
     if steps < 1:
         raise ConfigError("--steps", steps, "a positive number of ODE steps")
@@ -98,19 +100,23 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     was_training = net.model.training
     net.model.eval()
     cond = Condition(prompts["context"], prompts["uncond_context"])
-    chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width, partial(multistep2_fm, steps=steps, shift=shift),
-                           lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout))
+    fresh = lambda shape: torch.randn(shape, generator=generator).to(device, net.dtype)  # noqa: E731 (noisy context)
+    chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width,
+                           chunkwise(partial(multistep2_fm, steps=steps, shift=shift)),
+                           lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout),
+                           fresh_noise=fresh)
     video = torch.cat([c.frames for c in chunks], dim=2)
     net.model.train(was_training)
     return video
 
 
 def sample_phase(kind: str, model, prompts: dict, data_cfg, steps: int, guidance: float, seed: int = 0,
-                 writer=None, teacher_shift: float = 1.0) -> torch.Tensor:
+                 writer=None, teacher_shift: float = 1.0, options=None) -> torch.Tensor:
     """Sample a trained phase the way it is meant to be sampled: the ODE for teachers, few-step otherwise.
 
-    ``writer`` (streamed output) is only used by the few-step sampler; the ODE returns the whole video.
+    ``writer`` (streamed output) and ``options`` (per-chunk steps, noisy context: a ``StreamConfig``) are only
+    used by the few-step sampler; the ODE returns the whole video.
     """
     if kind == "teacher":
         return teacher_sample(model, prompts, data_cfg, steps, guidance, seed=seed, shift=teacher_shift)
-    return student_sample(model, prompts, data_cfg, steps, guidance, seed=seed, writer=writer)
+    return student_sample(model, prompts, data_cfg, steps, guidance, seed=seed, writer=writer, options=options)

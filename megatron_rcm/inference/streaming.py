@@ -1,12 +1,15 @@
 """Streaming generation: chunk by chunk, 1-4 steps, rolling KV cache, progressive output.
 
 Each chunk is sampled with the same few-step x0-prediction + re-noise sampler the student was
-distilled with (:func:`megatron_rcm.selfforcing.rollout.sample_chunk`), then re-run at t = 0 to
-append its keys/values to the cache. The cache evicts by the model's ``ChunkVisibility`` (sink
-chunks + window), so videos of any length keep a flat cache while RoPE positions keep increasing.
-The noise order matches :func:`self_forcing_rollout`, so a stream reproduces a rollout from one seed.
+distilled with (:func:`megatron_rcm.selfforcing.rollout.sample_chunk`; per-chunk step counts and levels
+from :mod:`megatron_rcm.diffusion.step_schedule`), then its keys/values are appended to the cache: re-run
+at t = 0, or with noisy context (:mod:`megatron_rcm.network.context`) written by the last denoising
+forward itself (N forwards per chunk instead of N + 1). The cache evicts by the model's
+``ChunkVisibility`` (sink chunks + window), so videos of any length keep a flat cache while RoPE
+positions keep increasing. The noise order matches :func:`self_forcing_rollout`, so a stream
+reproduces a rollout from one seed.
 
-World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, chunk_frames, A]`` is called
+World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, that chunk's frames, A]`` is called
 before each chunk (``frames_so_far`` = list of the latest chunks, oldest first), e.g.
 :func:`stdin_action_reader` for interactive play. Only as many chunks are kept as the model can
 still see (its window), so an endless interactive stream holds bounded memory.
@@ -16,13 +19,18 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
 
-from ..network import WAN_T_SCALE, Condition, Denoiser
-from ..selfforcing.rollout import denoise_levels, sample_chunk
+from ..diffusion.step_schedule import StepSchedule, StepScheduleConfig, build_schedule
+from ..network import WAN_T_SCALE, Condition, Denoiser, NoisyContext
+from ..selfforcing.rollout import sample_chunk
+
+# where a bad streaming schedule value comes from, for the error message (the CLI's flags)
+STREAM_KEYS = {"denoising_steps": "--steps", "shift": "--shift", "steps_per_chunk": "--steps-per-chunk",
+               "chunk_schedules": "--mid-t-schedules", "sigma_max": "--sigma-max"}
 
 
 @dataclass
@@ -31,6 +39,19 @@ class StreamConfig:
     timesteps: list[float] | None = None  # explicit Wan timesteps; default: evenly spaced from 1000
     shift: float = 1.0
     guidance_scale: float = 1.0  # CFG (1 = off; distilled students usually need none)
+    # per-chunk schedules (diffusion/step_schedule.py): Causal-rCM --steps_per_chunk / --mid_t_schedules / --sigma_max
+    steps_per_chunk: list[int] | None = None
+    chunk_schedules: list | None = None
+    sigma_max: float = 0.0
+    noisy_context: NoisyContext | None = None  # None: the model's causal.context_from_last_step*
+
+    def schedule(self) -> StepSchedule:
+        """The levels of every chunk; without explicit timesteps the base grid is evenly spaced over the
+        largest step count asked for."""
+        most = max([self.steps, *(self.steps_per_chunk or [])])
+        cfg = StepScheduleConfig(list(self.timesteps or default_timesteps(most)), self.shift,
+                                 list(self.steps_per_chunk or []), list(self.chunk_schedules or []), self.sigma_max)
+        return build_schedule(cfg, "stream", names=STREAM_KEYS)
 
 
 @dataclass
@@ -55,12 +76,15 @@ def default_timesteps(steps: int) -> list[float]:
 
 def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, width: int, chunk_sampler: Callable,
                   start_noise: Callable, guidance: float = 1.0, action_fn: Callable | None = None, prefix=None,
-                  history_chunks: int | None = None, sync: Callable[[], None] | None = None) -> Iterator[ChunkOutput]:
+                  history_chunks: int | None = None, sync: Callable[[], None] | None = None,
+                  noisy: NoisyContext | None = None, fresh_noise: Callable | None = None) -> Iterator[ChunkOutput]:
     """The streaming loop every chunk-by-chunk sampler shares (few-step students, the teacher's ODE).
 
-    ``chunk_sampler(denoise, noise) -> x0`` denoises one chunk, where ``denoise(x, s) -> v`` calls the
-    network against the stream's KV cache at FM level ``s``; ``start_noise(chunk_index, shape)`` gives
-    its starting noise. After each chunk the clean result is written to the cache (re-run at s = 0).
+    ``chunk_sampler(denoise, noise, chunk) -> x0`` denoises chunk ``chunk``, where ``denoise(x, s) -> v``
+    calls the network against the stream's KV cache at FM level ``s`` (``denoise(x, s, write=True)`` also
+    appends the chunk's K/V: a noisy-context sampler's last step); ``start_noise(chunk_index, shape)`` gives
+    its starting noise. A chunk the sampler did not write is cached after it by ``noisy``'s rule (default:
+    the model's; clean = re-run at s = 0, noisy = re-noised with ``fresh_noise(shape)``).
     With guidance the stream keeps a [cond ; uncond] pair of caches in one batch (see ``ChunkCache``).
     ``cond.actions`` is ignored: world models get each chunk's actions from ``action_fn`` (see
     :func:`stream_video`).
@@ -76,6 +100,8 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
         raise ValueError(f"prefix ({given}) and num_frames ({num_frames}) must each be whole chunks: {err}") from None
     end = layout.n_chunks
     cache = net.new_cache(height, width, cond, guidance)
+    noisy = net.noisy_context if noisy is None else noisy
+    fresh_noise = fresh_noise or (lambda shape: torch.randn(shape, device=cond.context.device, dtype=net.dtype))
     sync = sync or (lambda: torch.cuda.synchronize() if cond.context.is_cuda else None)
     if history_chunks is not None and history_chunks < 0:
         raise ValueError(f"history_chunks must be >= 0 (or None for the model's window), got {history_chunks}")
@@ -89,19 +115,48 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
         a = torch.as_tensor(action_fn(chunk, list(produced)), dtype=net.dtype, device=cond.context.device)
         return cond.with_actions(a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a)
 
+    def cache_chunk(x0, cc, chunk):
+        x, s = noisy.cached_copy(x0, chunk, fresh_noise)
+        net.write_chunk(x, cc, cache, chunk, s=s)
+
     for chunk in range(first):  # given clean frames (a world model's observation) prefill the cache
         x0 = prefix[:, :, layout.frame_slice(chunk, pt)].to(net.dtype)
-        net.write_chunk(x0, chunk_condition(chunk), cache, chunk)
+        cache_chunk(x0, chunk_condition(chunk), chunk)
         produced.append(x0)
     for chunk in range(first, end):
         t0 = time.perf_counter()
         cc = chunk_condition(chunk)
         shape = (b, net.model.cfg.in_channels, layout.size(chunk) * pt, height, width)
-        x0 = chunk_sampler(lambda x, s: net.chunk(x, s, cc, cache, chunk)[0], start_noise(chunk - first, shape))
-        net.write_chunk(x0, cc, cache, chunk)
+        wrote = []
+
+        def denoise(x, s, write=False, cc=cc, chunk=chunk):
+            wrote.append(write)
+            return net.chunk(x, s, cc, cache, chunk, write=write)[0]
+
+        x0 = chunk_sampler(denoise, start_noise(chunk - first, shape), chunk)
+        if not any(wrote):
+            cache_chunk(x0, cc, chunk)
         sync()
         produced.append(x0)
         yield ChunkOutput(chunk, x0, time.perf_counter() - t0, cache.num_tokens)
+
+
+def chunkwise(sampler: Callable) -> Callable:
+    """A ``sampler(denoise, noise) -> x0`` (e.g. an ODE solver) as a :func:`stream_chunks` chunk sampler that
+    treats every chunk alike."""
+    return lambda denoise, noise, _chunk: sampler(denoise, noise)
+
+
+def few_step_sampler(schedule: StepSchedule, noisy: NoisyContext, generator=None) -> Callable:
+    """The students' chunk sampler for :func:`stream_chunks`: every step of the chunk's schedule; with noisy
+    context its last step writes the cache when it runs at the context level."""
+    def sampler(denoise, noise, chunk):
+        levels = schedule.levels(chunk)
+        level = noisy.level_of(chunk)
+        return sample_chunk(denoise, noise, levels, len(levels) - 1, grad=False, generator=generator,
+                            write_at=level if level > 0 else None).x0
+
+    return sampler
 
 
 @torch.no_grad()
@@ -121,35 +176,36 @@ def stream_video(model, context, num_frames: int, height: int, width: int, cfg: 
     """
     cfg = cfg or StreamConfig()
     net = Denoiser.of(model)
-    levels = denoise_levels(cfg.timesteps or default_timesteps(cfg.steps), cfg.shift)
+    schedule = cfg.schedule()
+    noisy = net.noisy_context if cfg.noisy_context is None else cfg.noisy_context
     device = context.device
 
-    def sampler(denoise, noise):
-        return sample_chunk(denoise, noise, levels, len(levels) - 1, grad=False, generator=generator)
-
-    def start_noise(_chunk, shape):
+    def noise(shape):
         return torch.randn(shape, generator=generator, device=device, dtype=net.dtype)
 
-    yield from stream_chunks(net, Condition(context, uncond_context), num_frames, height, width, sampler, start_noise,
-                             cfg.guidance_scale, action_fn, prefix, history_chunks, sync)
+    yield from stream_chunks(net, Condition(context, uncond_context), num_frames, height, width,
+                             few_step_sampler(schedule, noisy, generator), lambda _chunk, shape: noise(shape),
+                             cfg.guidance_scale, action_fn, prefix, history_chunks, sync, noisy, noise)
 
 
 def generate_video(model, context, num_frames: int, height: int, width: int, steps: int = 2,
                    timesteps: list[float] | None = None, shift: float = 1.0, guidance_scale: float = 1.0,
                    uncond_context=None, action_fn: Callable | None = None, seed: int | None = 0, generator=None,
                    writer=None, decode: Callable | None = None, log: Callable[[str], None] | None = print,
-                   prefix=None, writer_sample: int | None = 0):
+                   prefix=None, writer_sample: int | None = 0, options: StreamConfig | None = None):
     """Generate a video by streaming; returns the new frames [B, C, num_frames, H, W] (after ``prefix``).
 
     ``writer`` receives each chunk as soon as it exists: ``utils.video.StreamingVideoWriter`` (``append``),
     anything with ``write``, or a callable. It gets batch element ``writer_sample`` ([C, f, H, W]; None =
     the whole [B, C, f, H, W] chunk), decoded by ``decode`` (latents -> pixels) first if given.
-    Per-chunk latency goes to ``log`` (print by default; None = silent).
+    Per-chunk latency goes to ``log`` (print by default; None = silent). ``options``: a StreamConfig whose
+    per-chunk schedule and noisy-context fields apply (its steps/timesteps/shift/guidance are the arguments').
     """
     if generator is None and seed is not None:
         generator = torch.Generator(device=context.device)
         generator.manual_seed(seed)
-    cfg = StreamConfig(steps=steps, timesteps=timesteps, shift=shift, guidance_scale=guidance_scale)
+    cfg = replace(options or StreamConfig(), steps=steps, timesteps=timesteps, shift=shift,
+                  guidance_scale=guidance_scale)
     chunks = []
     for out in stream_video(model, context, num_frames, height, width, cfg, uncond_context, action_fn, generator,
                             prefix=prefix):
@@ -178,15 +234,19 @@ def one_hot_actions(ids, action_dim: int, chunk_frames: int, batch: int = 1) -> 
     return a.unsqueeze(0).expand(batch, -1, -1)
 
 
-def stdin_action_reader(action_dim: int, chunk_frames: int, batch: int = 1, stream=None, prompt: bool = True,
-                        default: int = 0) -> Callable:
+def stdin_action_reader(action_dim: int, chunk_frames: int | Callable[[int], int], batch: int = 1, stream=None,
+                        prompt: bool = True, default: int = 0) -> Callable:
     """An ``action_fn`` that reads one line of action ids per chunk (e.g. "2" or "0 0 3 3").
 
-    Empty line or EOF repeats the previous action; invalid input is reported and repeats it too.
+    ``chunk_frames``: the frames of every chunk, or ``size(chunk_index)`` when the first chunk has its own
+    size (``ChunkLayout.size``). Empty line or EOF repeats the previous action; invalid input is reported
+    and repeats it too (a per-frame line that does not fit the chunk is invalid).
     """
     state = {"ids": [default]}
+    size = chunk_frames if callable(chunk_frames) else (lambda _chunk: chunk_frames)
 
     def action_fn(chunk_index, frames_so_far):
+        chunk_frames = size(chunk_index)
         src = stream or sys.stdin
         if prompt:
             print(f"chunk {chunk_index}: action ids (0..{action_dim - 1}), enter = repeat {state['ids']}: ",
@@ -199,6 +259,7 @@ def stdin_action_reader(action_dim: int, chunk_frames: int, batch: int = 1, stre
                 state["ids"] = ids
             except ValueError as err:
                 print(f"ignored ({err}); repeating {state['ids']}", file=sys.stderr)
-        return one_hot_actions(state["ids"], action_dim, chunk_frames, batch)
+        ids = state["ids"] if len(state["ids"]) in (1, chunk_frames) else state["ids"][-1:]
+        return one_hot_actions(ids, action_dim, chunk_frames, batch)
 
     return action_fn

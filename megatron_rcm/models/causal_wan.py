@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.model import CausalConfig, ModelConfig, validate_model
 from ..ops import dual
+from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility, GroupMask, kv_cache_mask
 from .kv_cache import KVCache
 from .layers import AttentionContext, WanBlock
@@ -117,9 +118,16 @@ class CausalWanModel(nn.Module):
     def visibility(self) -> ChunkVisibility:
         return ChunkVisibility(self.causal.window_chunks, self.causal.sink_chunks)
 
-    def new_kv_cache(self, height: int, width: int) -> KVCache:
-        tokens = self.tokens_per_frame(height, width) * self.causal.chunk_frames
-        return KVCache(len(self.blocks), tokens, self.visibility())
+    def chunk_layout(self, frames: int) -> ChunkLayout:
+        """The chunk pattern over ``frames`` patched frames (``causal.first_chunk_frames`` + k x ``chunk_frames``)."""
+        c = self.causal
+        return ChunkLayout(frames, c.chunk_frames, c.first_chunk_frames or None)
+
+    def new_kv_cache(self, height: int, width: int, evict: bool = True) -> KVCache:
+        """An empty stream cache (``height``/``width`` are checked against the patch); ``evict=False`` keeps
+        every chunk (the replayed self-forcing backward reads it as it was before each chunk)."""
+        self.tokens_per_frame(height, width)
+        return KVCache(len(self.blocks), self.visibility(), evict=evict)
 
     # ------------------------------------------------------------------ public forwards
     def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
@@ -137,13 +145,15 @@ class CausalWanModel(nn.Module):
         return self.forward_segments([seg], context, mask)[0]
 
     def forward_teacher_forcing(self, clean, noisy, timestep, context, mask: GroupMask, tangent=None,
-                                timestep_tangent=None, actions=None, interval=None, interval_tangent=None):
+                                timestep_tangent=None, actions=None, interval=None, interval_tangent=None,
+                                clean_timestep=None):
         """Run [clean (t = 0) ; noisy (t)] of the same video; returns (output, tangent) for the noisy part.
 
         Both copies share RoPE positions (frame_offset 0); the clean context carries no tangent (and,
-        on interval models, the default interval 0).
+        on interval models, the default interval 0). ``clean_timestep`` (per frame) is the context copy's
+        level when it is not clean (Causal-rCM's noisy context: what a stream caches from its last step).
         """
-        t0 = torch.zeros_like(self._frame_timesteps(timestep, noisy))
+        t0 = torch.zeros_like(self._frame_timesteps(timestep, noisy)) if clean_timestep is None else clean_timestep
         segs = [Segment(clean, t0, 0, actions=actions),
                 Segment(noisy, timestep, 0, tangent, timestep_tangent, actions, interval, interval_tangent)]
         return self.forward_segments(segs, context, mask)[1]
@@ -152,10 +162,11 @@ class CausalWanModel(nn.Module):
                       actions=None, tangent=None, timestep_tangent=None, interval=None, interval_tangent=None):
         """One chunk against the KV cache of earlier chunks; ``write_cache`` appends this chunk's K/V."""
         frames = x.shape[2] // self.patch[0]
-        if frames != self.causal.chunk_frames:
-            raise ValueError(f"forward_chunk takes one chunk of {self.causal.chunk_frames} latent frames, got {frames}")
-        seg = Segment(x, timestep, chunk * self.causal.chunk_frames, tangent, timestep_tangent, actions,
-                      interval, interval_tangent)
+        c = self.causal
+        layout = ChunkLayout.covering(chunk + 1, c.chunk_frames, c.first_chunk_frames or None)
+        if frames != layout.size(chunk):
+            raise ValueError(f"forward_chunk: chunk {chunk} has {layout.size(chunk)} latent frames, got {frames}")
+        seg = Segment(x, timestep, layout.start(chunk), tangent, timestep_tangent, actions, interval, interval_tangent)
         return self.forward_segments([seg], context, mask=None, cache=cache, write_cache=write_cache,
                                      cache_chunk=chunk)[0]
 
@@ -190,7 +201,7 @@ class CausalWanModel(nn.Module):
         pos = torch.cat(positions)
         cos, sin = rope_cos_sin(pos, self.cfg.attention_head_dim, torch.promote_types(dtype, torch.float32))
         if cache is not None:
-            mask = kv_cache_mask(cache.chunks, cache.tokens_per_chunk, cache_chunk, x.shape[1], cache.visibility)
+            mask = kv_cache_mask(cache.chunks, cache.chunk_tokens, cache_chunk, x.shape[1], cache.visibility)
         elif mask is not None and mask.shape != (x.shape[1], x.shape[1]):
             raise ValueError(f"mask covers {mask.shape} tokens but the segments make a sequence of {x.shape[1]}")
         if mask is not None and mask.is_full():

@@ -5,7 +5,8 @@ appends the chunk's (normed, rotated) keys and values. Later chunks attend to th
 themselves. Eviction follows the same :class:`ChunkVisibility` rule as the training mask (sink
 chunks + a window of recent chunks), so memory stays flat over arbitrarily long rollouts and the
 cached answer equals the block-causal full-sequence answer. Cross-attention keys/values of the text
-context are computed once per video and kept here too.
+context are computed once per video and kept here too. Chunks may have different sizes (the first
+chunk of Causal-rCM's c1-4 pattern): each cached chunk's token count is recorded.
 """
 from __future__ import annotations
 
@@ -37,11 +38,21 @@ class _FrozenLayer:
 
 @dataclass
 class KVCache:
+    """Keys/values of the cached chunks of one stream, per self-attention layer.
+
+    Chunks may differ in size (a first chunk of its own size, Causal-rCM's c1-4): the token count of
+    each cached chunk is recorded when it is committed. ``evict=False`` keeps every chunk (the
+    attention mask still applies the window/sink rule): the replayed self-forcing backward re-reads
+    the cache as it was before each chunk (:meth:`before`).
+    """
+
     num_layers: int
-    tokens_per_chunk: int
     visibility: ChunkVisibility = field(default_factory=ChunkVisibility)
     chunks: list[int] = field(default_factory=list)  # chunk index of each cached chunk, in cache order
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens of each cached chunk
     layers: list[LayerCache] = field(default_factory=list)
+    evict: bool = True
+    _appending: int | None = field(default=None, repr=False)  # tokens of the chunk being appended
 
     def __post_init__(self):
         if not self.layers:
@@ -56,15 +67,30 @@ class KVCache:
         references is enough. Cross-attention K/V missing at snapshot time stay missing (writes are
         ignored), so forward and recomputation build the same graph.
         """
-        return KVCache(self.num_layers, self.tokens_per_chunk, self.visibility, list(self.chunks),
-                       [_FrozenLayer(c) for c in self.layers])
+        return KVCache(self.num_layers, self.visibility, list(self.chunks), list(self.chunk_tokens),
+                       [_FrozenLayer(c) for c in self.layers], self.evict)
+
+    def before(self, chunk: int) -> "KVCache":
+        """A read-only view of the cached chunks with index < ``chunk`` (slices, no copy).
+
+        Cache order is chunk order, so they are a prefix; on a cache that never evicted this is
+        exactly the cache that chunk ``chunk`` was generated against.
+        """
+        n = sum(1 for c in self.chunks if c < chunk)
+        tokens = sum(self.chunk_tokens[:n])
+        view = self.frozen()
+        view.chunks, view.chunk_tokens = view.chunks[:n], view.chunk_tokens[:n]
+        for layer in view.layers:
+            if layer.k is not None:
+                layer.k, layer.v = (layer.k[:, :tokens], layer.v[:, :tokens]) if n else (None, None)
+        return view
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.chunks) * self.tokens_per_chunk
+        return sum(self.chunk_tokens)
 
     def keys_values(self, layer: int):
         c = self.layers[layer]
@@ -72,8 +98,9 @@ class KVCache:
 
     def append(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add one chunk's keys/values for one layer (the chunk index list is updated by :meth:`commit`)."""
-        if k.shape[1] != self.tokens_per_chunk:
-            raise ValueError(f"KVCache expects {self.tokens_per_chunk} tokens per chunk, got {k.shape[1]}")
+        if self._appending is not None and k.shape[1] != self._appending:
+            raise ValueError(f"KVCache: layers appended {self._appending} and {k.shape[1]} tokens for chunk {chunk}")
+        self._appending = k.shape[1]
         c = self.layers[layer]
         k, v = k.detach(), v.detach()
         c.k = k if c.k is None else torch.cat([c.k, k], dim=1)
@@ -83,25 +110,32 @@ class KVCache:
         """Record that every layer appended ``chunk``; then evict chunks no future chunk can see."""
         if self.chunks and chunk <= self.chunks[-1]:
             raise ValueError(f"KVCache chunks must be appended in order: got {chunk} after {self.chunks[-1]}")
+        if self._appending is None:
+            raise ValueError(f"KVCache.commit({chunk}) without an append")
         self.chunks.append(chunk)
+        self.chunk_tokens.append(self._appending)
+        self._appending = None
         keep = self._kept_positions(next_chunk=chunk + 1)
         if len(keep) == len(self.chunks):
             return
-        t = self.tokens_per_chunk
-        idx = torch.cat([torch.arange(p * t, (p + 1) * t) for p in keep])
+        offsets = [0]
+        for n in self.chunk_tokens:
+            offsets.append(offsets[-1] + n)
+        idx = torch.cat([torch.arange(offsets[p], offsets[p + 1]) for p in keep])
         for c in self.layers:
             if c.k is not None:
                 idx_d = idx.to(c.k.device)
                 c.k = c.k.index_select(1, idx_d)
                 c.v = c.v.index_select(1, idx_d)
         self.chunks = [self.chunks[p] for p in keep]
+        self.chunk_tokens = [self.chunk_tokens[p] for p in keep]
 
     def _kept_positions(self, next_chunk: int) -> list[int]:
         w, s = self.visibility.window, self.visibility.sink
-        if w == 0:
+        if w == 0 or not self.evict:
             return list(range(len(self.chunks)))
         return [p for p, c in enumerate(self.chunks) if c < s or next_chunk - c < w]
 
     def reset(self) -> None:
-        self.chunks = []
+        self.chunks, self.chunk_tokens, self._appending = [], [], None
         self.layers = [LayerCache() for _ in range(self.num_layers)]

@@ -6,9 +6,11 @@ inside), :class:`Condition` (text, CFG and action conditioning), :class:`BatchNo
 :class:`TrainedSideModel` (a second model an objective trains, e.g. DMD's fake score).
 """
 from .condition import Condition
+from .context import NoisyContext, TeacherForcingContext
 from .denoiser import (MASK_KINDS, WAN_T_SCALE, ChunkCache, Denoiser, combine_guidance, wan_timesteps_to_levels)
 from .noise import BatchNoise, StepContext
 from .side_model import TrainedSideModel
 
-__all__ = ["Condition", "Denoiser", "ChunkCache", "MASK_KINDS", "WAN_T_SCALE", "combine_guidance",
+__all__ = ["Condition", "NoisyContext", "TeacherForcingContext",
+           "Denoiser", "ChunkCache", "MASK_KINDS", "WAN_T_SCALE", "combine_guidance",
            "wan_timesteps_to_levels", "BatchNoise", "StepContext", "TrainedSideModel"]

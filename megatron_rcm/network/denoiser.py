@@ -27,6 +27,7 @@ from ..models.kv_cache import KVCache
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import GroupMask, block_causal_mask, teacher_forcing_mask
 from .condition import Condition
+from .context import NoisyContext, TeacherForcingContext
 
 WAN_T_SCALE = 1000.0  # the model's timestep is 1000 x the flow-matching noise level s
 MASK_KINDS = ("full", "block_causal", "teacher_forcing")
@@ -72,6 +73,10 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self.kv)
 
+    def before(self, chunk: int) -> "ChunkCache":
+        """A read-only view of the chunks cached before ``chunk`` (see ``KVCache.before``)."""
+        return ChunkCache(self.kv.before(chunk), self.guidance, self.guided)
+
 
 class Denoiser:
     """A :class:`~megatron_rcm.models.CausalWanModel` seen as a flow-matching denoiser ``(x, s, cond) -> v``."""
@@ -103,7 +108,17 @@ class Denoiser:
 
     def layout(self, x_or_frames) -> ChunkLayout:
         frames = x_or_frames if isinstance(x_or_frames, int) else self.frames(x_or_frames)
-        return ChunkLayout(frames, self.model.causal.chunk_frames)
+        return self.model.chunk_layout(frames)
+
+    @property
+    def noisy_context(self) -> NoisyContext:
+        """How finished chunks are cached as context (the model's ``causal.context_from_last_step*``)."""
+        return NoisyContext.of(self.model.causal)
+
+    def training_context(self, x0: torch.Tensor, noise) -> TeacherForcingContext:
+        """The teacher-forcing context of a training step: clean x0, or x0 perturbed as the sampler will leave
+        it (noisy context; the noise comes from the step's :class:`BatchNoise` ``noise``)."""
+        return self.noisy_context.perturb(x0, self.layout(x0), noise, self.patch_frames)
 
     def tokens_per_frame(self, x: torch.Tensor) -> int:
         return self.model.tokens_per_frame(x.shape[3], x.shape[4])
@@ -115,10 +130,12 @@ class Denoiser:
         if kind not in MASK_KINDS:
             raise ValueError(f"mask kind must be one of {MASK_KINDS} or a GroupMask, got {kind!r}")
         c = self.model.causal
-        key = (kind, self.frames(x), self.tokens_per_frame(x), c.chunk_frames, c.window_chunks, c.sink_chunks)
+        key = (kind, self.frames(x), self.tokens_per_frame(x), c.chunk_frames, c.first_chunk_frames, c.window_chunks,
+               c.sink_chunks)
         if key not in self._masks:
             build = block_causal_mask if kind == "block_causal" else teacher_forcing_mask
-            self._masks[key] = build(key[1], key[2], c.chunk_frames, self.model.visibility())
+            self._masks[key] = build(key[1], key[2], c.chunk_frames, self.model.visibility(),
+                                     first_chunk_frames=c.first_chunk_frames or None)
         return self._masks[key]
 
     def wan_time(self, s, x: torch.Tensor) -> torch.Tensor:
@@ -148,38 +165,50 @@ class Denoiser:
 
     def teacher_forcing(self, clean, noisy, s, cond: Condition, *, guidance: float = 1.0, tangent=None,
                         s_tangent=None, interval=None, interval_tangent=None):
-        """(v, dv) of the noisy copy in the [clean ; noisy] teacher-forcing sequence (clean context at s = 0)."""
+        """(v, dv) of the noisy copy in the [clean ; noisy] teacher-forcing sequence.
+
+        ``clean``: the context copy, clean latents (at s = 0) or a :class:`TeacherForcingContext` (noisy
+        context: its own per-frame levels, from :meth:`training_context`).
+        """
         mask = self.mask("teacher_forcing", noisy)
-        clean = clean.to(noisy.dtype) if clean.dtype != noisy.dtype else clean
+        context = clean if isinstance(clean, TeacherForcingContext) else TeacherForcingContext(clean)
+        clean = context.x.to(noisy.dtype) if context.x.dtype != noisy.dtype else context.x
+        clean_t = None if context.s is None else self.wan_time(context.s, noisy)
 
-        def fn(x, t, ctx, actions, tx, tt, it, itt, clean):
+        def fn(x, t, ctx, actions, tx, tt, it, itt, clean, clean_t):
             return self.model.forward_teacher_forcing(clean, x, t, ctx, mask, tangent=tx, timestep_tangent=tt,
-                                                      actions=actions, interval=it, interval_tangent=itt)
+                                                      actions=actions, interval=it, interval_tangent=itt,
+                                                      clean_timestep=clean_t)
 
-        return self._call(fn, noisy, s, cond, guidance, tangent, s_tangent, interval, interval_tangent, clean=clean)
+        return self._call(fn, noisy, s, cond, guidance, tangent, s_tangent, interval, interval_tangent, clean=clean,
+                          clean_t=clean_t)
 
-    def new_cache(self, height: int, width: int, cond: Condition | None = None, guidance: float = 1.0) -> ChunkCache:
-        """An empty stream cache for latents of this size; guided when ``guidance`` != 1 and ``cond`` has uncond."""
+    def new_cache(self, height: int, width: int, cond: Condition | None = None, guidance: float = 1.0,
+                  evict: bool = True) -> ChunkCache:
+        """An empty stream cache for latents of this size; guided when ``guidance`` != 1 and ``cond`` has uncond.
+        ``evict=False`` keeps every chunk (the replayed backward reads the cache as each chunk saw it)."""
         guided = guidance != 1.0 and cond is not None and cond.uncond is not None
-        return ChunkCache(self.model.new_kv_cache(height, width), guidance, guided)
+        return ChunkCache(self.model.new_kv_cache(height, width, evict=evict), guidance, guided)
 
     def chunk(self, x, s, cond: Condition, cache: ChunkCache, index: int, *, write: bool = False, tangent=None,
-              s_tangent=None, interval=None, interval_tangent=None):
+              s_tangent=None, interval=None, interval_tangent=None, output: bool = True):
         """(v, dv) of chunk ``index`` (latents x) against the stream's cache; ``write`` appends its K/V.
 
         ``cond.actions`` are the chunk's own (``Condition.frames``). The cache's guidance applies.
+        ``output=False``: the caller discards the output (a pure cache write: no pipeline-stage broadcast).
         """
         def fn(x, t, ctx, actions, tx, tt, it, itt):
             return self.model.forward_chunk(x, t, ctx, cache.kv, index, write_cache=write, actions=actions,
                                             tangent=tx, timestep_tangent=tt, interval=it, interval_tangent=itt)
 
         return self._call(fn, x, s, cond, cache.guidance if cache.guided else 1.0, tangent, s_tangent, interval,
-                          interval_tangent, share=not write, force_guided=cache.guided)
+                          interval_tangent, share=output, force_guided=cache.guided)
 
     @torch.no_grad()
-    def write_chunk(self, x0, cond: Condition, cache: ChunkCache, index: int) -> None:
-        """Re-run a finished chunk at s = 0 and append its keys/values, so later chunks attend to it."""
-        self.chunk(x0, 0.0, cond, cache, index, write=True)
+    def write_chunk(self, x0, cond: Condition, cache: ChunkCache, index: int, s: float = 0.0) -> None:
+        """Re-run a finished chunk (at s = 0, or at level ``s`` for noisy context: then ``x0`` is the chunk
+        re-noised to ``s``) and append its keys/values, so later chunks attend to it."""
+        self.chunk(x0, s, cond, cache, index, write=True, output=False)
 
     # ------------------------------------------------------------------ one implementation of every call
     def _call(self, fn, x, s, cond: Condition, guidance: float, tangent, s_tangent, interval, interval_tangent,

@@ -81,6 +81,9 @@ class Objective:
     phase_kinds: ClassVar[tuple[str, ...]]  # the phase kinds it may run in
     teacher_role: ClassVar[str] = "required"  # does it need a frozen ``teacher_from``: required|optional|none
     self_forcing: ClassVar[bool] = False  # rolls the student out with its KV cache (layout checks, no micro-batches)
+    # the token sequences its network calls run (context-parallel layout checks): "teacher_forcing" = the
+    # [clean ; noisy] sequence (2x the video's frames), "video" = the video's own frames
+    sequences: ClassVar[tuple[str, ...]] = ("teacher_forcing",)
 
     @classmethod
     def parse_config(cls, args: dict, key: str):
@@ -90,6 +93,18 @@ class Objective:
     def needs_interval_embedding(cls, cfg) -> bool:
         """Whether the student must have the MeanFlow interval embedding (``model.interval_embedding``)."""
         return False
+
+    @classmethod
+    def few_step_schedule(cls, cfg):
+        """The per-chunk few-step schedule it trains the student for (a ``StepScheduleConfig``, e.g. the SF-DMD
+        rollout's), reported as its own quality row; None when it has none."""
+        return None
+
+    @classmethod
+    def check_run(cls, cfg, run, phase, key: str, parallel) -> None:
+        """Checks of the parsed ``objective_args`` (``cfg``) against the whole run config, the phase and the
+        parallel layout; raise ConfigError naming the key (``key`` = ``phases.N.objective_args``). Default: none."""
+        return None
 
     @classmethod
     def from_phase(cls, cfg, models: PhaseModels) -> "Objective":

@@ -36,23 +36,26 @@ class DCMObjective(Objective):
         return fm_sigmas(self.cfg.num_steps, self.cfg.shift).flip(0).to(dtype=dtype, device=device)
 
     @torch.no_grad()
-    def target_and_inputs(self, student, x0, cond: Condition, n, eps):
-        """(x_{n+1}, s_{n+1}, f^-(x_n, s_n)) for per-chunk grid indices n [B, n_chunks]."""
+    def target_and_inputs(self, student, x0, cond: Condition, n, eps, context=None):
+        """(x_{n+1}, s_{n+1}, f^-(x_n, s_n)) for per-chunk grid indices n [B, n_chunks]; ``context``: the
+        teacher-forcing context (default clean x0; a noisy ``TeacherForcingContext`` with noisy context)."""
         g = self.grid(x0.dtype, x0.device)
         layout = student.layout(x0)
+        context = x0 if context is None else context
         s_hi, s_lo = layout.to_frames(g[n + 1]), layout.to_frames(g[n])
         x_hi = fm_noise(x0, eps, s_hi)
-        v_t, _ = self.teacher.teacher_forcing(x0, x_hi, s_hi, cond, guidance=self.cfg.cfg_scale)
+        v_t, _ = self.teacher.teacher_forcing(context, x_hi, s_hi, cond, guidance=self.cfg.cfg_scale)
         x_lo = x_hi + bcast(s_lo - s_hi, x_hi) * v_t
-        v_lo, _ = (self.target or student).teacher_forcing(x0, x_lo, s_lo, cond)
+        v_lo, _ = (self.target or student).teacher_forcing(context, x_lo, s_lo, cond)
         return x_hi, s_hi, x_lo - bcast(s_lo, x_lo) * v_lo
 
     def loss(self, student, batch, step):
         x0, cond = batch["latents"], Condition.from_batch(batch)
         n = step.noise.randint(self.cfg.num_steps, (x0.shape[0], student.layout(x0).n_chunks), device=x0.device)
         eps = step.noise.randn_like(x0)
-        x_hi, s_hi, f_tgt = self.target_and_inputs(student, x0, cond, n, eps)
-        v, _ = student.teacher_forcing(x0, x_hi, s_hi, cond)
+        context = student.training_context(x0, step.noise)
+        x_hi, s_hi, f_tgt = self.target_and_inputs(student, x0, cond, n, eps, context)
+        v, _ = student.teacher_forcing(context, x_hi, s_hi, cond)
         f = x_hi - bcast(s_hi, x_hi) * v
         loss = (f.float() - f_tgt.float()).pow(2).mean()
         return loss, {"dcm_loss": float(loss.detach())}

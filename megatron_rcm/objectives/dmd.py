@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..config.errors import ConfigError
 from ..diffusion.flow_matching import time_shift
+from ..diffusion.step_schedule import build_schedule
 from ..network import BatchNoise, Condition, Denoiser, TrainedSideModel
 from ..selfforcing.rollout import RolloutConfig, self_forcing_rollout
 from .base import Objective
@@ -48,12 +50,11 @@ class DMDConfig:
     seed: int = 0  # critic noise / exit-step RNG
 
     def validate(self, key: str = "DMDConfig") -> None:
-        from ..config.errors import ConfigError
-
         if self.score_mask not in ("block_causal", "full"):
             raise ConfigError(f"{key}.score_mask", self.score_mask, "'block_causal' or 'full'")
         if self.critic_ratio < 0:
             raise ConfigError(f"{key}.critic_ratio", self.critic_ratio, ">= 0")
+        build_schedule(self.rollout, f"{key}.rollout")  # per-chunk steps and levels: lengths, order, range
 
 
 def dmd_gradient(x0_gen, x0_real, x0_fake, eps: float = 1e-8):
@@ -86,7 +87,7 @@ class SelfForcingDMD(Objective):
     trainer shards, checkpoints and steps under the run's layout.
     """
 
-    name, config_class, phase_kinds, self_forcing = "dmd", DMDConfig, ("sf_dmd",), True
+    name, config_class, phase_kinds, self_forcing, sequences = "dmd", DMDConfig, ("sf_dmd",), True, ("video",)
 
     def __init__(self, teacher: Denoiser, cfg: DMDConfig, critic: TrainedSideModel):
         self.cfg = cfg
@@ -95,6 +96,17 @@ class SelfForcingDMD(Objective):
         self.rng = random.Random(cfg.seed)
         self.gen = None  # torch.Generator for critic noise, created on first use on the right device
         self._last_sample = None
+
+    @classmethod
+    def few_step_schedule(cls, cfg: DMDConfig):
+        return cfg.rollout
+
+    @classmethod
+    def check_run(cls, cfg: DMDConfig, run, phase, key: str, parallel) -> None:
+        if cfg.rollout.replayed_backprop and parallel.pp > 1:
+            raise ConfigError(f"{key}.rollout.replayed_backprop", True,
+                              "false under pipeline parallelism (parallel.pp > 1): the replay recomputes each chunk "
+                              "inside backward, outside the pipeline schedule")
 
     @classmethod
     def from_phase(cls, cfg: DMDConfig, models):

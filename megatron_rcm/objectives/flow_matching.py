@@ -18,7 +18,8 @@ class FMConfig:
 
 class FlowMatchingObjective(Objective):
     """v-prediction on the teacher-forcing sequence: noisy chunk i sees clean chunks < i and itself,
-    every chunk draws its own noise level."""
+    every chunk draws its own noise level. With noisy context (``causal.context_from_last_step``) the
+    context copy is perturbed as the sampler will leave it (``Denoiser.training_context``)."""
 
     name, config_class, phase_kinds, teacher_role = "flow_matching", FMConfig, ("teacher",), "none"
 
@@ -36,6 +37,7 @@ class FlowMatchingObjective(Objective):
             shape, c.time_mode, c.shift, c.logit_mean, c.logit_std, device=x0.device, dtype=x0.dtype),
             (x0.shape[0], layout.n_chunks)))
         eps = step.noise.randn_like(x0)
-        v, _ = student.teacher_forcing(x0, fm_noise(x0, eps, s), s, Condition.from_batch(batch))
+        context = student.training_context(x0, step.noise)
+        v, _ = student.teacher_forcing(context, fm_noise(x0, eps, s), s, Condition.from_batch(batch))
         loss = (v.float() - fm_target(x0, eps).float()).pow(2).mean()
         return loss, {"fm_loss": float(loss.detach())}

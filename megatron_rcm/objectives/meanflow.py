@@ -48,14 +48,15 @@ class MeanFlowConfig:
 class TFMeanFlowNet:
     """``MeanFlowNet`` over a causal Wan interval model's denoiser on one batch's TF sequence [x0 ; z].
 
-    The interval t - r (and its tangent dt - dr) goes to the model's interval embedding; the clean
-    context x0 carries no tangent.
+    The interval t - r (and its tangent dt - dr) goes to the model's interval embedding; the context
+    (clean x0, or ``context``: a noisy-context ``TeacherForcingContext``) carries no tangent.
     """
 
-    def __init__(self, net: Denoiser, batch: dict):
+    def __init__(self, net: Denoiser, batch: dict, context=None):
         if getattr(net.model.condition_embedder, "interval_embedder", None) is None:
             raise ValueError("MeanFlow needs the interval embedding: set model.interval_embedding=true")
-        self.net, self.x0, self.cond = net, batch["latents"], Condition.from_batch(batch)
+        self.net, self.cond = net, Condition.from_batch(batch)
+        self.x0 = batch["latents"] if context is None else context
 
     def __call__(self, z, r, t, batch=None, tangent=None, r_tangent=None, t_tangent=None):
         dt = di = None
@@ -83,22 +84,24 @@ class MeanFlowObjective(Objective):
     def needs_interval_embedding(cls, cfg) -> bool:
         return True
 
-    def as_net(self, student, batch):
+    def as_net(self, student, batch, context=None):
         """(net, chunk -> frame expansion, number of chunks) for a Denoiser or a plain ``MeanFlowNet``."""
         x0 = batch["latents"]
         if isinstance(student, Denoiser):
             layout = student.layout(x0)
-            return TFMeanFlowNet(student, batch), layout.to_frames, layout.n_chunks
+            return TFMeanFlowNet(student, batch, context), layout.to_frames, layout.n_chunks
         if self.teacher is not None:
             raise ValueError("a MeanFlow teacher needs a causal Wan student (the teacher runs the TF sequence)")
         return student, lambda a: a.repeat_interleave(self.chunk, 1), x0.shape[2] // self.chunk
 
     @torch.no_grad()
-    def velocity(self, batch, z, t, x0, eps):
-        """Instantaneous velocity at z_t: the teacher's CFG velocity, else eps - x0."""
+    def velocity(self, batch, z, t, x0, eps, context=None):
+        """Instantaneous velocity at z_t: the teacher's CFG velocity (on the teacher-forcing ``context``, default
+        clean x0), else eps - x0."""
         if self.teacher is None:
             return eps - x0
-        return self.teacher.teacher_forcing(x0, z, t, Condition.from_batch(batch), guidance=self.cfg.cfg_scale)[0]
+        return self.teacher.teacher_forcing(x0 if context is None else context, z, t, Condition.from_batch(batch),
+                                            guidance=self.cfg.cfg_scale)[0]
 
     def sample_rt(self, b, n_chunks, device, dtype, noise: BatchNoise = BatchNoise()):
         """Per-chunk (r, t), r <= t, drawn for the global batch."""
@@ -119,11 +122,12 @@ class MeanFlowObjective(Objective):
 
     def loss(self, student, batch, step):
         x0 = batch["latents"]
-        net, to_frames, n_chunks = self.as_net(student, batch)
+        context = student.training_context(x0, step.noise) if isinstance(student, Denoiser) else None
+        net, to_frames, n_chunks = self.as_net(student, batch, context)
         r, t = (to_frames(a) for a in self.sample_rt(x0.shape[0], n_chunks, x0.device, x0.dtype, step.noise))
         eps = step.noise.randn_like(x0)
         z = fm_noise(x0, eps, t)
-        v = self.velocity(batch, z, t, x0, eps)
+        v = self.velocity(batch, z, t, x0, eps, context)
         u_tgt = self.target(net, z, r, t, v, batch)
         u, _ = net(z, r, t, batch)
         delta = (u.float() - u_tgt.float()).pow(2)

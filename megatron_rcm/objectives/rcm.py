@@ -40,6 +40,7 @@ class RCMSetup:
 
 class RCMObjective(Objective):
     name, config_class, phase_kinds, self_forcing = "rcm", RCMSetup, ("sf_dmd", "tf_cm"), True
+    sequences = ("teacher_forcing", "video")
 
     def __init__(self, cm_objective: Objective, dmd: SelfForcingDMD, cfg: RCMConfig | None = None):
         self.cm, self.dmd, self.cfg = cm_objective, dmd, cfg or RCMConfig()
@@ -64,6 +65,14 @@ class RCMObjective(Objective):
     @classmethod
     def needs_interval_embedding(cls, cfg: RCMSetup) -> bool:
         return CM_PARTS[cfg.cm].needs_interval_embedding(cfg.cm_cfg)
+
+    @classmethod
+    def few_step_schedule(cls, cfg: RCMSetup):
+        return cfg.dmd_cfg.rollout
+
+    @classmethod
+    def check_run(cls, cfg: RCMSetup, run, phase, key: str, parallel) -> None:
+        SelfForcingDMD.check_run(cfg.dmd_cfg, run, phase, f"{key}.dmd", parallel)
 
     @classmethod
     def from_phase(cls, cfg: RCMSetup, models):

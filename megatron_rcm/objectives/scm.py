@@ -50,7 +50,10 @@ class SCMObjective(Objective):
 
     @torch.no_grad()
     def tangent(self, student, x0, cond: Condition, x_t, t, r: float):
-        """(F^-, g, dx_t/dt) for TrigFlow points x_t at per-frame times t [B, F]; no graph is built."""
+        """(F^-, g, dx_t/dt) for TrigFlow points x_t at per-frame times t [B, F]; no graph is built.
+
+        ``x0``: the teacher-forcing context (clean latents or a noisy ``TeacherForcingContext``), the same for
+        teacher and student."""
         sd = self.cfg.sigma_d
         cos, sin = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
         D = cos + sd * sin
@@ -71,12 +74,13 @@ class SCMObjective(Objective):
         t = layout.to_frames(t_chunk)
         x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * c.sigma_d * step.noise.randn_like(x0)
         r = self.warmup_r(step.index)
-        F_m, g, _ = self.tangent(student, x0, cond, x_t, t, r)
+        context = student.training_context(x0, step.noise)
+        F_m, g, _ = self.tangent(student, context, cond, x_t, t, r)
         g_norm = layout.chunk_norm(g, student.patch_frames)
         g = g / (g_norm + c.tangent_norm_c)
 
         D = bcast(torch.cos(t) + c.sigma_d * torch.sin(t), x0)
-        v, _ = student.teacher_forcing(x0, x_t / D, fm_from_trig(t, c.sigma_d), cond)
+        v, _ = student.teacher_forcing(context, x_t / D, fm_from_trig(t, c.sigma_d), cond)
         F = trig_F_from_v(x_t, v, t, c.sigma_d)
         err = layout.chunk_mean((F.float() - F_m.float() - g.float()).pow(2), student.patch_frames)  # [B, n_chunks]
         if self.weighting is not None:

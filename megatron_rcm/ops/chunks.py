@@ -27,6 +27,12 @@ class ChunkLayout:
             pattern = f"{first} + k x {self.chunk_frames}" if first != self.chunk_frames else f"k x {first}"
             raise ValueError(f"{self.frames} latent frames are not a whole number of chunks ({pattern} frames)")
 
+    @classmethod
+    def covering(cls, n_chunks: int, chunk_frames: int, first_chunk_frames: int | None = None) -> "ChunkLayout":
+        """The layout of exactly ``n_chunks`` chunks (streaming: chunk indices grow past any training length)."""
+        first = chunk_frames if first_chunk_frames is None else first_chunk_frames
+        return cls(first + (n_chunks - 1) * chunk_frames, chunk_frames, first_chunk_frames)
+
     @property
     def first(self) -> int:
         return self.chunk_frames if self.first_chunk_frames is None else self.first_chunk_frames
@@ -49,7 +55,7 @@ class ChunkLayout:
 
     def chunks_before(self, frame: int) -> int:
         """How many chunks end at or before ``frame`` (which must be a chunk boundary)."""
-        starts = [self.start(i) for i in range(self.n_chunks + 1)]
+        starts = self.chunk_starts()
         if frame not in starts:
             raise ValueError(f"frame {frame} is not a chunk boundary (chunks start at {starts})")
         return starts.index(frame)
@@ -58,6 +64,10 @@ class ChunkLayout:
         """Frames of ``chunk`` (times ``scale``: latent frames per patched frame)."""
         a = self.start(chunk)
         return slice(a * scale, (a + self.size(chunk)) * scale)
+
+    def chunk_starts(self) -> list[int]:
+        """First frame of every chunk, plus the end: [0, first, first + chunk, ..., frames]."""
+        return [self.start(i) for i in range(self.n_chunks + 1)]
 
     def chunk_of_frames(self) -> torch.Tensor:
         """Chunk index of every frame, int64 [frames]."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunks import ChunkLayout
+
 TILE_SKIP = 0
 TILE_FULL = 1
 TILE_PARTIAL = 2
@@ -138,22 +140,19 @@ def _group_presence(groups: torch.Tensor, block: int, num_groups: int) -> torch.
     return presence
 
 
-def _check_layout(num_frames: int, tokens_per_frame: int, chunk_frames: int) -> int:
+def chunk_layout(num_frames: int, tokens_per_frame: int, chunk_frames: int,
+                 first_chunk_frames: int | None = None) -> ChunkLayout:
+    """The chunk pattern of a [frames x tokens_per_frame] sequence (defined once, in :class:`ChunkLayout`)."""
     if num_frames <= 0 or tokens_per_frame <= 0:
         raise ValueError(f"num_frames and tokens_per_frame must be positive, got {num_frames}, {tokens_per_frame}")
-    if chunk_frames <= 0 or num_frames % chunk_frames:
-        raise ValueError(
-            f"chunk_frames={chunk_frames} must be positive and divide num_frames={num_frames}; "
-            f"choose a divisor of {num_frames}"
-        )
-    return num_frames // chunk_frames
+    return ChunkLayout(num_frames, chunk_frames, first_chunk_frames)
 
 
-def chunk_ids(num_frames: int, tokens_per_frame: int, chunk_frames: int, first_chunk: int = 0) -> torch.Tensor:
-    """Chunk index of every token of a [frames x tokens_per_frame] sequence."""
-    _check_layout(num_frames, tokens_per_frame, chunk_frames)
-    frame = torch.arange(num_frames).repeat_interleave(tokens_per_frame)
-    return (frame // chunk_frames + first_chunk).to(torch.int32)
+def chunk_ids(num_frames: int, tokens_per_frame: int, chunk_frames: int, first_chunk: int = 0,
+              first_chunk_frames: int | None = None) -> torch.Tensor:
+    """Chunk index of every token of a [frames x tokens_per_frame] sequence (``first_chunk`` is added)."""
+    layout = chunk_layout(num_frames, tokens_per_frame, chunk_frames, first_chunk_frames)
+    return (layout.chunk_of_frames().repeat_interleave(tokens_per_frame) + first_chunk).to(torch.int32)
 
 
 def full_mask(num_q: int, num_k: int | None = None) -> GroupMask:
@@ -168,14 +167,16 @@ def block_causal_mask(
     tokens_per_frame: int,
     chunk_frames: int = 1,
     visibility: ChunkVisibility = ChunkVisibility(),
+    first_chunk_frames: int | None = None,
 ) -> GroupMask:
     """Block-causal mask: bidirectional inside a chunk, causal across chunks.
 
-    ``chunk_frames=1`` is the frame-wise variant. Groups are the chunks (ids ``2c``); the odd ids
-    stay unused so that the group space matches :func:`teacher_forcing_mask`.
+    ``chunk_frames=1`` is the frame-wise variant; ``first_chunk_frames`` gives the first chunk its own
+    size (Causal-rCM's c1-4). Groups are the chunks (ids ``2c``); the odd ids stay unused so that the
+    group space matches :func:`teacher_forcing_mask`.
     """
-    n_chunks = _check_layout(num_frames, tokens_per_frame, chunk_frames)
-    ids = 2 * chunk_ids(num_frames, tokens_per_frame, chunk_frames)
+    n_chunks = chunk_layout(num_frames, tokens_per_frame, chunk_frames, first_chunk_frames).n_chunks
+    ids = 2 * chunk_ids(num_frames, tokens_per_frame, chunk_frames, first_chunk_frames=first_chunk_frames)
     allow = torch.zeros(2 * n_chunks, 2 * n_chunks, dtype=torch.bool)
     allow[0::2, 0::2] = visibility.matrix(n_chunks)
     return GroupMask(ids, ids, allow)
@@ -186,6 +187,7 @@ def teacher_forcing_mask(
     tokens_per_frame: int,
     chunk_frames: int = 1,
     visibility: ChunkVisibility = ChunkVisibility(),
+    first_chunk_frames: int | None = None,
 ) -> GroupMask:
     """Mask over the teacher-forcing sequence [clean frames ; noisy frames] of one video.
 
@@ -193,8 +195,8 @@ def teacher_forcing_mask(
     chunks j < i (same visibility) and itself, never other noisy chunks. This is exactly what noisy
     chunk i would see at inference with a KV cache of clean chunks.
     """
-    n_chunks = _check_layout(num_frames, tokens_per_frame, chunk_frames)
-    c = chunk_ids(num_frames, tokens_per_frame, chunk_frames)
+    n_chunks = chunk_layout(num_frames, tokens_per_frame, chunk_frames, first_chunk_frames).n_chunks
+    c = chunk_ids(num_frames, tokens_per_frame, chunk_frames, first_chunk_frames=first_chunk_frames)
     ids = torch.cat([2 * c, 2 * c + 1])
     vis = visibility.matrix(n_chunks)
     allow = torch.zeros(2 * n_chunks, 2 * n_chunks, dtype=torch.bool)
@@ -206,7 +208,7 @@ def teacher_forcing_mask(
 
 def kv_cache_mask(
     cached_chunks: list[int] | torch.Tensor,
-    tokens_per_chunk: int,
+    tokens_per_chunk: int | list[int],
     current_chunk: int,
     num_query_tokens: int | None = None,
     visibility: ChunkVisibility = ChunkVisibility(),
@@ -214,14 +216,24 @@ def kv_cache_mask(
     """Queries of ``current_chunk`` against keys [cached chunks ; current chunk].
 
     ``cached_chunks`` lists the chunk index of each cached chunk in cache order (a rolling cache
-    may hold a sink chunk followed by recent ones). Chunks the visibility rule hides are masked,
-    so a cache that kept more than needed still gives the block-causal answer.
+    may hold a sink chunk followed by recent ones); ``tokens_per_chunk`` is one count for all of them
+    or one per cached chunk (a first chunk of its own size). Chunks the visibility rule hides are
+    masked, so a cache that kept more than needed still gives the block-causal answer.
     """
     cached = torch.as_tensor(cached_chunks, dtype=torch.int32).reshape(-1)
     if cached.numel() and int(cached.max()) >= current_chunk:
         raise ValueError(f"kv cache holds chunk {int(cached.max())} >= current chunk {current_chunk}")
-    nq = tokens_per_chunk if num_query_tokens is None else num_query_tokens
+    if isinstance(tokens_per_chunk, int):
+        counts = torch.full((cached.numel(),), tokens_per_chunk, dtype=torch.long)
+        nq = tokens_per_chunk if num_query_tokens is None else num_query_tokens
+    else:
+        counts = torch.as_tensor(list(tokens_per_chunk), dtype=torch.long).reshape(-1)
+        if counts.numel() != cached.numel():
+            raise ValueError(f"{counts.numel()} token counts for {cached.numel()} cached chunks")
+        if num_query_tokens is None:
+            raise ValueError("num_query_tokens is needed when cached chunks have their own token counts")
+        nq = num_query_tokens
     n_chunks = current_chunk + 1
-    k_ids = torch.cat([cached.repeat_interleave(tokens_per_chunk), torch.full((nq,), current_chunk, dtype=torch.int32)])
+    k_ids = torch.cat([cached.repeat_interleave(counts), torch.full((nq,), current_chunk, dtype=torch.int32)])
     q_ids = torch.full((nq,), current_chunk, dtype=torch.int32)
     return GroupMask(q_ids, k_ids, visibility.matrix(n_chunks))

@@ -9,11 +9,11 @@ from ..config.errors import ConfigError
 
 def objectives() -> dict:
     """name -> class (imported lazily: configs are checked without importing torch-heavy modules twice)."""
-    from ..objectives import (DCMObjective, FlowMatchingObjective, MeanFlowObjective, RCMObjective, SCMObjective,
-                              SelfForcingDMD)
+    from ..objectives import (DCMObjective, DiffusionForcingObjective, FlowMatchingObjective, MeanFlowObjective,
+                              ODERegressionObjective, RCMObjective, SCMObjective, SelfForcingDMD)
 
-    return {cls.name: cls for cls in (FlowMatchingObjective, DCMObjective, SCMObjective, MeanFlowObjective,
-                                      SelfForcingDMD, RCMObjective)}
+    return {cls.name: cls for cls in (FlowMatchingObjective, DiffusionForcingObjective, DCMObjective, SCMObjective,
+                                      MeanFlowObjective, ODERegressionObjective, SelfForcingDMD, RCMObjective)}
 
 
 def objective_class(phase, key: str):

@@ -88,13 +88,35 @@ def eval_prompts(ctx: ReportContext) -> dict:
     return prompt_batch(ctx.cfg.data, e.num_videos, e.seed, ctx.device)
 
 
-def sample(ctx: ReportContext, model, prompts, steps: int, guidance: float, writer=None):
+def sample(ctx: ReportContext, model, prompts, steps, guidance: float, writer=None, options=None):
+    """The few-step sample for a row: ``steps`` is a step count (evenly spaced levels, ``options``' noisy
+    context) or a ``StreamConfig`` (a per-chunk schedule)."""
     decode = None
     if writer is not None and ctx.vae() is not None:  # the streamed video: one decoder state for sample 0
         stream = ctx.vae().stream()
         decode = lambda chunk: stream.decode(chunk[:1])  # noqa: E731
+    if not isinstance(steps, int):
+        options, steps = steps, steps.steps
     return student_sample(model, prompts, ctx.cfg.data, steps, guidance, seed=ctx.cfg.eval.seed, writer=writer,
-                          decode=decode)
+                          decode=decode, options=options)
+
+
+def row_label(steps) -> str:
+    """A row's step label: "2" for a step count, "4,2" for per-chunk steps (a ``StreamConfig``)."""
+    if isinstance(steps, int):
+        return str(steps)
+    return ",".join(str(k) for k in (steps.steps_per_chunk or [steps.steps]))
+
+
+def schedule_row(schedule) -> object | None:
+    """The row sampling with a training rollout's per-chunk schedule (a ``StepScheduleConfig``), or None."""
+    if schedule is None or not schedule.steps_per_chunk:
+        return None
+    from ..inference.streaming import StreamConfig
+
+    return StreamConfig(steps=max(schedule.steps_per_chunk), timesteps=list(schedule.denoising_steps),
+                        shift=schedule.shift, steps_per_chunk=list(schedule.steps_per_chunk),
+                        chunk_schedules=list(schedule.chunk_schedules), sigma_max=schedule.sigma_max)
 
 
 def feature_extractor(ctx: ReportContext):
@@ -170,10 +192,12 @@ def diffusers_teacher_sample(ctx: ReportContext, spec: str, teacher, prompts) ->
                                 e.cfg_scale, e.teacher_shift)
 
 
-def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: Path | None = None):
+def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: Path | None = None, options=None):
     """(rows, metrics) of ``model``'s k-step samples vs its teacher phase's samples, for each k in ``steps``.
 
-    With ``samples_dir`` the 2-step sample is also streamed to ``<phase>_2step_streamed.mp4`` there.
+    An entry of ``steps`` may also be a ``StreamConfig`` (per-chunk steps, labelled "4,2"); ``options`` (a
+    ``StreamConfig``) sets the noisy context of the plain step counts. With ``samples_dir`` the 2-step
+    sample is also streamed to ``<phase>_2step_streamed.mp4`` there.
     """
     from ..evaluation import evaluate_samples
     from ..utils.video import StreamingVideoWriter
@@ -189,7 +213,8 @@ def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: 
         if k == 2 and samples_dir is not None:  # the streamed video: frames are written chunk by chunk
             writer = StreamingVideoWriter(str(Path(samples_dir) / f"{phase.name}_2step_streamed.mp4"),
                                           **video_writer_args(ctx))
-        video = to_pixels(ctx, sample(ctx, model, prompts, k, 1.0, writer=writer))
+        video = to_pixels(ctx, sample(ctx, model, prompts, k, 1.0, writer=writer, options=options))
+        k = k if isinstance(k, int) else row_label(k)
         if writer is not None:
             ctx.print(f"[{phase.name}] {k}-step sample video, streamed chunk by chunk: {writer.close()}")
         stats = evaluate_samples(video, video if ref is None else ref, prompts["class_id"], extractor)
@@ -198,8 +223,9 @@ def quality_rows(ctx: ReportContext, phase, model, teacher, steps, samples_dir: 
         rows.append((k, stats))
         for name in _SCALARS:
             if name in stats:
-                metrics[f"{k}step_{name}"] = stats[name]
-        ctx.scalars(f"eval/{phase.name}", {n: stats[n] for n in _SCALARS if n in stats}, k)
+                metrics[f"{str(k).replace(',', '-')}step_{name}"] = stats[name]
+        if isinstance(k, int):
+            ctx.scalars(f"eval/{phase.name}", {n: stats[n] for n in _SCALARS if n in stats}, k)
     return rows, metrics
 
 
@@ -225,7 +251,12 @@ def phase_report(ctx: ReportContext, phase, model, teacher) -> dict:
         ctx.print(f"[{phase.name}] teacher {e.teacher_steps}-step samples: {path}; "
                   f"motion accuracy {stats['motion_acc_teacher']:.3f}")
         return {"teacher_motion_acc": stats["motion_acc_teacher"]}
-    rows, metrics = quality_rows(ctx, phase, model, teacher, e.student_steps, samples_dir)
+    from .registry import objective_class  # the rollout's per-chunk schedule gets its own row
+
+    cls = objective_class(phase, f"phases.{phase.name}")
+    per_chunk = schedule_row(cls.few_step_schedule(cls.parse_config(dict(phase.objective_args), "objective_args")))
+    rows, metrics = quality_rows(ctx, phase, model, teacher, list(e.student_steps) + [r for r in [per_chunk] if r],
+                                 samples_dir)
     ctx.print(format_quality_table(phase.name, e.teacher_steps, rows))
     return metrics
 
@@ -248,5 +279,5 @@ def format_quality_table(name: str, teacher_steps: int, rows) -> str:
     for k, s in rows:  # a phase without a teacher has only the student's motion accuracy (nan elsewhere)
         g = lambda name: s.get(name, float("nan"))  # noqa: E731
         cells = " | ".join(_cell(g(h), w, d) for h, w, d in _COLUMNS)
-        lines.append(f"  {k:5d} | {cells} | {g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
+        lines.append(f"  {str(k):>5} | {cells} | {g('motion_acc_student'):.3f} / {g('motion_acc_teacher'):.3f}")
     return "\n".join(lines)

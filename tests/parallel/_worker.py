@@ -32,10 +32,10 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def make_model(chunk):
+def make_model(chunk, first=0):
     torch.manual_seed(0)
     cfg = model_preset("tiny", num_layers=2, param_dtype="float64")
-    model = build_model(cfg, CausalConfig(chunk_frames=chunk, attention_backend="reference"))
+    model = build_model(cfg, CausalConfig(chunk_frames=chunk, first_chunk_frames=first, attention_backend="reference"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "scale_shift" in name:
@@ -45,7 +45,7 @@ def make_model(chunk):
     return model
 
 
-def make_inputs():
+def make_inputs(F=F):
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(clean=r(B, C, F, H, W), x=r(B, C, F, H, W), t=torch.rand(B, F, generator=g, dtype=torch.float64) * 1000,
@@ -124,17 +124,18 @@ def check(layout, groups, kind, errors):
         cmp(f"param after step {name}", p, shard_like(name, rp[name], groups))
 
 
-def check_cache(layout, groups, errors):
-    """KV-cached chunk-wise streaming (chunk = 2 frames, with tangent) under the layout."""
-    inp = make_inputs()
-    ref = make_model(2)
+def check_cache(layout, groups, errors, first=0, chunk=2, frames=F):
+    """KV-cached chunk-wise streaming (chunks of ``chunk`` frames after a first of ``first``, with tangent)."""
+    inp = make_inputs(frames)
+    ref = make_model(chunk, first)
     par = parallelize_model(copy.deepcopy(ref), groups)
+    lay = ref.chunk_layout(frames)
     with torch.no_grad():
         for name, model, sl in (("ref", ref, lambda t: t), ("par", par, lambda t: batch_for_rank(t, groups))):
             cache = model.new_kv_cache(H, W)
             outs = []
-            for c in range(F // 2):
-                f = slice(2 * c, 2 * c + 2)
+            for c in range(lay.n_chunks):
+                f = lay.frame_slice(c)
                 outs.append(model.forward_chunk(sl(inp["x"])[:, :, f], sl(inp["t"])[:, f], sl(inp["ctx"]), cache, c,
                                                 write_cache=True, tangent=sl(inp["dx"])[:, :, f],
                                                 timestep_tangent=sl(inp["dt"])[:, f]))
@@ -204,6 +205,8 @@ def _run_kind(kind, tp, cp, dp, pp, groups, errors):
         check_scm(layout, groups, errors)
     elif kind == "cache":
         check_cache(layout, groups, errors)
+    elif kind == "cache_first":  # a first chunk of its own size (2 frames, then chunks of 4)
+        check_cache(layout, groups, errors, first=2, chunk=4, frames=6)
     else:
         check(layout, groups, kind, errors)
 

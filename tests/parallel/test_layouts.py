@@ -17,9 +17,9 @@ MASKS = "frame,chunk,tf"
 @pytest.mark.parametrize("nprocs,layout,kinds", [
     (1, "1x1x1", "frame,accum"),  # one process: every hook is a no-op
     (2, "2x1x1", MASKS + ",scm"),  # TP2 (+ sCM loss)
-    (2, "1x2x1", MASKS + ",accum,cache,scm"),  # CP2 (+ grad accumulation, KV cache, sCM)
+    (2, "1x2x1", MASKS + ",accum,cache,cache_first,scm"),  # CP2 (+ grad accumulation, KV cache, sCM)
     (2, "1x1x2", MASKS),  # DP2, ZeRO-1 AdamW
-    (4, "2x2x1", MASKS + ",accum,cache,scm"),  # TP2 x CP2
+    (4, "2x2x1", MASKS + ",accum,cache,cache_first,scm"),  # TP2 x CP2
     (4, "2x1x2", "tf"),  # TP2 x DP2
     (4, "1x2x2", "chunk,tf"),  # CP2 x DP2
     (2, "1x1x1x2", MASKS),  # PP2 (GPipe, 2 micro-batches)

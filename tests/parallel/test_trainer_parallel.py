@@ -29,6 +29,7 @@ from _launch_ranks import ROOT, free_port, launch  # noqa: E402
 # The tiny settings some objectives need to stay fast; every other objective of the registry runs with
 # its defaults, so a new objective is covered by these tests without editing them.
 FAST_ARGS = {"scm": {"sigma_d": 0.5, "cfg_scale": 2.0, "r_warmup_steps": 2}, "dcm": {"num_steps": 4},
+             "ode_regression": {"ode_steps": 2, "denoising_steps": [1000, 500]},
              "dmd": {"guidance_scale": 2.0, "critic_lr": 1.0e-3, "rollout": {"denoising_steps": [1000, 500]}},
              "rcm": {"dmd": {"critic_lr": 1.0e-3, "rollout": {"denoising_steps": [1000, 500]}}}}
 
