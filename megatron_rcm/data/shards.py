@@ -3,7 +3,7 @@
 Layout of a shard folder: ``manifest.json`` = {"version": 1, "shards": [{"file", "count", "bytes",
 "sha256"}...]} and the shard files it lists, each either
   * ``*.safetensors``: tensors "latents" [N,C,F,H,W], "context" [N,L,D], optional "actions" [N,F,A],
-    "class_id" [N], "uncond_context" [L,D]; or
+    "class_id" [N], "uncond_context" [L,D], "image_context" [N,L_img,image_dim] (image-to-video models); or
   * ``*.tar`` (webdataset style): per sample ``<key>.latents.npy``, ``<key>.context.npy``, optional
     ``<key>.actions.npy`` / ``<key>.class_id.npy``, and optionally one ``__uncond__.context.npy``.
 Shards made from text prompts also keep each sample's prompt: a JSON list under the safetensors
@@ -114,13 +114,13 @@ class ShardWriter:
         self.uncond: torch.Tensor | None = None
 
     def write(self, batch: dict) -> None:
-        """Add a batch dict (latents, context, optional actions/class_id/uncond_context)."""
+        """Add a batch dict (latents, context, optional actions/class_id/uncond_context/image_context)."""
         n = batch["latents"].shape[0]
         if self.uncond is None and batch.get("uncond_context") is not None:
             self.uncond = batch["uncond_context"][0].detach().cpu().float().contiguous()
+        kept = ("latents", "context", "actions", "class_id", "image_context")
         for i in range(n):
-            self.pending.append({k: batch[k][i].detach().cpu() for k in ("latents", "context", "actions", "class_id")
-                                 if batch.get(k) is not None})
+            self.pending.append({k: batch[k][i].detach().cpu() for k in kept if batch.get(k) is not None})
             if len(self.pending) == self.shard_size:
                 self._flush()
 
