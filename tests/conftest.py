@@ -35,3 +35,22 @@ def tiny_wan_pipeline(tmp_path_factory):
     from fixtures.tiny_wan_pipeline import save_tiny_wan_pipeline
 
     return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny_wan") / "Wan2.1-T2V-tiny-Diffusers")
+
+
+@pytest.fixture(scope="session")
+def world_model_run(tmp_path_factory):
+    """The run folder of the trained tiny world model (tests/fixtures/world_model.py), trained once per test run:
+    under pytest-xdist the first worker to ask trains it and the others wait (a file lock in the base temp folder
+    the workers share) instead of training it again."""
+    from filelock import FileLock
+
+    from fixtures.world_model import train_world_model
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "world_model"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "run" / "phases" / "teacher" / "done.json").is_file():
+            folder.mkdir(exist_ok=True)
+            train_world_model(folder)
+    return folder / "run"
