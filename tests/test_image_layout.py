@@ -269,12 +269,20 @@ def test_every_objective_trains_the_image_branch(name):
     assert abs(float(losses[0].detach() - losses[1].detach())) > 1e-9 * abs(float(losses[0].detach()))
 
 
-def test_training_config_refuses_image_layout_on_synthetic_data(tmp_path):
+def test_runs_refuse_what_cannot_feed_the_image_yet(tmp_path):
     from megatron_rcm.config.run import load_config
+    from megatron_rcm.inference.run_dir import RunDirError, load_phase_model
 
     (tmp_path / "r.yaml").write_text("phases:\n  - {name: t, kind: teacher, objective: flow_matching, steps: 1}\n")
-    with pytest.raises(ConfigError, match="model.image_dim"):
-        load_config(tmp_path / "r.yaml", ["model.image_dim=12", "model.added_kv_proj_dim=64"])
+    i2v = ["model.image_dim=12", "model.added_kv_proj_dim=64"]
+    with pytest.raises(ConfigError, match="model.image_dim"):  # the synthetic set has no image tokens
+        load_config(tmp_path / "r.yaml", i2v)
+    shards = ["data.kind=latent_shards", f"data.shard_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="eval.at_phase_end"):  # the end-of-phase samplers pass no image
+        load_config(tmp_path / "r.yaml", i2v + shards)
+    cfg = load_config(tmp_path / "r.yaml", i2v + shards + ["eval.at_phase_end=false", f"output_dir={tmp_path}"])
+    with pytest.raises(RunDirError, match="image-to-video layout"):  # sample / generate / serve: one line, exit 2
+        load_phase_model(cfg, "t")
 
 
 def test_run_sources_compare_the_image_layout_and_teacher_data_refuses_it(layout):
