@@ -86,7 +86,10 @@ def _live_tensor_bytes() -> int:
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type != "meta":
                 st = obj.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
+                try:
+                    storages[st.data_ptr()] = st.nbytes()
+                except RuntimeError:  # a FakeTensor that torch.compile (test_fusion_cpu) left alive: no real memory
+                    pass
     return sum(storages.values())
 
 
