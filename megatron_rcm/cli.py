@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_dir_commands(sub)
 
+    from .inference.serve import add_serve_command
+
+    add_serve_command(sub)
+
     from .data.cli import add_encode_data_command
 
     add_encode_data_command(sub)

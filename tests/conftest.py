@@ -46,3 +46,22 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def world_model_run(tmp_path_factory):
+    """The run folder of the trained tiny world model (tests/fixtures/world_model.py), trained once per test run:
+    under pytest-xdist the first worker to ask trains it and the others wait (a file lock in the base temp folder
+    the workers share) instead of training it again."""
+    from filelock import FileLock
+
+    from fixtures.world_model import train_world_model
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "world_model"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "run" / "phases" / "teacher" / "done.json").is_file():
+            folder.mkdir(exist_ok=True)
+            train_world_model(folder)
+    return folder / "run"

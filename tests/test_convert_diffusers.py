@@ -177,12 +177,13 @@ def test_error_bad_dtype(dfolder, tmp_path):
         import_diffusers(d)
 
 
-@pytest.mark.parametrize("key,value", [("image_dim", 1280), ("added_kv_proj_dim", 64), ("qk_norm", "rms_norm"),
-                                       ("pos_embed_seq_len", 514)])
-def test_error_unsupported_config(dfolder, key, value):
+@pytest.mark.parametrize("key,value,named", [("qk_norm", "rms_norm", "qk_norm"), ("window_size", [4, 4], "window_size"),
+                                             ("image_dim", 1280, "added_kv_proj_dim"),  # half of the I2V layout
+                                             ("pos_embed_seq_len", 514, "pos_embed_seq_len")])
+def test_error_unsupported_config(dfolder, key, value, named):
     cfg = json.loads((dfolder / "config.json").read_text())
     cfg[key] = value
-    with pytest.raises(ConversionError, match=f"'{key}'"):
+    with pytest.raises(ConversionError, match=named):
         model_config_from_diffusers(cfg)
 
 

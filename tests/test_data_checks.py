@@ -15,12 +15,14 @@ TINY = ["model.num_layers=1", "data.height=8", "data.width=8", "data.num_frames=
         "phases=[{name: t, kind: teacher, objective: flow_matching, steps: 1}]"]
 
 
-def _shards(folder, n=3, c=3, f=4, h=8, w=8, text=(8, 32), actions=None, fmt="safetensors", extra=None):
+def _shards(folder, n=3, c=3, f=4, h=8, w=8, text=(8, 32), actions=None, fmt="safetensors", extra=None, image=None):
     with ShardWriter(str(folder), shard_size=2, fmt=fmt) as wr:
         batch = {"latents": torch.randn(n, c, f, h, w), "context": torch.randn(n, *text),
                  "class_id": torch.arange(n), "uncond_context": torch.zeros(n, *text)}
         if actions:
             batch["actions"] = torch.zeros(n, f, actions)
+        if image:
+            batch["image_context"] = torch.zeros(n, *image)
         wr.write(batch)
     if extra:  # writers may add tensors/fields this check does not know: they are ignored
         manifest = folder / "manifest.json"
@@ -66,6 +68,18 @@ def test_world_model_shards_need_actions_of_the_configured_width(tmp_path):
     cfg = _cfg(folder, "data.action_dim=3", "model.action_dim=3")
     with pytest.raises(ShardCheckError, match="'data.action_dim'"):
         check_shard_dir(cfg.data, cfg.model)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "tar"])
+def test_image_to_video_shards_need_image_context_of_the_layout(tmp_path, fmt):
+    i2v = ["model.image_dim=12", "model.added_kv_proj_dim=64"]
+    folder = _shards(tmp_path / "s", fmt=fmt, image=(6, 12))
+    assert check_shard_dir(_cfg(folder, *i2v).data, _cfg(folder, *i2v).model) == 3
+    for args, shards in (([], folder), (i2v + ["model.pos_embed_seq_len=4"], folder),
+                         (i2v, _shards(tmp_path / "t", fmt=fmt)), (i2v, _shards(tmp_path / "u", fmt=fmt, image=(6, 8)))):
+        cfg = _cfg(shards, *args)
+        with pytest.raises(ShardCheckError, match="'model.image_dim'"):
+            check_shard_dir(cfg.data, cfg.model)
 
 
 def test_broken_folders_are_named(tmp_path):

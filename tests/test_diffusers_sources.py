@@ -90,8 +90,9 @@ def test_convert_refusals_are_one_line(tiny_wan_pipeline, tmp_path, capsys):
     bad = tmp_path / "i2v"
     shutil.copytree(tiny_wan_pipeline / "transformer", bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280}))
-    assert "'image_dim'" in _error(capsys, ["convert", "--from-diffusers", str(bad), "--out", str(tmp_path / "m")])
+    (bad / "config.json").write_text(json.dumps({**cfg, "image_dim": 1280}))  # half of the I2V layout
+    assert "'config.json.added_kv_proj_dim'" in _error(capsys, ["convert", "--from-diffusers", str(bad), "--out",
+                                                                str(tmp_path / "m")])
     assert "checkpoint file not found" in _error(capsys, ["convert", "--to-diffusers", str(tmp_path / "no.safetensors"),
                                                           "--out", str(tmp_path / "d")])
     lone = tmp_path / "lone.safetensors"

@@ -3,7 +3,7 @@
 generate-data --teacher diffusers:DIR (3 prompts) -> causal teacher (TF flow matching, init_from the
 folder) -> TF-sCM -> SF-DMD with the bidirectional diffusers teacher as real score -> generate --prompt
 (an mp4 of the VAE's pixel size and frame count) -> sample over a prompt file -> convert --pipeline-from
-(the exported folder runs in WanPipeline).
+(the exported folder runs in WanPipeline); serve streams a prompt VAE-decoded.
 """
 import contextlib
 import io
@@ -125,3 +125,38 @@ def test_convert_exports_a_pipeline_that_wan_pipeline_runs(trained, tmp_path):
     from megatron_rcm.convert import load_diffusers_state_dict
     ours, src = load_diffusers_state_dict(out / "transformer"), load_diffusers_state_dict(pipeline / "transformer")
     assert ours.keys() == src.keys() and any(not torch.equal(ours[k], src[k]) for k in ours)
+
+
+def test_serve_streams_a_prompt_vae_decoded(trained):
+    """The text-to-video page's path: a prompt in, each chunk VAE-decoded out, equal to the streamed decode."""
+    import asyncio
+
+    import aiohttp
+
+    from fixtures.serve_client import next_text, receive, serving
+    from megatron_rcm.inference.real_video import prompt_inputs, run_encoders, stream_decoded
+    from megatron_rcm.inference.run_dir import load_phase_model, load_run_config
+    from megatron_rcm.inference.serve_session import to_rgba
+
+    _, _, run, _ = trained
+
+    async def play(url):
+        async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws") as ws:
+            hello = await next_text(ws)
+            assert hello["prompt"] == "text" and hello["action_dim"] == 0 and (hello["height"], hello["width"]) == (32, 32)
+            await ws.send_json({"type": "start"})
+            refused = await next_text(ws)
+            assert refused["type"] == "error" and "prompt" in refused["message"]
+            await ws.send_json({"type": "start", "prompt": "a red cat runs", "seed": 3})
+            _, chunks = await receive(ws, 2)
+            return chunks, await next_text(ws)
+
+    with serving(run, phase="sf_dmd", steps=2, fps=0) as (url, _):
+        chunks, end = asyncio.run(play(url))
+    assert [h["frames"] for h, _ in chunks] == [5, 8] and end["type"] == "end"  # 13 video frames, then the end
+    cfg = load_run_config(run)
+    encoders = run_encoders(cfg, "cpu")
+    inputs = prompt_inputs(encoders, ["a red cat runs"], None, "cpu")
+    ref = stream_decoded(load_phase_model(cfg, "sf_dmd"), inputs, LATENT_FRAMES, 4, 4, 2, 1.0, 3, encoders.vae)
+    for (header, rgba), (_, frames, _) in zip(chunks, ref):
+        assert rgba.numpy().tobytes() == to_rgba(frames[0]), header

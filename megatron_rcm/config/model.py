@@ -2,7 +2,9 @@
 
 Field names follow diffusers' ``WanTransformer3DModel`` config where one exists (so a converted
 checkpoint's ``config.json`` maps one-to-one); ``action_dim`` (world models) and ``interval_embedding``
-(MeanFlow) are ours.
+(MeanFlow) are ours. ``image_dim`` / ``added_kv_proj_dim`` / ``pos_embed_seq_len`` are diffusers' image-to-video
+layout (Wan2.1-I2V/FLF2V): an image-encoder context embedded and attended by extra K/V projections in every
+cross-attention; null (the default) is the text-to-video layout.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class ModelConfig:
     rope_max_seq_len: int = 1024
     action_dim: int = 0  # 0 = no action conditioning
     interval_embedding: bool = False  # MeanFlow: a zero-init embedding of the interval t - r (ours, not diffusers)
+    image_dim: int | None = None  # I2V: width of the image-encoder (CLIP) tokens; null = text-to-video
+    added_kv_proj_dim: int | None = None  # I2V: input width of the image K/V projections (= hidden size)
+    pos_embed_seq_len: int | None = None  # FLF2V: a learned position table over the image tokens (2 x 257)
     param_dtype: str = "float32"
 
     @property
@@ -102,10 +107,30 @@ def validate_model(cfg: ModelConfig, prefix: str = "model") -> None:
     if not isinstance(cfg.interval_embedding, bool):
         raise ConfigError(f"{prefix}.interval_embedding", cfg.interval_embedding,
                           "true or false (true adds the MeanFlow interval embedding)")
+    _validate_image_layout(cfg, prefix)
     if cfg.eps <= 0:
         raise ConfigError(f"{prefix}.eps", cfg.eps, "a positive float")
     if cfg.param_dtype not in PARAM_DTYPES:
         raise ConfigError(f"{prefix}.param_dtype", cfg.param_dtype, " or ".join(PARAM_DTYPES))
+
+
+def _validate_image_layout(cfg: ModelConfig, prefix: str) -> None:
+    """The image-to-video keys: all null, or image_dim + added_kv_proj_dim (= hidden size) [+ pos_embed_seq_len]."""
+    for name in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{prefix}.{name}", value, "a positive integer or null (null = text-to-video layout)")
+    if (cfg.image_dim is None) != (cfg.added_kv_proj_dim is None):
+        missing = "added_kv_proj_dim" if cfg.added_kv_proj_dim is None else "image_dim"
+        raise ConfigError(f"{prefix}.{missing}", None, "set together with "
+                          f"{'image_dim' if missing == 'added_kv_proj_dim' else 'added_kv_proj_dim'} (the I2V layout "
+                          "embeds the image tokens and attends them with added K/V projections), or both null")
+    if cfg.added_kv_proj_dim is not None and cfg.added_kv_proj_dim != cfg.hidden_size:
+        raise ConfigError(f"{prefix}.added_kv_proj_dim", cfg.added_kv_proj_dim,
+                          f"the hidden size {cfg.hidden_size} (heads x head dim): the image embedding feeds it")
+    if cfg.pos_embed_seq_len is not None and cfg.image_dim is None:
+        raise ConfigError(f"{prefix}.pos_embed_seq_len", cfg.pos_embed_seq_len,
+                          "null without image_dim (it positions the image tokens)")
 
 
 # always registered by ops.attention; other names (e.g. "fused") need the registry, which imports torch

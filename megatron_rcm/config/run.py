@@ -145,6 +145,13 @@ def validate_run(cfg: RunConfig) -> None:
         if getattr(cfg.data, data_key) != getattr(cfg.model, model_key):
             raise ConfigError(f"data.{data_key}", getattr(cfg.data, data_key),
                               f"model.{model_key} = {getattr(cfg.model, model_key)} (the two must agree)")
+    if cfg.model.image_dim is not None and cfg.data.kind == "synthetic":
+        raise ConfigError("model.image_dim", cfg.model.image_dim, "null with data.kind=synthetic (the synthetic set has "
+                          "no image-encoder tokens); the image-to-video layout trains from latent shards holding "
+                          "'image_context' [L, image_dim] per sample")
+    if cfg.model.image_dim is not None and cfg.eval.at_phase_end:
+        raise ConfigError("eval.at_phase_end", True, "false with model.image_dim set: the end-of-phase samplers do not "
+                          "feed image contexts yet")
     frames = cfg.data.num_frames // int(cfg.model.patch_size[0])
     validate_causal(cfg.causal, num_frames=frames)
     ph, pw = int(cfg.model.patch_size[1]), int(cfg.model.patch_size[2])

@@ -1,8 +1,9 @@
 """Conversion between CausalWanModel and diffusers' WanTransformer3DModel folders.
 
 Our parameter names equal diffusers' keys, so conversion is a strict by-name copy plus a config
-mapping. We refuse anything diffusers can express that our model cannot (I2V image branch, other
-q/k norms), because silently dropping it would give a model that loads but computes something else.
+mapping. The image-to-video layout (``image_dim``, ``added_kv_proj_dim``, ``pos_embed_seq_len``: Wan2.1-I2V and
+FLF2V) maps one-to-one too. We refuse anything diffusers can express that our model cannot (other q/k norms,
+other classes), because silently dropping it would give a model that loads but computes something else.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config.errors import ConfigError
-from ..config.model import ModelConfig
+from ..config.model import ModelConfig, validate_model
 from ..models.causal_wan import DTYPES, CausalWanModel, build_model
 from ..utils.files import atomic_folder, save_safetensors
 from .cli import add_convert_arguments  # noqa: F401  (the parser half of the CLI, torch-free)
@@ -25,7 +26,8 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CLASS_NAME = "WanTransformer3DModel"
 DIFFUSERS_VERSION = "0.42.1"
 _SHARED = ["patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-           "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "rope_max_seq_len"]
+           "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "rope_max_seq_len",
+           "image_dim", "added_kv_proj_dim", "pos_embed_seq_len"]  # the last three: null = text-to-video
 _EXTRA_KEY = "_megatron_rcm"  # leading underscore: diffusers ignores it when loading
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -47,14 +49,10 @@ def model_config_from_diffusers(config: dict, text_len: int | None = None) -> Mo
     cls = config.get("_class_name", CLASS_NAME)
     if cls != CLASS_NAME:
         raise ConversionError(f"config key '_class_name' = {cls!r}: only {CLASS_NAME} is supported")
-    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-        if config.get(key) is not None:
-            raise ConversionError(f"config key '{key}' = {config[key]!r} is not supported "
-                                  "(image-to-video / image-embedding branch); it must be null")
     qk = config.get("qk_norm", "rms_norm_across_heads")
     if qk != "rms_norm_across_heads":
         raise ConversionError(f"config key 'qk_norm' = {qk!r} is not supported; only 'rms_norm_across_heads'")
-    known = set(_SHARED) | {"qk_norm", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len"}
+    known = set(_SHARED) | {"qk_norm"}
     unknown = [k for k in config if not k.startswith("_") and k not in known]
     if unknown:
         raise ConversionError(f"config key(s) {unknown} are not known to this converter")
@@ -67,7 +65,12 @@ def model_config_from_diffusers(config: dict, text_len: int | None = None) -> Mo
     extra = config.get(_EXTRA_KEY) or {}
     kw["text_len"] = int(text_len or extra.get("text_len") or 512)  # Wan's umT5 context length
     kw["preset"] = extra.get("preset", "diffusers")
-    return ModelConfig(**kw)
+    cfg = ModelConfig(**kw)
+    try:  # e.g. an image_dim without added_kv_proj_dim: name the config.json key, not a run's model.* key
+        validate_model(cfg, prefix=CONFIG_NAME)
+    except ConfigError as err:
+        raise ConversionError(str(err)) from None
+    return cfg
 
 
 def diffusers_config_from_model(cfg: ModelConfig) -> dict:
@@ -76,7 +79,7 @@ def diffusers_config_from_model(cfg: ModelConfig) -> dict:
     for k in _SHARED:
         v = getattr(cfg, k)
         out[k] = [int(p) for p in v] if k == "patch_size" else v
-    out.update(qk_norm="rms_norm_across_heads", image_dim=None, added_kv_proj_dim=None, pos_embed_seq_len=None)
+    out["qk_norm"] = "rms_norm_across_heads"
     out[_EXTRA_KEY] = {"text_len": cfg.text_len, "preset": cfg.preset}
     return out
 
@@ -89,8 +92,19 @@ def _read_config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+# tensors diffusers' WanTransformer3DModel drops on load (its _keys_to_ignore_on_load_unexpected): unused by its
+# forward, present in some I2V conversions
+_IGNORED_ON_LOAD = (".norm_added_q.",)
+
+
 def load_diffusers_state_dict(folder) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers folder, single-file or sharded (index.json + shards)."""
+    """All tensors of a diffusers folder, single-file or sharded (index.json + shards), less the ones diffusers
+    itself ignores on load (``norm_added_q``: never used by its forward)."""
+    state = _read_diffusers_tensors(folder)
+    return {k: v for k, v in state.items() if not any(p in k for p in _IGNORED_ON_LOAD)}
+
+
+def _read_diffusers_tensors(folder) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     _read_config(folder)
     single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME

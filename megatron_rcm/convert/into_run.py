@@ -16,7 +16,8 @@ from ..encoders import EncoderError, transformer_dir
 from .diffusers_wan import ConversionError, _load_strict, load_diffusers_state_dict, model_config_from_diffusers
 
 COMPARED = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-            "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps")
+            "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "image_dim", "added_kv_proj_dim",
+            "pos_embed_seq_len")
 OUR_EXTRAS = ("action_embedder.", "condition_embedder.interval_embedder.")
 
 

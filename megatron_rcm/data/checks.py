@@ -124,6 +124,24 @@ def _check_shapes(path: str, shapes: dict[str, list[int]], data, model) -> None:
     if not data.action_dim and act is not None:
         raise ShardCheckError("data.action_dim", 0, f"{act[-1]} with model.action_dim={act[-1]}: the shards hold "
                               f"actions ({where}: {act}), i.e. a world-model data set")
+    _check_image_context(where, shapes.get("image_context"), model)
+
+
+def _check_image_context(where: str, img, model) -> None:
+    """'image_context' [L, image_dim] per sample exactly when the model has the image-to-video layout."""
+    if model.image_dim is None:
+        if img is not None:
+            raise ShardCheckError("model.image_dim", None, f"{img[-1]} (with added_kv_proj_dim = the hidden size): the "
+                                  f"shards hold image-encoder tokens ({where}: 'image_context' {img}), i.e. an "
+                                  "image-to-video data set")
+        return
+    want = f"[L, {model.image_dim}]" if model.pos_embed_seq_len is None else f"[{model.pos_embed_seq_len}, " \
+        f"{model.image_dim}]"
+    ok = img is not None and len(img) == 2 and img[1] == model.image_dim and \
+        model.pos_embed_seq_len in (None, img[0])
+    if not ok:
+        raise ShardCheckError("model.image_dim", model.image_dim, f"shards with 'image_context' of {want} per sample "
+                              f"for the image-to-video layout ({where}: {img})")
 
 
 def check_shard_dir(data, model) -> int:

@@ -3,9 +3,9 @@
 Layout of a shard folder: ``manifest.json`` = {"version": 1, "shards": [{"file", "count", "bytes",
 "sha256"}...]} and the shard files it lists, each either
   * ``*.safetensors``: tensors "latents" [N,C,F,H,W], "context" [N,L,D], optional "actions" [N,F,A],
-    "class_id" [N], "uncond_context" [L,D], "trajectory" [N,K,C,F,H,W] + "trajectory_levels" [N,K] (the
-    teacher's ODE states at K sampling levels: ``generate-data --trajectory K``; readers that do not use
-    them ignore them); or
+    "class_id" [N], "uncond_context" [L,D], "image_context" [N,L_img,image_dim] (image-to-video models),
+    "trajectory" [N,K,C,F,H,W] + "trajectory_levels" [N,K] (the teacher's ODE states at K sampling levels:
+    ``generate-data --trajectory K``; readers that do not use them ignore them); or
   * ``*.tar`` (webdataset style): per sample ``<key>.latents.npy``, ``<key>.context.npy``, optional
     ``<key>.actions.npy`` / ``<key>.class_id.npy``, and optionally one ``__uncond__.context.npy``.
 Shards made from text prompts also keep each sample's prompt: a JSON list under the safetensors
@@ -30,7 +30,8 @@ from safetensors.torch import save as st_save
 from ..utils.files import sha256_file
 
 MANIFEST = "manifest.json"
-SAMPLE_KEYS = ("latents", "context", "actions", "class_id", "trajectory", "trajectory_levels")  # per-sample tensors
+SAMPLE_KEYS = ("latents", "context", "actions", "class_id", "image_context", "trajectory",
+               "trajectory_levels")  # per-sample tensors
 
 
 class ShardError(RuntimeError):
@@ -117,7 +118,7 @@ class ShardWriter:
         self.uncond: torch.Tensor | None = None
 
     def write(self, batch: dict) -> None:
-        """Add a batch dict (latents, context, optional actions/class_id/uncond_context)."""
+        """Add a batch dict (latents, context, optional actions/class_id/uncond_context/image_context)."""
         n = batch["latents"].shape[0]
         if self.uncond is None and batch.get("uncond_context") is not None:
             self.uncond = batch["uncond_context"][0].detach().cpu().float().contiguous()

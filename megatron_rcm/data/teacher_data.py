@@ -80,9 +80,14 @@ def teacher_config(spec: str):
 
     path = transformer_dir(spec) / "config.json"
     try:
-        return model_config_from_diffusers(json.loads(path.read_text()))
+        cfg = model_config_from_diffusers(json.loads(path.read_text()))
     except (ValueError, ConversionError) as err:
         raise EncoderError(f"{path}: {err}") from None
+    if cfg.image_dim is not None:
+        raise EncoderError(f"{path}: image_dim = {cfg.image_dim}: an image-to-video transformer needs image-encoder "
+                           "tokens per video, which generate-data --teacher does not produce; give a text-to-video "
+                           "Wan pipeline")
+    return cfg
 
 
 def latent_geometry(args: TeacherDataArgs, vae, patch) -> tuple[int, int, int]:

@@ -68,6 +68,9 @@ def load_phase_model(cfg, phase_name: str, which: str = "ema", device: str | tor
     from ..models import build_model
 
     find_phase(cfg, phase_name)
+    if cfg.model.image_dim is not None:
+        raise RunDirError(f"{cfg.output_dir} has the image-to-video layout (model.image_dim = {cfg.model.image_dim}): "
+                          "sample, eval, generate-data, generate and serve do not feed image contexts yet")
     path = weights_path(cfg, phase_name, which)
     if not path.is_file():
         raise RunDirError(f"phase '{phase_name}' has no {which} weights: {path} is missing; train that phase "

@@ -16,6 +16,11 @@ Delta = t - r (Wan scale, per frame), so the net is u(z, r, t) with r and t sepa
 is zero-initialised, so a fresh or converted model computes exactly the plain model. When no interval
 is given, an interval model uses Delta = t (r = 0: the average velocity to the data, whose tangent is
 d timestep), so x0 = z_t - t u(z_t, 0, t) and the x0-prediction few-step samplers work unchanged.
+
+Image-to-video layout (``ModelConfig.image_dim``, Wan2.1-I2V): every forward takes ``image`` [B, L, image_dim]
+(the image encoder's tokens), embedded once per call and attended by every block's cross-attention next to
+the text; it is per video (all segments, clean and noisy, share it), carries no tangent, and its K/V are
+cached per stream like the text's. Such a model needs it on every call; other models refuse it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from ..config.model import CausalConfig, ModelConfig, validate_model
 from ..ops import dual
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility, GroupMask, kv_cache_mask
+from .image_embedding import ImageEmbedder
 from .kv_cache import KVCache
 from .layers import AttentionContext, WanBlock
 from .rope import grid_positions, rope_cos_sin
@@ -75,6 +81,7 @@ class _ConditionEmbedder(nn.Module):
         self.text_embedder = _MLP2(cfg.text_dim, d, d, dual.gelu_tanh)
         # MeanFlow interval Delta = t - r; zero-init last linear (set by the model) so it starts as a no-op
         self.interval_embedder = _MLP2(cfg.freq_dim, d, d, dual.silu) if cfg.interval_embedding else None
+        self.image_embedder = ImageEmbedder(cfg.image_dim, d, cfg.pos_embed_seq_len) if cfg.image_dim else None
 
 
 class CausalWanModel(nn.Module):
@@ -92,7 +99,8 @@ class CausalWanModel(nn.Module):
         self.condition_embedder = _ConditionEmbedder(cfg)
         self.action_embedder = _MLP2(cfg.action_dim, d, d, dual.silu) if cfg.action_dim > 0 else None
         self.blocks = nn.ModuleList(
-            WanBlock(d, cfg.ffn_dim, cfg.num_attention_heads, cfg.eps, cfg.cross_attn_norm) for _ in range(cfg.num_layers)
+            WanBlock(d, cfg.ffn_dim, cfg.num_attention_heads, cfg.eps, cfg.cross_attn_norm, cfg.added_kv_proj_dim)
+            for _ in range(cfg.num_layers)
         )
         self.proj_out = nn.Linear(d, cfg.out_channels * p[0] * p[1] * p[2])
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
@@ -131,22 +139,22 @@ class CausalWanModel(nn.Module):
 
     # ------------------------------------------------------------------ public forwards
     def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
-                interval=None):
+                interval=None, image=None):
         """Denoiser output for latents x [B, C, F, H, W] (flow-matching velocity for Wan teachers;
         MeanFlow average velocity over [t - interval, t] for interval models)."""
         seg = Segment(x, timestep, frame_offset, actions=actions, interval=interval)
-        return self.forward_segments([seg], context, mask)[0][0]
+        return self.forward_segments([seg], context, mask, image=image)[0][0]
 
     def forward_with_tangent(self, x, timestep, context, tangent=None, timestep_tangent=None,
                              mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
-                             interval=None, interval_tangent=None):
+                             interval=None, interval_tangent=None, image=None):
         """(output, d output) along (d x, d timestep, d interval) in one pass; equals torch.func.jvp of forward."""
         seg = Segment(x, timestep, frame_offset, tangent, timestep_tangent, actions, interval, interval_tangent)
-        return self.forward_segments([seg], context, mask)[0]
+        return self.forward_segments([seg], context, mask, image=image)[0]
 
     def forward_teacher_forcing(self, clean, noisy, timestep, context, mask: GroupMask, tangent=None,
                                 timestep_tangent=None, actions=None, interval=None, interval_tangent=None,
-                                clean_timestep=None):
+                                clean_timestep=None, image=None):
         """Run [clean (t = 0) ; noisy (t)] of the same video; returns (output, tangent) for the noisy part.
 
         Both copies share RoPE positions (frame_offset 0); the clean context carries no tangent (and,
@@ -156,10 +164,11 @@ class CausalWanModel(nn.Module):
         t0 = torch.zeros_like(self._frame_timesteps(timestep, noisy)) if clean_timestep is None else clean_timestep
         segs = [Segment(clean, t0, 0, actions=actions),
                 Segment(noisy, timestep, 0, tangent, timestep_tangent, actions, interval, interval_tangent)]
-        return self.forward_segments(segs, context, mask)[1]
+        return self.forward_segments(segs, context, mask, image=image)[1]
 
     def forward_chunk(self, x, timestep, context, cache: KVCache, chunk: int, write_cache: bool = False,
-                      actions=None, tangent=None, timestep_tangent=None, interval=None, interval_tangent=None):
+                      actions=None, tangent=None, timestep_tangent=None, interval=None, interval_tangent=None,
+                      image=None):
         """One chunk against the KV cache of earlier chunks; ``write_cache`` appends this chunk's K/V."""
         frames = x.shape[2] // self.patch[0]
         c = self.causal
@@ -168,14 +177,16 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"forward_chunk: chunk {chunk} has {layout.size(chunk)} latent frames, got {frames}")
         seg = Segment(x, timestep, layout.start(chunk), tangent, timestep_tangent, actions, interval, interval_tangent)
         return self.forward_segments([seg], context, mask=None, cache=cache, write_cache=write_cache,
-                                     cache_chunk=chunk)[0]
+                                     cache_chunk=chunk, image=image)[0]
 
     # ------------------------------------------------------------------ the one code path
     def forward_segments(self, segments: list[Segment], context, mask: GroupMask | None = None,
-                         cache: KVCache | None = None, write_cache: bool = False, cache_chunk: int | None = None):
+                         cache: KVCache | None = None, write_cache: bool = False, cache_chunk: int | None = None,
+                         image=None):
         dtype = self.dtype
         ce = self.condition_embedder
         text, _ = ce.text_embedder(context.to(dtype))
+        img = self._image_embedding(image, context)
 
         tokens, ttokens, temb, ttemb, positions, grids = [], [], [], [], [], []
         for seg in segments:
@@ -226,9 +237,9 @@ class CausalWanModel(nn.Module):
                 continue
             ran += 1
             if use_ckpt and (self.checkpoint_layers <= 0 or ran <= self.checkpoint_layers):
-                x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, use_reentrant=False)
+                x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, img, use_reentrant=False)
             else:
-                x, tx = block(x, tx, mod, tmod, text, actx, i)
+                x, tx = block(x, tx, mod, tmod, text, actx, i, img)
         if cache is not None and write_cache:
             cache.commit(cache_chunk)
         if par is not None and par.pp > 1 and not par.pipeline_send(x, tx):
@@ -275,6 +286,21 @@ class CausalWanModel(nn.Module):
         elif actions is not None:
             raise ValueError("actions were given but model.action_dim = 0; set model.action_dim to the action size")
         return e, te
+
+    def _image_embedding(self, image, context):
+        """The embedded image context [B, L_img, D] (I2V layout), or None; a missing or unexpected one is an error."""
+        emb = self.condition_embedder.image_embedder
+        if emb is None:
+            if image is not None:
+                raise ValueError("an image context was given but model.image_dim is null (text-to-video layout); set "
+                                 "model.image_dim / added_kv_proj_dim to the image-to-video layout's values")
+            return None
+        if image is None:
+            raise ValueError(f"this model has the image-to-video layout (model.image_dim={self.cfg.image_dim}): pass "
+                             "the image encoder's tokens as image [B, tokens, image_dim] (Condition.image)")
+        if image.shape[0] != context.shape[0]:
+            raise ValueError(f"the image context has batch {image.shape[0]}, the text context {context.shape[0]}")
+        return emb(image.to(self.dtype))
 
     def _add_interval_embedding(self, e, te, seg: Segment, t, tt):
         """e + interval_embedder(sin(Delta)); Delta defaults to t (r = 0), its tangent to dt."""

@@ -5,8 +5,9 @@ appends the chunk's (normed, rotated) keys and values. Later chunks attend to th
 themselves. Eviction follows the same :class:`ChunkVisibility` rule as the training mask (sink
 chunks + a window of recent chunks), so memory stays flat over arbitrarily long rollouts and the
 cached answer equals the block-causal full-sequence answer. Cross-attention keys/values of the text
-context are computed once per video and kept here too. Chunks may have different sizes (the first
-chunk of Causal-rCM's c1-4 pattern): each cached chunk's token count is recorded.
+context (and of the image context, I2V layout) are computed once per video and kept here too. Chunks
+may have different sizes (the first chunk of Causal-rCM's c1-4 pattern): each cached chunk's token count
+is recorded.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class LayerCache:
     v: torch.Tensor | None = None
     cross_k: torch.Tensor | None = None  # [B, L, H, D]
     cross_v: torch.Tensor | None = None
+    image_k: torch.Tensor | None = None  # [B, L_img, H, D] (I2V layout)
+    image_v: torch.Tensor | None = None
 
 
 class _FrozenLayer:
@@ -30,10 +33,12 @@ class _FrozenLayer:
 
     def __init__(self, c: LayerCache):
         self.k, self.v = c.k, c.v
-        self._cross = (c.cross_k, c.cross_v)
+        self._cross = (c.cross_k, c.cross_v, c.image_k, c.image_v)
 
     cross_k = property(lambda self: self._cross[0], lambda self, value: None)
     cross_v = property(lambda self: self._cross[1], lambda self, value: None)
+    image_k = property(lambda self: self._cross[2], lambda self, value: None)
+    image_v = property(lambda self: self._cross[3], lambda self, value: None)
 
 
 @dataclass

@@ -41,7 +41,7 @@ class Attention(nn.Module):
 
     parallel = None
 
-    def __init__(self, dim: int, heads: int, eps: float):
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_dim: int | None = None):
         super().__init__()
         self.heads = heads
         self.eps = eps
@@ -51,6 +51,11 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if added_kv_dim is not None:  # the I2V layout's cross-attention: K/V of the image context too
+            self.add_k_proj = nn.Linear(added_kv_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
     def _heads(self, x):
         return None if x is None else x.unflatten(-1, (self.heads, -1))
@@ -98,21 +103,40 @@ class Attention(nn.Module):
             o, to = par.heads_to_seq(o, to)
         return self._out(o, to)
 
-    def cross_attention(self, x, tx, context, cache_layer=None, backend: str = "auto"):
-        """Attend to the (tangent-free) text context; its keys/values may come from the cache."""
+    def project_image_kv(self, image):
+        """Keys/values of the embedded image context (I2V layout): added projections, RMSNorm across heads on K."""
+        k, _ = dual.linear(image, None, self.add_k_proj.weight, self.add_k_proj.bias)
+        k, _ = dual.rms_norm(k, None, self.norm_added_k.weight, self.eps, reduce=self._norm_reduce())
+        v, _ = dual.linear(image, None, self.add_v_proj.weight, self.add_v_proj.bias)
+        return self._heads(k), self._heads(v)
+
+    def _context_kv(self, cache_layer, slots: tuple[str, str], project):
+        """K/V of a tangent-free context: from the stream's cache if there, else projected (and kept there)."""
+        if cache_layer is not None and getattr(cache_layer, slots[0]) is not None:
+            return getattr(cache_layer, slots[0]), getattr(cache_layer, slots[1])
+        k, v = project()
+        if cache_layer is not None:
+            setattr(cache_layer, slots[0], k.detach()), setattr(cache_layer, slots[1], v.detach())
+        return k, v
+
+    def cross_attention(self, x, tx, context, cache_layer=None, backend: str = "auto", image=None):
+        """Attend to the (tangent-free) text context, and with the I2V layout to the embedded image context
+        (the two attention outputs are summed before ``to_out``); their keys/values may come from the cache."""
         x, tx = self._in(x, tx)
         if self.parallel is not None:
             context, _ = self.parallel.column_input(context, None)
         q, tq = dual.linear(x, tx, self.to_q.weight, self.to_q.bias)
         q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps, reduce=self._norm_reduce())
         q, tq = self._heads(q), self._heads(tq)
-        if cache_layer is not None and cache_layer.cross_k is not None:
-            k, v = cache_layer.cross_k, cache_layer.cross_v
-        else:
-            k, _, v, _ = self.project_kv(context, None)
-            if cache_layer is not None:
-                cache_layer.cross_k, cache_layer.cross_v = k.detach(), v.detach()
+        k, v = self._context_kv(cache_layer, ("cross_k", "cross_v"),
+                                lambda: self.project_kv(context, None)[::2])  # (k, v) of (k, tk, v, tv)
         o, to = attention_jvp(q, k, v, tq, None, None, mask=None, backend=backend)
+        if self.add_k_proj is not None:
+            if image is not None and self.parallel is not None:
+                image, _ = self.parallel.column_input(image, None)
+            ki, vi = self._context_kv(cache_layer, ("image_k", "image_v"), lambda: self.project_image_kv(image))
+            oi, toi = attention_jvp(q, ki, vi, tq, None, None, mask=None, backend=backend)
+            o, to = dual.add(o, to, oi, toi)
         return self._out(o, to)
 
 
@@ -176,19 +200,21 @@ def _per_frame(x, frames: int):
 
 
 class WanBlock(nn.Module):
-    """Self-attention, text cross-attention and FFN, each under per-frame AdaLN modulation."""
+    """Self-attention, text (+ image, I2V layout) cross-attention and FFN, each under per-frame AdaLN modulation."""
 
-    def __init__(self, dim: int, ffn_dim: int, heads: int, eps: float, cross_attn_norm: bool = True):
+    def __init__(self, dim: int, ffn_dim: int, heads: int, eps: float, cross_attn_norm: bool = True,
+                 added_kv_dim: int | None = None):
         super().__init__()
         self.eps = eps
         self.attn1 = Attention(dim, heads, eps)
-        self.attn2 = Attention(dim, heads, eps)
+        self.attn2 = Attention(dim, heads, eps, added_kv_dim)
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True) if cross_attn_norm else None
         self.ffn = FeedForward(dim, ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, tx, temb, ttemb, context, ctx: AttentionContext, layer: int):
-        """x [B, S, D]; temb [B, F, 6, D] per-frame modulation (F frames of S/F tokens each)."""
+    def forward(self, x, tx, temb, ttemb, context, ctx: AttentionContext, layer: int, image=None):
+        """x [B, S, D]; temb [B, F, 6, D] per-frame modulation (F frames of S/F tokens each); ``image`` the
+        embedded image context of the I2V layout (None otherwise)."""
         frames = temb.shape[1]
         mod = self.scale_shift_table.unsqueeze(0) + dual.upcast(temb)  # [B, F, 6, D]
         m = _modulation_vectors(mod)  # 6 x [B, F, 1, D]
@@ -208,7 +234,7 @@ class WanBlock(nn.Module):
         else:
             n, tn = x, tx
         cache_layer = None if ctx.cache is None else ctx.cache.layers[layer]
-        c, tc = self.attn2.cross_attention(n, tn, context, cache_layer, backend=ctx.backend)
+        c, tc = self.attn2.cross_attention(n, tn, context, cache_layer, backend=ctx.backend, image=image)
         x, tx = dual.add(x, tx, c, tc)
 
         xf, txf = _per_frame(x, frames), _per_frame(tx, frames)

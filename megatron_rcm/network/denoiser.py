@@ -8,7 +8,8 @@ Every caller speaks flow-matching time ``s`` in [0, 1] (0 = data, 1 = noise) and
   * the masks: full, block-causal and teacher-forcing masks built once per geometry and cached
     (KV-cached chunks get theirs from the cache inside the model);
   * classifier-free guidance: ``[cond ; uncond]`` in one batched forward, combined for the
-    output and its tangent alike (CFG is linear, so it maps tangents too);
+    output and its tangent alike (CFG is linear, so it maps tangents too); an image context (I2V
+    layout, ``Condition.image``) goes with both branches, as in Wan's image-to-video pipeline;
   * the pipeline-stage broadcast: when the model is split into pipeline stages, the layout installs
     ``model.parallel.share_stage_outputs`` and every output is made available on every stage here
     (the last stage keeps its own, differentiable tensors), so objectives run unchanged on every
@@ -157,9 +158,10 @@ class Denoiser:
         """(v, dv) of latents x at levels s under the ``attend`` mask (full: bidirectional)."""
         mask = self.mask(attend, x)
 
-        def fn(x, t, ctx, actions, tx, tt, it, itt):
+        def fn(x, t, ctx, actions, tx, tt, it, itt, image):
             return self.model.forward_with_tangent(x, t, ctx, tx, tt, mask=mask, actions=actions,
-                                                   frame_offset=frame_offset, interval=it, interval_tangent=itt)
+                                                   frame_offset=frame_offset, interval=it, interval_tangent=itt,
+                                                   image=image)
 
         return self._call(fn, x, s, cond, guidance, tangent, s_tangent, interval, interval_tangent)
 
@@ -175,10 +177,10 @@ class Denoiser:
         clean = context.x.to(noisy.dtype) if context.x.dtype != noisy.dtype else context.x
         clean_t = None if context.s is None else self.wan_time(context.s, noisy)
 
-        def fn(x, t, ctx, actions, tx, tt, it, itt, clean, clean_t):
+        def fn(x, t, ctx, actions, tx, tt, it, itt, image, clean, clean_t):
             return self.model.forward_teacher_forcing(clean, x, t, ctx, mask, tangent=tx, timestep_tangent=tt,
                                                       actions=actions, interval=it, interval_tangent=itt,
-                                                      clean_timestep=clean_t)
+                                                      clean_timestep=clean_t, image=image)
 
         return self._call(fn, noisy, s, cond, guidance, tangent, s_tangent, interval, interval_tangent, clean=clean,
                           clean_t=clean_t)
@@ -197,9 +199,10 @@ class Denoiser:
         ``cond.actions`` are the chunk's own (``Condition.frames``). The cache's guidance applies.
         ``output=False``: the caller discards the output (a pure cache write: no pipeline-stage broadcast).
         """
-        def fn(x, t, ctx, actions, tx, tt, it, itt):
+        def fn(x, t, ctx, actions, tx, tt, it, itt, image):
             return self.model.forward_chunk(x, t, ctx, cache.kv, index, write_cache=write, actions=actions,
-                                            tangent=tx, timestep_tangent=tt, interval=it, interval_tangent=itt)
+                                            tangent=tx, timestep_tangent=tt, interval=it, interval_tangent=itt,
+                                            image=image)
 
         return self._call(fn, x, s, cond, cache.guidance if cache.guided else 1.0, tangent, s_tangent, interval,
                           interval_tangent, share=output, force_guided=cache.guided)
@@ -216,7 +219,8 @@ class Denoiser:
         kw = dict(x=x, t=self.wan_time(s, x), actions=cond.actions, tx=tangent,
                   tt=None if s_tangent is None else self.wan_time(s_tangent, x),
                   it=None if interval is None else self.wan_time(interval, x),
-                  itt=None if interval_tangent is None else self.wan_time(interval_tangent, x), **extra)
+                  itt=None if interval_tangent is None else self.wan_time(interval_tangent, x), image=cond.image,
+                  **extra)
         guided = force_guided or (guidance != 1.0 and cond.uncond is not None)
         ctx = cond.context
         if guided:

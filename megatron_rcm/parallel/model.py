@@ -47,7 +47,8 @@ from .state import ParallelGroups
 
 # parameter-name suffix -> dimension along which tensor parallelism shards it
 _COLUMN = ("to_q.weight", "to_q.bias", "to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias",
-           "norm_q.weight", "norm_k.weight", "ffn.net.0.proj.weight", "ffn.net.0.proj.bias")
+           "norm_q.weight", "norm_k.weight", "ffn.net.0.proj.weight", "ffn.net.0.proj.bias",
+           "add_k_proj.weight", "add_k_proj.bias", "add_v_proj.weight", "add_v_proj.bias", "norm_added_k.weight")
 _ROW = ("to_out.0.weight", "ffn.net.2.weight")
 
 
@@ -238,6 +239,10 @@ def parallelize_model(model: nn.Module, groups: ParallelGroups) -> nn.Module:
                 for lin in (attn.to_q, attn.to_k, attn.to_v):
                     _shard_(lin, "weight", 0, tp, r), _shard_(lin, "bias", 0, tp, r)
                 _shard_(attn.norm_q, "weight", 0, tp, r), _shard_(attn.norm_k, "weight", 0, tp, r)
+                if attn.add_k_proj is not None:  # image-to-video layout: the image K/V heads split like the text's
+                    for lin in (attn.add_k_proj, attn.add_v_proj):
+                        _shard_(lin, "weight", 0, tp, r), _shard_(lin, "bias", 0, tp, r)
+                    _shard_(attn.norm_added_k, "weight", 0, tp, r)
                 _shard_(attn.to_out[0], "weight", 1, tp, r)
                 attn.heads //= tp
             attn.parallel = ctx

@@ -32,9 +32,13 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def make_model(chunk, first=0):
+IMAGE_DIM = 24  # ``image`` kind: the image-to-video layout (image tokens [B, 5, IMAGE_DIM]), teacher-forcing mask
+
+
+def make_model(chunk, first=0, image=False):
     torch.manual_seed(0)
-    cfg = model_preset("tiny", num_layers=2, param_dtype="float64")
+    extra = dict(image_dim=IMAGE_DIM, added_kv_proj_dim=64) if image else {}
+    cfg = model_preset("tiny", num_layers=2, param_dtype="float64", **extra)
     model = build_model(cfg, CausalConfig(chunk_frames=chunk, first_chunk_frames=first, attention_backend="reference"))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -49,7 +53,8 @@ def make_inputs(F=F):
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(clean=r(B, C, F, H, W), x=r(B, C, F, H, W), t=torch.rand(B, F, generator=g, dtype=torch.float64) * 1000,
-                ctx=r(B, 8, 32), dx=r(B, C, F, H, W), dt=r(B, F) * 10, w1=r(B, C, F, H, W), w2=r(B, C, F, H, W))
+                ctx=r(B, 8, 32), dx=r(B, C, F, H, W), dt=r(B, F) * 10, w1=r(B, C, F, H, W), w2=r(B, C, F, H, W),
+                img=r(B, 5, IMAGE_DIM))
 
 
 def run(model, kind, inp, sl):
@@ -65,12 +70,14 @@ def loss_of(y, ty, inp, sl):
 def forward(model, kind, inp, sl):
     s = lambda k: sl(inp[k])  # noqa: E731
     tpf = model.tokens_per_frame(H, W)
+    image = s("img") if model.cfg.image_dim else None
     if kind == "tf":
         mask = teacher_forcing_mask(F, tpf, 1)
-        y, ty = model.forward_teacher_forcing(s("clean"), s("x"), s("t"), s("ctx"), mask, s("dx"), s("dt"))
+        y, ty = model.forward_teacher_forcing(s("clean"), s("x"), s("t"), s("ctx"), mask, s("dx"), s("dt"),
+                                              image=image)
     else:
         mask = block_causal_mask(F, tpf, 1 if kind == "frame" else 2)
-        y, ty = model.forward_with_tangent(s("x"), s("t"), s("ctx"), s("dx"), s("dt"), mask=mask)
+        y, ty = model.forward_with_tangent(s("x"), s("t"), s("ctx"), s("dx"), s("dt"), mask=mask, image=image)
     return y, ty
 
 
@@ -78,9 +85,9 @@ def check(layout, groups, kind, errors):
     """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches."""
     chunk = 2 if kind == "chunk" else 1
     inp = make_inputs()
-    ref = make_model(chunk)
+    ref = make_model(chunk, image=kind == "image")
     par = parallelize_model(copy.deepcopy(ref), groups)
-    mkind = "frame" if kind == "accum" else kind
+    mkind = {"accum": "frame", "image": "tf"}.get(kind, kind)
     y, ty, loss = run(ref, mkind, inp, lambda t: t)
     loss.backward()
     if kind == "accum" or groups.cfg.pp > 1:  # micro-batches of one sample through the (GPipe) schedule

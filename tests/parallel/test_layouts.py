@@ -1,7 +1,8 @@
 """Every parallel layout reproduces the single-process model: output, JVP tangent, loss, gradients
 and parameters after one AdamW step (float64, gloo, 2-4 local processes), for frame-wise,
 chunk-wise and teacher-forcing masks; plus gradient accumulation (``accum``) and KV-cached
-streaming (``cache``) and the sCM objective's loss and gradients (``scm``, teacher with CFG). Layout strings are ``tp x cp x dp [x pp]``. A failure lists layout, mask
+streaming (``cache``), the sCM objective's loss and gradients (``scm``, teacher with CFG) and the
+image-to-video layout (``image``: image tokens through the added cross-attention K/V, teacher forcing). Layout strings are ``tp x cp x dp [x pp]``. A failure lists layout, mask
 and the differing tensor."""
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ MASKS = "frame,chunk,tf"
 
 @pytest.mark.parametrize("nprocs,layout,kinds", [
     (1, "1x1x1", "frame,accum"),  # one process: every hook is a no-op
-    (2, "2x1x1", MASKS + ",scm"),  # TP2 (+ sCM loss)
-    (2, "1x2x1", MASKS + ",accum,cache,cache_first,scm"),  # CP2 (+ grad accumulation, KV cache, sCM)
+    (2, "2x1x1", MASKS + ",scm,image"),  # TP2 (+ sCM loss, I2V layout)
+    (2, "1x2x1", MASKS + ",accum,cache,cache_first,scm,image"),  # CP2 (+ grad accumulation, KV cache, sCM, I2V)
     (2, "1x1x2", MASKS),  # DP2, ZeRO-1 AdamW
     (4, "2x2x1", MASKS + ",accum,cache,cache_first,scm"),  # TP2 x CP2
     (4, "2x1x2", "tf"),  # TP2 x DP2
