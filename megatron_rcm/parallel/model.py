@@ -262,19 +262,23 @@ def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     """Sum gradients over context parallel, average over data parallel: one flat all-reduce per dtype.
 
     Under pipeline parallelism the parameters outside ``blocks`` (on every stage) are then summed
-    over the pipeline group.
+    over the pipeline group. An FSDP2 model (``parallel/fsdp.py``) has reduce-scattered its gradients
+    over data x context ranks in backward already; only the pipeline sum remains, on the shards.
 
     Call once per optimizer step, after all micro-batches' backward (gradient accumulation just lets
     ``.grad`` accumulate; scale each micro-batch loss by 1/num_micro_batches).
     """
+    from .fsdp import is_fsdp
+    from .sharding import local
+
     cfg = groups.cfg
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    if cfg.dp * cfg.cp > 1:
+    if cfg.dp * cfg.cp > 1 and not is_fsdp(model):
         _all_reduce_flat([p.grad for p in model.parameters() if p.requires_grad], groups.dp_cp_group, 1.0 / cfg.dp)
     if cfg.pp > 1:
-        shared = [p.grad for n, p in model.named_parameters() if p.requires_grad and not n.startswith("blocks.")]
+        shared = [local(p.grad) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("blocks.")]
         _all_reduce_flat(shared, groups.pp_group, 1.0)
 
 

@@ -3,8 +3,10 @@
 Every rank builds the same float64 tiny model and inputs from one seed, computes the single-process
 reference (outputs, JVP tangent, loss, gradients, parameters after one optimizer step), then shards a
 copy for the layout and compares each tensor. Mismatches are written to ``$OUT_DIR/rank{r}.json``.
+A layout ending in ``f`` (``1x1x2f``) adds FSDP2 over the data x context ranks (plain AdamW on its shards).
 """
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +20,8 @@ from megatron_rcm.ops.masks import block_causal_mask, teacher_forcing_mask
 from megatron_rcm.parallel import (ParallelConfig, batch_for_rank, destroy_parallel, initialize_parallel,
                                    parallelize_model, pipeline_forward_backward, shard_like, sharded_optimizer,
                                    sync_gradients)
+from megatron_rcm.parallel.fsdp import shard_model
+from megatron_rcm.parallel.sharding import is_fsdp_sharded
 
 B, C, F, H, W = 2, 3, 4, 8, 8
 TOL = 1e-9
@@ -28,6 +32,7 @@ CHECKED = [0]  # comparisons made: a kind that compared nothing is reported as a
 
 def rel(a, b):
     CHECKED[0] += 1
+    a, b = (t.full_tensor() if is_fsdp_sharded(t) else t for t in (a, b))  # FSDP shards -> TP-local tensors
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
@@ -50,6 +55,18 @@ def make_inputs():
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     return dict(clean=r(B, C, F, H, W), x=r(B, C, F, H, W), t=torch.rand(B, F, generator=g, dtype=torch.float64) * 1000,
                 ctx=r(B, 8, 32), dx=r(B, C, F, H, W), dt=r(B, F) * 10, w1=r(B, C, F, H, W), w2=r(B, C, F, H, W))
+
+
+def wrap(model, groups):
+    """The layout's model: TP/CP/PP split, then FSDP2 when the layout asks for it."""
+    model = parallelize_model(model, groups)
+    return shard_model(model, groups, torch.device("cpu")) if groups.cfg.fsdp else model
+
+
+def optimizer(model, groups):
+    if groups.cfg.fsdp:
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return sharded_optimizer(model.parameters(), groups, lr=1e-2)
 
 
 def run(model, kind, inp, sl):
@@ -75,12 +92,15 @@ def forward(model, kind, inp, sl):
 
 
 def check(layout, groups, kind, errors):
-    """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches."""
+    """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches; ``skip`` =
+    tf mask after a grad-enabled forward whose loss was dropped (the trainer's non-finite skip)."""
     chunk = 2 if kind == "chunk" else 1
     inp = make_inputs()
     ref = make_model(chunk)
-    par = parallelize_model(copy.deepcopy(ref), groups)
-    mkind = "frame" if kind == "accum" else kind
+    par = wrap(copy.deepcopy(ref), groups)
+    mkind = {"accum": "frame", "skip": "tf"}.get(kind, kind)
+    if kind == "skip":
+        forward(par, mkind, inp, lambda t: batch_for_rank(t, groups))  # graph dropped, no backward
     y, ty, loss = run(ref, mkind, inp, lambda t: t)
     loss.backward()
     if kind == "accum" or groups.cfg.pp > 1:  # micro-batches of one sample through the (GPipe) schedule
@@ -93,7 +113,8 @@ def check(layout, groups, kind, errors):
             return outs[-1]
 
         ploss = pipeline_forward_backward(par, list(range(B // groups.cfg.dp)), fwd,
-                                          lambda o, m: loss_of(o[0], o[1], inp, micro(m)))
+                                          lambda o, m: loss_of(o[0], o[1], inp, micro(m)),
+                                          schedule=groups.cfg.pp_schedule)
         py = None if outs[0][0] is None else torch.cat([o[0] for o in outs])
         pty = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
     else:
@@ -118,7 +139,7 @@ def check(layout, groups, kind, errors):
         cmp(f"grad of {name}", p.grad, shard_like(name, rp[name].grad, groups))
     # one optimizer step (AdamW, state sharded over data x context parallel)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    popt = sharded_optimizer(par.parameters(), groups, lr=1e-2)
+    popt = optimizer(par, groups)
     ropt.step(), popt.step()
     for name, p in par.named_parameters():
         cmp(f"param after step {name}", p, shard_like(name, rp[name], groups))
@@ -128,7 +149,7 @@ def check_cache(layout, groups, errors):
     """KV-cached chunk-wise streaming (chunk = 2 frames, with tangent) under the layout."""
     inp = make_inputs()
     ref = make_model(2)
-    par = parallelize_model(copy.deepcopy(ref), groups)
+    par = wrap(copy.deepcopy(ref), groups)
     with torch.no_grad():
         for name, model, sl in (("ref", ref, lambda t: t), ("par", par, lambda t: batch_for_rank(t, groups))):
             cache = model.new_kv_cache(H, W)
@@ -159,7 +180,7 @@ def check_scm(layout, groups, errors):
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    par, pteacher = (parallelize_model(copy.deepcopy(m), groups) for m in (ref, teacher))
+    par, pteacher = (wrap(copy.deepcopy(m), groups) for m in (ref, teacher))
     batch = dict(latents=inp["clean"], context=inp["ctx"], uncond_context=0.5 * inp["ctx"])
     cfg = SCMConfig(r_warmup_steps=0, cfg_scale=3.0)
     losses = []
@@ -180,11 +201,12 @@ def check_scm(layout, groups, errors):
 
 def main():
     layout, kinds, out_dir = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
-    tp, cp, dp, pp = (int(v) for v in (layout + "x1").split("x")[:4])
+    fsdp, schedule = layout.endswith("f"), "gpipe" if layout.endswith("g") else "1f1b"
+    tp, cp, dp, pp = (int(v) for v in (layout.rstrip("fg") + "x1").split("x")[:4])
     torch.set_num_threads(1)
     errors = []
     try:
-        groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp))
+        groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp, fsdp=fsdp, pp_schedule=schedule))
         for kind in kinds:
             before = CHECKED[0]
             _run_kind(kind, tp, cp, dp, pp, groups, errors)
@@ -198,9 +220,36 @@ def main():
         json.dump(errors, f)
 
 
+def check_mixed_precision(layout, groups, errors):
+    """FSDP2 with bf16 compute and fp32 reduction vs the fp32 model in one process: output, tangent and
+    gradients within bf16 rounding (3e-2), which a wrong reduction (x2) or a stale weight would exceed."""
+    pgroups = dataclasses.replace(groups, cfg=dataclasses.replace(groups.cfg, fsdp_param_dtype="bfloat16",
+                                                                  fsdp_reduce_dtype="float32"))
+    inp = {k: v.float() for k, v in make_inputs().items()}
+    ref = make_model(1).float()
+    par = wrap(copy.deepcopy(ref), pgroups)
+    y, ty, loss = run(ref, "tf", inp, lambda t: t)
+    loss.backward()
+    py, pty, ploss = run(par, "tf", inp, lambda t: batch_for_rank(t, groups))
+    ploss.backward()
+    sync_gradients(par, groups)
+    rp = dict(ref.named_parameters())
+    checks = [("output", py, batch_for_rank(y, groups)), ("jvp tangent", pty, batch_for_rank(ty, groups))]
+    checks += [(f"grad of {n}", p.grad, shard_like(n, rp[n].grad, groups)) for n, p in par.named_parameters()
+               if rp[n].grad.norm() > 1e-3 * loss.abs()]
+    if py.dtype != torch.bfloat16 or next(par.parameters()).dtype != torch.float32:
+        errors.append(f"layout {layout} bf16: output {py.dtype}, master weights {next(par.parameters()).dtype}")
+    for what, a, b in checks:
+        e = rel(a, b)
+        if not e < 3e-2:
+            errors.append(f"layout {layout} bf16 compute: {what} differs, rel err {e:.3e}")
+
+
 def _run_kind(kind, tp, cp, dp, pp, groups, errors):
-    layout = f"tp{tp}-cp{cp}-dp{dp}-pp{pp}"
-    if kind == "scm":
+    layout = f"tp{tp}-cp{cp}-dp{dp}-pp{pp}" + ("-fsdp" if groups.cfg.fsdp else "")
+    if kind == "mp":
+        check_mixed_precision(layout, groups, errors)
+    elif kind == "scm":
         check_scm(layout, groups, errors)
     elif kind == "cache":
         check_cache(layout, groups, errors)
