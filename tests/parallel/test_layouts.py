@@ -1,8 +1,12 @@
 """Every parallel layout reproduces the single-process model: output, JVP tangent, loss, gradients
 and parameters after one AdamW step (float64, gloo, 2-4 local processes), for frame-wise,
 chunk-wise and teacher-forcing masks; plus gradient accumulation (``accum``) and KV-cached
-streaming (``cache``) and the sCM objective's loss and gradients (``scm``, teacher with CFG). Layout strings are ``tp x cp x dp [x pp]``. A failure lists layout, mask
-and the differing tensor."""
+streaming (``cache``) and the sCM objective's loss and gradients (``scm``, teacher with CFG). Layout strings are
+``tp x cp x dp [x pp]``, with ``f`` appended for FSDP2 over the data x context ranks (``skip``: a
+grad-enabled forward dropped without backward first, as the trainer's non-finite skip does; ``mp``:
+bf16 compute / fp32 reduction against the fp32 model) and ``g`` for the GPipe schedule (default 1F1B).
+FSDP2 composed with TP2 and PP2 runs in the trainer tests. A failure lists layout, mask and the
+differing tensor."""
 import sys
 from pathlib import Path
 
@@ -27,8 +31,11 @@ MASKS = "frame,chunk,tf"
     (4, "1x2x1x2", "tf"),  # CP2 x PP2
     (4, "1x1x2x2", "frame"),  # DP2 x PP2
     (8, "2x2x1x2", "tf"),  # TP2 x CP2 x PP2 (issue 8's 3-D layout, on CPU)
+    (2, "1x1x2f", MASKS + ",accum,cache,skip,mp"),  # FSDP2 over DP2
+    (2, "1x2x1f", "tf,cache,scm"),  # FSDP2 over the context ranks (gradients summed, not averaged)
+    (2, "1x1x1x2g", "tf"),  # PP2 under GPipe
 ], ids=["single", "tp2", "cp2", "dp2", "tp2-cp2", "tp2-dp2", "cp2-dp2", "pp2", "tp2-pp2", "cp2-pp2", "dp2-pp2",
-        "tp2-cp2-pp2"])
+        "tp2-cp2-pp2", "fsdp-dp2", "fsdp-cp2", "pp2-gpipe"])
 def test_layout_matches_single_process(nprocs, layout, kinds):
     errors = launch("_worker.py", nprocs, [layout, kinds], timeout=150)
     assert not errors, f"layout tp x cp x dp [x pp] = {layout}:\n" + "\n".join(errors[:30])
