@@ -86,3 +86,12 @@ def validate_parallel(par: ParallelConfig, model_cfg, num_frames: int | None = N
     if chunk_frames is not None and chunk_frames % par.cp:
         raise ConfigError("parallel.cp", par.cp, f"a divisor of causal.chunk_frames = {chunk_frames} "
                           "(a KV-cached chunk is split by frames over the context-parallel ranks)")
+
+
+def validate_teacher_layout(par: ParallelConfig, teacher_cfg, key: str) -> None:
+    """A frozen teacher of its own size (``teacher_from: diffusers:DIR``) is split like the student:
+    its heads, FFN and layers must divide too; the error names the layout key and the teacher (``key``)."""
+    try:
+        validate_parallel(par, teacher_cfg)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.value, f"{e.allowed} of the teacher of {key} (its own architecture)") from None

@@ -156,9 +156,8 @@ class Trainer:
         """Before any training: every diffusers folder the remaining phases read fits the run: an ``init_from``
         folder matches the run's model, a ``teacher_from`` folder shares what a teacher exchanges with the
         student, and its own architecture splits under the run's layout."""
-        from ..config.errors import ConfigError
         from ..convert.into_run import check_diffusers_source
-        from ..parallel.config import validate_parallel
+        from ..parallel.config import validate_teacher_layout
 
         for phase in self.cfg.phases[start_phase:]:
             if phase.init_from.startswith("diffusers:"):
@@ -166,11 +165,7 @@ class Trainer:
             if phase.teacher_from.startswith("diffusers:"):
                 teacher = self.teacher_config(phase.teacher_from)
                 if self.par.groups is not None:
-                    try:
-                        validate_parallel(self.par.groups.cfg, teacher)
-                    except ConfigError as e:
-                        raise ConfigError(e.key, e.value, f"{e.allowed} of the teacher "
-                                          f"{self._phase_key(phase, 'teacher_from')} = {phase.teacher_from}") from None
+                    validate_teacher_layout(self.par.groups.cfg, teacher, self._phase_key(phase, "teacher_from"))
 
     # ------------------------------------------------------------------ data
     def make_data(self, phase: PhaseConfig):

@@ -170,8 +170,9 @@ def test_fsdp_data_parallel_training_and_resumes_across_layouts(config_all, sing
     """FSDP2 over DP2 with activation checkpointing (the rollout's checkpointed cached passes too) equals one
     process; its mid-phase checkpoint (sharded weights, EMA, critic and their AdamW states) resumes under TP2
     (ZeRO-1 optimizer layout), and a one-process checkpoint resumes under FSDP2."""
-    out = tmp_path / "fsdp_dp2"
-    fsdp_dp2 = ("parallel.dp=2", *FSDP, "train.activation_checkpointing=true", "train.checkpoint_layers=1")
+    out = tmp_path / "fsdp_dp2"  # (the frozen teacher replicated here; sharded in the tests below)
+    fsdp_dp2 = ("parallel.dp=2", *FSDP, "parallel.fsdp_teacher=replicate", "train.activation_checkpointing=true",
+                "train.checkpoint_layers=1")
     _train(config_all, out, 2, *fsdp_dp2)
     assert json.loads((out / "checkpoints" / "step_00000001" / "meta.json").read_text())["layout"]["fsdp"]
     assert_same_weights(single_all, out, ALL_PHASES)
@@ -218,6 +219,20 @@ def test_fsdp_composes_with_tensor_and_pipeline_parallel(config_sf, single_sf, t
     _drop(out, 2 * len(SF_PHASES), phase=SF_PHASES[-1])
     _train(config_sf, out, 1)
     assert_same_weights(single_sf, out, SF_PHASES)
+
+
+def test_fsdp_shards_a_diffusers_teacher_of_its_own_size(tmp_path):
+    """SF-DMD from a diffusers teacher wider and deeper than the student: teacher and critic are built and
+    FSDP2-sharded with the folder's sizes; DP2 equals one process."""
+    from fixtures.tiny_wan_pipeline import WIDE_TEACHER, save_transformer_folder
+
+    wide = save_transformer_folder(tmp_path / "wide", **WIDE_TEACHER)
+    config = tmp_path / "wide.yaml"
+    config.write_text("phases:\n" + _phase("dmd", "dmd", "sf_dmd", False, {**FAST_ARGS["dmd"], "score_mask": "full"})
+                      .replace("}\n", f', teacher_from: "diffusers:{wide}"}}\n'))
+    _train(config, tmp_path / "single", 1)
+    _train(config, tmp_path / "fsdp", 2, "parallel.dp=2", *FSDP)
+    assert_same_weights(tmp_path / "single", tmp_path / "fsdp", ["dmd"])
 
 
 def test_one_f_one_b_with_micro_batches_matches_one_process(config, tmp_path):
