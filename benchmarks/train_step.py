@@ -162,6 +162,26 @@ def run(args, kind: str, device) -> dict:
             "device": name, "torch": torch.__version__}
 
 
+def planned_gib(args, kind: str) -> float:
+    """The memory planner's peak for exactly this benchmark's step (megatron_rcm/training/memory_plan.py): fp32
+    student + fused AdamW, bf16 frozen teacher, fp32 critic + foreach AdamW (SF-DMD), bf16 autocast (the critic
+    step too), gradients zeroed right after the student's step, no EMA, one GPU. Printed next to the measured peak (the planner's target: within 15%)."""
+    from dataclasses import replace
+
+    from megatron_rcm.config.model import model_preset
+    from megatron_rcm.parallel.config import ParallelConfig
+    from megatron_rcm.training import memory_plan as mp
+
+    cfg = model_preset("wan2.1-1.3b", num_layers=args.layers)
+    geo = mp.Geometry(args.frames, (args.height // 2) * (args.width // 2), args.chunk_frames, 512)
+    shape = mp.PHASE_CALLS[kind]
+    plan = mp.plan_phase(kind, kind, shape, cfg, replace(cfg, param_dtype="bfloat16"), ParallelConfig(dp=1), geo,
+                         args.batch, precision="bf16", compiled=args.compile, checkpointing=args.checkpointing,
+                         checkpoint_layers=args.checkpoint_layers, critic_in_autocast=True, ema=False,
+                         fused_adam=(True, False), grads_live_in_critic_step=False, critic_cfg=cfg)
+    return plan.peak / mp.GIB
+
+
 def ckpt_label(r) -> str:
     if not r["checkpointing"]:
         return "off"
@@ -200,7 +220,20 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last rep and print its N most expensive GPU kernels")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
+    ap.add_argument("--plan", action="store_true",
+                    help="also print the memory planner's estimate of the peak (megatron-rcm info --gpus) and the "
+                    "relative difference to the measured one")
+    ap.add_argument("--plan-only", action="store_true", help="print the planner's estimates without running (no GPU)")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        print("| step | act. ckpt | elementwise | layers | planned peak GiB |")
+        print("|---|---|---|---|---|")
+        for kind in args.kinds.split(","):
+            label = "off" if not args.checkpointing else (
+                f"first {args.checkpoint_layers}" if 0 < args.checkpoint_layers < args.layers else "on")
+            print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {label} | {'compiled' if args.compile else 'eager'} "
+                  f"| {args.layers} | {planned_gib(args, kind):.1f} |")
+        return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA GPU (--device cpu: smoke check only)")
@@ -211,16 +244,21 @@ def main(argv=None):
 
     like = torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16)
     used = resolve_backend(args.attention, like).name
+    plan_cols = " planned GiB | plan vs peak |" if args.plan else ""
     print("| step | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | "
-          "TFLOP/step | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "TFLOP/step | MFU | peak GiB |" + plan_cols)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.plan else ""))
     for kind in args.kinds.split(","):
         r = run(args, kind, device)
         r["attention"] = used
+        if args.plan:
+            r["planned_gib"] = planned_gib(args, kind)
         print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {used} | {ckpt_label(r)} | "
               f"{'compiled' if args.compile else 'eager'} | "
               f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |", flush=True)
+              f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |" +
+              (f" {r['planned_gib']:.1f} | {100 * (r['planned_gib'] / r['peak_gib'] - 1):+.0f}% |" if args.plan else ""),
+              flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -73,8 +73,12 @@ def teacher_model_config(spec: str, run_model_cfg, key: str):
     compared key), the run's settings otherwise (parameter dtype, text length, zero-init extras)."""
     folder, folder_cfg = _checked_config(spec, run_model_cfg, key, teacher=True)
     same = not config_differences(folder_cfg, run_model_cfg)
-    return dataclasses.replace(run_model_cfg, **{k: getattr(folder_cfg, k) for k in COMPARED},
-                               preset=run_model_cfg.preset if same else f"diffusers:{folder}")
+    return with_architecture(run_model_cfg, folder_cfg, run_model_cfg.preset if same else f"diffusers:{folder}")
+
+
+def with_architecture(run_model_cfg, arch_cfg, preset: str):
+    """``run_model_cfg`` with every architecture key (``COMPARED``) taken from ``arch_cfg``."""
+    return dataclasses.replace(run_model_cfg, **{k: getattr(arch_cfg, k) for k in COMPARED}, preset=preset)
 
 
 def load_diffusers_into(model, spec: str, key: str):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import dual
 from . import comm
 from .config import validate_parallel
 from .state import ParallelGroups
@@ -157,12 +158,15 @@ class ParallelContext:
         return tuple(comm.unpack(comm.copy_to(packed, self.tp_group), present))
 
     def row_linear(self, x, tx, weight, bias):
+        """Row-parallel linear: partial sums all-reduced, the bias added once after, in the output's dtype
+        (as ``F.linear`` under autocast, so a TP model computes in the dtypes of the single-process one)."""
+        if self.tp == 1:
+            return dual.linear(x, tx, weight, bias)
         y = F.linear(x, weight)
         ty = None if tx is None else F.linear(tx, weight)
-        if self.tp > 1:
-            packed, present = comm.pack(y, ty)
-            y, ty = comm.unpack(comm.reduce_from(packed, self.tp_group), present)
-        return (y if bias is None else y + bias), ty
+        packed, present = comm.pack(y, ty)
+        y, ty = comm.unpack(comm.reduce_from(packed, self.tp_group), present)
+        return (y if bias is None else y + bias.to(y.dtype)), ty
 
     # ---------------------------------------------------------------- context parallel
     def seq_to_heads(self, *ts):

@@ -245,10 +245,58 @@ def check_mixed_precision(layout, groups, errors):
             errors.append(f"layout {layout} bf16 compute: {what} differs, rel err {e:.3e}")
 
 
+def check_plan(layout, groups, errors):
+    """The memory planner on this layout: parameters held by this rank exactly (the planner reports the heaviest
+    rank: pipeline stage 0, FSDP rank 0), and one block's saved activations exactly (bf16 autocast, memory-lean
+    attention; not under FSDP, whose unsharded weights are freed after each unit but still referenced)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from flash_like_attention import register
+
+    from megatron_rcm.parallel.sharding import local
+    from megatron_rcm.training import memory_plan as mp
+
+    CHECKED[0] += 1
+    par = groups.cfg
+    model = wrap(make_model(1), groups)
+    held = sum(local(p).numel() for p in model.parameters())
+    plan = mp.param_counts(model.cfg, par, par.fsdp).local
+    heaviest = groups.pp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
+    if (held != plan) if heaviest else held > plan:
+        errors.append(f"layout {layout} plan: this rank holds {held} parameters, the planner says {plan}")
+    if par.fsdp or par.pp > 1:
+        return
+    backend = register()
+    inp = make_inputs()
+    saved = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        cfg = model_preset("tiny", num_layers=layers)
+        m = wrap(build_model(cfg, CausalConfig(chunk_frames=1, attention_backend=backend)), groups)
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        sl = lambda t: batch_for_rank(t, groups).float()  # noqa: E731
+        mask = teacher_forcing_mask(F, m.tokens_per_frame(H, W), 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.forward_teacher_forcing(sl(inp["clean"]), sl(inp["x"]), sl(inp["t"]), sl(inp["ctx"]), mask)
+        saved.append(sum(seen.values()))
+    tokens = 2 * F * model.tokens_per_frame(H, W)
+    want = mp.block_saved(cfg, par, tokens, B // par.dp, mp.Compute(2, autocast_copies=True), 2 * F, inp["ctx"].shape[1])
+    if saved[1] - saved[0] != want:
+        errors.append(f"layout {layout} plan: one block keeps {saved[1] - saved[0]} bytes, the planner says {want}")
+
+
 def _run_kind(kind, tp, cp, dp, pp, groups, errors):
     layout = f"tp{tp}-cp{cp}-dp{dp}-pp{pp}" + ("-fsdp" if groups.cfg.fsdp else "")
     if kind == "mp":
         check_mixed_precision(layout, groups, errors)
+    elif kind == "plan":
+        check_plan(layout, groups, errors)
     elif kind == "scm":
         check_scm(layout, groups, errors)
     elif kind == "cache":
