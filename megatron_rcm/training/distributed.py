@@ -13,7 +13,9 @@ Decisions (README "Parallelism"):
   exactly the single-process noise; ``train.grad_accum`` micro-batches rewind the RNG so they too
   see the whole batch's noise;
 - rank 0 alone logs, writes phase outputs (full weights gathered from the shards) and runs the
-  end-of-phase evaluation on full, unwrapped models; the others wait at a barrier.
+  end-of-phase evaluation on full, unwrapped models; the others wait at a barrier;
+- models: TP/CP/PP split for every model, then FSDP2 (``parallel.fsdp``) for student, EMA and critic
+  and, unless ``parallel.fsdp_teacher: replicate``, the frozen teacher (:meth:`TrainerParallel.wrap`).
 """
 from __future__ import annotations
 
