@@ -189,7 +189,8 @@ def run(args, kind: str, device) -> dict:
 def planned_gib(args, kind: str) -> float:
     """The memory planner's peak for exactly this benchmark's step (megatron_rcm/training/memory_plan.py): fp32
     student + fused AdamW, bf16 frozen teacher, fp32 critic + foreach AdamW (SF-DMD), bf16 autocast (the critic
-    step too), gradients zeroed right after the student's step, no EMA, one GPU. Printed next to the measured peak (the planner's target: within 15%)."""
+    step too), gradients zeroed right after the student's step, no EMA, one GPU. Printed next to the measured
+    peak (the planner's target: within 15%)."""
     from dataclasses import replace
 
     from megatron_rcm.config.model import model_preset

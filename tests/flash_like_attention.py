@@ -32,11 +32,13 @@ class _FlashLike(torch.autograd.Function):
         for start in range(0, q.shape[1], BLOCK):
             rows = slice(start, min(start + BLOCK, q.shape[1]))
             with torch.enable_grad():
-                qb, kk, vv = q[:, rows].detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()
+                qb = q[:, rows].detach().requires_grad_()
+                kk, vv = k.detach().requires_grad_(), v.detach().requires_grad_()
                 s = torch.einsum("bqhd,bkhd->bhqk", qb, kk) * ctx.scale
                 if ctx.mask is not None:
                     s = s.masked_fill(~ctx.mask.dense(rows).to(s.device), float("-inf"))
-                p = torch.exp(s.float() - lse[:, :, rows, None]).nan_to_num(0.0).to(vv.dtype)  # the saved normaliser, as flash does
+                # the saved normaliser, as flash attention does
+                p = torch.exp(s.float() - lse[:, :, rows, None]).nan_to_num(0.0).to(vv.dtype)
                 ob = torch.einsum("bhqk,bkhd->bqhd", p, vv)
                 g = torch.autograd.grad(ob, (qb, kk, vv), go[:, rows])
             dq[:, rows] += g[0]

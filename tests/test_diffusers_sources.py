@@ -176,7 +176,8 @@ def test_a_diffusers_teacher_keeps_its_own_size(tmp_path, capsys):
 
     wide = save_transformer_folder(tmp_path / "wide", **WIDE_TEACHER)
     yaml = tmp_path / "run.yaml"
-    yaml.write_text(f'phases:\n  - {{name: d, kind: sf_dmd, objective: dmd, steps: 1, teacher_from: "diffusers:{wide}", '
+    yaml.write_text('phases:\n  - {name: d, kind: sf_dmd, objective: dmd, steps: 1, '
+                    f'teacher_from: "diffusers:{wide}", '
                     'objective_args: {score_mask: full, critic_lr: 1.0e-3, rollout: {denoising_steps: [1000, 500]}}}\n')
     args = ["model.num_layers=2", "data.height=8", "data.width=8", "data.num_frames=4", "data.batch_size=1",
             "causal.chunk_frames=2", "eval.at_phase_end=false", "train.checkpoint_every=0"]

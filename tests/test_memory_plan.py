@@ -18,7 +18,7 @@ from flash_like_attention import register
 from megatron_rcm.cli import main
 from megatron_rcm.config.model import CausalConfig, model_preset
 from megatron_rcm.models import build_model
-from megatron_rcm.network import Condition, Denoiser, StepContext, TrainedSideModel
+from megatron_rcm.network import Denoiser, StepContext, TrainedSideModel
 from megatron_rcm.parallel.config import ParallelConfig
 from megatron_rcm.training import memory_plan as mp
 
@@ -162,7 +162,8 @@ def test_info_prints_the_plan_and_warns_when_it_does_not_fit(tmp_path, capsys):
     assert main(["info", str(example), "--gpus", "8", "parallel.fsdp=true", *plan]) == 0
     out = capsys.readouterr().out
     assert "memory plan per GPU: 8 GPUs, tp 1 x cp 1 x pp 1 x dp 8 (FSDP2)" in out
-    for row in ("| causal_teacher | teacher | student |", "| sf_dmd | sf_dmd | critic |", "| tf_scm | tf_cm | teacher |"):
+    rows = ("| causal_teacher | teacher | student |", "| sf_dmd | sf_dmd | critic |", "| tf_scm | tf_cm | teacher |")
+    for row in rows:
         assert row in out, out
     assert "warning" not in out
     assert "| sf_dmd | sf_dmd | teacher | 1.787 B |" in out  # the 14B teacher (14.3 B), sharded over 8 GPUs

@@ -64,11 +64,6 @@ class TensorLayout:
             shape[d] *= self.tp
         return Placement(d, is_fsdp_sharded(t), tuple(shape))
 
-    def global_numel_share(self, name: str, t: torch.Tensor, tp_sharded: bool = True) -> bool:
-        """Whether this rank's ``local(t)`` is a disjoint piece of the tensor (sum its squares over the shards)."""
-        p = self.placement(name, t, tp_sharded)
-        return p.fsdp or p.tp_dim is not None
-
     # ---------------------------------------------------------------- DCP descriptions
     def describe(self, local_cpu: torch.Tensor, placement: Placement):
         """``local_cpu`` (this rank's piece, on CPU) as a DTensor of the global tensor, or itself if whole."""

@@ -19,7 +19,8 @@ as a DTensor of its global tensor by :class:`~megatron_rcm.parallel.sharding.Ten
 tensor over the data x context group), everything else a plain tensor. Optimizer state is saved PER
 PARAMETER, keyed like it (``<optim>.state.<param name>.<key>``, same sharding as the parameter) by the
 rank whose ZeRO-1 partition holds it (every rank, for its FSDP shards), so it reshards like the
-weights whatever the new layout is: FSDP2 <-> ZeRO-1 <-> TP / PP <-> one process. Beside DCP's files (``__<rank>_0.distcp``,
+weights whatever the new layout is: FSDP2 <-> ZeRO-1 <-> TP / PP <-> one process. Beside DCP's files
+(``__<rank>_0.distcp``,
 ``.metadata``): ``shared.pt`` (rank 0: scheduler, counters, optimizer hyper-parameters),
 ``rank_<r>.pt`` (per rank: RNG, data position; given back only under the same layout) and
 ``meta.json`` (layout, model config). Atomicity, manifest (sizes + sha256), ``latest``, keep-N and

@@ -19,7 +19,8 @@ from megatron_rcm.config.model import CausalConfig, model_preset
 from megatron_rcm.models import build_model
 from megatron_rcm.ops import fusion
 from megatron_rcm.ops.masks import teacher_forcing_mask
-from megatron_rcm.parallel import ParallelConfig, batch_for_rank, destroy_parallel, initialize_parallel, parallelize_model
+from megatron_rcm.parallel import (ParallelConfig, batch_for_rank, destroy_parallel, initialize_parallel,
+                                   parallelize_model)
 from megatron_rcm.parallel.fsdp import shard_model
 
 B, C, F, H, W = 4, 3, 4, 16, 16
@@ -57,7 +58,8 @@ def main():
         inp = dict(clean=r(B, C, F, H, W), x=r(B, C, F, H, W), t=(torch.rand(B, F, generator=g) * 1000).to(dev),
                    ctx=r(B, 8, 32), dx=r(B, C, F, H, W), dt=r(B, F), w=r(B, C, F, H, W))
         torch.manual_seed(0)
-        ref = build_model(model_preset("tiny", num_layers=2), CausalConfig(chunk_frames=1, attention_backend="sdpa")).to(dev)
+        causal = CausalConfig(chunk_frames=1, attention_backend="sdpa")
+        ref = build_model(model_preset("tiny", num_layers=2), causal).to(dev)
         y, ty = run(ref, inp, lambda t: t)
         whole = lambda t: batch_for_rank(t, groups)  # noqa: E731
         for dtype, backend, tol in (("", "sdpa", 1e-4), ("bfloat16", "auto", 3e-2)):
@@ -68,7 +70,8 @@ def main():
             model = shard_model(parallelize_model(model, groups), dataclasses.replace(groups, cfg=cfg), dev)
             py, pty = run(model, inp, whole)
             checks = [("output", py, whole(y)), ("jvp tangent", pty, whole(ty))]
-            grads = [(n, p.grad.full_tensor(), dict(ref.named_parameters())[n].grad) for n, p in model.named_parameters()]
+            rp = dict(ref.named_parameters())
+            grads = [(n, p.grad.full_tensor(), rp[n].grad) for n, p in model.named_parameters()]
             if dtype:  # bf16: the whole gradient (single small tensors carry bf16 noise of their own size)
                 checks.append(("gradient", torch.cat([a.flatten() for _, a, _ in grads]),
                                torch.cat([b.flatten() for _, _, b in grads])))

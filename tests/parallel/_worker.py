@@ -286,7 +286,8 @@ def check_plan(layout, groups, errors):
             m.forward_teacher_forcing(sl(inp["clean"]), sl(inp["x"]), sl(inp["t"]), sl(inp["ctx"]), mask)
         saved.append(sum(seen.values()))
     tokens = 2 * F * model.tokens_per_frame(H, W)
-    want = mp.block_saved(cfg, par, tokens, B // par.dp, mp.Compute(2, autocast_copies=True), 2 * F, inp["ctx"].shape[1])
+    comp = mp.Compute(2, autocast_copies=True)
+    want = mp.block_saved(cfg, par, tokens, B // par.dp, comp, 2 * F, inp["ctx"].shape[1])
     if saved[1] - saved[0] != want:
         errors.append(f"layout {layout} plan: one block keeps {saved[1] - saved[0]} bytes, the planner says {want}")
 

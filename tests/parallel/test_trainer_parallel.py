@@ -157,7 +157,8 @@ def _drop(out: Path, *steps: int, phase: str | None = None):
 
 def _train(config, out, nprocs, *extra):
     if nprocs == 1:
-        Trainer(load_config(config, ARGS + [f"output_dir={out}", *extra]), logger=RunLogger(out, tensorboard=False)).run()
+        cfg = load_config(config, ARGS + [f"output_dir={out}", *extra])
+        Trainer(cfg, logger=RunLogger(out, tensorboard=False)).run()
         return
     errors = launch("_train_rank.py", nprocs, [str(config), *ARGS, f"output_dir={out}", *extra], timeout=300)
     assert not errors, "\n".join(errors)
@@ -177,6 +178,13 @@ def test_fsdp_data_parallel_training_and_resumes_across_layouts(config_all, sing
     assert json.loads((out / "checkpoints" / "step_00000001" / "meta.json").read_text())["layout"]["fsdp"]
     assert_same_weights(single_all, out, ALL_PHASES)
     last, n = ALL_PHASES[-1], 2 * len(ALL_PHASES)  # the last phase's checkpoints: steps n - 1 (mid), n (end)
+    # the FSDP2 shards read back whole in one process (what `convert --to-diffusers` reads; its export of an
+    # FSDP2 checkpoint is checked in test_dist_checkpoint.py: these interval models refuse the export)
+    from megatron_rcm.training.dist_checkpoint import read_full_tensors
+
+    ema = load_file(str(out / "phases" / last / "ema.safetensors"))
+    whole = read_full_tensors(out / "checkpoints", "ema")
+    assert whole.keys() == ema.keys() and all(torch.equal(whole[k], ema[k]) for k in ema)
     _drop(out, n, phase=last)
     _train(config_all, out, 2, "parallel.tp=2")  # FSDP2 DP2 -> TP2
     assert_same_weights(single_all, out, ALL_PHASES)
@@ -240,7 +248,8 @@ def test_one_f_one_b_with_micro_batches_matches_one_process(config, tmp_path):
     checked in test_layouts.py)."""
     ref, out = tmp_path / "single", tmp_path / "1f1b"
     _train(config, ref, 1, "train.checkpoint_every=0")
-    _train(config, out, 2, "parallel.pp=2", "train.grad_accum=2", "parallel.pp_schedule=1f1b", "train.checkpoint_every=0")
+    _train(config, out, 2, "parallel.pp=2", "train.grad_accum=2", "parallel.pp_schedule=1f1b",
+           "train.checkpoint_every=0")
     assert_same_weights(ref, out, TF_PHASES)
 
 
