@@ -34,6 +34,8 @@ def _cmd_info(args) -> int:
     if args.gpus is not None:
         from .training.memory_plan import format_plan, plan_run
 
+        if args.gpus < 1:
+            raise ConfigError("--gpus", args.gpus, "the number of GPUs, >= 1")
         teachers = _teacher_architectures(cfg, args.teacher_preset)
         print()
         print(format_plan(plan_run(cfg, args.gpus, teachers), cfg.parallel.resolved(args.gpus), args.gpus,

@@ -174,3 +174,6 @@ def test_info_prints_the_plan_and_warns_when_it_does_not_fit(tmp_path, capsys):
     assert main(["info", str(example), "--gpus", "6", "parallel.tp=4", *plan]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config key 'parallel.tp*cp*pp'") and err.count("\n") == 1
+    assert main(["info", str(example), "--gpus", "3", "parallel.cp=3", *plan]) == 2  # 1.3B: 12 heads, 14B: 40
+    err = capsys.readouterr().err
+    assert "num_attention_heads = 40" in err and "phases.2.teacher_from" in err and err.count("\n") == 1

@@ -364,9 +364,13 @@ def plan_run(cfg, gpus: int, teacher_configs: dict[str, ModelConfig] | None = No
     ``teacher_configs``: the architecture of each ``teacher_from`` source (diffusers teachers keep their own);
     missing sources use the run's model."""
     from ..config.run import validate_run_parallel
+    from ..parallel.config import validate_teacher_layout
 
     validate_run_parallel(cfg, world_size=gpus)
     par = cfg.parallel.resolved(gpus)
+    for i, phase in enumerate(cfg.phases):
+        if phase.teacher_from in (teacher_configs or {}):
+            validate_teacher_layout(par, teacher_configs[phase.teacher_from], f"phases.{i}.teacher_from")
     m, data = cfg.model, cfg.data
     pt, ph, pw = (int(v) for v in m.patch_size)
     geo = Geometry(data.num_frames // pt, (data.height // ph) * (data.width // pw), cfg.causal.chunk_frames,
