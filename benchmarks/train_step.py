@@ -4,6 +4,9 @@
     python benchmarks/train_step.py --attention reference --layers 4  # the reference JVP path
     python benchmarks/train_step.py --no-checkpointing --layers 10
     python benchmarks/train_step.py --kinds dmd --replayed           # SF-DMD with replayed backprop (peak memory)
+    python benchmarks/train_step.py --parallel fsdp                 # FSDP2 of size 1 (its overhead vs plain)
+    torchrun --nproc_per_node=2 benchmarks/train_step.py --parallel fsdp    # DP2: FSDP2 vs
+    torchrun --nproc_per_node=2 benchmarks/train_step.py --parallel zero1   #      ZeRO-1 (batch per GPU)
 
 Reports per step: time (median after one warm-up), tokens/s (video tokens of the batch / step time), model
 FLOPs and MFU against the bf16 dense peak, and peak memory. FLOPs are counted per network call while the
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import time
 
@@ -53,6 +57,7 @@ class FlopCounter:
             len(model.blocks)
         self.d = self.h * self.hd
         self._inner = model.forward_segments
+        self._own = "forward_segments" in vars(model)  # FSDP2 registers its unsharding wrapper on the instance
 
     def __enter__(self):
         def counted(segments, context, mask=None, *a, **kw):
@@ -62,7 +67,10 @@ class FlopCounter:
         return self
 
     def __exit__(self, *exc):
-        del self.model.forward_segments
+        if self._own:
+            self.model.forward_segments = self._inner
+        else:
+            del self.model.forward_segments
 
     def price(self, segments, mask, cache):
         b = segments[0].latents.shape[0]
@@ -102,25 +110,40 @@ def build(args, device):
 
 
 def run(args, kind: str, device) -> dict:
-    from megatron_rcm.network import Denoiser, StepContext, TrainedSideModel
+    from megatron_rcm.network import BatchNoise, Denoiser, StepContext, TrainedSideModel
     from megatron_rcm.objectives.dmd import DMDConfig, SelfForcingDMD
     from megatron_rcm.objectives.scm import SCMConfig, SCMObjective
     from megatron_rcm.selfforcing.rollout import RolloutConfig
 
     student, teacher, batch = build(args, device)
-    net, at = Denoiser(student), StepContext(1)
+    critic = None
+    if kind == "dmd":
+        critic = copy.deepcopy(student)  # (before any sharding: sharded models do not deep-copy)
+        critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
+    par = data_parallel(args, device)
+    if par is not None:
+        student = par.wrap(student, "student")
+        critic = critic if critic is None else par.wrap(critic, "critic")
+    net, at = Denoiser(student), StepContext(1, par.batch_noise() if par is not None else BatchNoise())
     if kind == "scm":
         obj = SCMObjective(Denoiser(teacher), SCMConfig(cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
-        critic = None
     else:
         critic = copy.deepcopy(student)
         critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
         rollout = RolloutConfig(denoising_steps=[1000.0, 500.0], last_step_only=True,  # the same graph every rep
                                 replayed_backprop=args.replayed)
         cfg = DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6, rollout=rollout)
-        obj = SelfForcingDMD(Denoiser(teacher), cfg, TrainedSideModel.local(critic, cfg.critic_lr, cfg.critic_betas,
-                                                                           grad_clip=cfg.critic_grad_clip))
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=device.type == "cuda")
+        if par is None:
+            side = TrainedSideModel.local(critic, cfg.critic_lr, cfg.critic_betas, grad_clip=cfg.critic_grad_clip)
+        else:
+            side = TrainedSideModel(critic, par.optimizers(list(critic.parameters()), [], lr=cfg.critic_lr,
+                                                           betas=cfg.critic_betas)[0], cfg.critic_grad_clip,
+                                    backward=par.side_backward, sync_and_clip=par.sync_and_clip)
+        obj = SelfForcingDMD(Denoiser(teacher), cfg, side)
+    if par is None:
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=device.type == "cuda")
+    else:
+        opt = par.optimizers(list(student.parameters()), [], lr=1e-7)[0]
     counters = [FlopCounter(m, 512) for m in (student, teacher, critic) if m is not None]
     times, flops = [], []
     cuda = device.type == "cuda"
@@ -141,6 +164,8 @@ def run(args, kind: str, device) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss, _ = obj.loss(net, batch, at)
             loss.backward()
+            if par is not None:
+                par.sync_and_clip(student, float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if kind == "dmd":
@@ -155,7 +180,9 @@ def run(args, kind: str, device) -> dict:
     step = statistics.median(times)
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    return {"kind": kind, "attention": args.attention, "checkpointing": args.checkpointing, "replayed": args.replayed,
+    return {"kind": kind, "attention": args.attention, "parallel": args.parallel,
+            "world": par.world_size if par is not None else 1, "checkpointing": args.checkpointing,
+            "replayed": args.replayed,
             "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
@@ -163,6 +190,49 @@ def run(args, kind: str, device) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "calls": {n: c.calls[-200:] for n, c in zip(("student", "teacher", "critic"), counters)},
             "device": name, "torch": torch.__version__}
+
+
+def planned_gib(args, kind: str) -> float:
+    """The memory planner's peak for exactly this benchmark's step (megatron_rcm/training/memory_plan.py): fp32
+    student + fused AdamW, bf16 frozen teacher, fp32 critic + foreach AdamW (SF-DMD), bf16 autocast (the critic
+    step too), gradients zeroed right after the student's step, no EMA, one GPU. Printed next to the measured
+    peak (the planner's target: within 15%)."""
+    from dataclasses import replace
+
+    from megatron_rcm.config.model import model_preset
+    from megatron_rcm.parallel.config import ParallelConfig
+    from megatron_rcm.training import memory_plan as mp
+
+    cfg = model_preset("wan2.1-1.3b", num_layers=args.layers)
+    geo = mp.Geometry(args.frames, (args.height // 2) * (args.width // 2), args.chunk_frames, 512)
+    shape = mp.PHASE_CALLS[kind]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = ParallelConfig(dp=world if args.parallel != "none" else 1, fsdp=args.parallel == "fsdp",
+                            fsdp_teacher="replicate", fsdp_param_dtype=args.fsdp_param_dtype,
+                            fsdp_reduce_dtype="float32" if args.fsdp_param_dtype else "")
+    plan = mp.plan_phase(kind, kind, shape, cfg, replace(cfg, param_dtype="bfloat16"), layout, geo,
+                         args.batch, precision="bf16", compiled=args.compile, checkpointing=args.checkpointing,
+                         checkpoint_layers=args.checkpoint_layers, critic_in_autocast=True, ema=False,
+                         fused_adam=(True, False), grads_live_in_critic_step=False, critic_cfg=cfg)
+    return plan.peak / mp.GIB
+
+
+_PARALLEL = []
+
+
+def data_parallel(args, device):
+    """``--parallel fsdp|zero1``: the trainer's layout object over all ranks as data parallel (torchrun, or one
+    process as a world of 1: FSDP2 of size 1), created once; None for the plain single-GPU step."""
+    if args.parallel == "none":
+        return None
+    if not _PARALLEL:
+        from megatron_rcm.parallel import ParallelConfig, initialize_parallel
+        from megatron_rcm.training.distributed import TrainerParallel
+
+        cfg = ParallelConfig(dp=-1, fsdp=args.parallel == "fsdp", fsdp_param_dtype=args.fsdp_param_dtype,
+                             fsdp_reduce_dtype="float32" if args.fsdp_param_dtype else "")
+        _PARALLEL.append(TrainerParallel(initialize_parallel(cfg, backend="nccl" if device.type == "cuda" else "gloo")))
+    return _PARALLEL[0]
 
 
 def ckpt_label(r) -> str:
@@ -207,7 +277,25 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last rep and print its N most expensive GPU kernels")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
+    ap.add_argument("--parallel", choices=("none", "fsdp", "zero1"), default="none",
+                    help="data parallel over the torchrun world (or a world of 1): FSDP2 of student and critic, or "
+                    "ZeRO-1 optimizer states (the teacher stays whole)")
+    ap.add_argument("--fsdp-param-dtype", default="", choices=("", "bfloat16"),
+                    help="with --parallel fsdp: FSDP2's compute dtype (bfloat16: no autocast weight copies)")
+    ap.add_argument("--plan", action="store_true",
+                    help="also print the memory planner's estimate of the peak (megatron-rcm info --gpus) and the "
+                    "relative difference to the measured one")
+    ap.add_argument("--plan-only", action="store_true", help="print the planner's estimates without running (no GPU)")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        print("| step | act. ckpt | elementwise | layers | planned peak GiB |")
+        print("|---|---|---|---|---|")
+        for kind in args.kinds.split(","):
+            label = "off" if not args.checkpointing else (
+                f"first {args.checkpoint_layers}" if 0 < args.checkpoint_layers < args.layers else "on")
+            print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {label} | {'compiled' if args.compile else 'eager'} "
+                  f"| {args.layers} | {planned_gib(args, kind):.1f} |")
+        return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_step.py needs a CUDA GPU (--device cpu: smoke check only)")
@@ -216,20 +304,32 @@ def main(argv=None):
 
     fusion.set_enabled(args.compile)
 
+    par = data_parallel(args, device)  # (sets this rank's GPU before anything is built)
+    if par is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     like = torch.zeros(1, 1, 1, 128, device=device, dtype=torch.bfloat16)
     used = resolve_backend(args.attention, like).name
-    print("| step | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | "
-          "TFLOP/step | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    main_rank = par is None or par.is_main
+    say = print if main_rank else (lambda *a, **k: None)
+    plan_cols = " planned GiB | plan vs peak |" if args.plan else ""
+    say("| step | layout | attention | act. ckpt | fused elementwise | layers | video tokens | step (s) | tokens/s | "
+        "TFLOP/step | MFU | peak GiB |" + plan_cols)
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.plan else ""))
     replayed = " (replayed)" if args.replayed else ""
     for kind in args.kinds.split(","):
         r = run(args, kind, device)
         r["attention"] = used
-        print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD' + replayed} | {used} | {ckpt_label(r)} | "
-              f"{'compiled' if args.compile else 'eager'} | "
-              f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |", flush=True)
-        if args.out:
+        if args.plan:
+            r["planned_gib"] = planned_gib(args, kind)
+        layout = "plain" if par is None else f"{args.parallel} x {par.world_size}" + (
+            f" ({args.fsdp_param_dtype})" if args.fsdp_param_dtype else "")
+        say(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD' + replayed} | {layout} | {used} | {ckpt_label(r)} | "
+            f"{'compiled' if args.compile else 'eager'} | "
+            f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |" +
+            (f" {r['planned_gib']:.1f} | {100 * (r['planned_gib'] / r['peak_gib'] - 1):+.0f}% |" if args.plan else ""),
+            flush=True)
+        if args.out and main_rank:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
         if device.type == "cuda":

@@ -35,7 +35,41 @@ def _cmd_info(args) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(to_yaml(cfg))
     print(f"parameters: {n:,} ({n / 1e9:.3f} B)")
+    if args.gpus is not None:
+        from .training.memory_plan import format_plan, plan_run
+
+        if args.gpus < 1:
+            raise ConfigError("--gpus", args.gpus, "the number of GPUs, >= 1")
+        teachers = _teacher_architectures(cfg, args.teacher_preset)
+        print()
+        print(format_plan(plan_run(cfg, args.gpus, teachers), cfg.parallel.resolved(args.gpus), args.gpus,
+                          args.gpu_memory))
     return 0
+
+
+def _teacher_architectures(cfg, preset: str | None) -> dict:
+    """The architecture of each ``teacher_from: diffusers:DIR`` (its folder's; ``--teacher-preset`` where the
+    folder is not here, e.g. planning on a laptop); earlier phases' teachers are the run's model."""
+    from .config.model import MODEL_PRESETS, model_preset
+
+    if preset is not None and preset not in MODEL_PRESETS:
+        raise ConfigError("--teacher-preset", preset, f"one of {sorted(MODEL_PRESETS)}")
+    out = {}
+    for i, phase in enumerate(cfg.phases):
+        src = phase.teacher_from
+        if not src.startswith("diffusers:"):
+            continue
+        from .convert.into_run import DiffusersSourceError, teacher_model_config, with_architecture
+
+        if preset is not None:
+            out[src] = with_architecture(cfg.model, model_preset(preset), preset)
+            continue
+        try:
+            out[src] = teacher_model_config(src, cfg.model, f"phases.{i}.teacher_from")
+        except DiffusersSourceError as e:
+            raise DiffusersSourceError(e.key, f"{e.allowed}; or plan without the folder: --teacher-preset NAME "
+                                       f"(one of {sorted(MODEL_PRESETS)})") from None
+    return out
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -62,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "from the finished phases' weights (phases/<name>/done.json), setting the checkpoints aside")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("info", help="print the resolved config and the model size")
+    p = sub.add_parser("info", help="print the resolved config, the model size and (--gpus N) the memory plan")
     _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="print the per-GPU memory plan of every phase on N GPUs (layout: parallel.* overrides)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="with --gpus: warn for each phase whose plan exceeds this many GiB per GPU (H200: 139)")
+    p.add_argument("--teacher-preset", default=None, metavar="NAME",
+                   help="with --gpus: architecture of diffusers:DIR teachers (default: read DIR/config.json)")
     p.set_defaults(func=_cmd_info)
 
     from .inference.cli import add_run_dir_commands
@@ -98,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value overrides after an option (`info CFG --gpus 8 parallel.tp=2`) join the others
+            if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = list(args.overrides) + extra
     except SystemExit as e:  # argparse printed usage + the error (or --help); main() still returns the code
         return int(e.code or 0)
     if not getattr(args, "func", None):

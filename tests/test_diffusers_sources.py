@@ -170,3 +170,53 @@ def test_teacher_reference_ode_uses_eval_teacher_shift():
         chunkwise(partial(multistep2_fm, steps=3, shift=3.0)), lambda _c, _s: next(starts), 2.0)], dim=2)
     assert torch.allclose(shifted, ref, rtol=0, atol=1e-12)
     assert (shifted - teacher_sample(model, prompts, cfg.data, 3, 2.0, seed=1)).abs().max() > 1e-3
+
+
+def test_a_diffusers_teacher_keeps_its_own_size(tmp_path, capsys):
+    """A wider, deeper teacher folder than the student: teacher and DMD critic take the folder's architecture
+    (weights loaded strictly), the phase trains; a folder that does not share channels / patch / text width
+    with the student is refused naming each difference, before training."""
+    from fixtures.tiny_wan_pipeline import WIDE_TEACHER, save_transformer_folder
+    from megatron_rcm.training.trainer import Trainer
+
+    wide = save_transformer_folder(tmp_path / "wide", **WIDE_TEACHER)
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text('phases:\n  - {name: d, kind: sf_dmd, objective: dmd, steps: 1, '
+                    f'teacher_from: "diffusers:{wide}", '
+                    'objective_args: {score_mask: full, critic_lr: 1.0e-3, rollout: {denoising_steps: [1000, 500]}}}\n')
+    args = ["model.num_layers=2", "data.height=8", "data.width=8", "data.num_frames=4", "data.batch_size=1",
+            "causal.chunk_frames=2", "eval.at_phase_end=false", "train.checkpoint_every=0"]
+    cfg = load_config(yaml, [*args, f"output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    teacher = trainer._frozen(cfg.phases[0].teacher_from)
+    assert (len(teacher.blocks), teacher.cfg.hidden_size, teacher.cfg.ffn_dim) == (3, 96, 384)
+    assert cfg.model.num_layers == 2 and cfg.model.hidden_size == 64
+    src = load_diffusers_state_dict(wide)
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in src.items())
+    critic = trainer._new_critic(cfg.phases[0], lr=1e-3).model
+    assert len(critic.blocks) == 3 and all(p.requires_grad for p in critic.parameters())
+    results = trainer.run()
+    assert results[0].steps == 1 and results[0].final_loss == results[0].final_loss  # trained, finite
+    # only what student and teacher exchange must agree; every difference is named, one line, exit 2
+    odd = save_transformer_folder(tmp_path / "odd", **{**WIDE_TEACHER, "in_channels": 4, "out_channels": 4,
+                                                       "text_dim": 48})
+    yaml.write_text(yaml.read_text().replace(str(wide), str(odd)))
+    err = _error(capsys, ["train", str(yaml), *args, f"output_dir={tmp_path / 'run2'}"])
+    assert "phases.0.teacher_from: the run's model differs from" in err, err
+    for named in ("model.in_channels = 3 (folder: 4)", "model.out_channels = 3 (folder: 4)",
+                  "model.text_dim = 32 (folder: 48)"):
+        assert named in err, err
+    assert "num_layers" not in err and not (tmp_path / "run2" / "phases").exists()
+
+
+def test_the_teacher_must_split_under_the_layout():
+    from megatron_rcm.config.errors import ConfigError
+    from megatron_rcm.config.model import model_preset
+    from megatron_rcm.parallel.config import ParallelConfig, validate_teacher_layout
+
+    wide = model_preset("tiny", num_attention_heads=6, num_layers=3)
+    validate_teacher_layout(ParallelConfig(tp=2, dp=1), wide, "phases.1.teacher_from")
+    with pytest.raises(ConfigError, match=r"parallel.tp\*cp.*num_attention_heads = 6.*phases.1.teacher_from"):
+        validate_teacher_layout(ParallelConfig(tp=4, dp=1), wide, "phases.1.teacher_from")
+    with pytest.raises(ConfigError, match=r"parallel.pp.*num_layers = 3.*phases.1.teacher_from"):
+        validate_teacher_layout(ParallelConfig(pp=2, dp=1), wide, "phases.1.teacher_from")

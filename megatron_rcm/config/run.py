@@ -221,6 +221,7 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
             raise ConfigError(f"parallel.{key}", v, "an integer >= 1")
     if par.dp != -1 and par.dp < 1:
         raise ConfigError("parallel.dp", par.dp, "an integer >= 1 or -1 (auto: world size / (tp*cp*pp))")
+    par.validate_options()
     if world_size is not None:
         par = par.resolved(world_size)
     frames = cfg.data.num_frames // int(cfg.model.patch_size[0])

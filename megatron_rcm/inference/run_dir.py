@@ -89,10 +89,11 @@ def load_teacher_model(cfg, source: str, device: str | torch.device = "cpu"):
     """A phase's frozen teacher: an earlier phase's EMA weights, or a diffusers transformer (``diffusers:DIR``)."""
     if not source.startswith("diffusers:"):
         return load_phase_model(cfg, source, "ema", device)
-    from ..convert.into_run import load_diffusers_into
+    from ..convert.into_run import load_diffusers_into, teacher_model_config
     from ..models import build_model
 
     key = next((f"phases.{i}.teacher_from" for i, p in enumerate(cfg.phases) if p.teacher_from == source),
                "teacher_from")
-    model = load_diffusers_into(build_model(cfg.model, cfg.causal), source, key)
+    model = build_model(teacher_model_config(source, cfg.model, key), cfg.causal)  # the folder's own size
+    model = load_diffusers_into(model, source, key)
     return model.to(device).eval().requires_grad_(False)

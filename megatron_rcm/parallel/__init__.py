@@ -5,6 +5,8 @@ Typical use in a trainer (every rank, launched by torchrun or srun)::
     groups = initialize_parallel(ParallelConfig(tp=2, cp=2))      # dp = auto
     model = parallelize_model(build_model(cfg, causal), groups)   # same seed / checkpoint on all ranks
     opt = sharded_optimizer(model.parameters(), groups, lr=1e-4)
+    # or FSDP2 over the data x context ranks (ParallelConfig(fsdp=True)): weights, grads, states sharded
+    # model = fsdp.shard_model(model, groups, device); opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = batch_for_rank(batch, groups)                         # this DP rank's samples
     loss = ...model.forward_teacher_forcing(...)...; loss.backward()
     # or, with pipeline parallelism / micro-batches (also fine for pp = 1):

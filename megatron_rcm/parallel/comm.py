@@ -24,9 +24,13 @@ import torch.distributed as dist
 
 
 def pack(*ts):
-    """Stack the non-None tensors (same shape) along a new leading dim; returns (packed, mask)."""
+    """Stack the non-None tensors (same shape) along a new leading dim; returns (packed, mask).
+
+    A lone tensor (no tangent) is a view, not a copy: a column-parallel input or the text context
+    would otherwise be copied (and kept for backward) once per block."""
     present = [t is not None for t in ts]
-    return torch.stack([t for t in ts if t is not None]), present
+    kept = [t for t in ts if t is not None]
+    return (kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept)), present
 
 
 def unpack(packed, present):

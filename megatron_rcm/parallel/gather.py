@@ -1,6 +1,7 @@
 """Full (single-process layout) weights from a parallelized model, for phase outputs and evaluation.
 
-Tensor-parallel shards are all-gathered over the TP group (tensor collectives, cheap); pipeline
+FSDP shards are all-gathered over the data x context group first (``DTensor.full_tensor``), then
+tensor-parallel shards over the TP group (tensor collectives, cheap); pipeline
 stages each hold their own ``blocks.<i>`` entries, which one rank per stage (data/context/tensor
 coordinate 0) sends to ``dst`` as a pickled dict. The result loads into a plain ``build_model``
 model with ``load_state_dict`` (parameter names are unchanged by ``parallelize_model``).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .model import tp_shard_dim
 from .state import ParallelGroups
@@ -20,6 +22,8 @@ def full_state_dict(model: nn.Module, groups: ParallelGroups, dst: int = 0) -> d
     cfg = groups.cfg
     local = {}
     for name, t in model.state_dict().items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
         dim = tp_shard_dim(name)
         if cfg.tp > 1 and dim is not None:
             parts = [torch.empty_like(t) for _ in range(cfg.tp)]

@@ -8,8 +8,9 @@
   pipeline parallelism only the last stage has it: summed over the pipeline group);
 - clipping by the norm of the whole gradient as one process would see it: a tensor-parallel shard
   contributes its part once (summed over the TP group), a pipeline stage its blocks (summed over the
-  PP group), and everything replicated (embeddings, norms, head, side modules, and all gradients
-  after the data-parallel average) counts once.
+  PP group), an FSDP shard its dim-0 piece (summed over the data x context group), and everything
+  replicated (embeddings, norms, head, side modules, and all gradients after the data-parallel
+  average) counts once.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .fsdp import is_fsdp
 from .model import tp_shard_dim
+from .sharding import local
 from .state import ParallelGroups
 
 
@@ -48,25 +51,28 @@ def average_replicated_gradients(params, groups: ParallelGroups) -> None:
 def global_grad_norm(model: nn.Module, groups: ParallelGroups, extra=()) -> torch.Tensor:
     """L2 norm of the full gradient of ``model`` (+ replicated ``extra`` params), equal on every rank.
 
-    Call after ``sync_gradients`` (so data/context-parallel replicas agree).
+    Call after ``sync_gradients`` (so data/context-parallel replicas agree). Under FSDP each rank holds
+    a disjoint dim-0 piece of every gradient: the squares are summed over the data x context group too.
     """
     cfg = groups.cfg
     device = next(model.parameters()).device
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    sharded, block, other = zero.clone(), zero.clone(), zero.clone()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # TP-sharded block, other block, outside blocks
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum()
+        sq = local(p.grad).detach().double().pow(2).sum()
         if not name.startswith("blocks."):
-            other += sq
+            sums[2] += sq
         elif cfg.tp > 1 and tp_shard_dim(name) is not None:
-            sharded += sq
+            sums[0] += sq
         else:
-            block += sq
+            sums[1] += sq
+    if is_fsdp(model) and cfg.dp * cfg.cp > 1:
+        dist.all_reduce(sums, group=groups.dp_cp_group)
+    sharded, block, other = sums.unbind(0)
     for p in extra:
         if p.grad is not None:
-            other += p.grad.detach().double().pow(2).sum()
+            other = other + p.grad.detach().double().pow(2).sum()
     if cfg.tp > 1:
         dist.all_reduce(sharded, group=groups.tp_group)
     blocks = sharded + block
@@ -80,7 +86,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ParallelGroups, e
     total = global_grad_norm(model, groups, extra)
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        grads = [p.grad for p in list(model.parameters()) + list(extra) if p.grad is not None]
+        grads = [local(p.grad) for p in list(model.parameters()) + list(extra) if p.grad is not None]
         for g in grads:
             g.mul_(coef.to(g.dtype))
     return total

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import dual
 from . import comm
 from .config import validate_parallel
 from .state import ParallelGroups
@@ -158,12 +159,15 @@ class ParallelContext:
         return tuple(comm.unpack(comm.copy_to(packed, self.tp_group), present))
 
     def row_linear(self, x, tx, weight, bias):
+        """Row-parallel linear: partial sums all-reduced, the bias added once after, in the output's dtype
+        (as ``F.linear`` under autocast, so a TP model computes in the dtypes of the single-process one)."""
+        if self.tp == 1:
+            return dual.linear(x, tx, weight, bias)
         y = F.linear(x, weight)
         ty = None if tx is None else F.linear(tx, weight)
-        if self.tp > 1:
-            packed, present = comm.pack(y, ty)
-            y, ty = comm.unpack(comm.reduce_from(packed, self.tp_group), present)
-        return (y if bias is None else y + bias), ty
+        packed, present = comm.pack(y, ty)
+        y, ty = comm.unpack(comm.reduce_from(packed, self.tp_group), present)
+        return (y if bias is None else y + bias.to(y.dtype)), ty
 
     # ---------------------------------------------------------------- context parallel
     def seq_to_heads(self, *ts):
@@ -267,19 +271,23 @@ def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     """Sum gradients over context parallel, average over data parallel: one flat all-reduce per dtype.
 
     Under pipeline parallelism the parameters outside ``blocks`` (on every stage) are then summed
-    over the pipeline group.
+    over the pipeline group. An FSDP2 model (``parallel/fsdp.py``) has reduce-scattered its gradients
+    over data x context ranks in backward already; only the pipeline sum remains, on the shards.
 
     Call once per optimizer step, after all micro-batches' backward (gradient accumulation just lets
     ``.grad`` accumulate; scale each micro-batch loss by 1/num_micro_batches).
     """
+    from .fsdp import is_fsdp
+    from .sharding import local
+
     cfg = groups.cfg
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    if cfg.dp * cfg.cp > 1:
+    if cfg.dp * cfg.cp > 1 and not is_fsdp(model):
         _all_reduce_flat([p.grad for p in model.parameters() if p.requires_grad], groups.dp_cp_group, 1.0 / cfg.dp)
     if cfg.pp > 1:
-        shared = [p.grad for n, p in model.named_parameters() if p.requires_grad and not n.startswith("blocks.")]
+        shared = [local(p.grad) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("blocks.")]
         _all_reduce_flat(shared, groups.pp_group, 1.0)
 
 

@@ -1,9 +1,9 @@
 """Sharded optimizer for data (x context) parallelism: ZeRO-1 via ``ZeroRedundancyOptimizer``.
 
-Why ZeRO-1 and not FSDP2 or megatron-core's DistributedOptimizer:
-- it works unchanged on gloo/CPU and NCCL/GPU (FSDP2 wants a DeviceMesh over all ranks and its
-  own DTensor sharding, which collides with our hand-made TP shards; megatron-core's
-  DistributedOptimizer needs its DDP wrapper, contiguous CUDA grad buffers and apex/TE);
+The default when ``parallel.fsdp`` is off (with it, ``fsdp.py`` shards weights and gradients too and a plain
+AdamW runs on the shards). Why ZeRO-1 and not megatron-core's DistributedOptimizer:
+- it works unchanged on gloo/CPU and NCCL/GPU (megatron-core's DistributedOptimizer needs its DDP
+  wrapper, contiguous CUDA grad buffers and apex/TE);
 - it only sees this rank's (already TP-sharded) local tensors, so it composes with TP/CP: the
   optimizer state of the params replicated over the data x context group is split over that group
   and updated params are broadcast back after ``step``.

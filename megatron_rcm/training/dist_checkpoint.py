@@ -13,11 +13,14 @@ Format: torch DCP, not megatron-core ``dist_checkpointing``. Why:
   hand-made TP shards and torch's ZeroRedundancyOptimizer, so we would re-describe every tensor
   in its ShardedTensor terms for no gain. (It can itself write through a torch DCP backend.)
 
-Keys: ``<group>.<param name>`` (groups e.g. model / ema / critic), each TP-sharded tensor a
-DTensor over the TP group with ``Shard(tp_shard_dim(name))``, everything else a plain tensor.
-Optimizer state is saved PER PARAMETER, keyed like it (``<optim>.state.<param name>.<key>``, same
-sharding as the parameter) by the rank whose ZeRO-1 partition holds it, so it reshards like the
-weights whatever the new data x context partition is. Beside DCP's files (``__<rank>_0.distcp``,
+Keys: ``<group>.<param name>`` (groups e.g. model / ema / critic), each sharded tensor described
+as a DTensor of its global tensor by :class:`~megatron_rcm.parallel.sharding.TensorLayout`
+(``Shard(tp_shard_dim(name))`` over the TP group; under FSDP2 also ``Shard(0)`` of the TP-local
+tensor over the data x context group), everything else a plain tensor. Optimizer state is saved PER
+PARAMETER, keyed like it (``<optim>.state.<param name>.<key>``, same sharding as the parameter) by the
+rank whose ZeRO-1 partition holds it (every rank, for its FSDP shards), so it reshards like the
+weights whatever the new layout is: FSDP2 <-> ZeRO-1 <-> TP / PP <-> one process. Beside DCP's files
+(``__<rank>_0.distcp``,
 ``.metadata``): ``shared.pt`` (rank 0: scheduler, counters, optimizer hyper-parameters),
 ``rank_<r>.pt`` (per rank: RNG, data position; given back only under the same layout) and
 ``meta.json`` (layout, model config). Atomicity, manifest (sizes + sha256), ``latest``, keep-N and
@@ -41,9 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DeviceMesh, DTensor, Shard
+from torch.distributed.tensor import DTensor
 
-from ..parallel.model import tp_shard_dim
+from ..parallel.sharding import TensorLayout, local
 from . import checkpoint as ckpt
 from .faults import maybe_fail
 
@@ -86,34 +89,9 @@ def _barrier(pg) -> None:
 def _layout_of(groups) -> dict:
     world = _rank_world()[1]
     if groups is None:
-        return {"world": world, "tp": 1, "cp": 1, "pp": 1, "dp": world}
+        return {"world": world, "tp": 1, "cp": 1, "pp": 1, "dp": world, "fsdp": False}
     c = groups.cfg
-    return {"world": world, "tp": c.tp, "cp": c.cp, "pp": c.pp, "dp": c.dp}
-
-
-class _TensorParallel:
-    """Wraps a local tensor as a DTensor over the TP group when ``tp_shard_dim`` says it is sharded."""
-
-    def __init__(self, groups):
-        self.tp = groups.cfg.tp if groups is not None else 1
-        self.mesh = DeviceMesh.from_group(groups.tp_group, "cpu") if self.tp > 1 else None
-
-    def dim(self, name: str, sharded: bool) -> int | None:
-        return tp_shard_dim(name) if sharded and self.tp > 1 else None
-
-    def wrap(self, name: str, local: torch.Tensor, sharded: bool = True):
-        d = self.dim(name, sharded)
-        return local if d is None else DTensor.from_local(local, self.mesh, [Shard(d)], run_check=False)
-
-    def global_shape(self, name: str, local: torch.Tensor, sharded: bool = True) -> tuple:
-        shape, d = list(local.shape), self.dim(name, sharded)
-        if d is not None:
-            shape[d] *= self.tp
-        return tuple(shape)
-
-
-def _local(x):
-    return x.to_local() if isinstance(x, DTensor) else x
+    return {"world": world, "tp": c.tp, "cp": c.cp, "pp": c.pp, "dp": c.dp, "fsdp": bool(c.fsdp)}
 
 
 def _inner_optimizer(opt):
@@ -197,11 +175,12 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
     wait_for_pending_save()
     root = Path(root)
     rank, world = _rank_world()
-    tp = _TensorParallel(groups)
+    layout = TensorLayout(groups)
     state: dict = {}
     for group, sd in tensors.items():
         for name, t in sd.items():
-            state[f"{group}.{name}"] = tp.wrap(name, _stage(t, async_save), group not in replicated)
+            where = layout.placement(name, t, group not in replicated)
+            state[f"{group}.{name}"] = layout.describe(_stage(local(t), async_save), where)
     hyper: dict[str, list] = {}
     for oname, opt, named in _pairs(optimizers):
         inner = _inner_optimizer(opt)
@@ -209,8 +188,8 @@ def save_distributed(root, step: int, tensors: dict[str, dict[str, torch.Tensor]
             for k, v in inner.state.get(p, {}).items():
                 key = f"{oname}.state.{name}.{k}"
                 if torch.is_tensor(v):
-                    v = _stage(v, async_save)
-                    state[key] = tp.wrap(name, v) if v.shape == p.shape else v
+                    staged = _stage(local(v), async_save)
+                    state[key] = layout.describe(staged, layout.placement(name, v)) if v.shape == p.shape else staged
                 else:
                     state[key] = copy.deepcopy(v)
         hyper.setdefault(oname, []).append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
@@ -287,7 +266,7 @@ def _storage_metadata(path: Path) -> dict:
     return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
 
 
-def _load_targets(md: dict, tensors, optimizers, tp: _TensorParallel, replicated) -> tuple[dict, list, list[str]]:
+def _load_targets(md: dict, tensors, optimizers, layout: TensorLayout, replicated) -> tuple[dict, list, list[str]]:
     """The state dict to read into (this rank's slices), what to copy back, and keys the checkpoint lacks."""
     state, missing, optim_targets = {}, [], []
     for group, sd in tensors.items():
@@ -296,22 +275,32 @@ def _load_targets(md: dict, tensors, optimizers, tp: _TensorParallel, replicated
             if key not in md:
                 missing.append(key)
                 continue
-            state[key] = tp.wrap(name, torch.empty(t.shape, dtype=t.dtype), group not in replicated)
+            where = layout.placement(name, t, group not in replicated)
+            state[key] = layout.describe(torch.empty(local(t).shape, dtype=t.dtype), where)
     for oname, opt, named in _pairs(optimizers):
         for name, p in _owned(opt, named):
             prefix = f"{oname}.state.{name}."
             keys = [k for k in md if k.startswith(prefix) and "." not in k[len(prefix):]]
+            where = layout.placement(name, p)
             for key in keys:
                 m = md[key]
                 if isinstance(m, dcp.TensorStorageMetadata):
-                    if tuple(m.size) == tp.global_shape(name, p):
-                        state[key] = tp.wrap(name, torch.empty(p.shape, dtype=m.properties.dtype))
+                    if tuple(m.size) == where.shape:
+                        state[key] = layout.describe(torch.empty(local(p).shape, dtype=m.properties.dtype), where)
                     else:
                         state[key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
                 else:
                     state[key] = None  # a pickled object: DCP replaces the value
             optim_targets.append((opt, p, prefix, keys))
     return state, optim_targets, missing
+
+
+def _like_param(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A loaded optimizer-state piece in the parameter's form: on its device, a DTensor like an FSDP shard."""
+    v = v.to(local(p).device)
+    if isinstance(p, DTensor):
+        return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return v
 
 
 def choose_checkpoint(root, bad: list | None = None) -> Path | None:
@@ -367,8 +356,7 @@ def load_distributed(root, tensors: dict[str, dict[str, torch.Tensor]], optimize
     if path is None:
         return None
     md = _storage_metadata(path)
-    tp = _TensorParallel(groups)
-    state, optim_targets, missing = _load_targets(md, tensors, optimizers, tp, replicated)
+    state, optim_targets, missing = _load_targets(md, tensors, optimizers, TensorLayout(groups), replicated)
     all_missing = missing
     if pg is not None:
         gathered = [None] * world
@@ -384,12 +372,13 @@ def load_distributed(root, tensors: dict[str, dict[str, torch.Tensor]], optimize
     with torch.no_grad():
         for group, sd in tensors.items():
             for name, t in sd.items():
-                t.copy_(_local(state[f"{group}.{name}"]))
+                local(t).copy_(local(state[f"{group}.{name}"]))
     for opt, p, prefix, keys in optim_targets:
         loaded = {}
         for key in keys:
-            v = _local(state[key])
-            loaded[key[len(prefix):]] = v.to(p.device) if torch.is_tensor(v) and v.shape == p.shape else v
+            v = local(state[key])
+            loaded[key[len(prefix):]] = _like_param(v, p) if torch.is_tensor(v) and v.shape == local(p).shape \
+                and v.dim() > 0 else v
         inner = _inner_optimizer(opt)
         if loaded:
             inner.state[p] = loaded

@@ -13,7 +13,9 @@ Decisions (README "Parallelism"):
   exactly the single-process noise; ``train.grad_accum`` micro-batches rewind the RNG so they too
   see the whole batch's noise;
 - rank 0 alone logs, writes phase outputs (full weights gathered from the shards) and runs the
-  end-of-phase evaluation on full, unwrapped models; the others wait at a barrier.
+  end-of-phase evaluation on full, unwrapped models; the others wait at a barrier;
+- models: TP/CP/PP split for every model, then FSDP2 (``parallel.fsdp``) for student, EMA and critic
+  and, unless ``parallel.fsdp_teacher: replicate``, the frozen teacher (:meth:`TrainerParallel.wrap`).
 """
 from __future__ import annotations
 
@@ -64,13 +66,30 @@ class TrainerParallel:
         return self.groups is not None
 
     # ---------------------------------------------------------------- models and data
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Shard a full model in place for this rank (copy it BEFORE, e.g. for EMA: wrapped models do not deepcopy)."""
+    ROLES = ("student", "ema", "critic", "teacher")
+
+    def wrap(self, model: nn.Module, role: str = "student") -> nn.Module:
+        """Shard a full model in place for this rank (copy it BEFORE, e.g. for EMA: wrapped models do not deepcopy).
+
+        TP/CP/PP split by ``parallelize_model``; then, with ``parallel.fsdp``, FSDP2 over the data x context
+        ranks for every ``role`` (student, ema, critic), the frozen teacher unless ``parallel.fsdp_teacher`` is
+        ``replicate``."""
+        if role not in self.ROLES:
+            raise ValueError(f"role must be one of {self.ROLES}, got {role!r}")
         if self.groups is None:
             return model
         from ..parallel import parallelize_model
 
-        return parallelize_model(model, self.groups)
+        model = parallelize_model(model, self.groups)
+        if self.fsdp and (role != "teacher" or self.groups.cfg.fsdp_teacher == "shard"):
+            from ..parallel.fsdp import shard_model
+
+            model = shard_model(model, self.groups, next(model.parameters()).device)
+        return model
+
+    @property
+    def fsdp(self) -> bool:
+        return self.groups is not None and self.groups.cfg.fsdp
 
     def local_batch_size(self, global_batch: int, key: str) -> int:
         if global_batch % self.dp:
@@ -108,7 +127,8 @@ class TrainerParallel:
             return loss
 
         if self.pipelined:
-            loss = pipeline_forward_backward(net.model, list(range(micro)), forward, lambda out, i: out)
+            loss = pipeline_forward_backward(net.model, list(range(micro)), forward, lambda out, i: out,
+                                             schedule=self.groups.cfg.pp_schedule)
             return loss, (seen if net.model.parallel.is_last_stage else {})
         total = None
         for i in range(micro):
@@ -122,7 +142,8 @@ class TrainerParallel:
         if self.pipelined:
             from ..parallel import pipeline_forward_backward
 
-            return pipeline_forward_backward(net.model, [None], lambda _m, _mb: loss_fn(net), lambda out, _mb: out)
+            return pipeline_forward_backward(net.model, [None], lambda _m, _mb: loss_fn(net), lambda out, _mb: out,
+                                             schedule=self.groups.cfg.pp_schedule)
         loss = loss_fn(net)
         loss.backward()
         return loss.detach()
@@ -142,14 +163,17 @@ class TrainerParallel:
         return clip_grad_norm_(model, max_norm, self.groups, extra)
 
     def optimizers(self, model_params, side_params, **kwargs) -> list:
-        """One AdamW over everything with one process. With several: ZeRO-1 for the model (state sharded
-        over the data x context group) plus a plain AdamW for small replicated side modules (sCM's
-        adaptive weight), which may have another dtype than the model (ZeRO-1 needs one dtype)."""
+        """One AdamW over everything with one process. With several: for the model ZeRO-1 (state sharded
+        over the data x context group) or, under FSDP, a plain AdamW over its already sharded parameters;
+        plus a plain AdamW for small replicated side modules (sCM's adaptive weight), which may have another
+        dtype than the model (ZeRO-1 needs one dtype) and are not DTensors."""
         if self.groups is None:
             return [torch.optim.AdamW(list(model_params) + list(side_params), **kwargs)]
         from ..parallel import sharded_optimizer
 
-        opts = [sharded_optimizer(model_params, self.groups, **kwargs)]
+        model_params = list(model_params)
+        opts = [torch.optim.AdamW(model_params, **kwargs) if self.fsdp else
+                sharded_optimizer(model_params, self.groups, **kwargs)]
         if side_params:
             opts.append(torch.optim.AdamW(side_params, **kwargs))
         return opts

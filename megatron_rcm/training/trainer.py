@@ -100,8 +100,9 @@ class Trainer:
         return ReportContext(self.cfg, self.out, self.device, self.logger.print, self.logger.scalars)
 
     # ------------------------------------------------------------------ models
-    def new_model(self) -> CausalWanModel:
-        model = build_model(self.cfg.model, self.cfg.causal).to(self.device)
+    def new_model(self, model_cfg=None) -> CausalWanModel:
+        """A model of the run's architecture (or ``model_cfg``'s: a diffusers teacher of its own size)."""
+        model = build_model(model_cfg or self.cfg.model, self.cfg.causal).to(self.device)
         model.gradient_checkpointing = self.cfg.train.activation_checkpointing
         model.checkpoint_layers = self.cfg.train.checkpoint_layers
         fusion.set_enabled(self.cfg.train.compile_elementwise)
@@ -128,16 +129,28 @@ class Trainer:
             self.load_phase_weights(model, phase.init_from)
         return model
 
+    def teacher_config(self, source: str):
+        """The architecture of the frozen teacher ``source``: an earlier phase's is the run's model; a
+        ``diffusers:DIR`` teacher keeps its folder's (wider / deeper than the student is fine)."""
+        if not source.startswith("diffusers:"):
+            return self.cfg.model
+        from ..convert.into_run import teacher_model_config
+
+        return teacher_model_config(source, self.cfg.model, self._teacher_key(source))
+
+    def _teacher_key(self, source: str) -> str:
+        return next((self._phase_key(p, "teacher_from") for p in self.cfg.phases if p.teacher_from == source),
+                    "teacher_from")
+
     def _frozen(self, source: str) -> CausalWanModel:
         """The frozen teacher: an earlier phase's EMA weights, or a diffusers transformer (``diffusers:DIR``)."""
+        model = self.new_model(self.teacher_config(source))
         if source.startswith("diffusers:"):
             from ..convert.into_run import load_diffusers_into
 
-            key = next((self._phase_key(p, "teacher_from") for p in self.cfg.phases if p.teacher_from == source),
-                       "teacher_from")
-            model = load_diffusers_into(self.new_model(), source, key)
+            model = load_diffusers_into(model, source, self._teacher_key(source))
         else:
-            model = self.load_phase_weights(self.new_model(), source)
+            model = self.load_phase_weights(model, source)
         return model.eval().requires_grad_(False)
 
     def _new_critic(self, phase: PhaseConfig, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
@@ -145,7 +158,7 @@ class Trainer:
         """A trainable copy of the phase's teacher (DMD's fake score), sharded like the student, with an
         optimizer of the run's layout (ZeRO-1 over data x context ranks when distributed)."""
         par = self.par
-        model = par.wrap(self._frozen(phase.teacher_from).train().requires_grad_(True))
+        model = par.wrap(self._frozen(phase.teacher_from).train().requires_grad_(True), "critic")
         opt = par.optimizers([p for p in model.parameters() if p.requires_grad], [], lr=lr, betas=tuple(betas),
                              weight_decay=weight_decay)[0]
         return TrainedSideModel(model, opt, grad_clip, backward=par.side_backward, sync_and_clip=par.sync_and_clip)
@@ -154,17 +167,22 @@ class Trainer:
         return f"phases.{self.cfg.phases.index(phase)}.{ref}"
 
     def check_diffusers_sources(self) -> None:
-        """Before any work: every diffusers folder that an unfinished phase reads matches the run's model
-        (finished phases are recognised by their done.json, so a resume does not need folders they used)."""
+        """Before any work: every diffusers folder that an unfinished phase reads fits the run (finished phases
+        are recognised by their done.json, so a resume does not need folders they used): an ``init_from``
+        folder matches the run's model, a ``teacher_from`` folder shares what a teacher exchanges with the
+        student, and its own architecture splits under the run's layout."""
         from ..convert.into_run import check_diffusers_source
+        from ..parallel.config import validate_teacher_layout
 
         for phase in self.cfg.phases:
             if read_done(self.phase_dir(phase.name)) is not None:
                 continue
-            for ref in ("init_from", "teacher_from"):
-                spec = getattr(phase, ref)
-                if spec.startswith("diffusers:"):
-                    check_diffusers_source(spec, self.cfg.model, self._phase_key(phase, ref))
+            if phase.init_from.startswith("diffusers:"):
+                check_diffusers_source(phase.init_from, self.cfg.model, self._phase_key(phase, "init_from"))
+            if phase.teacher_from.startswith("diffusers:"):
+                teacher = self.teacher_config(phase.teacher_from)
+                if self.par.groups is not None:
+                    validate_teacher_layout(self.par.groups.cfg, teacher, self._phase_key(phase, "teacher_from"))
 
     # ------------------------------------------------------------------ data
     def make_data(self, phase: PhaseConfig):
@@ -282,8 +300,8 @@ class Trainer:
         student = self._init_student(phase, seed)
         ema_model = copy.deepcopy(student)
         teacher = self._frozen(phase.teacher_from) if phase.teacher_from else None
-        student, ema_model = par.wrap(student), par.wrap(ema_model)
-        teacher = None if teacher is None else par.wrap(teacher)
+        student, ema_model = par.wrap(student, "student"), par.wrap(ema_model, "ema")
+        teacher = None if teacher is None else par.wrap(teacher, "teacher")
         student_net = Denoiser(student)
         models = PhaseModels(None if teacher is None else Denoiser(teacher),
                              new_critic=lambda **optim: self._new_critic(phase, **optim))

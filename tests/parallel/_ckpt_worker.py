@@ -4,7 +4,9 @@ Save under TP2 (steps 1 and 2) and under DP2 (ZeRO-1, step 3), each time recordi
 EMA and AdamW states by gathering the shards by hand (independent of DCP); then load each checkpoint
 under other layouts (DP2, CP2, PP2, TP2) into a differently initialised model and compare every
 local tensor and optimizer state with the matching slice of the record, exactly (``torch.equal``).
-Then corrupt one shard of step 2: the ranks (sharing the hashing) report it and load step 1.
+Then corrupt one shard of step 2: the ranks (sharing the hashing) report it and load step 1. Layouts
+ending in ``f`` add FSDP2 (plain AdamW on the shards): saved under FSDP DP2, loaded under TP2 and ZeRO-1,
+and the ZeRO-1 checkpoint loaded under FSDP DP2.
 Rank 0 leaves the records in ``<root>/ref_step<N>.pt`` for the single-process checks in the test.
 """
 import contextlib
@@ -23,8 +25,17 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from _worker import make_model  # noqa: E402
 
+from torch.distributed.tensor import distribute_tensor  # noqa: E402
+
 from megatron_rcm.parallel import (ParallelConfig, initialize_parallel, parallelize_model, shard_like,  # noqa: E402
                                    sharded_optimizer, tp_shard_dim)
+from megatron_rcm.parallel.fsdp import shard_model  # noqa: E402
+from megatron_rcm.parallel.sharding import is_fsdp_sharded  # noqa: E402
+
+
+def whole(t):
+    """The TP-local tensor of an FSDP shard (collective over the data x context group), else ``t``."""
+    return t.full_tensor() if is_fsdp_sharded(t) else t
 from megatron_rcm.training import dist_checkpoint as dck  # noqa: E402
 
 
@@ -33,14 +44,18 @@ def setup(layout, seed):
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    tp, cp, dp, pp = (int(v) for v in (layout + "x1").split("x")[:4])
-    groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp))
+    fsdp = layout.endswith("f")
+    tp, cp, dp, pp = (int(v) for v in (layout.rstrip("f") + "x1").split("x")[:4])
+    groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp, fsdp=fsdp))
     ref = make_model(1)
     if seed:  # a different starting point, so a load that reads nothing is caught
         with torch.no_grad():
             for p in ref.parameters():
                 p.add_(float(seed))
     model = parallelize_model(ref, groups)
+    if fsdp:
+        model = shard_model(model, groups, torch.device("cpu"))
+        return groups, model, torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt = sharded_optimizer(model.parameters(), groups, lr=1e-2)
     return groups, model, opt
 
@@ -52,7 +67,8 @@ def train(model, opt, groups, steps):
     for _ in range(steps):
         full = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in sorted(shapes.items())}
         for n, p in model.named_parameters():
-            p.grad = shard_like(n, full[n], groups).clone()
+            grad = shard_like(n, full[n], groups).clone()
+            p.grad = distribute_tensor(grad, p.device_mesh, p.placements) if is_fsdp_sharded(p) else grad
         opt.step()
 
 
@@ -65,10 +81,10 @@ def full_record(model, opt, groups):
     inner = getattr(opt, "optim", opt)
     pieces = {}
     for n, p in model.named_parameters():
-        pieces[f"model.{n}"] = p.detach().clone()
-        pieces[f"ema.{n}"] = p.detach() * 0.5 + 1.0
+        pieces[f"model.{n}"] = whole(p.detach()).clone()
+        pieces[f"ema.{n}"] = whole(p.detach()) * 0.5 + 1.0
         for k, v in inner.state.get(p, {}).items():
-            pieces[f"optim.state.{n}.{k}"] = v.detach().clone()
+            pieces[f"optim.state.{n}.{k}"] = whole(v.detach()).clone()
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (groups.tp_rank, pieces))
     by_key = {}
@@ -124,6 +140,7 @@ def check_load(root, layout, record, step, same_layout, errors):
                 continue
             pairs += [(f"optim.state.{n}.{k}", st[k]) for k in ("exp_avg", "exp_avg_sq", "step")]
         for key, got in pairs:
+            got = whole(got)
             want = record[key] if got.dim() == 0 else shard_like(n, record[key], groups)
             compared += 1
             if not torch.equal(got, want):
@@ -191,6 +208,14 @@ def main():
         train(model, opt, groups, 3)
         rec3 = save(zroot, 3, model, opt, groups)
         check_load(zroot, "2x1x1", rec3, 3, False, errors)
+        check_load(zroot, "1x1x2f", rec3, 3, False, errors)  # ZeRO-1 -> FSDP2
+        # FSDP2 shards (DP2) -> TP2, ZeRO-1 DP2, FSDP2 DP2
+        froot = os.path.join(root, "fsdp")
+        groups, model, opt = setup("1x1x2f", seed=0)
+        train(model, opt, groups, 2)
+        rec4 = save(froot, 4, model, opt, groups)
+        for layout in ("2x1x1", "1x1x2", "1x1x2f"):
+            check_load(froot, layout, rec4, 4, layout == "1x1x2f", errors)
     except Exception:
         errors.append(traceback.format_exc())
     with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:

@@ -3,8 +3,10 @@
 Every rank builds the same float64 tiny model and inputs from one seed, computes the single-process
 reference (outputs, JVP tangent, loss, gradients, parameters after one optimizer step), then shards a
 copy for the layout and compares each tensor. Mismatches are written to ``$OUT_DIR/rank{r}.json``.
+A layout ending in ``f`` (``1x1x2f``) adds FSDP2 over the data x context ranks (plain AdamW on its shards).
 """
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +20,8 @@ from megatron_rcm.ops.masks import block_causal_mask, teacher_forcing_mask
 from megatron_rcm.parallel import (ParallelConfig, batch_for_rank, destroy_parallel, initialize_parallel,
                                    parallelize_model, pipeline_forward_backward, shard_like, sharded_optimizer,
                                    sync_gradients)
+from megatron_rcm.parallel.fsdp import shard_model
+from megatron_rcm.parallel.sharding import is_fsdp_sharded
 
 B, C, F, H, W = 2, 3, 4, 8, 8
 TOL = 1e-9
@@ -28,6 +32,7 @@ CHECKED = [0]  # comparisons made: a kind that compared nothing is reported as a
 
 def rel(a, b):
     CHECKED[0] += 1
+    a, b = (t.full_tensor() if is_fsdp_sharded(t) else t for t in (a, b))  # FSDP shards -> TP-local tensors
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
@@ -57,6 +62,18 @@ def make_inputs(F=F):
                 img=r(B, 5, IMAGE_DIM))
 
 
+def wrap(model, groups):
+    """The layout's model: TP/CP/PP split, then FSDP2 when the layout asks for it."""
+    model = parallelize_model(model, groups)
+    return shard_model(model, groups, torch.device("cpu")) if groups.cfg.fsdp else model
+
+
+def optimizer(model, groups):
+    if groups.cfg.fsdp:
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return sharded_optimizer(model.parameters(), groups, lr=1e-2)
+
+
 def run(model, kind, inp, sl):
     """Forward (+tangent) for mask ``kind`` on the batch slice ``sl``; loss uses output AND tangent."""
     y, ty = forward(model, kind, inp, sl)
@@ -82,12 +99,15 @@ def forward(model, kind, inp, sl):
 
 
 def check(layout, groups, kind, errors):
-    """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches."""
+    """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches; ``skip`` =
+    tf mask after a grad-enabled forward whose loss was dropped (the trainer's non-finite skip)."""
     chunk = 2 if kind == "chunk" else 1
     inp = make_inputs()
     ref = make_model(chunk, image=kind == "image")
-    par = parallelize_model(copy.deepcopy(ref), groups)
-    mkind = {"accum": "frame", "image": "tf"}.get(kind, kind)
+    par = wrap(copy.deepcopy(ref), groups)
+    mkind = {"accum": "frame", "image": "tf", "skip": "tf"}.get(kind, kind)
+    if kind == "skip":
+        forward(par, mkind, inp, lambda t: batch_for_rank(t, groups))  # graph dropped, no backward
     y, ty, loss = run(ref, mkind, inp, lambda t: t)
     loss.backward()
     if kind == "accum" or groups.cfg.pp > 1:  # micro-batches of one sample through the (GPipe) schedule
@@ -100,7 +120,8 @@ def check(layout, groups, kind, errors):
             return outs[-1]
 
         ploss = pipeline_forward_backward(par, list(range(B // groups.cfg.dp)), fwd,
-                                          lambda o, m: loss_of(o[0], o[1], inp, micro(m)))
+                                          lambda o, m: loss_of(o[0], o[1], inp, micro(m)),
+                                          schedule=groups.cfg.pp_schedule)
         py = None if outs[0][0] is None else torch.cat([o[0] for o in outs])
         pty = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
     else:
@@ -125,7 +146,7 @@ def check(layout, groups, kind, errors):
         cmp(f"grad of {name}", p.grad, shard_like(name, rp[name].grad, groups))
     # one optimizer step (AdamW, state sharded over data x context parallel)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    popt = sharded_optimizer(par.parameters(), groups, lr=1e-2)
+    popt = optimizer(par, groups)
     ropt.step(), popt.step()
     for name, p in par.named_parameters():
         cmp(f"param after step {name}", p, shard_like(name, rp[name], groups))
@@ -135,7 +156,7 @@ def check_cache(layout, groups, errors, first=0, chunk=2, frames=F):
     """KV-cached chunk-wise streaming (chunks of ``chunk`` frames after a first of ``first``, with tangent)."""
     inp = make_inputs(frames)
     ref = make_model(chunk, first)
-    par = parallelize_model(copy.deepcopy(ref), groups)
+    par = wrap(copy.deepcopy(ref), groups)
     lay = ref.chunk_layout(frames)
     with torch.no_grad():
         for name, model, sl in (("ref", ref, lambda t: t), ("par", par, lambda t: batch_for_rank(t, groups))):
@@ -167,7 +188,7 @@ def check_scm(layout, groups, errors):
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    par, pteacher = (parallelize_model(copy.deepcopy(m), groups) for m in (ref, teacher))
+    par, pteacher = (wrap(copy.deepcopy(m), groups) for m in (ref, teacher))
     batch = dict(latents=inp["clean"], context=inp["ctx"], uncond_context=0.5 * inp["ctx"])
     cfg = SCMConfig(r_warmup_steps=0, cfg_scale=3.0)
     losses = []
@@ -188,11 +209,12 @@ def check_scm(layout, groups, errors):
 
 def main():
     layout, kinds, out_dir = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
-    tp, cp, dp, pp = (int(v) for v in (layout + "x1").split("x")[:4])
+    fsdp, schedule = layout.endswith("f"), "gpipe" if layout.endswith("g") else "1f1b"
+    tp, cp, dp, pp = (int(v) for v in (layout.rstrip("fg") + "x1").split("x")[:4])
     torch.set_num_threads(1)
     errors = []
     try:
-        groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp))
+        groups = initialize_parallel(ParallelConfig(tp=tp, cp=cp, dp=dp, pp=pp, fsdp=fsdp, pp_schedule=schedule))
         for kind in kinds:
             before = CHECKED[0]
             _run_kind(kind, tp, cp, dp, pp, groups, errors)
@@ -206,9 +228,85 @@ def main():
         json.dump(errors, f)
 
 
+def check_mixed_precision(layout, groups, errors):
+    """FSDP2 with bf16 compute and fp32 reduction vs the fp32 model in one process: output, tangent and
+    gradients within bf16 rounding (3e-2), which a wrong reduction (x2) or a stale weight would exceed."""
+    pgroups = dataclasses.replace(groups, cfg=dataclasses.replace(groups.cfg, fsdp_param_dtype="bfloat16",
+                                                                  fsdp_reduce_dtype="float32"))
+    inp = {k: v.float() for k, v in make_inputs().items()}
+    ref = make_model(1).float()
+    par = wrap(copy.deepcopy(ref), pgroups)
+    y, ty, loss = run(ref, "tf", inp, lambda t: t)
+    loss.backward()
+    py, pty, ploss = run(par, "tf", inp, lambda t: batch_for_rank(t, groups))
+    ploss.backward()
+    sync_gradients(par, groups)
+    rp = dict(ref.named_parameters())
+    checks = [("output", py, batch_for_rank(y, groups)), ("jvp tangent", pty, batch_for_rank(ty, groups))]
+    checks += [(f"grad of {n}", p.grad, shard_like(n, rp[n].grad, groups)) for n, p in par.named_parameters()
+               if rp[n].grad.norm() > 1e-3 * loss.abs()]
+    if py.dtype != torch.bfloat16 or next(par.parameters()).dtype != torch.float32:
+        errors.append(f"layout {layout} bf16: output {py.dtype}, master weights {next(par.parameters()).dtype}")
+    for what, a, b in checks:
+        e = rel(a, b)
+        if not e < 3e-2:
+            errors.append(f"layout {layout} bf16 compute: {what} differs, rel err {e:.3e}")
+
+
+def check_plan(layout, groups, errors):
+    """The memory planner on this layout: parameters held by this rank exactly (the planner reports the heaviest
+    rank: pipeline stage 0, FSDP rank 0), and one block's saved activations exactly (bf16 autocast, memory-lean
+    attention; not under FSDP, whose unsharded weights are freed after each unit but still referenced)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from flash_like_attention import register
+
+    from megatron_rcm.parallel.sharding import local
+    from megatron_rcm.training import memory_plan as mp
+
+    CHECKED[0] += 1
+    par = groups.cfg
+    model = wrap(make_model(1), groups)
+    held = sum(local(p).numel() for p in model.parameters())
+    plan = mp.param_counts(model.cfg, par, par.fsdp).local
+    heaviest = groups.pp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
+    if (held != plan) if heaviest else held > plan:
+        errors.append(f"layout {layout} plan: this rank holds {held} parameters, the planner says {plan}")
+    if par.fsdp or par.pp > 1:
+        return
+    backend = register()
+    inp = make_inputs()
+    saved = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        cfg = model_preset("tiny", num_layers=layers)
+        m = wrap(build_model(cfg, CausalConfig(chunk_frames=1, attention_backend=backend)), groups)
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        sl = lambda t: batch_for_rank(t, groups).float()  # noqa: E731
+        mask = teacher_forcing_mask(F, m.tokens_per_frame(H, W), 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.forward_teacher_forcing(sl(inp["clean"]), sl(inp["x"]), sl(inp["t"]), sl(inp["ctx"]), mask)
+        saved.append(sum(seen.values()))
+    tokens = 2 * F * model.tokens_per_frame(H, W)
+    comp = mp.Compute(2, autocast_copies=True)
+    want = mp.block_saved(cfg, par, tokens, B // par.dp, comp, 2 * F, inp["ctx"].shape[1])
+    if saved[1] - saved[0] != want:
+        errors.append(f"layout {layout} plan: one block keeps {saved[1] - saved[0]} bytes, the planner says {want}")
+
+
 def _run_kind(kind, tp, cp, dp, pp, groups, errors):
-    layout = f"tp{tp}-cp{cp}-dp{dp}-pp{pp}"
-    if kind == "scm":
+    layout = f"tp{tp}-cp{cp}-dp{dp}-pp{pp}" + ("-fsdp" if groups.cfg.fsdp else "")
+    if kind == "mp":
+        check_mixed_precision(layout, groups, errors)
+    elif kind == "plan":
+        check_plan(layout, groups, errors)
+    elif kind == "scm":
         check_scm(layout, groups, errors)
     elif kind == "cache":
         check_cache(layout, groups, errors)

@@ -1,5 +1,5 @@
-"""Sharded checkpoints (training/dist_checkpoint.py): saved under TP2 (and DP2 with ZeRO-1), loaded
-under DP2 / CP2 / PP2 / TP2 / one process, every weight, EMA and AdamW state equal to the saved one
+"""Sharded checkpoints (training/dist_checkpoint.py): saved under TP2 (and DP2 with ZeRO-1, and FSDP2 DP2),
+loaded under DP2 / CP2 / PP2 / TP2 / FSDP2 / one process, every weight, EMA and AdamW state equal to the saved one
 bit for bit; a corrupt shard is named and the previous checkpoint used; a save that dies midway
 leaves ``latest`` on the previous one; the diffusers export reads the sharded checkpoint directly."""
 import json
@@ -136,6 +136,16 @@ def test_export_from_sharded_checkpoint_equals_single_process_export(tp2_root, t
     assert all(torch.equal(p, record1[f"model.{n}"]) for n, p in raw.named_parameters())
     with pytest.raises(ckpt.CheckpointError, match="no tensors of group 'critic'"):
         dck.read_full_tensors(tp2_root, "critic")
+    # the FSDP2 (DP2) checkpoint exports in one process too
+    assert main(["convert", "--to-diffusers", str(tp2_root / "fsdp"), "--out", str(tmp_path / "from_fsdp"),
+                 "--weights", "model"]) == 0
+    record4 = torch.load(tp2_root / "fsdp" / "ref_step4.pt")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(record4[f"model.{n}"])
+    export_diffusers(model, tmp_path / "single4")
+    a, b = load_diffusers_state_dict(tmp_path / "from_fsdp"), load_diffusers_state_dict(tmp_path / "single4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_single_process_format_is_refused_with_a_clear_message(tmp_path):

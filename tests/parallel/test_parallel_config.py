@@ -29,3 +29,13 @@ def test_model_dependent_checks():
         validate_parallel(ParallelConfig(cp=2, dp=1), cfg, chunk_frames=1)
     with pytest.raises(ConfigError, match="parallel.pp"):
         validate_parallel(ParallelConfig(pp=3, dp=1), cfg)
+
+
+def test_fsdp_and_schedule_options_are_checked():
+    cfg = ParallelConfig(tp=2, fsdp=True, fsdp_param_dtype="bfloat16", fsdp_reduce_dtype="float32", pp_schedule="gpipe")
+    assert cfg.resolved(4) == ParallelConfig(tp=2, dp=2, fsdp=True, fsdp_param_dtype="bfloat16",
+                                             fsdp_reduce_dtype="float32", pp_schedule="gpipe")
+    for key, bad in (("fsdp_teacher", "half"), ("fsdp_param_dtype", "bf16"), ("fsdp_reduce_dtype", "int8"),
+                     ("pp_schedule", "interleaved")):
+        with pytest.raises(ConfigError, match=f"parallel.{key}"):
+            ParallelConfig(**{key: bad}).resolved(1)

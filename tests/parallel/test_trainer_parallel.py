@@ -4,8 +4,10 @@ gathered to full weights by rank 0) of teacher FM -> TF-sCM -> SF-DMD (critic sy
 Layouts: DP2 (ZeRO-1; plus resumes from a mid-phase sharded checkpoint
 under DP2 and in one process), PP2 (GPipe, model outputs
 broadcast from the last stage), TP2 through the launch path (``megatron-rcm launch`` -> torchrun,
-2 CPU processes). Plus gradient accumulation, the non-finite agreement and the layout checks that
-run at config load and at init against the world size."""
+2 CPU processes); FSDP2 over DP2 (every objective, activation checkpointing on, plus resumes across
+layouts in both directions), FSDP2 x TP2 and FSDP2 x PP2 (4 processes: teacher FM -> TF-sCM -> SF-DMD);
+the 1F1B schedule with micro-batches. Plus gradient accumulation, the non-finite agreement and the layout
+checks that run at config load and at init against the world size."""
 import json
 import os
 import shutil
@@ -144,6 +146,112 @@ def test_pipeline_parallel_training_matches_one_process(config_all, single_all, 
     errors = launch("_train_rank.py", 2, [str(config_all), *ARGS, f"output_dir={out}", "parallel.pp=2"], timeout=240)
     assert not errors, "\n".join(errors)
     assert_same_weights(single_all, out, ALL_PHASES)
+
+
+def _drop(out: Path, *steps: int, phase: str | None = None):
+    """Remove checkpoints ``steps`` and a phase's outputs, so the next run resumes from an earlier step."""
+    for step in steps:
+        shutil.rmtree(out / "checkpoints" / f"step_{step:08d}")
+    if phase:
+        shutil.rmtree(out / "phases" / phase)
+
+
+def _train(config, out, nprocs, *extra):
+    if nprocs == 1:
+        cfg = load_config(config, ARGS + [f"output_dir={out}", *extra])
+        Trainer(cfg, logger=RunLogger(out, tensorboard=False)).run()
+        return
+    errors = launch("_train_rank.py", nprocs, [str(config), *ARGS, f"output_dir={out}", *extra], timeout=300)
+    assert not errors, "\n".join(errors)
+
+
+FSDP = ("parallel.fsdp=true",)
+
+
+def test_fsdp_data_parallel_training_and_resumes_across_layouts(config_all, single_all, tmp_path):
+    """FSDP2 over DP2 with activation checkpointing (the rollout's checkpointed cached passes too) equals one
+    process; its mid-phase checkpoint (sharded weights, EMA, critic and their AdamW states) resumes under TP2
+    (ZeRO-1 optimizer layout), and a one-process checkpoint resumes under FSDP2."""
+    out = tmp_path / "fsdp_dp2"  # (the frozen teacher replicated here; sharded in the tests below)
+    fsdp_dp2 = ("parallel.dp=2", *FSDP, "parallel.fsdp_teacher=replicate", "train.activation_checkpointing=true",
+                "train.checkpoint_layers=1")
+    _train(config_all, out, 2, *fsdp_dp2)
+    assert json.loads((out / "checkpoints" / "step_00000001" / "meta.json").read_text())["layout"]["fsdp"]
+    assert_same_weights(single_all, out, ALL_PHASES)
+    last, n = ALL_PHASES[-1], 2 * len(ALL_PHASES)  # the last phase's checkpoints: steps n - 1 (mid), n (end)
+    # the FSDP2 shards read back whole in one process (what `convert --to-diffusers` reads; its export of an
+    # FSDP2 checkpoint is checked in test_dist_checkpoint.py: these interval models refuse the export)
+    from megatron_rcm.training.dist_checkpoint import read_full_tensors
+
+    ema = load_file(str(out / "phases" / last / "ema.safetensors"))
+    whole = read_full_tensors(out / "checkpoints", "ema")
+    assert whole.keys() == ema.keys() and all(torch.equal(whole[k], ema[k]) for k in ema)
+    _drop(out, n, phase=last)
+    _train(config_all, out, 2, "parallel.tp=2")  # FSDP2 DP2 -> TP2
+    assert_same_weights(single_all, out, ALL_PHASES)
+    _drop(out, n - 1, n, phase=last)
+    _train(config_all, out, 1)  # the last phase again in one process: writes a one-process step n - 1
+    _drop(out, n, phase=last)
+    _train(config_all, out, 2, *fsdp_dp2)  # one process -> FSDP2 DP2
+    assert_same_weights(single_all, out, ALL_PHASES)
+
+
+SF_PHASES = ("teacher", "scm", "dmd")
+
+
+@pytest.fixture(scope="module")
+def config_sf(tmp_path_factory):
+    """Teacher FM -> TF-sCM -> SF-DMD (the registry's phases for those three objectives)."""
+    path = tmp_path_factory.mktemp("cfg") / "run_sf.yaml"
+    lines = registry_phases()[0].splitlines()
+    path.write_text("\n".join(line for line in lines if not line.startswith("  - {name: ")
+                              or line.split(",")[0].split(": ")[-1] in SF_PHASES) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_sf(config_sf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_sf")
+    _train(config_sf, out, 1)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"], ids=["fsdp-dp2-tp2", "fsdp-dp2-pp2"])
+def test_fsdp_composes_with_tensor_and_pipeline_parallel(config_sf, single_sf, tmp_path, layout):
+    """4 processes: FSDP2 over DP2 on top of TP2 (2-D: TP shards, then FSDP shards of them) or PP2 (each
+    stage's blocks); the nested shards of the mid-phase checkpoint resume in one process."""
+    assert sorted(p.split(",")[0] for p in config_sf.read_text().splitlines()[1:]) == \
+        sorted(f"  - {{name: {n}" for n in SF_PHASES)
+    out = tmp_path / "run"
+    _train(config_sf, out, 4, "parallel.dp=2", layout, *FSDP)
+    assert_same_weights(single_sf, out, SF_PHASES)
+    _drop(out, 2 * len(SF_PHASES), phase=SF_PHASES[-1])
+    _train(config_sf, out, 1)
+    assert_same_weights(single_sf, out, SF_PHASES)
+
+
+def test_fsdp_shards_a_diffusers_teacher_of_its_own_size(tmp_path):
+    """SF-DMD from a diffusers teacher wider and deeper than the student: teacher and critic are built and
+    FSDP2-sharded with the folder's sizes; DP2 equals one process."""
+    from fixtures.tiny_wan_pipeline import WIDE_TEACHER, save_transformer_folder
+
+    wide = save_transformer_folder(tmp_path / "wide", **WIDE_TEACHER)
+    config = tmp_path / "wide.yaml"
+    config.write_text("phases:\n" + _phase("dmd", "dmd", "sf_dmd", False, {**FAST_ARGS["dmd"], "score_mask": "full"})
+                      .replace("}\n", f', teacher_from: "diffusers:{wide}"}}\n'))
+    _train(config, tmp_path / "single", 1)
+    _train(config, tmp_path / "fsdp", 2, "parallel.dp=2", *FSDP)
+    assert_same_weights(tmp_path / "single", tmp_path / "fsdp", ["dmd"])
+
+
+def test_one_f_one_b_with_micro_batches_matches_one_process(config, tmp_path):
+    """PP2 x 2 micro-batches per step under 1F1B (stage 0: F0 F1 B0 B1, stage 1: F0 B0 F1 B1; GPipe is
+    checked in test_layouts.py)."""
+    ref, out = tmp_path / "single", tmp_path / "1f1b"
+    _train(config, ref, 1, "train.checkpoint_every=0")
+    _train(config, out, 2, "parallel.pp=2", "train.grad_accum=2", "parallel.pp_schedule=1f1b",
+           "train.checkpoint_every=0")
+    assert_same_weights(ref, out, TF_PHASES)
 
 
 def test_launch_runs_tensor_parallel_training_on_two_processes(config_all, single_all, tmp_path):
