@@ -51,6 +51,16 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def remove_stale_temporaries(root: str | Path) -> list[str]:
+    """Delete the temporary folders of saves that were cut short (``.step_XXXXXXXX.<suffix>``; never a
+    checkpoint). Call only while holding the run lock, when no save of this run can be in flight."""
+    root = Path(root)
+    stale = sorted(p for p in root.glob(".step_*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
+
+
 def fresh_temp_dir(root: Path, step: int, suffix: str) -> Path:
     """An empty ``root/.step_XXXXXXXX.<suffix>`` (a leftover of a killed save is removed first)."""
     tmp = root / f".{checkpoint_name(step)}.{suffix}"

@@ -41,6 +41,7 @@ from .distributed import TrainerParallel
 from .ema import EMA
 from .faults import maybe_fail
 from .checkpoint import checkpoint_name as ckpt_name
+from .checkpoint import remove_stale_temporaries
 from .logger import RunLogger
 from .phase_checkpoint import PhaseObjects, load_phase, save_phase
 from .registry import build_objective
@@ -224,6 +225,9 @@ class Trainer:
             self.check_diffusers_sources()
             check_data(self.cfg)
             self._lock = RunLock(self.out).acquire(log=log)
+            stale = remove_stale_temporaries(self.ckpt_root)  # saves cut short by a crash: never checkpoints
+            if stale:
+                log(f"[checkpoint] removed the temporary folders of {len(stale)} save(s) cut short: {', '.join(stale)}")
 
         self.par.agree(claim)
         try:

@@ -56,8 +56,10 @@ def test_killed_ranks_are_restarted_and_resume_exactly(tmp_path):
     straight, _ = _train(tmp_path, "straight")
     crashed, log = _train(tmp_path, "crashed", fail_at="step:3:1,save:4:0")
     assert "rank 1: deliberate failure at step 3" in log and "rank 0: deliberate failure at save 4" in log, log[-4000:]
-    resumed = re.findall(r"resuming from \S*(step_\d+) ", log)
-    assert resumed and resumed[-1] == "step_00000002", log[-4000:]
+    # the last attempt resumes from step 2, or, where step 4's background save was cut short only after the
+    # phase had finished (a slow or busy machine), from the finished phase's weights (phases/teacher/done.json)
+    starts = re.findall(r"resuming from \S*(step_\d+) |(continuing with nothing left to train)", log)
+    assert starts and (starts[-1][0] == "step_00000002" or starts[-1][1]), log[-4000:]
     leftovers = [p.name for p in (crashed / "checkpoints").iterdir() if p.name.startswith(".")]
-    assert not leftovers, leftovers  # the cut-short save's folder was replaced when step 4 was saved again
+    assert not leftovers, leftovers  # the cut-short save's folder: removed at the restart (or replaced by the re-save)
     _assert_same_weights(straight, crashed)
