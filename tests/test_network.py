@@ -162,3 +162,29 @@ def test_objectives_and_rollout_reach_the_layout_only_through_the_seam():
                  if any(line.lstrip().startswith(("from ", "import ")) and "parallel" in line
                         for line in p.read_text().splitlines())]
     assert not offenders, offenders
+
+
+def test_a_gradient_step_against_the_stream_cache_trains_the_cross_attention_projections():
+    """A self-forcing gradient step reads a cache whose text K/V were projected by an earlier no-grad step:
+    the last block's cross-attention K/V projections (and only under grad) must get the gradient of the
+    block-causal full-sequence call, not silently none (cached tensors are detached)."""
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=2, param_dtype="float64"),
+                        CausalConfig(chunk_frames=2, attention_backend="reference"))
+    net, (x, ctx, _) = Denoiser(model), _inputs()
+    clean, noisy, s = x[:, :, :2], torch.randn_like(x[:, :, 2:]), 0.625  # exact in binary: one time value both ways
+    weight = torch.randn_like(noisy)
+    last = model.blocks[-1].attn2
+    params = [last.to_k.weight, last.to_v.weight, last.to_k.bias]
+
+    cache = net.new_cache(H, W, Condition(ctx))
+    with torch.no_grad():
+        net.write_chunk(clean, Condition(ctx), cache, 0)  # projects and caches the text K/V (detached)
+    assert cache.kv.layers[-1].cross_k is not None and not cache.kv.layers[-1].cross_k.requires_grad
+    got = torch.autograd.grad((net.chunk(noisy, s, Condition(ctx), cache, 1)[0] * weight).sum(), params)
+
+    t = torch.cat([torch.zeros(B, 2), torch.full((B, 2), s)], 1).double()
+    full = net.velocity(torch.cat([clean, noisy], 2), t, Condition(ctx), attend="block_causal")[0][:, :, 2:]
+    want = torch.autograd.grad((full * weight).sum(), params)
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0 and rel_err(g, w) < 1e-10

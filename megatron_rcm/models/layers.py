@@ -110,12 +110,18 @@ class Attention(nn.Module):
         v, _ = dual.linear(image, None, self.add_v_proj.weight, self.add_v_proj.bias)
         return self._heads(k), self._heads(v)
 
-    def _context_kv(self, cache_layer, slots: tuple[str, str], project):
-        """K/V of a tangent-free context: from the stream's cache if there, else projected (and kept there)."""
-        if cache_layer is not None and getattr(cache_layer, slots[0]) is not None:
+    def _context_kv(self, cache_layer, slots: tuple[str, str], project, weight):
+        """K/V of a tangent-free context: from the stream's cache if there, else projected (and kept there).
+
+        The cache holds detached tensors, so a call that trains the projection (``weight`` requires grad
+        and autograd records: a self-forcing rollout's gradient step) projects afresh: reusing K/V cached
+        by an earlier no-grad step would silently leave the text/image projections untrained.
+        """
+        trains = torch.is_grad_enabled() and weight.requires_grad
+        if cache_layer is not None and not trains and getattr(cache_layer, slots[0]) is not None:
             return getattr(cache_layer, slots[0]), getattr(cache_layer, slots[1])
         k, v = project()
-        if cache_layer is not None:
+        if cache_layer is not None and getattr(cache_layer, slots[0]) is None:
             setattr(cache_layer, slots[0], k.detach()), setattr(cache_layer, slots[1], v.detach())
         return k, v
 
@@ -129,12 +135,14 @@ class Attention(nn.Module):
         q, tq = dual.rms_norm(q, tq, self.norm_q.weight, self.eps, reduce=self._norm_reduce())
         q, tq = self._heads(q), self._heads(tq)
         k, v = self._context_kv(cache_layer, ("cross_k", "cross_v"),
-                                lambda: self.project_kv(context, None)[::2])  # (k, v) of (k, tk, v, tv)
+                                lambda: self.project_kv(context, None)[::2],  # (k, v) of (k, tk, v, tv)
+                                self.to_k.weight)
         o, to = attention_jvp(q, k, v, tq, None, None, mask=None, backend=backend)
         if self.add_k_proj is not None:
             if image is not None and self.parallel is not None:
                 image, _ = self.parallel.column_input(image, None)
-            ki, vi = self._context_kv(cache_layer, ("image_k", "image_v"), lambda: self.project_image_kv(image))
+            ki, vi = self._context_kv(cache_layer, ("image_k", "image_v"), lambda: self.project_image_kv(image),
+                                      self.add_k_proj.weight)
             oi, toi = attention_jvp(q, ki, vi, tq, None, None, mask=None, backend=backend)
             o, to = dual.add(o, to, oi, toi)
         return self._out(o, to)
