@@ -205,7 +205,7 @@ def planned_gib(args, kind: str) -> float:
 
     cfg = model_preset("wan2.1-1.3b", num_layers=args.layers)
     geo = mp.Geometry(args.frames, (args.height // 2) * (args.width // 2), args.chunk_frames, 512)
-    shape = mp.PHASE_CALLS[kind]
+    shape = mp.phase_shape(kind, {"rollout": {"replayed_backprop": args.replayed}})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = ParallelConfig(dp=world if args.parallel != "none" else 1, fsdp=args.parallel == "fsdp",
                             fsdp_teacher="replicate", fsdp_param_dtype=args.fsdp_param_dtype,

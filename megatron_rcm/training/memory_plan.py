@@ -22,7 +22,10 @@ Two parts with different standing:
   its network calls: teacher-forcing phases hold one grad-enabled [clean ; noisy] forward (the
   teacher's CFG pass and sCM/MeanFlow's JVP run without a graph before it), self-forcing phases hold
   one grad-enabled graph per chunk plus the KV-cache snapshots of the rollout while the scores run,
-  then the critic's step. Backward working memory is taken as half a block's saved activations.
+  then the critic's step. With replayed backprop (``rollout.replayed_backprop``) the rollout holds
+  no graph but a never-evicting cache, and the backward rebuilds one chunk's graph at a time next to
+  the gradients (and autocast's weight copies) already there. Backward working memory is taken as half a
+  block's saved activations.
   The estimate is meant to be within 15% of the measured peak (``benchmarks/train_step.py --plan``).
 
 Every number is bytes; tables print GiB.
@@ -211,6 +214,7 @@ class StepShape:
     jvp: bool = False  # a no-grad JVP pass of the student before it
     rollout: bool = False  # a self-forcing rollout (one grad graph per chunk) + scores
     critic: bool = False  # a trained critic (fake score) with its own step
+    replayed: bool = False  # the rollout runs without a graph; backward replays one chunk's exit step at a time
 
 
 PHASE_CALLS = {
@@ -221,6 +225,17 @@ PHASE_CALLS = {
     "dmd": StepShape(teacher_forcing=False, rollout=True, critic=True),
     "rcm": StepShape(jvp=True, rollout=True, critic=True),
 }
+
+
+def phase_shape(objective: str, objective_args: dict | None = None) -> StepShape:
+    """The step shape of a phase (``PHASE_CALLS``), with the rollout's ``replayed_backprop`` switch read from the
+    phase's objective arguments (DMD: ``rollout.replayed_backprop``; rCM: ``dmd.rollout.replayed_backprop``)."""
+    from dataclasses import replace
+
+    shape = PHASE_CALLS.get(objective, StepShape())
+    args = dict(objective_args or {})
+    rollout = (args.get("dmd") or {}).get("rollout") if objective == "rcm" else args.get("rollout")
+    return replace(shape, replayed=bool((rollout or {}).get("replayed_backprop", False))) if shape.rollout else shape
 
 
 @dataclass
@@ -286,18 +301,26 @@ def step_peak(shape: StepShape, student: ModelConfig, teacher: ModelConfig | Non
         chunks = geo.chunks
         h, e = grad_forward(student, par, geo.chunk, batch, comp, **{**fwd, "frames": geo.chunk_frames})
         one_chunk_kv = kv_cache(student, par, geo.chunk, batch, comp, layers)
-        snapshots = one_chunk_kv * chunks * (chunks - 1) // 2  # chunk k's graph keeps the cache of k chunks
-        parts["rollout graphs"] = chunks * h
-        parts["KV-cache snapshots"] = snapshots
-        held += chunks * h + snapshots
-        extra = max(extra, e + one_chunk_kv * chunks)
+        if shape.replayed:  # no graph in the forward: the never-evicting cache is held, one chunk's graph at a time
+            parts["rollout KV cache (kept for the replay)"] = one_chunk_kv * chunks
+            held += one_chunk_kv * chunks
+            extra = max(extra, h + e)
+        else:
+            snapshots = one_chunk_kv * chunks * (chunks - 1) // 2  # chunk k's graph keeps the cache of k chunks
+            parts["rollout graphs"] = chunks * h
+            parts["KV-cache snapshots"] = snapshots
+            held += chunks * h + snapshots
+            extra = max(extra, e + one_chunk_kv * chunks)
         scores = no_grad_pass(teacher or student, par, geo.video, CFG_BATCH * batch, comp)
         parts["score passes"] = scores
     parts["backward working set"] = extra
     earlier = time.student_grads if micro > 1 else 0  # micro-batches accumulate into existing gradients
     generator = time.critic_grads + earlier + max(
         max(passes, held + scores) + cast_cache,  # forward (autocast's cast cache lives until it ends)
-        max(held, time.student_grads - earlier) + extra,  # backward
+        # backward; a replay builds each chunk's graph (under autocast: its weight copies again) while the
+        # gradients of the later chunks already exist, and each chunk's gradients are new tensors added to them
+        (held + 2 * time.student_grads - earlier + cast_cache if shape.replayed
+         else max(held, time.student_grads - earlier)) + extra,
         time.student_grads - earlier + time.student_step_temp)  # optimizer step
     peak = generator
     if shape.critic:
@@ -377,7 +400,7 @@ def plan_run(cfg, gpus: int, teacher_configs: dict[str, ModelConfig] | None = No
                    data.text_len)
     plans = []
     for phase in cfg.phases:
-        shape = PHASE_CALLS.get(phase.objective, StepShape())
+        shape = phase_shape(phase.objective, phase.objective_args)
         teacher = None
         if phase.teacher_from:
             teacher = (teacher_configs or {}).get(phase.teacher_from, m)
