@@ -128,8 +128,6 @@ def run(args, kind: str, device) -> dict:
     if kind == "scm":
         obj = SCMObjective(Denoiser(teacher), SCMConfig(cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
     else:
-        critic = copy.deepcopy(student)
-        critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
         rollout = RolloutConfig(denoising_steps=[1000.0, 500.0], last_step_only=True,  # the same graph every rep
                                 replayed_backprop=args.replayed)
         cfg = DMDConfig(guidance_scale=3.0, critic_ratio=1, critic_lr=1e-6, rollout=rollout)
