@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import hashlib
 import math
-import platform
 import shlex
 import shutil
 import statistics
@@ -306,12 +305,6 @@ def rank_inits(results: dict, key: str = "fd2") -> list[str]:
     return sorted(mean, key=mean.get)
 
 
-def device_description(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,7 +382,7 @@ def main(argv=None) -> dict:
     teacher_dir = train_teachers(cfg, teachers, args)
     results, refs = {i: [] for i in args.inits}, None
     report = ""
-    device = args.device_name or device_description(args.device)
+    device = args.device_name or convergence.device_description(args.device)
     for seed in args.seeds_list:
         for init in args.inits:
             r = run_init(cfg, teachers, dmd, init, seed, teacher_dir, args)

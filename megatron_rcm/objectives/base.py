@@ -108,7 +108,10 @@ class Objective:
 
     @classmethod
     def from_phase(cls, cfg, models: PhaseModels) -> "Objective":
-        raise NotImplementedError
+        """Build from the phase's config and models; objectives that use no teacher are built from the config."""
+        if cls.teacher_role == "none":
+            return cls(cfg)
+        raise NotImplementedError(f"{cls.__name__} uses a teacher: define from_phase")
 
     def loss(self, student: Denoiser, batch: dict, step: StepContext) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -38,10 +38,6 @@ class DiffusionForcingObjective(Objective):
         cfg.validate()
         self.cfg = cfg
 
-    @classmethod
-    def from_phase(cls, cfg, models):
-        return cls(cfg)
-
     def loss(self, student, batch, step):
         x0, c = batch["latents"], self.cfg
         layout = student.layout(x0)

@@ -26,10 +26,6 @@ class FlowMatchingObjective(Objective):
     def __init__(self, cfg: FMConfig = FMConfig()):
         self.cfg = cfg
 
-    @classmethod
-    def from_phase(cls, cfg, models):
-        return cls(cfg)
-
     def loss(self, student, batch, step):
         x0, c = batch["latents"], self.cfg
         layout = student.layout(x0)
