@@ -96,3 +96,18 @@ def test_objective_contract_exposes_side_modules_and_critic_of_composites():
     assert all(torch.equal(a, b) for a, b in zip(critic.model.state_dict().values(), teacher.state_dict().values()))
     fm = build_objective(PhaseConfig(name="t", kind="teacher", objective="flow_matching"), PhaseModels.local())
     assert fm.side_modules() == [] and fm.critic() is None and fm.state_dict() == {}
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_after_step_hook_computes_in_the_steps_precision(tmp_path, monkeypatch, precision):
+    """A critic's step (``after_step``) runs under the same autocast as the student's loss: under bf16 it would
+    otherwise compute (and hold its graph) in fp32."""
+    from megatron_rcm.objectives import FlowMatchingObjective
+
+    seen = []
+    monkeypatch.setattr(FlowMatchingObjective, "after_step", lambda self, student, batch, step: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or {})
+    (tmp_path / "run.yaml").write_text("phases:\n  - {name: t, kind: teacher, objective: flow_matching, steps: 2}\n")
+    cfg = load_config(tmp_path / "run.yaml", BASE + [f"output_dir={tmp_path / 'run'}", f"train.precision={precision}",
+                                                     "eval.at_phase_end=false"])
+    Trainer(cfg, logger=RunLogger(cfg.output_dir, tensorboard=False)).run()
+    assert seen == [(True, torch.bfloat16)] * 2 if precision == "bf16" else [s[0] for s in seen] == [False] * 2

@@ -334,13 +334,13 @@ def step_peak(shape: StepShape, student: ModelConfig, teacher: ModelConfig | Non
 def plan_phase(name: str, kind: str, shape: StepShape, student: ModelConfig, teacher: ModelConfig | None,
                par: ParallelConfig, geo: Geometry, batch: int, *, precision: str = "fp32", compiled: bool = False,
                checkpointing: bool = False, checkpoint_layers: int = 0, micro: int = 1,
-               pp_schedule: str = "1f1b", critic_in_autocast: bool = False, ema: bool = True,
+               pp_schedule: str = "1f1b", critic_in_autocast: bool = True, ema: bool = True,
                fused_adam: tuple[bool, bool] = (False, False), grads_live_in_critic_step: bool = True,
                critic_cfg: ModelConfig | None = None) -> PhasePlan:
     """The plan of one phase: models (student, EMA, frozen teacher, critic) and the step's peak.
 
     ``batch`` is the micro-batch on one data-parallel rank; ``micro`` the micro-batches per step. The
-    trainer runs the critic's step (``after_step``) outside autocast (``critic_in_autocast=False``) and
+    trainer runs the critic's step (``after_step``) under the step's autocast (``critic_in_autocast``) and
     zeroes gradients at the start of a step (``grads_live_in_critic_step``); ``fused_adam``: (student,
     critic) optimizers without the foreach temporary. The critic is a copy of the teacher (``critic_cfg``
     overrides it)."""

@@ -368,7 +368,8 @@ class Trainer:
                 opt.step()
                 scheduler.step()
             ema.update(student)  # sharded models: each rank averages its own shards
-            metrics.update(objective.after_step(student_net, batch, StepContext(step, par.batch_noise())) or {})
+            with autocast:  # the critic's step computes in the precision of the student's (bf16: half the memory)
+                metrics.update(objective.after_step(student_net, batch, StepContext(step, par.batch_noise())) or {})
             step += 1
             last_loss = mean_loss
             metrics = {"loss": last_loss, "grad_norm": float(grad_norm), "lr": schedulers[0].get_last_lr()[0],
