@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config.errors import ConfigError
+from ..config.stream_cache import KV_CACHE_DTYPES, ROPE_POLICIES
 from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config, load_teacher_model
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -63,6 +64,26 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="FM level of the noisy context (default: causal.context_noise_level)")
 
 
+def add_long_video_arguments(p: argparse.ArgumentParser) -> None:
+    """The stream cache past the training length: rolling window/sink, RoPE policy, fp8 K/V (models/kv_cache.py)."""
+    g = p.add_argument_group("long videos (stream cache)")
+    g.add_argument("--window-chunks", type=int, default=None, metavar="W", help="chunks a chunk attends to, itself "
+                   "included (Self-Forcing local_attn_size; 0 = all; default: the run's causal.window_chunks)")
+    g.add_argument("--sink-chunks", type=int, default=None, metavar="S", help="first chunks always attended (LongLive's "
+                   "frame sink, Self-Forcing sink_size; 0 = a plain sliding window; default: causal.sink_chunks)")
+    g.add_argument("--rope-policy", choices=ROPE_POLICIES, default=None, help="positions past the window: absolute "
+                   "(keep increasing) or rebase (the window placed right after the sink chunks); default: "
+                   "StreamConfig's (see benchmarks/RESULTS.md, 'Long rollouts')")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None, help="self-attention K/V of the "
+                   "cache: auto (the model's dtype) or fp8_e4m3 (per chunk and head scales, half of bf16's memory)")
+
+
+def _long_video_options(args) -> dict:
+    """The StreamConfig fields the long-video flags set (absent flags keep StreamConfig's defaults)."""
+    names = ("window_chunks", "sink_chunks", "rope_policy", "kv_cache_dtype")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def stream_options(args, causal, steps: int = 2):
     """The ``StreamConfig`` of the sampler flags (validated: errors name the flag); ``causal``: the run's config."""
     from ..diffusion.step_schedule import parse_chunk_schedules
@@ -79,8 +100,10 @@ def stream_options(args, causal, steps: int = 2):
     if not 0.0 < level < 1.0:
         raise ConfigError("--context-noise-level", level, "a flow-matching level in (0, 1), e.g. 0.625")
     opts = StreamConfig(steps=steps, steps_per_chunk=args.steps_per_chunk, chunk_schedules=schedules,
-                        sigma_max=args.sigma_max, noisy_context=NoisyContext(level if on else 0.0, start))
+                        sigma_max=args.sigma_max, noisy_context=NoisyContext(level if on else 0.0, start),
+                        **_long_video_options(args))
     opts.schedule()  # fail now, naming the flag
+    opts.cache_options()
     return opts
 
 
@@ -372,6 +395,7 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
     _prompt_args(p)
     add_sampler_arguments(p)
+    add_long_video_arguments(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")
