@@ -48,17 +48,31 @@ def test_sink_position_shift_places_the_window_after_the_sinks():
     assert shifts == [0, 0, 0, 0, layout.start(2) - 1, layout.start(3) - 1, layout.start(4) - 1, layout.start(5) - 1]
     assert shifts[4:] == [2, 4, 6, 8]
     assert all(sink_position_shift(ChunkVisibility(3, 0), layout, c) == 0 for c in range(8))  # no sink: nothing
+    # trained on 7 frames (chunks 0-3): inside them nothing moves; past them the chunk ends at frame 7
+    capped = [sink_position_shift(vis, layout, c, trained_frames=7) for c in range(8)]
+    assert capped == [0, 0, 0, 0, 2, 4, 6, 8] and layout.start(4) + layout.size(4) - 7 == 2
+    assert [sink_position_shift(vis, layout, c, trained_frames=9) for c in range(8)] == [0, 0, 0, 0, 0, 2, 4, 6]
     assert all(sink_position_shift(ChunkVisibility(0, 1), layout, c) == 0 for c in range(8))  # unlimited window
 
 
-def test_rebase_equals_absolute_before_eviction_and_without_sinks():
-    """float64: inside the trained range (no chunk evicted yet) and for a plain sliding window at 4x the
+def test_rebase_equals_absolute_where_it_should():
+    """float64: before any eviction, inside the trained range, and for a plain sliding window at 4x the
     training length (RoPE scores depend only on position differences) rebase is absolute."""
     model = _model(layers=2, window=TRAIN_FRAMES + 1, sink=1, dtype="float64")
     a, _ = _stream(model, TRAIN_FRAMES, rope_policy="absolute")
     b, _ = _stream(model, TRAIN_FRAMES, rope_policy="rebase")
     for x, y in zip(a, b):
         torch.testing.assert_close(x.frames, y.frames, atol=1e-12, rtol=0)
+    # a window + sink shorter than the training videos evicts inside them: with the training length given,
+    # rebase still leaves that range as trained, and only moves positions past it
+    a, _ = _stream(model, 2 * TRAIN_FRAMES, window_chunks=2, sink_chunks=1, rope_policy="absolute")
+    b, _ = _stream(model, 2 * TRAIN_FRAMES, window_chunks=2, sink_chunks=1, rope_policy="rebase",
+                   trained_frames=TRAIN_FRAMES)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if i < TRAIN_FRAMES:
+            torch.testing.assert_close(x.frames, y.frames, atol=1e-12, rtol=0)
+        else:
+            assert (x.frames - y.frames).abs().max() > 1e-6
     a, _ = _stream(model, 4 * TRAIN_FRAMES, window_chunks=3, sink_chunks=0, rope_policy="absolute")
     b, _ = _stream(model, 4 * TRAIN_FRAMES, window_chunks=3, sink_chunks=0, rope_policy="rebase")
     torch.testing.assert_close(torch.cat([o.frames for o in b], 2), torch.cat([o.frames for o in a], 2),

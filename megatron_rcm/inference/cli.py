@@ -84,6 +84,22 @@ def _long_video_options(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def long_stream_options(options, cfg, model, frames: int):
+    """``options`` for a stream of ``frames`` latent frames of the run ``cfg``: the training length (the cap of
+    ``rope_policy=rebase``) and, for a run trained without a window, a sliding window of the training length
+    once the stream is longer (the whole history drifts and grows: benchmarks/RESULTS.md, "Long rollouts")."""
+    from dataclasses import replace
+
+    trained = cfg.data.num_frames
+    options = replace(options, trained_frames=options.trained_frames or trained)
+    if frames > trained and options.window_chunks is None and not cfg.causal.window_chunks:
+        chunks = model.chunk_layout(trained // model.patch[0]).n_chunks
+        print(f"streaming past the training length ({trained} frames) with a sliding window of {chunks} chunks "
+              "(--window-chunks 0 keeps every chunk)")
+        options = replace(options, window_chunks=chunks)
+    return options
+
+
 def stream_options(args, causal, steps: int = 2):
     """The ``StreamConfig`` of the sampler flags (validated: errors name the flag); ``causal``: the run's config."""
     from ..diffusion.step_schedule import parse_chunk_schedules
@@ -302,7 +318,7 @@ def run_generate(args) -> int:
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
     pattern = (f"{layout.n_chunks} chunks of {layout.chunk_frames}" if layout.first == layout.chunk_frames else
                f"a chunk of {layout.first} + {layout.n_chunks - 1} of {layout.chunk_frames}")
-    options = stream_options(args, cfg.causal, args.steps)
+    options = long_stream_options(stream_options(args, cfg.causal, args.steps), cfg, model, frames)
     per_chunk = " ".join(map(str, args.steps_per_chunk)) if args.steps_per_chunk else str(args.steps)
     print(f"streaming {frames} frames ({pattern}) from phase '{phase.name}', "
           f"{per_chunk} steps per chunk, to {out}")

@@ -52,13 +52,16 @@ class StreamConfig:
     # long streams (models/kv_cache.py StreamCacheOptions): window/sink None = the model's causal.*
     window_chunks: int | None = None
     sink_chunks: int | None = None
-    rope_policy: str = "absolute"  # absolute | rebase
+    # absolute | rebase; rebase by default: with sink chunks absolute positions collapse at 8x the training length
+    # and rebase does not, without sinks (or within the window) the two are the same (benchmarks/RESULTS.md)
+    rope_policy: str = "rebase"
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8_e4m3
+    trained_frames: int | None = None  # training length (latent frames): rebase leaves streams inside it unchanged
 
     def cache_options(self) -> StreamCacheOptions:
         """The stream cache's options (validated: errors name the CLI flag)."""
-        return StreamCacheOptions(self.window_chunks, self.sink_chunks, self.rope_policy,
-                                  self.kv_cache_dtype).validate(CACHE_KEYS)
+        return StreamCacheOptions(self.window_chunks, self.sink_chunks, self.rope_policy, self.kv_cache_dtype,
+                                  self.trained_frames).validate(CACHE_KEYS)
 
     def schedule(self) -> StepSchedule:
         """The levels of every chunk; without explicit timesteps the base grid is evenly spaced over the

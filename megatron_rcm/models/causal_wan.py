@@ -141,8 +141,10 @@ class CausalWanModel(nn.Module):
         if options is None:
             return KVCache(len(self.blocks), self.visibility(), evict=evict)
         options.validate()
+        trained = None if options.trained_frames is None else max(1, options.trained_frames // self.patch[0])
         return KVCache(len(self.blocks), options.visibility(self.visibility()), evict=evict,
-                       rope_policy=options.rope_policy, kv_cache_dtype=options.kv_cache_dtype)
+                       rope_policy=options.rope_policy, kv_cache_dtype=options.kv_cache_dtype,
+                       rope_trained_frames=trained)
 
     # ------------------------------------------------------------------ public forwards
     def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
@@ -273,7 +275,8 @@ class CausalWanModel(nn.Module):
             return None
         c = self.causal
         shift = sink_position_shift(cache.visibility, ChunkLayout.covering(chunk + 1, c.chunk_frames,
-                                                                           c.first_chunk_frames or None), chunk)
+                                                                           c.first_chunk_frames or None), chunk,
+                                    cache.rope_trained_frames)
         if shift == 0:
             return None
         delta = torch.tensor([[shift, 0, 0]], device=device)  # (frame, row, col): the time axis only

@@ -38,12 +38,16 @@ class StreamCacheOptions:
     (positions keep increasing) or ``rebase`` (the window is placed right after the sink chunks, as if the
     evicted chunks never existed: the Infinity-RoPE / block-relative family). ``kv_cache_dtype``: ``auto``
     (the model's dtype) or ``fp8_e4m3`` (self-attention K/V in fp8 with per chunk and head scales).
+    ``trained_frames``: the training videos' latent frames; ``rebase`` then moves positions only as far as
+    needed to keep every attended distance inside that range, so a stream inside it is exactly the trained
+    one (None: as if the window always followed the sinks).
     """
 
     window_chunks: int | None = None
     sink_chunks: int | None = None
     rope_policy: str = "absolute"
     kv_cache_dtype: str = "auto"
+    trained_frames: int | None = None
 
     def validate(self, names: dict[str, str] | None = None) -> "StreamCacheOptions":
         """Raise a ConfigError naming the field (or the flag in ``names``) of a bad value."""
@@ -56,6 +60,8 @@ class StreamCacheOptions:
             raise ConfigError(name("rope_policy"), self.rope_policy, f"one of {list(ROPE_POLICIES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(name("kv_cache_dtype"), self.kv_cache_dtype, f"one of {list(KV_CACHE_DTYPES)}")
+        if self.trained_frames is not None and (not isinstance(self.trained_frames, int) or self.trained_frames < 1):
+            raise ConfigError(name("trained_frames"), self.trained_frames, "the training length in latent frames (>= 1)")
         return self
 
     def visibility(self, model_visibility: ChunkVisibility) -> ChunkVisibility:
@@ -64,7 +70,8 @@ class StreamCacheOptions:
         return ChunkVisibility(w, s)
 
 
-def sink_position_shift(visibility: ChunkVisibility, layout: ChunkLayout, chunk: int) -> int:
+def sink_position_shift(visibility: ChunkVisibility, layout: ChunkLayout, chunk: int,
+                        trained_frames: int | None = None) -> int:
     """Latent frames by which ``rope_policy='rebase'`` moves the sink chunks forward for chunk ``chunk``.
 
     Rebasing gives the sink chunks their own positions and the visible window (its cached chunks and the
@@ -75,13 +82,18 @@ def sink_position_shift(visibility: ChunkVisibility, layout: ChunkLayout, chunk:
     rotated key by the delta, the rotations compose), needs no un-rotated copy of the cache and no
     re-rotation of the window's keys (which would repeat every chunk and, in fp8, re-quantise), and
     ``absolute`` pays nothing. Without sinks (a plain sliding window) or before anything was evicted the
-    shift is 0: rebase equals absolute there exactly.
+    shift is 0: rebase equals absolute there exactly. ``trained_frames`` caps the shift at what keeps the
+    sink-to-chunk distance inside the trained range (the chunk's end at ``trained_frames``, Infinity-RoPE's
+    ``f_limit``): a stream shorter than the training videos is then unchanged even when it evicts.
     """
     w, s = visibility.window, visibility.sink
     first_window_chunk = chunk - w + 1
     if w == 0 or s == 0 or first_window_chunk <= s:
         return 0
-    return layout.start(first_window_chunk) - layout.start(s)
+    shift = layout.start(first_window_chunk) - layout.start(s)
+    if trained_frames is not None:
+        shift = min(shift, max(0, layout.start(chunk) + layout.size(chunk) - trained_frames))
+    return shift
 
 
 @dataclass
@@ -128,6 +140,7 @@ class KVCache:
     evict: bool = True
     rope_policy: str = "absolute"  # see StreamCacheOptions; the model applies it (sink_position_shift)
     kv_cache_dtype: str = "auto"
+    rope_trained_frames: int | None = None  # patched frames (StreamCacheOptions.trained_frames / temporal patch)
     _appending: int | None = field(default=None, repr=False)  # tokens of the chunk being appended
 
     def __post_init__(self):
@@ -144,7 +157,8 @@ class KVCache:
         ignored), so forward and recomputation build the same graph.
         """
         return KVCache(self.num_layers, self.visibility, list(self.chunks), list(self.chunk_tokens),
-                       [_FrozenLayer(c) for c in self.layers], self.evict, self.rope_policy, self.kv_cache_dtype)
+                       [_FrozenLayer(c) for c in self.layers], self.evict, self.rope_policy, self.kv_cache_dtype,
+                       self.rope_trained_frames)
 
     def before(self, chunk: int) -> "KVCache":
         """A read-only view of the cached chunks with index < ``chunk`` (slices, no copy).
