@@ -86,16 +86,18 @@ def _long_video_options(args) -> dict:
 
 def long_stream_options(options, cfg, model, frames: int):
     """``options`` for a stream of ``frames`` latent frames of the run ``cfg``: the training length (the cap of
-    ``rope_policy=rebase``) and, for a run trained without a window, a sliding window of the training length
-    once the stream is longer (the whole history drifts and grows: benchmarks/RESULTS.md, "Long rollouts")."""
+    ``rope_policy=rebase``) and, for a run trained without a window, a rolling window that attends to as many
+    chunks as the training videos hold (sinks included) once the stream is longer (the whole history drifts and
+    grows: benchmarks/RESULTS.md, "Long rollouts")."""
     from dataclasses import replace
 
     trained = cfg.data.num_frames
     options = replace(options, trained_frames=options.trained_frames or trained)
     if frames > trained and options.window_chunks is None and not cfg.causal.window_chunks:
-        chunks = model.chunk_layout(trained // model.patch[0]).n_chunks
-        print(f"streaming past the training length ({trained} frames) with a sliding window of {chunks} chunks "
-              "(--window-chunks 0 keeps every chunk)")
+        sink = cfg.causal.sink_chunks if options.sink_chunks is None else options.sink_chunks
+        chunks = max(1, model.chunk_layout(trained // model.patch[0]).n_chunks - sink)
+        print(f"streaming past the training length ({trained} frames) with a rolling window of {chunks} chunks "
+              f"+ {sink} sink (--window-chunks 0 keeps every chunk)")
         options = replace(options, window_chunks=chunks)
     return options
 
