@@ -166,7 +166,7 @@ def test_fp8_stream_is_close_to_the_unquantised_one():
     b, cb = _stream(model, 2 * TRAIN_FRAMES, kv_cache_dtype="fp8_e4m3")
     va, vb = torch.cat([o.frames for o in a], 2), torch.cat([o.frames for o in b], 2)
     rel = (vb - va).norm() / va.norm()
-    assert 0 < rel < 0.05, rel
+    assert 0 < rel < 0.01, rel  # ~8e-4 here
     assert ca.chunks == cb.chunks and cb.layers[0].k.dtype == torch.float8_e4m3fn
 
 
