@@ -142,7 +142,7 @@ def test_fp8_cache_halves_bf16_memory_and_evicts_the_same_chunks():
     vis = ChunkVisibility(window=3, sink=1)
     plain, fp8 = KVCache(1, vis), KVCache(1, vis, kv_cache_dtype="fp8_e4m3")
     for c in range(10):
-        vals = _fill(plain, [c], seed=c)
+        _fill(plain, [c], seed=c)
         _fill(fp8, [c], seed=c)
         assert fp8.chunks == plain.chunks and fp8.chunk_tokens == plain.chunk_tokens
     assert plain.chunks == [0, 8, 9]

@@ -28,7 +28,6 @@ from .kv_quant import dequantize, quantize_per_head
 from .rope import apply_rope
 
 
-
 @dataclass(frozen=True)
 class StreamCacheOptions:
     """How a stream's cache behaves past the training length (``None`` = the model's ``causal.*``).
@@ -51,11 +50,11 @@ class StreamCacheOptions:
 
     def validate(self, names: dict[str, str] | None = None) -> "StreamCacheOptions":
         """Raise a ConfigError naming the field (or the flag in ``names``) of a bad value."""
-        name = lambda field: (names or {}).get(field, field)  # noqa: E731
-        for field in ("window_chunks", "sink_chunks"):
-            value = getattr(self, field)
+        name = lambda key: (names or {}).get(key, key)  # noqa: E731
+        for key in ("window_chunks", "sink_chunks"):
+            value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ConfigError(name(field), value, "a chunk count >= 0 (window 0 = unlimited)")
+                raise ConfigError(name(key), value, "a chunk count >= 0 (window 0 = unlimited)")
         if self.rope_policy not in ROPE_POLICIES:
             raise ConfigError(name("rope_policy"), self.rope_policy, f"one of {list(ROPE_POLICIES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
