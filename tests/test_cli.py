@@ -129,6 +129,13 @@ def test_generate_streams_past_the_training_length(run, tmp_path, capsys):
     latency = [line for line in lines if line.startswith("chunk ") and " ms " in line]
     assert [int(line.split()[1].rstrip(":")) for line in latency] == list(range(frames // CHUNK))
     assert read_video(str(out)).shape[0] == frames
+    # the run has no window: past its training length the stream rolls one over the training length's chunks
+    assert any("rolling window" in line for line in lines)
+    tokens = [int(line.split("kv cache ")[1].split()[0]) for line in latency]  # after each chunk
+    assert max(tokens) == tokens[-1] == (FRAMES // CHUNK - 1) * tokens[0]  # what the next chunk may see
+    assert main(["generate", str(run), "--phase", "tf_scm", "--frames", str(frames), "--class-id", "1", "--out",
+                 str(out), "--sink-chunks", "1", "--rope-policy", "rebase", "--kv-cache-dtype", "fp8_e4m3"]) == 0
+    assert read_video(str(out)).shape[0] == frames
 
 
 def test_generate_with_actions_and_interactive_stdin(action_run, tmp_path, capsys, monkeypatch):
@@ -217,6 +224,7 @@ def test_errors_name_the_problem_and_exit_2(run, action_run, tmp_path, capsys):
                                                     "--steps-per-chunk", "1", "2"])
     assert "'--mid-t-schedules'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--steps-per-chunk",
                                                     "3", "--mid-t-schedules", "1/2"])
+    assert "'--window-chunks'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--window-chunks", "-1"])
 
 
 def test_console_entry_point_runs_the_new_commands(run, tmp_path):

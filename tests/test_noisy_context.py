@@ -47,7 +47,7 @@ def test_stream_caches_the_last_step_and_equals_teacher_forcing_on_that_context(
     model = _model(window=window, sink=sink)
     net = Denoiser(model)
     rec = Recorder(model)
-    cfg = StreamConfig(steps=2, steps_per_chunk=[2], chunk_schedules=[["5/8"]])
+    cfg = StreamConfig(steps=2, steps_per_chunk=[2], chunk_schedules=[["5/8"]], trained_frames=7)  # in range
     outs = list(stream_video(model, CTX, 7, 8, 8, cfg, generator=torch.Generator().manual_seed(2)))
     rec.close()
     per_chunk = [[c for c in rec.calls if c[0] == i] for i in range(4)]

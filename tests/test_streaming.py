@@ -64,8 +64,9 @@ def test_stream_is_progressive_and_equals_rollout(chunk_frames, steps):
 
 
 def test_long_rollout_keeps_cache_flat_and_matches_windowed_mask():
-    model = _model(chunk_frames=1, window=2, sink=1)
-    outs = list(stream_video(model, CTX, 16, 8, 8, StreamConfig(steps=2), generator=_g()))  # 4x training length
+    model = _model(chunk_frames=1, window=2, sink=1)  # absolute positions: those of the training mask
+    outs = list(stream_video(model, CTX, 16, 8, 8, StreamConfig(steps=2, rope_policy="absolute"),
+                             generator=_g()))  # 4x training length
     tpc = model.tokens_per_frame(8, 8)
     bound = (1 + 2 - 1) * tpc  # sink + (window - 1) chunks kept for the next chunk
     sizes = [o.cache_tokens for o in outs]

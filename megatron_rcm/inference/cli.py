@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config.errors import ConfigError
+from ..config.stream_cache import KV_CACHE_DTYPES, ROPE_POLICIES
 from .run_dir import WEIGHTS, find_phase, load_phase_model, load_run_config, load_teacher_model
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -63,6 +64,44 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="FM level of the noisy context (default: causal.context_noise_level)")
 
 
+def add_long_video_arguments(p: argparse.ArgumentParser) -> None:
+    """The stream cache past the training length: rolling window/sink, RoPE policy, fp8 K/V (models/kv_cache.py)."""
+    g = p.add_argument_group("long videos (stream cache)")
+    g.add_argument("--window-chunks", type=int, default=None, metavar="W", help="chunks a chunk attends to, itself "
+                   "included (Self-Forcing local_attn_size; 0 = all; default: the run's causal.window_chunks)")
+    g.add_argument("--sink-chunks", type=int, default=None, metavar="S", help="first chunks always attended (LongLive's "
+                   "frame sink, Self-Forcing sink_size; 0 = a plain sliding window; default: causal.sink_chunks)")
+    g.add_argument("--rope-policy", choices=ROPE_POLICIES, default=None, help="positions past the window: absolute "
+                   "(keep increasing) or rebase (the window placed right after the sink chunks); default: "
+                   "StreamConfig's (see benchmarks/RESULTS.md, 'Long rollouts')")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None, help="self-attention K/V of the "
+                   "cache: auto (the model's dtype) or fp8_e4m3 (per chunk and head scales, half of bf16's memory)")
+
+
+def _long_video_options(args) -> dict:
+    """The StreamConfig fields the long-video flags set (absent flags keep StreamConfig's defaults)."""
+    names = ("window_chunks", "sink_chunks", "rope_policy", "kv_cache_dtype")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def long_stream_options(options, cfg, model, frames: int):
+    """``options`` for a stream of ``frames`` latent frames of the run ``cfg``: the training length (the cap of
+    ``rope_policy=rebase``) and, for a run trained without a window, a rolling window that attends to as many
+    chunks as the training videos hold (sinks included) once the stream is longer (the whole history drifts and
+    grows: benchmarks/RESULTS.md, "Long rollouts")."""
+    from dataclasses import replace
+
+    trained = cfg.data.num_frames
+    options = replace(options, trained_frames=options.trained_frames or trained)
+    if frames > trained and options.window_chunks is None and not cfg.causal.window_chunks:
+        sink = cfg.causal.sink_chunks if options.sink_chunks is None else options.sink_chunks
+        chunks = max(1, model.chunk_layout(trained // model.patch[0]).n_chunks - sink)
+        print(f"streaming past the training length ({trained} frames) with a rolling window of {chunks} chunks "
+              f"+ {sink} sink (--window-chunks 0 keeps every chunk)")
+        options = replace(options, window_chunks=chunks)
+    return options
+
+
 def stream_options(args, causal, steps: int = 2):
     """The ``StreamConfig`` of the sampler flags (validated: errors name the flag); ``causal``: the run's config."""
     from ..diffusion.step_schedule import parse_chunk_schedules
@@ -79,8 +118,10 @@ def stream_options(args, causal, steps: int = 2):
     if not 0.0 < level < 1.0:
         raise ConfigError("--context-noise-level", level, "a flow-matching level in (0, 1), e.g. 0.625")
     opts = StreamConfig(steps=steps, steps_per_chunk=args.steps_per_chunk, chunk_schedules=schedules,
-                        sigma_max=args.sigma_max, noisy_context=NoisyContext(level if on else 0.0, start))
+                        sigma_max=args.sigma_max, noisy_context=NoisyContext(level if on else 0.0, start),
+                        **_long_video_options(args))
     opts.schedule()  # fail now, naming the flag
+    opts.cache_options()
     return opts
 
 
@@ -279,7 +320,7 @@ def run_generate(args) -> int:
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
     pattern = (f"{layout.n_chunks} chunks of {layout.chunk_frames}" if layout.first == layout.chunk_frames else
                f"a chunk of {layout.first} + {layout.n_chunks - 1} of {layout.chunk_frames}")
-    options = stream_options(args, cfg.causal, args.steps)
+    options = long_stream_options(stream_options(args, cfg.causal, args.steps), cfg, model, frames)
     per_chunk = " ".join(map(str, args.steps_per_chunk)) if args.steps_per_chunk else str(args.steps)
     print(f"streaming {frames} frames ({pattern}) from phase '{phase.name}', "
           f"{per_chunk} steps per chunk, to {out}")
@@ -372,6 +413,7 @@ def add_run_dir_commands(sub) -> None:
     p.add_argument("--out", default=None, help="FILE.mp4|.gif (default RUN_DIR/samples/generate_<phase>.mp4)")
     _prompt_args(p)
     add_sampler_arguments(p)
+    add_long_video_arguments(p)
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")

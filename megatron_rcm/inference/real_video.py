@@ -103,11 +103,11 @@ def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: i
 def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
     """``generate`` on a run with encoders: one streamed, VAE-decoded file per prompt."""
     from ..utils.video import StreamingVideoWriter
-    from .cli import stream_options
+    from .cli import long_stream_options, stream_options
     from .sampling import prompt_batch
 
     device = torch.device(args.device)
-    options = stream_options(args, cfg.causal, args.steps)
+    options = long_stream_options(stream_options(args, cfg.causal, args.steps), cfg, model, frames)
     prompts = gather_prompts(args.prompt, args.prompts)
     encoders = run_encoders(cfg, device, text=bool(prompts), vae=cfg.encoders.has_vae)
     seed = cfg.eval.seed if args.seed is None else args.seed

@@ -9,6 +9,7 @@ Two ways to sample a trained phase, both chunk by chunk with a KV cache:
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -57,7 +58,7 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     context (``steps`` is then the base grid's step count).
     """
     from ..network import Denoiser
-    from .streaming import generate_video, uniform_timesteps
+    from .streaming import StreamConfig, generate_video, uniform_timesteps
 
     if steps < 1:
         raise ConfigError("--steps", steps, "a positive number of sampling steps")
@@ -66,6 +67,7 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     # many-step sampling: an explicit uniform grid of noise levels, same x0 + re-noise sampler
     timesteps = None if steps <= 4 else uniform_timesteps(steps)
     d, net = data_cfg, Denoiser.of(model)
+    options = replace(options or StreamConfig(), trained_frames=d.num_frames)  # the trained length: in range
     video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
                            action_fn=_action_fn(prompts, net.layout(d.num_frames // net.patch_frames)), seed=seed,

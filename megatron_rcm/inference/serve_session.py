@@ -180,7 +180,7 @@ class StreamSession:
         cond = src.conditioning(self.seed, self.prompt, self.class_id)
         net = Denoiser.of(src.model)
         gen = torch.Generator(device=src.device).manual_seed(self.seed)
-        cfg = StreamConfig(steps=src.steps, guidance_scale=src.guidance)
+        cfg = StreamConfig(steps=src.steps, guidance_scale=src.guidance, trained_frames=src.cfg.data.num_frames)
         action_fn = self._action_fn(net) if src.action_dim else None
         h, w = src.cfg.data.height, src.cfg.data.width
         self._stream = stream_video(src.model, cond["context"], self.max_chunks * src.chunk_frames, h, w, cfg,

@@ -5,8 +5,10 @@ distilled with (:func:`megatron_rcm.selfforcing.rollout.sample_chunk`; per-chunk
 from :mod:`megatron_rcm.diffusion.step_schedule`), then its keys/values are appended to the cache: re-run
 at t = 0, or with noisy context (:mod:`megatron_rcm.network.context`) written by the last denoising
 forward itself (N forwards per chunk instead of N + 1). The cache evicts by the model's
-``ChunkVisibility`` (sink chunks + window), so videos of any length keep a flat cache while RoPE
-positions keep increasing. The noise order matches :func:`self_forcing_rollout`, so a stream
+``ChunkVisibility`` (sink chunks + window; a stream may set its own, ``StreamConfig.window_chunks`` /
+``sink_chunks``), so videos of any length keep a flat cache; RoPE positions keep increasing
+(``rope_policy='absolute'``) or the window is re-based after the sink chunks (``'rebase'``), and the
+self-attention K/V may be held in fp8 (``kv_cache_dtype``; ``models/kv_cache.py``). The noise order matches :func:`self_forcing_rollout`, so a stream
 reproduces a rollout from one seed.
 
 World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, that chunk's frames, A]`` is called
@@ -25,12 +27,15 @@ from typing import Callable, Iterator
 import torch
 
 from ..diffusion.step_schedule import StepSchedule, StepScheduleConfig, build_schedule
+from ..models.kv_cache import StreamCacheOptions
 from ..network import WAN_T_SCALE, Condition, Denoiser, NoisyContext
 from ..selfforcing.rollout import sample_chunk
 
 # where a bad streaming schedule value comes from, for the error message (the CLI's flags)
 STREAM_KEYS = {"denoising_steps": "--steps", "shift": "--shift", "steps_per_chunk": "--steps-per-chunk",
                "chunk_schedules": "--mid-t-schedules", "sigma_max": "--sigma-max"}
+CACHE_KEYS = {"window_chunks": "--window-chunks", "sink_chunks": "--sink-chunks", "rope_policy": "--rope-policy",
+              "kv_cache_dtype": "--kv-cache-dtype"}
 
 
 @dataclass
@@ -44,6 +49,19 @@ class StreamConfig:
     chunk_schedules: list | None = None
     sigma_max: float = 0.0
     noisy_context: NoisyContext | None = None  # None: the model's causal.context_from_last_step*
+    # long streams (models/kv_cache.py StreamCacheOptions): window/sink None = the model's causal.*
+    window_chunks: int | None = None
+    sink_chunks: int | None = None
+    # absolute | rebase; rebase by default: with sink chunks absolute positions collapse at 8x the training length
+    # and rebase does not, without sinks (or within the window) the two are the same (benchmarks/RESULTS.md)
+    rope_policy: str = "rebase"
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8_e4m3
+    trained_frames: int | None = None  # training length (latent frames): rebase leaves streams inside it unchanged
+
+    def cache_options(self) -> StreamCacheOptions:
+        """The stream cache's options (validated: errors name the CLI flag)."""
+        return StreamCacheOptions(self.window_chunks, self.sink_chunks, self.rope_policy, self.kv_cache_dtype,
+                                  self.trained_frames).validate(CACHE_KEYS)
 
     def schedule(self) -> StepSchedule:
         """The levels of every chunk; without explicit timesteps the base grid is evenly spaced over the
@@ -77,7 +95,8 @@ def default_timesteps(steps: int) -> list[float]:
 def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, width: int, chunk_sampler: Callable,
                   start_noise: Callable, guidance: float = 1.0, action_fn: Callable | None = None, prefix=None,
                   history_chunks: int | None = None, sync: Callable[[], None] | None = None,
-                  noisy: NoisyContext | None = None, fresh_noise: Callable | None = None) -> Iterator[ChunkOutput]:
+                  noisy: NoisyContext | None = None, fresh_noise: Callable | None = None,
+                  cache_options: StreamCacheOptions | None = None) -> Iterator[ChunkOutput]:
     """The streaming loop every chunk-by-chunk sampler shares (few-step students, the teacher's ODE).
 
     ``chunk_sampler(denoise, noise, chunk) -> x0`` denoises chunk ``chunk``, where ``denoise(x, s) -> v``
@@ -87,7 +106,8 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     the model's; clean = re-run at s = 0, noisy = re-noised with ``fresh_noise(shape)``).
     With guidance the stream keeps a [cond ; uncond] pair of caches in one batch (see ``ChunkCache``).
     ``cond.actions`` is ignored: world models get each chunk's actions from ``action_fn`` (see
-    :func:`stream_video`).
+    :func:`stream_video`). ``cache_options``: window/sink, RoPE policy and K/V dtype of the stream's cache
+    (None: the model's window/sink, absolute positions, the model's dtype).
     """
     b, pt = cond.batch, net.patch_frames
     given = 0 if prefix is None else prefix.shape[2]
@@ -99,14 +119,14 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     except ValueError as err:
         raise ValueError(f"prefix ({given}) and num_frames ({num_frames}) must each be whole chunks: {err}") from None
     end = layout.n_chunks
-    cache = net.new_cache(height, width, cond, guidance)
+    cache = net.new_cache(height, width, cond, guidance, options=cache_options)
     noisy = net.noisy_context if noisy is None else noisy
     fresh_noise = fresh_noise or (lambda shape: torch.randn(shape, device=cond.context.device, dtype=net.dtype))
     sync = sync or (lambda: torch.cuda.synchronize() if cond.context.is_cuda else None)
     if history_chunks is not None and history_chunks < 0:
         raise ValueError(f"history_chunks must be >= 0 (or None for the model's window), got {history_chunks}")
     if history_chunks is None:
-        history_chunks = net.model.causal.window_chunks or None  # None: an unlimited cache keeps everything too
+        history_chunks = cache.kv.visibility.window or None  # None: an unlimited cache keeps everything too
     produced: deque[torch.Tensor] = deque(maxlen=history_chunks if action_fn is not None else 0)
 
     def chunk_condition(chunk):
@@ -185,7 +205,8 @@ def stream_video(model, context, num_frames: int, height: int, width: int, cfg: 
 
     yield from stream_chunks(net, Condition(context, uncond_context), num_frames, height, width,
                              few_step_sampler(schedule, noisy, generator), lambda _chunk, shape: noise(shape),
-                             cfg.guidance_scale, action_fn, prefix, history_chunks, sync, noisy, noise)
+                             cfg.guidance_scale, action_fn, prefix, history_chunks, sync, noisy, noise,
+                             cfg.cache_options())
 
 
 def generate_video(model, context, num_frames: int, height: int, width: int, steps: int = 2,

@@ -35,7 +35,7 @@ from ..ops import dual
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility, GroupMask, kv_cache_mask
 from .image_embedding import ImageEmbedder
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StreamCacheOptions, sink_position_shift
 from .layers import AttentionContext, WanBlock
 from .rope import grid_positions, rope_cos_sin
 
@@ -131,11 +131,20 @@ class CausalWanModel(nn.Module):
         c = self.causal
         return ChunkLayout(frames, c.chunk_frames, c.first_chunk_frames or None)
 
-    def new_kv_cache(self, height: int, width: int, evict: bool = True) -> KVCache:
+    def new_kv_cache(self, height: int, width: int, evict: bool = True,
+                     options: StreamCacheOptions | None = None) -> KVCache:
         """An empty stream cache (``height``/``width`` are checked against the patch); ``evict=False`` keeps
-        every chunk (the replayed self-forcing backward reads it as it was before each chunk)."""
+        every chunk (the replayed self-forcing backward reads it as it was before each chunk). ``options``:
+        a long stream's window/sink, RoPE policy and K/V dtype (None: the training mask's rule, absolute
+        positions, the model's dtype)."""
         self.tokens_per_frame(height, width)
-        return KVCache(len(self.blocks), self.visibility(), evict=evict)
+        if options is None:
+            return KVCache(len(self.blocks), self.visibility(), evict=evict)
+        options.validate()
+        trained = None if options.trained_frames is None else max(1, options.trained_frames // self.patch[0])
+        return KVCache(len(self.blocks), options.visibility(self.visibility()), evict=evict,
+                       rope_policy=options.rope_policy, kv_cache_dtype=options.kv_cache_dtype,
+                       rope_trained_frames=trained)
 
     # ------------------------------------------------------------------ public forwards
     def forward(self, x, timestep, context, mask: GroupMask | None = None, actions=None, frame_offset: int = 0,
@@ -219,7 +228,8 @@ class CausalWanModel(nn.Module):
             mask = None
         if mask is not None:
             mask = mask.to(x.device)
-        actx = AttentionContext(cos, sin, mask, self.causal.attention_backend, cache, cache_chunk, write_cache)
+        actx = AttentionContext(cos, sin, mask, self.causal.attention_backend, cache, cache_chunk, write_cache,
+                                self._sink_rotation(cache, cache_chunk, cos.dtype, x.device))
         par = self.parallel
         if par is not None and par.cp > 1:  # context parallel: this rank keeps a contiguous run of frames
             x, tx, mod, tmod, e, te = par.scatter_frames(x, tx, mod, tmod, e, te)
@@ -258,6 +268,20 @@ class CausalWanModel(nn.Module):
         return outs
 
     # ------------------------------------------------------------------ pieces
+    def _sink_rotation(self, cache: KVCache | None, chunk: int | None, dtype, device):
+        """(cos, sin) moving the sink keys forward for ``rope_policy='rebase'`` (see ``sink_position_shift``),
+        or None (absolute positions, or nothing to move yet)."""
+        if cache is None or cache.rope_policy != "rebase" or chunk is None:
+            return None
+        c = self.causal
+        shift = sink_position_shift(cache.visibility, ChunkLayout.covering(chunk + 1, c.chunk_frames,
+                                                                           c.first_chunk_frames or None), chunk,
+                                    cache.rope_trained_frames)
+        if shift == 0:
+            return None
+        delta = torch.tensor([[shift, 0, 0]], device=device)  # (frame, row, col): the time axis only
+        return rope_cos_sin(delta, self.cfg.attention_head_dim, dtype)
+
     def _frame_timesteps(self, t, latents) -> torch.Tensor:
         b, frames = latents.shape[0], latents.shape[2] // self.patch[0]
         t = torch.as_tensor(t, device=latents.device)

@@ -8,6 +8,11 @@ cached answer equals the block-causal full-sequence answer. Cross-attention keys
 context (and of the image context, I2V layout) are computed once per video and kept here too. Chunks
 may have different sizes (the first chunk of Causal-rCM's c1-4 pattern): each cached chunk's token count
 is recorded.
+
+Streams past the training length (:class:`StreamCacheOptions`): the window/sink may differ from the
+training mask's, the sink chunks' RoPE positions may be re-based (``rope_policy='rebase'``, see
+:func:`sink_position_shift`), and the self-attention K/V may be held in fp8 (``kv_cache_dtype='fp8_e4m3'``,
+:mod:`.kv_quant`). Training paths build caches without options: absolute positions, the model's dtype.
 """
 from __future__ import annotations
 
@@ -15,13 +20,88 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config.errors import ConfigError
+from ..config.stream_cache import KV_CACHE_DTYPES, ROPE_POLICIES
+from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility
+from .kv_quant import dequantize, quantize_per_head
+from .rope import apply_rope
+
+
+@dataclass(frozen=True)
+class StreamCacheOptions:
+    """How a stream's cache behaves past the training length (``None`` = the model's ``causal.*``).
+
+    ``window_chunks`` / ``sink_chunks``: the rolling cache (Self-Forcing's ``local_attn_size`` / ``sink_size``;
+    sink 0 is Causal-rCM's ``sliding_window``, sink > 0 LongLive's frame sink). ``rope_policy``: ``absolute``
+    (positions keep increasing) or ``rebase`` (the window is placed right after the sink chunks, as if the
+    evicted chunks never existed: the Infinity-RoPE / block-relative family). ``kv_cache_dtype``: ``auto``
+    (the model's dtype) or ``fp8_e4m3`` (self-attention K/V in fp8 with per chunk and head scales).
+    ``trained_frames``: the training videos' latent frames; ``rebase`` then moves positions only as far as
+    needed to keep every attended distance inside that range, so a stream inside it is exactly the trained
+    one (None: as if the window always followed the sinks).
+    """
+
+    window_chunks: int | None = None
+    sink_chunks: int | None = None
+    rope_policy: str = "absolute"
+    kv_cache_dtype: str = "auto"
+    trained_frames: int | None = None
+
+    def validate(self, names: dict[str, str] | None = None) -> "StreamCacheOptions":
+        """Raise a ConfigError naming the field (or the flag in ``names``) of a bad value."""
+        name = lambda key: (names or {}).get(key, key)  # noqa: E731
+        for key in ("window_chunks", "sink_chunks"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigError(name(key), value, "a chunk count >= 0 (window 0 = unlimited)")
+        if self.rope_policy not in ROPE_POLICIES:
+            raise ConfigError(name("rope_policy"), self.rope_policy, f"one of {list(ROPE_POLICIES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(name("kv_cache_dtype"), self.kv_cache_dtype, f"one of {list(KV_CACHE_DTYPES)}")
+        if self.trained_frames is not None and (not isinstance(self.trained_frames, int) or self.trained_frames < 1):
+            raise ConfigError(name("trained_frames"), self.trained_frames, "the training length in latent frames (>= 1)")
+        return self
+
+    def visibility(self, model_visibility: ChunkVisibility) -> ChunkVisibility:
+        w = model_visibility.window if self.window_chunks is None else self.window_chunks
+        s = model_visibility.sink if self.sink_chunks is None else self.sink_chunks
+        return ChunkVisibility(w, s)
+
+
+def sink_position_shift(visibility: ChunkVisibility, layout: ChunkLayout, chunk: int,
+                        trained_frames: int | None = None) -> int:
+    """Latent frames by which ``rope_policy='rebase'`` moves the sink chunks forward for chunk ``chunk``.
+
+    Rebasing gives the sink chunks their own positions and the visible window (its cached chunks and the
+    current one) positions as if it started right after the sinks: the window moves back by the frames of
+    the evicted chunks between them. RoPE attention scores depend only on position differences (per axis),
+    so that equals moving only the sink keys *forward* by those frames and leaving every other position
+    absolute. Why this form: the shift touches only the few sink tokens at read time (a rotation of a
+    rotated key by the delta, the rotations compose), needs no un-rotated copy of the cache and no
+    re-rotation of the window's keys (which would repeat every chunk and, in fp8, re-quantise), and
+    ``absolute`` pays nothing. Without sinks (a plain sliding window) or before anything was evicted the
+    shift is 0: rebase equals absolute there exactly. ``trained_frames`` caps the shift at what keeps the
+    sink-to-chunk distance inside the trained range (the chunk's end at ``trained_frames``, Infinity-RoPE's
+    ``f_limit``): a stream shorter than the training videos is then unchanged even when it evicts.
+    """
+    w, s = visibility.window, visibility.sink
+    first_window_chunk = chunk - w + 1
+    if w == 0 or s == 0 or first_window_chunk <= s:
+        return 0
+    shift = layout.start(first_window_chunk) - layout.start(s)
+    if trained_frames is not None:
+        shift = min(shift, max(0, layout.start(chunk) + layout.size(chunk) - trained_frames))
+    return shift
 
 
 @dataclass
 class LayerCache:
-    k: torch.Tensor | None = None  # [B, S_cache, H, D]
+    k: torch.Tensor | None = None  # [B, S_cache, H, D] (fp8 with kv_cache_dtype='fp8_e4m3')
     v: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None  # fp8 only: [B, cached chunks, H] float32
+    v_scale: torch.Tensor | None = None
+    dtype: torch.dtype | None = None  # what fp8 entries dequantise to (the appended K/V's dtype)
     cross_k: torch.Tensor | None = None  # [B, L, H, D]
     cross_v: torch.Tensor | None = None
     image_k: torch.Tensor | None = None  # [B, L_img, H, D] (I2V layout)
@@ -32,7 +112,7 @@ class _FrozenLayer:
     """A :class:`LayerCache` view whose cross-attention slots ignore writes (see ``KVCache.frozen``)."""
 
     def __init__(self, c: LayerCache):
-        self.k, self.v = c.k, c.v
+        self.k, self.v, self.k_scale, self.v_scale, self.dtype = c.k, c.v, c.k_scale, c.v_scale, c.dtype
         self._cross = (c.cross_k, c.cross_v, c.image_k, c.image_v)
 
     cross_k = property(lambda self: self._cross[0], lambda self, value: None)
@@ -57,6 +137,9 @@ class KVCache:
     chunk_tokens: list[int] = field(default_factory=list)  # tokens of each cached chunk
     layers: list[LayerCache] = field(default_factory=list)
     evict: bool = True
+    rope_policy: str = "absolute"  # see StreamCacheOptions; the model applies it (sink_position_shift)
+    kv_cache_dtype: str = "auto"
+    rope_trained_frames: int | None = None  # patched frames (StreamCacheOptions.trained_frames / temporal patch)
     _appending: int | None = field(default=None, repr=False)  # tokens of the chunk being appended
 
     def __post_init__(self):
@@ -73,7 +156,8 @@ class KVCache:
         ignored), so forward and recomputation build the same graph.
         """
         return KVCache(self.num_layers, self.visibility, list(self.chunks), list(self.chunk_tokens),
-                       [_FrozenLayer(c) for c in self.layers], self.evict)
+                       [_FrozenLayer(c) for c in self.layers], self.evict, self.rope_policy, self.kv_cache_dtype,
+                       self.rope_trained_frames)
 
     def before(self, chunk: int) -> "KVCache":
         """A read-only view of the cached chunks with index < ``chunk`` (slices, no copy).
@@ -88,6 +172,8 @@ class KVCache:
         for layer in view.layers:
             if layer.k is not None:
                 layer.k, layer.v = (layer.k[:, :tokens], layer.v[:, :tokens]) if n else (None, None)
+            if layer.k_scale is not None:
+                layer.k_scale, layer.v_scale = (layer.k_scale[:, :n], layer.v_scale[:, :n]) if n else (None, None)
         return view
 
     def __len__(self) -> int:
@@ -97,9 +183,28 @@ class KVCache:
     def num_tokens(self) -> int:
         return sum(self.chunk_tokens)
 
-    def keys_values(self, layer: int):
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the self-attention keys/values (fp8 scales included; cross-attention K/V excluded:
+        they are per video, not per chunk)."""
+        return sum(t.numel() * t.element_size() for c in self.layers for t in (c.k, c.v, c.k_scale, c.v_scale)
+                   if t is not None)
+
+    def keys_values(self, layer: int, sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The cached keys/values of ``layer`` as attention reads them: dequantised (fp8), and with
+        ``sink_rotation`` (cos, sin of :func:`sink_position_shift`'s frames) applied to the sink chunks' keys."""
         c = self.layers[layer]
-        return c.k, c.v
+        k, v = c.k, c.v
+        if k is None:
+            return k, v
+        if c.k_scale is not None:
+            k = dequantize(k, c.k_scale, self.chunk_tokens, c.dtype)
+            v = dequantize(v, c.v_scale, self.chunk_tokens, c.dtype)
+        if sink_rotation is not None:
+            sink_tokens = sum(n for chunk, n in zip(self.chunks, self.chunk_tokens) if chunk < self.visibility.sink)
+            if sink_tokens:
+                k = torch.cat([apply_rope(k[:, :sink_tokens], *sink_rotation), k[:, sink_tokens:]], dim=1)
+        return k, v
 
     def append(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add one chunk's keys/values for one layer (the chunk index list is updated by :meth:`commit`)."""
@@ -108,6 +213,11 @@ class KVCache:
         self._appending = k.shape[1]
         c = self.layers[layer]
         k, v = k.detach(), v.detach()
+        if self.kv_cache_dtype == "fp8_e4m3":
+            c.dtype = k.dtype
+            (k, sk), (v, sv) = quantize_per_head(k), quantize_per_head(v)
+            c.k_scale = sk if c.k_scale is None else torch.cat([c.k_scale, sk], dim=1)
+            c.v_scale = sv if c.v_scale is None else torch.cat([c.v_scale, sv], dim=1)
         c.k = k if c.k is None else torch.cat([c.k, k], dim=1)
         c.v = v if c.v is None else torch.cat([c.v, v], dim=1)
 
@@ -127,11 +237,15 @@ class KVCache:
         for n in self.chunk_tokens:
             offsets.append(offsets[-1] + n)
         idx = torch.cat([torch.arange(offsets[p], offsets[p + 1]) for p in keep])
+        kept = torch.tensor(keep)
         for c in self.layers:
             if c.k is not None:
                 idx_d = idx.to(c.k.device)
                 c.k = c.k.index_select(1, idx_d)
                 c.v = c.v.index_select(1, idx_d)
+            if c.k_scale is not None:
+                c.k_scale = c.k_scale.index_select(1, kept.to(c.k_scale.device))
+                c.v_scale = c.v_scale.index_select(1, kept.to(c.v_scale.device))
         self.chunks = [self.chunks[p] for p in keep]
         self.chunk_tokens = [self.chunk_tokens[p] for p in keep]
 

@@ -30,6 +30,7 @@ class AttentionContext:
     cache: object | None = None  # KVCache
     cache_chunk: int | None = None  # chunk index being appended when writing the cache
     write_cache: bool = False
+    sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # rope_policy='rebase': (cos, sin) of the shift
 
 
 class Attention(nn.Module):
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         rot = lambda t: None if t is None else apply_rope(t, ctx.rope_cos, ctx.rope_sin)  # noqa: E731
         q, tq, k, tk = rot(q), rot(tq), rot(k), rot(tk)
         if ctx.cache is not None:
-            ck, cv = ctx.cache.keys_values(layer)
+            ck, cv = ctx.cache.keys_values(layer, ctx.sink_rotation)
             if ctx.write_cache:
                 ctx.cache.append(layer, ctx.cache_chunk, k, v)
             if ck is not None:

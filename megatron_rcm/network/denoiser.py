@@ -186,11 +186,12 @@ class Denoiser:
                           clean_t=clean_t)
 
     def new_cache(self, height: int, width: int, cond: Condition | None = None, guidance: float = 1.0,
-                  evict: bool = True) -> ChunkCache:
+                  evict: bool = True, options=None) -> ChunkCache:
         """An empty stream cache for latents of this size; guided when ``guidance`` != 1 and ``cond`` has uncond.
-        ``evict=False`` keeps every chunk (the replayed backward reads the cache as each chunk saw it)."""
+        ``evict=False`` keeps every chunk (the replayed backward reads the cache as each chunk saw it).
+        ``options``: a long stream's ``models.kv_cache.StreamCacheOptions`` (None: the training mask's rule)."""
         guided = guidance != 1.0 and cond is not None and cond.uncond is not None
-        return ChunkCache(self.model.new_kv_cache(height, width, evict=evict), guidance, guided)
+        return ChunkCache(self.model.new_kv_cache(height, width, evict=evict, options=options), guidance, guided)
 
     def chunk(self, x, s, cond: Condition, cache: ChunkCache, index: int, *, write: bool = False, tangent=None,
               s_tangent=None, interval=None, interval_tangent=None, output: bool = True):
