@@ -78,6 +78,21 @@ class ChunkCache:
         """A read-only view of the chunks cached before ``chunk`` (see ``KVCache.before``)."""
         return ChunkCache(self.kv.before(chunk), self.guidance, self.guided)
 
+    @property
+    def chunks(self) -> list[int]:
+        """Indices of the chunks whose K/V are cached (after eviction), oldest first."""
+        return list(self.kv.chunks)
+
+    def forget_condition(self) -> None:
+        """Drop the cached cross-attention K/V (text, image): the next call projects the new condition's.
+        The chunks' self-attention K/V stay as they were written (a prompt switch without re-cache)."""
+        for layer in self.kv.layers:
+            layer.cross_k = layer.cross_v = layer.image_k = layer.image_v = None
+
+    def clear(self) -> None:
+        """Empty the cache (chunks and cross-attention K/V) before it is re-written (a prompt switch's re-cache)."""
+        self.kv.reset()
+
 
 class Denoiser:
     """A :class:`~megatron_rcm.models.CausalWanModel` seen as a flow-matching denoiser ``(x, s, cond) -> v``."""
