@@ -27,6 +27,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import GroupMask, block_causal_mask, teacher_forcing_mask
+from .clean_frames import HeldFrames, free_frames, hold_first_frames
 from .condition import Condition
 from .context import NoisyContext, TeacherForcingContext
 
@@ -130,6 +131,25 @@ class Denoiser:
     def noisy_context(self) -> NoisyContext:
         """How finished chunks are cached as context (the model's ``causal.context_from_last_step*``)."""
         return NoisyContext.of(self.model.causal)
+
+    @property
+    def clean_first_frames(self) -> int:
+        """Latent frames at the start of every training video held clean (``causal.clean_first_frames``: a student
+        trained for image-to-video by first frame, :mod:`~megatron_rcm.network.clean_frames`)."""
+        return getattr(self.model.causal, "clean_first_frames", 0)
+
+    def held_frames(self, x0: torch.Tensor) -> HeldFrames | None:
+        """The held first frames of a training video x0 (None when ``clean_first_frames`` is 0)."""
+        n = self.clean_first_frames
+        return HeldFrames(x0[:, :, :n], self.patch_frames) if n else None
+
+    def hold_clean(self, x: torch.Tensor, s, x0: torch.Tensor):
+        """(x, per-frame s) with the held first frames of x0 clean at level 0; unchanged without any."""
+        return hold_first_frames(x, s, x0, self.clean_first_frames, self.patch_frames)
+
+    def loss_frames(self, e: torch.Tensor) -> torch.Tensor:
+        """The frames of latents-shaped e that carry a loss (all but the held first frames)."""
+        return free_frames(e, self.clean_first_frames)
 
     def training_context(self, x0: torch.Tensor, noise) -> TeacherForcingContext:
         """The teacher-forcing context of a training step: clean x0, or x0 perturbed as the sampler will leave

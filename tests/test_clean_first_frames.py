@@ -1,0 +1,137 @@
+"""``causal.clean_first_frames``: image-to-video training keeps the first frame(s) clean, never noised, loss-free.
+
+Spies on the network calls check what the model is given (the held frame = the clean latents at level 0) and
+leaf outputs check what the loss is made of (a reference computed from those same inputs, float64)."""
+import pytest
+import torch
+
+from megatron_rcm.config.errors import ConfigError
+from megatron_rcm.config.model import CausalConfig, model_preset
+from megatron_rcm.config.run import load_config
+from megatron_rcm.models import build_model
+from megatron_rcm.network import Condition, Denoiser, StepContext
+from megatron_rcm.objectives import DCMConfig, DCMObjective, FMConfig, FlowMatchingObjective
+from megatron_rcm.objectives.base import PhaseModels
+from megatron_rcm.objectives.dmd import DMDConfig, SelfForcingDMD
+from megatron_rcm.selfforcing.rollout import RolloutConfig, self_forcing_rollout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net(held=1, seed=0):
+    torch.manual_seed(seed)
+    return Denoiser(build_model(model_preset("tiny", num_layers=1, param_dtype="float64"),
+                                CausalConfig(chunk_frames=2, clean_first_frames=held)))
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"latents": torch.randn(2, 3, 4, 8, 8, generator=g, dtype=torch.float64),
+            "context": torch.randn(2, 8, 32, generator=g, dtype=torch.float64),
+            "uncond_context": torch.zeros(2, 8, 32, dtype=torch.float64)}
+
+
+def _leaf_spy(net, name, seen):
+    """Replace ``net.<name>`` by a wrapper recording its inputs and returning its output as a grad-carrying leaf."""
+    orig = getattr(net, name)
+
+    def spy(*args, **kw):
+        v, dv = orig(*args, **kw)
+        v = v.detach().requires_grad_(True)
+        seen.append((args, v))
+        return v, dv
+
+    setattr(net, name, spy)
+
+
+def test_flow_matching_holds_the_first_frame_and_leaves_it_out_of_the_loss():
+    net, batch = _net(), _batch()
+    x0 = batch["latents"]
+    seen = []
+    _leaf_spy(net, "teacher_forcing", seen)
+    torch.manual_seed(4)
+    loss, _ = FlowMatchingObjective(FMConfig(shift=1.0)).loss(net, batch, StepContext())
+    (_, x, s, _), v = seen[0]
+    assert torch.equal(x[:, :, :1], x0[:, :, :1]) and (s[:, :1] == 0).all() and (s[:, 1:] > 0).all()
+    sb = s[:, None, :, None, None]
+    eps = (x - (1 - sb) * x0)[:, :, 1:] / sb[:, :, 1:]  # the noise the free frames were given
+    ref = (v[:, :, 1:] - (eps - x0[:, :, 1:])).pow(2).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-9)  # the loss is taken in float32
+    loss.backward()
+    assert (v.grad[:, :, :1] == 0).all() and (v.grad[:, :, 1:] != 0).all()
+
+    off, seen_off = _net(held=0), []  # without the option every frame is noised and in the loss
+    _leaf_spy(off, "teacher_forcing", seen_off)
+    torch.manual_seed(4)
+    FlowMatchingObjective(FMConfig(shift=1.0)).loss(off, batch, StepContext())[0].backward()
+    (_, x_off, s_off, _), v_off = seen_off[0]
+    assert (s_off > 0).all() and (v_off.grad[:, :, :1] != 0).all()
+
+
+def test_dcm_target_of_the_held_frame_is_the_frame_itself():
+    net, batch = _net(), _batch()
+    x0 = batch["latents"]
+    obj = DCMObjective(_net(seed=3), DCMConfig(num_steps=8, cfg_scale=2.0))
+    n = torch.tensor([[3, 5], [0, 7]])
+    x_hi, s_hi, f_tgt = obj.target_and_inputs(net, x0, Condition.from_batch(batch), n, torch.randn_like(x0))
+    assert torch.equal(x_hi[:, :, :1], x0[:, :, :1]) and (s_hi[:, :1] == 0).all() and (s_hi[:, 1:] > 0).all()
+    torch.testing.assert_close(f_tgt[:, :, :1], x0[:, :, :1], rtol=0, atol=1e-12)  # f(x, 0) = x: zero error
+
+
+def test_rollout_holds_the_first_frame_and_dmd_leaves_it_out():
+    net, batch = _net(), _batch()
+    x0, cond = batch["latents"], Condition.from_batch(batch)
+    calls = []
+    orig = net.chunk
+    net.chunk = lambda x, s, cc, cache, index, **kw: (calls.append((index, x, s, kw.get("write", False))),
+                                                      orig(x, s, cc, cache, index, **kw))[1]
+    cfg = RolloutConfig(denoising_steps=[1000, 500])
+    kw = dict(exit_steps=[1, 1], grad=False, held=net.held_frames(x0))
+    video = self_forcing_rollout(net, cond, tuple(x0.shape), cfg, torch.Generator().manual_seed(2), **kw).video
+    assert torch.equal(video[:, :, :1], x0[:, :, :1])
+    denoising = [(x, s) for i, x, s, write in calls if i == 0 and not write]
+    assert len(denoising) == 2 and all(torch.equal(x[:, :, :1], x0[:, :, :1]) and (s[:, 0] == 0).all() and
+                                       (s[:, 1] > 0).all() for x, s in denoising)
+    net.chunk = orig
+    ref = self_forcing_rollout(net, cond, tuple(x0.shape), cfg, torch.Generator().manual_seed(2), use_cache=False,
+                               **kw).video  # the cache-free full-sequence path holds it the same way
+    torch.testing.assert_close(video, ref, rtol=1e-9, atol=1e-10)
+
+    teacher = _net(seed=3)
+    obj = SelfForcingDMD(teacher, DMDConfig(guidance_scale=2.0), PhaseModels.local(teacher.model).new_critic(lr=1e-4))
+    seen = []
+    _leaf_spy(teacher, "velocity", seen)
+    x_gen = video.detach().clone().requires_grad_(True)
+    loss, _ = obj.loss_from_sample(x_gen, batch, student=net)
+    loss.backward()
+    (x_s, s, _), _ = seen[0]
+    assert torch.equal(x_s[:, :, :1], x_gen[:, :, :1]) and (s[:, 0] == 0).all()  # the score sees it clean
+    assert (x_gen.grad[:, :, :1] == 0).all() and x_gen.grad[:, :, 1:].abs().sum() > 0
+    grad = x_gen.grad[:, :, 1:] * x_gen[:, :, 1:].numel()  # d loss / d x = grad / numel over the free frames
+    assert torch.isfinite(grad).all()
+    critic = obj.critic().net
+    assert critic.clean_first_frames == 1 and torch.isfinite(obj.critic_loss(critic, video, batch))
+
+
+I2V_RECIPE = """
+causal: {chunk_frames: 2}
+data: {num_frames: 4, height: 16, width: 16}
+phases:
+  - {name: teacher, kind: teacher, objective: flow_matching, steps: 1}
+  - {name: tf, kind: tf_cm, objective: %s, steps: 1, init_from: teacher, teacher_from: teacher}
+  - {name: sf, kind: sf_dmd, objective: dmd, steps: 1, init_from: tf, teacher_from: teacher}
+"""
+
+
+def test_config_checks_clean_first_frames(tmp_path):
+    for objective in ("dcm", "scm"):
+        (tmp_path / f"{objective}.yaml").write_text(I2V_RECIPE % objective)
+    cfg = load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=1"])
+    assert cfg.causal.clean_first_frames == 1
+    with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*objective scm"):
+        load_config(tmp_path / "scm.yaml", ["causal.clean_first_frames=1"])
+    with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*0\.\.2"):
+        load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=3"])
+    with pytest.raises(ConfigError, match=r"replayed_backprop"):
+        load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=1",
+                                            "phases.2.objective_args.rollout.replayed_backprop=true"])
