@@ -135,3 +135,19 @@ def test_config_checks_clean_first_frames(tmp_path):
     with pytest.raises(ConfigError, match=r"replayed_backprop"):
         load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=1",
                                             "phases.2.objective_args.rollout.replayed_backprop=true"])
+
+
+@pytest.mark.parametrize("held,chunk_frames", [(1, 2), (1, 1)])
+def test_samplers_start_an_image_to_video_model_from_the_prompts_first_frames(held, chunk_frames):
+    """The report's samplers give a model trained with clean_first_frames its prompts' own first frames (held in
+    chunk 0, or the whole chunk 0 when it is that short), for the few-step student and the teacher's ODE alike."""
+    from megatron_rcm.data import DataConfig
+    from megatron_rcm.inference.sampling import prompt_batch, student_sample, teacher_sample
+
+    torch.manual_seed(0)
+    model = build_model(model_preset("tiny", num_layers=1), CausalConfig(chunk_frames=chunk_frames,
+                                                                         clean_first_frames=held)).eval()
+    data = DataConfig(num_frames=4, height=8, width=8)
+    prompts = prompt_batch(data, 2, 0, "cpu")
+    for video in (student_sample(model, prompts, data, 2), teacher_sample(model, prompts, data, 3, 2.0, seed=1)):
+        assert video.shape == (2, 3, 4, 8, 8) and torch.equal(video[:, :, :held], prompts["latents"][:, :, :held])
