@@ -124,12 +124,13 @@ phases:
 
 
 def test_config_checks_clean_first_frames(tmp_path):
-    for objective in ("dcm", "scm"):
+    for objective in ("dcm", "scm", "ode_regression"):
         (tmp_path / f"{objective}.yaml").write_text(I2V_RECIPE % objective)
     cfg = load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=1"])
     assert cfg.causal.clean_first_frames == 1
-    with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*objective scm"):
-        load_config(tmp_path / "scm.yaml", ["causal.clean_first_frames=1"])
+    assert load_config(tmp_path / "scm.yaml", ["causal.clean_first_frames=1"]).causal.clean_first_frames == 1
+    with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*objective ode_regression"):
+        load_config(tmp_path / "ode_regression.yaml", ["causal.clean_first_frames=1"])
     with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*0\.\.2"):
         load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=3"])
     with pytest.raises(ConfigError, match=r"replayed_backprop"):
@@ -151,3 +152,87 @@ def test_samplers_start_an_image_to_video_model_from_the_prompts_first_frames(he
     prompts = prompt_batch(data, 2, 0, "cpu")
     for video in (student_sample(model, prompts, data, 2), teacher_sample(model, prompts, data, 3, 2.0, seed=1)):
         assert video.shape == (2, 3, 4, 8, 8) and torch.equal(video[:, :, :held], prompts["latents"][:, :, :held])
+
+
+def test_free_chunk_mean_leaves_the_held_frames_out():
+    from megatron_rcm.network.clean_frames import free_chunk_mean
+    from megatron_rcm.ops.chunks import ChunkLayout
+
+    e = torch.rand(2, 3, 5, 2, 2, dtype=torch.float64)
+    mean, has = free_chunk_mean(e, ChunkLayout(5, 2, 3), 1)  # chunks of 3 and 2 frames
+    torch.testing.assert_close(mean[:, 0], e[:, :, 1:3].flatten(1).mean(1))
+    torch.testing.assert_close(mean[:, 1], e[:, :, 3:5].flatten(1).mean(1))
+    assert has.all()
+    e = torch.rand(2, 3, 6, 2, 2, dtype=torch.float64)
+    mean, has = free_chunk_mean(e, ChunkLayout(6, 2, 2), 2)  # the held frames fill chunk 0
+    assert has.tolist() == [False, True, True] and torch.equal(mean[:, 0], torch.zeros(2, dtype=e.dtype))
+
+
+def test_scm_tangent_holds_the_first_frame_fixed():
+    """With a held first frame the sCM tangent g is cos t * d f^-/dt with that frame fixed: a central finite
+    difference of the stop-grad student along (dx_t/dt on the free frames, dt = 1 on them), float64; g is zero on
+    the held frame, and the student's output there gets no gradient."""
+    from megatron_rcm.diffusion.flow_matching import bcast
+    from megatron_rcm.diffusion.trigflow import fm_from_trig, trig_F_from_v
+    from megatron_rcm.objectives import SCMConfig, SCMObjective
+
+    net, batch, sd = _net(), _batch(), 1.0
+    x0, cond = batch["latents"], Condition.from_batch(batch)
+    obj = SCMObjective(_net(seed=3), SCMConfig(sigma_d=sd, cfg_scale=2.0))
+    t = net.layout(x0).to_frames(torch.tensor([[0.4, 1.1], [0.9, 0.6]], dtype=torch.float64))
+    x_t = torch.cos(bcast(t, x0)) * x0 + torch.sin(bcast(t, x0)) * sd * torch.randn_like(x0)
+    x_t, t = net.hold_clean(x_t, t, x0)
+    F_m, g, dxdt = obj.tangent(net, x0, cond, x_t, t, r=1.0)
+    moves, moves_t = net.free_mask(x_t)
+    assert (g[:, :, :1] == 0).all() and (dxdt[:, :, :1] == 0).all()
+
+    def f(h):  # F^- at (x_t + h dx/dt, t + h) on the free frames, the held frame fixed
+        xt, tt = x_t + h * dxdt, t + h * moves_t
+        D = bcast(torch.cos(tt) + sd * torch.sin(tt), xt)
+        with torch.no_grad():
+            v, _ = net.teacher_forcing(x0, xt / D, fm_from_trig(tt, sd), cond)
+        return trig_F_from_v(xt, v, tt, sd)
+
+    def diff(h):
+        return (f(h) - f(-h)) / (2 * h)
+
+    dF = (4 * diff(5e-6) - diff(1e-5)) / 3  # Richardson: the central difference's h^2 error cancels
+    cos, sin = torch.cos(bcast(t, x_t)), torch.sin(bcast(t, x_t))
+    g_ref = (-cos**2 * (sd * f(0.0) - dxdt) - cos * sin * (x_t + sd * dF)) * moves
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-8)
+
+    seen = []
+    _leaf_spy(net, "teacher_forcing", seen)
+    loss, _ = obj.loss(net, batch, StepContext())
+    loss.backward()
+    (_, x_in, s_in, _), v = seen[-1]  # the student's graph-carrying call
+    assert torch.equal(x_in[:, :, :1], x0[:, :, :1]) and (s_in[:, :1] == 0).all()
+    assert (v.grad[:, :, :1] == 0).all() and (v.grad[:, :, 1:] != 0).any()
+
+
+def test_meanflow_holds_the_first_frame():
+    from megatron_rcm.objectives import MeanFlowConfig, MeanFlowObjective
+
+    torch.manual_seed(0)
+    net = Denoiser(build_model(model_preset("tiny", num_layers=1, param_dtype="float64", interval_embedding=True),
+                               CausalConfig(chunk_frames=2, clean_first_frames=1)))
+    batch = _batch()
+    x0 = batch["latents"]
+    calls = []
+    orig = net.teacher_forcing
+
+    def spy(clean, z, t, cond, **kw):
+        v, dv = orig(clean, z, t, cond, **kw)
+        v = v.detach().requires_grad_(True) if kw.get("tangent") is None else v
+        calls.append((z, t, kw, v))
+        return v, dv
+
+    net.teacher_forcing = spy
+    loss, _ = MeanFlowObjective(MeanFlowConfig(ratio_r_neq_t=1.0)).loss(net, batch, StepContext())
+    loss.backward()
+    (z_j, t_j, kw_j, _), (z, t, kw, v) = calls
+    for zz, tt, k in ((z_j, t_j, kw_j), (z, t, kw)):
+        assert torch.equal(zz[:, :, :1], x0[:, :, :1]) and (tt[:, :1] == 0).all() and (k["interval"][:, :1] == 0).all()
+    assert (kw_j["tangent"][:, :, :1] == 0).all() and (kw_j["s_tangent"][:, :1] == 0).all()
+    assert (kw_j["s_tangent"][:, 1:] == 1).all() and (kw_j["tangent"][:, :, 1:] != 0).any()
+    assert (v.grad[:, :, :1] == 0).all() and (v.grad[:, :, 1:] != 0).any()

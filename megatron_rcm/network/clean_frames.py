@@ -69,6 +69,24 @@ def hold_first_frames(x: torch.Tensor, s: torch.Tensor, x0: torch.Tensor, n: int
     return HeldFrames(x0[:, :, :n], scale).inputs(x, s)
 
 
+def free_mask(x: torch.Tensor, n: int, scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents mask [1, 1, F, 1, 1], per-frame mask [1, F / scale]) of x [B, C, F, H, W]: 1 on the frames that move
+    with time (carry a JVP tangent and a loss), 0 on the first ``n`` held ones. Tangents of held frames are zero:
+    their inputs stay x0 at level 0 whatever t is."""
+    m = torch.ones(x.shape[2], dtype=x.dtype, device=x.device)
+    m[:n] = 0.0
+    return m.view(1, 1, -1, 1, 1), m[::scale].view(1, -1)
+
+
+def free_chunk_mean(e: torch.Tensor, layout, n: int, scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-(sample, chunk) mean of latents-shaped e over the free frames [B, n_chunks], which chunks have any
+    [n_chunks] bool): the chunk-wise loss of a run with ``n`` held first frames (a chunk they fill has none)."""
+    mask, _ = free_mask(e, n, scale)
+    total = layout.chunk_mean(e * mask, scale)
+    share = layout.chunk_mean(mask.expand_as(e), scale)[0]
+    return total / share.clamp_min(1e-12), share > 0
+
+
 def free_frames(e: torch.Tensor, n: int) -> torch.Tensor:
     """The frames of latents-shaped e that carry a loss: all but the first ``n`` (held clean)."""
     return e if n == 0 else e[:, :, n:]

@@ -27,7 +27,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import GroupMask, block_causal_mask, teacher_forcing_mask
-from .clean_frames import HeldFrames, free_frames, hold_first_frames
+from .clean_frames import HeldFrames, free_chunk_mean, free_frames, free_mask, hold_first_frames
 from .condition import Condition
 from .context import NoisyContext, TeacherForcingContext
 
@@ -146,6 +146,15 @@ class Denoiser:
     def hold_clean(self, x: torch.Tensor, s, x0: torch.Tensor):
         """(x, per-frame s) with the held first frames of x0 clean at level 0; unchanged without any."""
         return hold_first_frames(x, s, x0, self.clean_first_frames, self.patch_frames)
+
+    def free_mask(self, x: torch.Tensor):
+        """(latents mask, per-frame mask): 0 on the held first frames, 1 elsewhere (JVP tangents, losses)."""
+        return free_mask(x, self.clean_first_frames, self.patch_frames)
+
+    def chunk_loss_mean(self, e: torch.Tensor):
+        """(per-(sample, chunk) mean of latents-shaped e over the frames with a loss [B, n_chunks], the chunks that
+        have any [n_chunks]): ``ChunkLayout.chunk_mean`` without the held first frames."""
+        return free_chunk_mean(e, self.layout(e), self.clean_first_frames, self.patch_frames)
 
     def loss_frames(self, e: torch.Tensor) -> torch.Tensor:
         """The frames of latents-shaped e that carry a loss (all but the held first frames)."""
