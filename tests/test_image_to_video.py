@@ -104,3 +104,4 @@ def test_generate_cli_image_and_prompts_at(class_model_run, tmp_path, capsys):
         line = cli_error(capsys, base + ["--prompts-at", bad])
         assert "--prompts-at" in line and ("CHUNK:PROMPT" in line or "chunk indices below" in line), line
     assert "--class-id" in cli_error(capsys, base + ["--prompts-at", "0:class=1", "--class-id", "2"])
+    assert "--frames" in cli_error(capsys, base + ["--image", str(tmp_path / "big.png"), "--frames", "1"])

@@ -254,11 +254,15 @@ def _action_fn(args, cfg, model, layout):
     return lambda index, _frames: one_hot_actions([ids[index]], action_dim, layout.size(index))
 
 
-def _image_prefix(args, cfg, model, vae=None, device="cpu"):
-    """``--image``: the image's latent frame [1, C, 1, h, w] (VAE-encoded with ``vae``), or None without the flag."""
+def _image_prefix(args, cfg, model, frames: int, vae=None, device="cpu"):
+    """``--image``: the image's latent frame [1, C, 1, h, w] (VAE-encoded with ``vae``), or None without the flag;
+    ``frames``: the video's latent frames (the image's one among them)."""
     if args.image is None:
         return None
     from .image_input import image_latents
+
+    if frames < 2:
+        raise ConfigError("--frames", frames, "at least 2 latent frames with --image (the image is the first)")
 
     latents, note = image_latents(args.image, cfg.data, model.cfg.in_channels, vae, device)
     if note:
@@ -319,7 +323,7 @@ def run_generate(args) -> int:
             raise ConfigError("--class-id", args.class_id, "absent with --prompt/--prompts or a run with a VAE")
         return generate_files(args, cfg, phase, model, frames, action_fn)
     seed = cfg.eval.seed if args.seed is None else args.seed
-    prefix = _image_prefix(args, cfg, model, device=args.device)
+    prefix = _image_prefix(args, cfg, model, frames, device=args.device)
     prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
     schedule = _prompt_schedule(args, cfg, layout, prompts["uncond_context"])
     context = prompts["context"] if schedule is None else schedule(0).context

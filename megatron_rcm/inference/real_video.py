@@ -119,7 +119,7 @@ def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
     encoders = run_encoders(cfg, device, text=bool(prompts) or switching, vae=cfg.encoders.has_vae)
     seed = cfg.eval.seed if args.seed is None else args.seed
     out = Path(args.out or Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
-    prefix = _image_prefix(args, cfg, model, encoders.vae, device)
+    prefix = _image_prefix(args, cfg, model, frames, encoders.vae, device)
     schedule = _prompt_schedule(args, cfg, _stream_layout(model, frames), None,
                                 lambda text: prompt_inputs(encoders, [text], args.negative_prompt, device))
     if schedule is not None:
