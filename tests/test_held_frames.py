@@ -102,3 +102,20 @@ def test_prompt_switch_recaches_the_kept_chunks(window):
     assert (stale[2] - plain[2]).abs().max() > 1e-3  # ... and even without it the new prompt's text is attended
     same = _stream(net, a, 4, noise, condition_at=ConditionSchedule((0,), (a,)))
     torch.testing.assert_close(same, plain, rtol=0, atol=0)
+
+
+def test_latents_are_kept_only_for_a_re_cache():
+    """Without a prompt schedule (or without re-cache) the stream keeps no latents of its cached chunks."""
+    from megatron_rcm.inference import streaming
+
+    kept = []
+    orig = streaming.CachedChunks.__init__
+    streaming.CachedChunks.__init__ = lambda self, keep: (kept.append(keep), orig(self, keep))[1]
+    try:
+        net, a = Denoiser(_model()), Condition(_ctx(1))
+        _stream(net, a, 2, _noise(2, 1))
+        _stream(net, a, 2, _noise(2, 1), condition_at=ConditionSchedule((0,), (a,)), recache=False)
+        _stream(net, a, 2, _noise(2, 1), condition_at=ConditionSchedule((0,), (a,)))
+    finally:
+        streaming.CachedChunks.__init__ = orig
+    assert kept == [False, False, True]

@@ -116,6 +116,7 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     hold = None
     if given > layout.start(first) * pt:  # the rest of the prefix: held clean in chunk `first`
         hold = HeldFrames(prefix[:, :, layout.start(first) * pt:].to(net.dtype), pt)
+    switching = condition_at is not None
     condition_at = condition_at or (lambda _chunk: cond)
     current = condition_at(0)
     cache = net.new_cache(height, width, current, guidance)
@@ -127,7 +128,7 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     if history_chunks is None:
         history_chunks = net.model.causal.window_chunks or None  # None: an unlimited cache keeps everything too
     produced: deque[torch.Tensor] = deque(maxlen=history_chunks if action_fn is not None else 0)
-    written = CachedChunks(keep=condition_at is not None)  # what each cached chunk was written from (re-cache)
+    written = CachedChunks(keep=switching and recache)  # what each cached chunk was written from (re-cache)
 
     def chunk_condition(chunk):
         nonlocal current
