@@ -129,8 +129,15 @@ def test_config_checks_clean_first_frames(tmp_path):
     cfg = load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=1"])
     assert cfg.causal.clean_first_frames == 1
     assert load_config(tmp_path / "scm.yaml", ["causal.clean_first_frames=1"]).causal.clean_first_frames == 1
-    with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*objective ode_regression"):
-        load_config(tmp_path / "ode_regression.yaml", ["causal.clean_first_frames=1"])
+    assert load_config(tmp_path / "ode_regression.yaml", ["causal.clean_first_frames=1"]).causal.clean_first_frames
+    from megatron_rcm.objectives.dcm import DCMObjective as objective  # an objective that would not hold them
+
+    objective.holds_clean_frames = False
+    try:
+        with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*objective dcm"):
+            load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=1"])
+    finally:
+        objective.holds_clean_frames = True
     with pytest.raises(ConfigError, match=r"causal.clean_first_frames.*0\.\.2"):
         load_config(tmp_path / "dcm.yaml", ["causal.clean_first_frames=3"])
     with pytest.raises(ConfigError, match=r"replayed_backprop"):
@@ -235,4 +242,20 @@ def test_meanflow_holds_the_first_frame():
         assert torch.equal(zz[:, :, :1], x0[:, :, :1]) and (tt[:, :1] == 0).all() and (k["interval"][:, :1] == 0).all()
     assert (kw_j["tangent"][:, :, :1] == 0).all() and (kw_j["s_tangent"][:, :1] == 0).all()
     assert (kw_j["s_tangent"][:, 1:] == 1).all() and (kw_j["tangent"][:, :, 1:] != 0).any()
+    assert (v.grad[:, :, :1] == 0).all() and (v.grad[:, :, 1:] != 0).any()
+
+
+def test_ode_regression_holds_the_odes_first_frame():
+    from megatron_rcm.objectives.ode_regression import ODERegressionObjective
+
+    net, batch = _net(), _batch()
+    g = torch.Generator().manual_seed(5)
+    batch["trajectory"] = torch.randn(2, 3, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    batch["trajectory_levels"] = torch.tensor([[1.0, 0.75, 0.5]] * 2, dtype=torch.float64)
+    seen = []
+    _leaf_spy(net, "velocity", seen)
+    loss, _ = ODERegressionObjective().loss(net, batch, StepContext())
+    loss.backward()
+    (x, s, _), v = seen[0]
+    assert torch.equal(x[:, :, :1], batch["latents"][:, :, :1]) and (s[:, 0] == 0).all() and (s[:, 1:] > 0).all()
     assert (v.grad[:, :, :1] == 0).all() and (v.grad[:, :, 1:] != 0).any()

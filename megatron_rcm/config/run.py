@@ -238,7 +238,7 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
         if cfg.causal.clean_first_frames and not cls.holds_clean_frames:
             raise ConfigError("causal.clean_first_frames", cfg.causal.clean_first_frames,
                               f"0 with phases.{i} (objective {phase.objective}): image-to-video training is "
-                              "implemented for flow_matching, diffusion_forcing, dcm, scm, meanflow, dmd and rcm")
+                              "implemented for every objective but this one")
         cls.check_run(cls.parse_config(dict(phase.objective_args), key), cfg, phase, key, par)
         accum = cfg.train.grad_accum
         if accum > 1 and self_forcing:
