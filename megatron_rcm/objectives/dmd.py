@@ -112,9 +112,6 @@ class SelfForcingDMD(Objective):
 
     @classmethod
     def check_run(cls, cfg: DMDConfig, run, phase, key: str, parallel) -> None:
-        if cfg.rollout.replayed_backprop and run.causal.clean_first_frames:
-            raise ConfigError(f"{key}.rollout.replayed_backprop", True, "false with causal.clean_first_frames "
-                              "(the replay does not hold the first frames yet)")
         if cfg.rollout.replayed_backprop and parallel.pp > 1:
             raise ConfigError(f"{key}.rollout.replayed_backprop", True,
                               "false under pipeline parallelism (parallel.pp > 1): the replay recomputes each chunk "

@@ -151,8 +151,6 @@ def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConf
         raise ValueError(f"exit_steps must list {n_chunks} indices, each below its chunk's step count {steps}; "
                          f"got {exit_steps}")
     replay = grad and cfg.replayed_backprop and use_cache
-    if held is not None and replay:
-        raise ValueError("held first frames (causal.clean_first_frames) and replayed backprop do not combine yet")
     dtype, device = net.dtype, cond.context.device
     noisy = net.noisy_context
     cache = net.new_cache(h, w, evict=not replay) if use_cache else None
@@ -183,7 +181,7 @@ def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConf
                 net.write_chunk(x_ctx, chunk_cond, cache, chunk, s=s_ctx)
     video = torch.cat(out, dim=2)
     if replay:
-        video = replayed(video, net, cond, layout, cache, exits_in)
+        video = replayed(video, net, cond, layout, cache, exits_in, held)
     return RolloutResult(video, list(exit_steps), schedule)
 
 
