@@ -65,3 +65,21 @@ def world_model_run(tmp_path_factory):
             folder.mkdir(exist_ok=True)
             train_world_model(folder)
     return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def class_model_run(tmp_path_factory):
+    """The run folder of the trained tiny class-conditioned teacher (tests/fixtures/class_model.py), trained once
+    per test run (shared by xdist workers like ``world_model_run``)."""
+    from filelock import FileLock
+
+    from fixtures.class_model import train_class_model
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "class_model"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "run" / "phases" / "teacher" / "done.json").is_file():
+            folder.mkdir(exist_ok=True)
+            train_class_model(folder)
+    return folder / "run"

@@ -160,3 +160,34 @@ def test_serve_streams_a_prompt_vae_decoded(trained):
     ref = stream_decoded(load_phase_model(cfg, "sf_dmd"), inputs, LATENT_FRAMES, 4, 4, 2, 1.0, 3, encoders.vae)
     for (header, rgba), (_, frames, _) in zip(chunks, ref):
         assert rgba.numpy().tobytes() == to_rgba(frames[0]), header
+
+
+def test_generate_image_to_video_starts_from_the_images_reconstruction(trained, tmp_path, capsys):
+    """--image on the VAE path: the image is VAE-encoded into one latent frame (held clean in the first chunk of
+    2), and the stream's first video frame is decode(encode(image)); --prompts-at switches the text prompt."""
+    import imageio.v2 as imageio
+
+    from megatron_rcm.inference.image_input import image_latents
+    from megatron_rcm.inference.real_video import prompt_inputs, run_encoders, stream_decoded
+    from megatron_rcm.inference.run_dir import load_phase_model, load_run_config
+
+    _, _, run, _ = trained
+    g = torch.Generator().manual_seed(0)
+    imageio.imwrite(tmp_path / "img.png", (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy())
+    cfg = load_run_config(run)
+    encoders = run_encoders(cfg, "cpu")
+    latents, note = image_latents(str(tmp_path / "img.png"), cfg.data, cfg.model.in_channels, encoders.vae)
+    assert latents.shape == (1, cfg.model.in_channels, 1, 4, 4) and "48x40 scaled to cover 32x32" in note
+    inputs = prompt_inputs(encoders, ["a red cat runs"], None, "cpu")
+    chunks = list(stream_decoded(load_phase_model(cfg, "sf_dmd"), inputs, LATENT_FRAMES - 1, 4, 4, 2, 1.0, 3,
+                                 encoders.vae, prefix=latents))
+    assert [c[1].shape[2] for c in chunks] == [5, 8]  # 13 video frames, the image's first
+    torch.testing.assert_close(chunks[0][0].frames[:, :, :1], latents, rtol=0, atol=0)
+    reconstruction = encoders.vae.decode(latents).float()
+    torch.testing.assert_close(chunks[0][1][:, :, :1].float(), reconstruction, atol=1e-5, rtol=1e-4)
+
+    out = tmp_path / "i2v.mp4"
+    assert main(["generate", str(run), "--phase", "sf_dmd", "--image", str(tmp_path / "img.png"), "--prompts-at",
+                 "0:a red cat runs;1:a small boat in the rain", "--out", str(out)]) == 0
+    assert "centre-cropped" in capsys.readouterr().out
+    assert read_video(str(out)).shape == (PIXEL_FRAMES, 32, 32, 3)

@@ -58,6 +58,10 @@ class CausalConfig:
     context_from_last_step: bool = False
     context_from_last_step_start_chunk: int = 0
     context_noise_level: float = 0.625
+    # image-to-video training (network/clean_frames.py): the first latent frames of every training video are given
+    # clean (level 0), never noised and left out of the loss, in teacher forcing and the self-forcing rollout
+    # (Causal-rCM's I2V by first frame; 1 = one image). 0 = off
+    clean_first_frames: int = 0
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -153,6 +157,9 @@ def validate_causal(cfg: CausalConfig, num_frames: int | None = None, prefix: st
         divisors = [d for d in range(1, num_frames + 1) if num_frames % d == 0]
         raise ConfigError(f"{prefix}.chunk_frames", cfg.chunk_frames,
                           f"a divisor of the {num_frames} latent frames: {divisors}")
+    if not 0 <= cfg.clean_first_frames <= first:
+        raise ConfigError(f"{prefix}.clean_first_frames", cfg.clean_first_frames,
+                          f"0..{first} latent frames: the held frames lie in the first chunk (of {first} frames)")
     if cfg.window_chunks < 0:
         raise ConfigError(f"{prefix}.window_chunks", cfg.window_chunks, ">= 0 (0 = unlimited)")
     if cfg.sink_chunks < 0:

@@ -235,6 +235,10 @@ def validate_run_parallel(cfg: RunConfig, world_size: int | None = None) -> None
         for sequence in cls.sequences:  # the [clean ; noisy] sequence has twice the video's frames
             validate_parallel(par, cfg.model, num_frames=2 * frames if sequence == "teacher_forcing" else frames)
         key = f"phases.{i}.objective_args"
+        if cfg.causal.clean_first_frames and not cls.holds_clean_frames:
+            raise ConfigError("causal.clean_first_frames", cfg.causal.clean_first_frames,
+                              f"0 with phases.{i} (objective {phase.objective}): image-to-video training is "
+                              "implemented for every objective but this one")
         cls.check_run(cls.parse_config(dict(phase.objective_args), key), cfg, phase, key, par)
         accum = cfg.train.grad_accum
         if accum > 1 and self_forcing:

@@ -295,6 +295,53 @@ def _action_fn(args, cfg, model, layout):
     return lambda index, _frames: one_hot_actions([ids[index]], action_dim, layout.size(index))
 
 
+def _image_prefix(args, cfg, model, frames: int, vae=None, device="cpu"):
+    """``--image``: the image's latent frame [1, C, 1, h, w] (VAE-encoded with ``vae``), or None without the flag;
+    ``frames``: the video's latent frames (the image's one among them)."""
+    if args.image is None:
+        return None
+    from .image_input import image_latents
+
+    if frames < 2:
+        raise ConfigError("--frames", frames, "at least 2 latent frames with --image (the image is the first)")
+
+    latents, note = image_latents(args.image, cfg.data, model.cfg.in_channels, vae, device)
+    if note:
+        print(f"--image: {note}")
+    return latents
+
+
+def _prompt_schedule(args, cfg, layout, uncond, encode=None):
+    """``--prompts-at``: a :class:`ConditionSchedule` over the stream's chunks, or None without the flag.
+
+    ``encode(text) -> {"context", "uncond_context"}`` for text prompts (runs with a text encoder); without it the
+    prompts are the synthetic set's classes (``class=K``) and ``uncond`` is the unconditional context."""
+    if args.prompts_at is None:
+        return None
+    import torch
+
+    from ..network import Condition
+    from .prompt_switch import FLAG, ConditionSchedule, parse_prompts_at
+
+    for flag, value in (("--class-id", args.class_id), ("--prompt", args.prompt), ("--prompts", args.prompts)):
+        if value is not None:
+            raise ConfigError(flag, value, f"absent with {FLAG} (it gives the prompts)")
+    d = cfg.data
+    if encode is not None:
+        entries = parse_prompts_at(args.prompts_at, layout.n_chunks)
+        conds = [Condition(c["context"], c["uncond_context"]) for c in (encode(text) for _, text in entries)]
+    elif d.kind == "synthetic":
+        from ..data import TextConditioner
+
+        entries = parse_prompts_at(args.prompts_at, layout.n_chunks, classes=d.num_classes)
+        text = TextConditioner(d.num_classes, d.text_len, d.text_dim)
+        conds = [Condition(text(torch.tensor([k])).to(uncond), uncond) for _, k in entries]
+    else:
+        raise ConfigError(FLAG, args.prompts_at, "a run with class prompts (data.kind=synthetic) or text prompts "
+                          "(encoders.diffusers_dir)")
+    return ConditionSchedule(tuple(c for c, _ in entries), tuple(conds))
+
+
 def run_generate(args) -> int:
     from ..utils.video import StreamingVideoWriter
     from .sampling import prompt_batch
@@ -309,14 +356,18 @@ def run_generate(args) -> int:
     frames = d.num_frames if args.frames is None else args.frames
     layout = _stream_layout(model, frames)
     action_fn = _action_fn(args, cfg, model, layout)
-    if args.prompt is not None or args.prompts is not None or cfg.encoders.has_vae:  # text prompts / VAE decode
+    text_prompts = args.prompt is not None or args.prompts is not None or (args.prompts_at and cfg.encoders.has_text)
+    if text_prompts or cfg.encoders.has_vae:  # text prompts / VAE decode
         from .real_video import generate_files
 
         if args.class_id is not None:
             raise ConfigError("--class-id", args.class_id, "absent with --prompt/--prompts or a run with a VAE")
         return generate_files(args, cfg, phase, model, frames, action_fn)
     seed = cfg.eval.seed if args.seed is None else args.seed
+    prefix = _image_prefix(args, cfg, model, frames, device=args.device)
     prompts = prompt_batch(d, 1, seed, args.device, args.class_id)
+    schedule = _prompt_schedule(args, cfg, layout, prompts["uncond_context"])
+    context = prompts["context"] if schedule is None else schedule(0).context
     out = args.out or str(Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
     pattern = (f"{layout.n_chunks} chunks of {layout.chunk_frames}" if layout.first == layout.chunk_frames else
                f"a chunk of {layout.first} + {layout.n_chunks - 1} of {layout.chunk_frames}")
@@ -326,13 +377,31 @@ def run_generate(args) -> int:
           f"{per_chunk} steps per chunk, to {out}")
     writer = StreamingVideoWriter(out)
     try:
-        generate_video(model, prompts["context"], frames, d.height, d.width, steps=args.steps,
+        generate_video(model, context, frames - _frames_of(prefix), d.height, d.width, steps=args.steps,
                        guidance_scale=args.guidance, uncond_context=prompts["uncond_context"], action_fn=action_fn,
-                       seed=seed, writer=writer, log=print, options=options)
+                       seed=seed, writer=writer, log=print, options=options, prefix=prefix, show_prefix=True,
+                       condition_at=schedule, recache=args.recache)
     finally:
         path = writer.close()
     print(f"wrote {path}: {writer.frames_written} frames")
     return 0
+
+
+def _frames_of(prefix) -> int:
+    return 0 if prefix is None else prefix.shape[2]
+
+
+def add_stream_input_arguments(p: argparse.ArgumentParser) -> None:
+    """generate's inputs besides the prompt: a first image, a prompt schedule."""
+    p.add_argument("--image", default=None, metavar="PATH", help="image-to-video: the image is the first latent "
+                   "frame (VAE-encoded on runs with a VAE), scaled to cover the run's size and centre-cropped; "
+                   "the rest streams from it")
+    p.add_argument("--prompts-at", default=None, metavar="CHUNK:PROMPT;...", help="switch the prompt at chunk "
+                   "indices, e.g. '0:a red disk moving right;8:a blue square moving left' (synthetic runs: "
+                   "'0:class=1;8:class=3'); the kept context is re-cached under each new prompt")
+    p.add_argument("--recache", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --prompts-at: re-compute the cached chunks' K/V under the new prompt (default; LongLive "
+                   "KV re-cache); --no-recache only swaps the text the next chunks attend to")
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -417,4 +486,5 @@ def add_run_dir_commands(sub) -> None:
     act = p.add_mutually_exclusive_group()
     act.add_argument("--actions", default=None, help="action ids, one per chunk, e.g. 0,1,2,3")
     act.add_argument("--interactive", action="store_true", help="read each chunk's action ids from stdin")
+    add_stream_input_arguments(p)
     p.set_defaults(func=run_generate)

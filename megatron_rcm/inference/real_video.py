@@ -58,24 +58,29 @@ def benchmark_file_name(prompt: str, index: int, suffix: str = ".mp4", limit: in
 
 
 def stream_decoded(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
-                   seed: int, vae=None, action_fn=None, sync: Callable[[], None] | None = None, options=None):
+                   seed: int, vae=None, action_fn=None, sync: Callable[[], None] | None = None, options=None,
+                   prefix=None, condition_at=None, recache: bool = True):
     """Yield (chunk, video frames [1, 3, f, H, W] or the latents without ``vae``, decode seconds) per chunk.
 
     Each chunk goes through the VAE's streaming decoder as soon as it is denoised, so a stream can be
     shown or written while it grows; the decoded frames equal one decode of the whole video. ``options``: a
-    ``StreamConfig`` with per-chunk steps / noisy context.
+    ``StreamConfig`` with per-chunk steps / noisy context. ``prefix`` (an image's latent frame) leads the video:
+    its frames come first in the first chunk's output (decode(encode(image)) with a VAE); ``condition_at``: a
+    prompt schedule (see ``stream_chunks``).
     """
     from dataclasses import replace
 
-    from .streaming import StreamConfig, stream_video
+    from ..network import Denoiser
+    from .streaming import StreamConfig, including_prefix, stream_video
 
     context = inputs["context"]
     gen = torch.Generator(device=context.device).manual_seed(seed)
     cfg = replace(options or StreamConfig(), steps=steps, guidance_scale=guidance)
     sync = sync or ((lambda: torch.cuda.synchronize()) if context.is_cuda else (lambda: None))
     decoder = vae.stream() if vae is not None else None
-    for out in stream_video(model, context, num_frames, height, width, cfg, inputs.get("uncond_context"), action_fn,
-                            gen, sync=sync):
+    stream = stream_video(model, context, num_frames, height, width, cfg, inputs.get("uncond_context"), action_fn,
+                          gen, sync=sync, prefix=prefix, condition_at=condition_at, recache=recache)
+    for out in including_prefix(stream, prefix, Denoiser.of(model)):
         t0 = time.perf_counter()
         frames = decoder.decode(out.frames[:1]) if decoder is not None else out.frames[:1]
         sync()
@@ -83,14 +88,15 @@ def stream_decoded(model, inputs: dict, num_frames: int, height: int, width: int
 
 
 def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: int, steps: int, guidance: float,
-                     seed: int, vae, writer, action_fn=None, log: Callable[[str], None] | None = print, options=None):
+                     seed: int, vae, writer, action_fn=None, log: Callable[[str], None] | None = print, options=None,
+                     **stream):
     """Stream one video into ``writer`` (each chunk decoded and appended as it comes); returns the latents.
 
     Per-chunk lines give the chunk's latency split into denoising (sampling + KV-cache write) and VAE decode.
     """
     chunks = []
     for out, frames, decode_s in stream_decoded(model, inputs, num_frames, height, width, steps, guidance, seed, vae,
-                                                action_fn, options=options):
+                                                action_fn, options=options, **stream):
         writer.append(frames[0].detach().float().cpu())
         chunks.append(out.frames)
         if log is not None:
@@ -103,16 +109,23 @@ def stream_to_writer(model, inputs: dict, num_frames: int, height: int, width: i
 def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
     """``generate`` on a run with encoders: one streamed, VAE-decoded file per prompt."""
     from ..utils.video import StreamingVideoWriter
-    from .cli import long_stream_options, stream_options
+    from .cli import _frames_of, _image_prefix, _prompt_schedule, _stream_layout, long_stream_options, stream_options
     from .sampling import prompt_batch
 
     device = torch.device(args.device)
     options = long_stream_options(stream_options(args, cfg.causal, args.steps), cfg, model, frames)
     prompts = gather_prompts(args.prompt, args.prompts)
-    encoders = run_encoders(cfg, device, text=bool(prompts), vae=cfg.encoders.has_vae)
+    switching = getattr(args, "prompts_at", None) is not None
+    encoders = run_encoders(cfg, device, text=bool(prompts) or switching, vae=cfg.encoders.has_vae)
     seed = cfg.eval.seed if args.seed is None else args.seed
     out = Path(args.out or Path(cfg.output_dir) / "samples" / f"generate_{phase.name}.mp4")
-    if prompts:
+    prefix = _image_prefix(args, cfg, model, frames, encoders.vae, device)
+    schedule = _prompt_schedule(args, cfg, _stream_layout(model, frames), None,
+                                lambda text: prompt_inputs(encoders, [text], args.negative_prompt, device))
+    if schedule is not None:
+        first = schedule(0)
+        inputs_list = [{"context": first.context, "uncond_context": first.uncond}]
+    elif prompts:
         inputs_list = [prompt_inputs(encoders, [p], args.negative_prompt, device) for p in prompts]
     else:  # no prompt: the data's first evaluation prompt (its stored context)
         batch = prompt_batch(cfg.data, 1, seed, device)
@@ -127,8 +140,9 @@ def generate_files(args, cfg, phase, model, frames: int, action_fn) -> int:
         writer = StreamingVideoWriter(str(path), fps=DECODED_FPS, scale=1) if encoders.vae is not None else \
             StreamingVideoWriter(str(path))
         try:
-            stream_to_writer(model, inputs, frames, d.height, d.width, args.steps, args.guidance, seed, encoders.vae,
-                             writer, action_fn=action_fn, options=options)
+            stream_to_writer(model, inputs, frames - _frames_of(prefix), d.height, d.width, args.steps, args.guidance,
+                             seed, encoders.vae, writer, action_fn=action_fn, options=options, prefix=prefix,
+                             condition_at=schedule, recache=args.recache)
         finally:
             written = writer.close()
         print(f"wrote {written}: {writer.frames_written} frames")

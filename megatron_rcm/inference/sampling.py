@@ -40,6 +40,13 @@ def prompt_batch(data_cfg, num_videos: int, seed: int, device, class_id: int | N
     return {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
 
 
+def image_prefix(net, prompts: dict):
+    """The known first frames of a model trained for image-to-video (``causal.clean_first_frames``): the prompts'
+    own videos' first frames, so its samples (and the report's numbers) are of what it learnt; else None."""
+    n = net.clean_first_frames
+    return prompts["latents"][:, :, :n].to(net.dtype) if n and "latents" in prompts else None
+
+
 def _action_fn(prompts, layout):
     """The prompts' per-frame actions served chunk by chunk (world models), or None."""
     actions = prompts.get("actions")
@@ -68,10 +75,12 @@ def student_sample(model, prompts: dict, data_cfg, steps: int, guidance: float =
     timesteps = None if steps <= 4 else uniform_timesteps(steps)
     d, net = data_cfg, Denoiser.of(model)
     options = replace(options or StreamConfig(), trained_frames=d.num_frames)  # the trained length: in range
-    video = generate_video(model, prompts["context"], d.num_frames, d.height, d.width, steps=steps,
+    prefix = image_prefix(net, prompts)
+    given = 0 if prefix is None else prefix.shape[2]
+    video = generate_video(model, prompts["context"], d.num_frames - given, d.height, d.width, steps=steps,
                            timesteps=timesteps, guidance_scale=guidance, uncond_context=prompts["uncond_context"],
                            action_fn=_action_fn(prompts, net.layout(d.num_frames // net.patch_frames)), seed=seed,
-                           writer=writer, decode=decode, log=log, options=options)
+                           writer=writer, decode=decode, log=log, options=options, prefix=prefix, show_prefix=True)
     model.train(was_training)
     return video
 
@@ -86,7 +95,7 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     """
     from ..diffusion.samplers import multistep2_fm
     from ..network import Condition, Denoiser
-    from .streaming import chunkwise, stream_chunks
+    from .streaming import chunkwise, including_prefix, stream_chunks
 
     if steps < 1:
         raise ConfigError("--steps", steps, "a positive number of ODE steps")
@@ -98,15 +107,19 @@ def teacher_sample(model, prompts: dict, data_cfg, steps: int, guidance: float, 
     noise = torch.randn(len(prompts["context"]), d.channels, d.num_frames, d.height, d.width, generator=generator)
     noise = noise.to(device, net.dtype)
     layout = net.layout(noise)
-    starts = iter(torch.split(noise, [n * net.patch_frames for n in layout.sizes], dim=2))
+    starts = torch.split(noise, [n * net.patch_frames for n in layout.sizes], dim=2)
+    prefix = image_prefix(net, prompts)
+    given = 0 if prefix is None else prefix.shape[2]
+    cached = 1 if given == layout.first * net.patch_frames else 0  # the held frames fill chunk 0: it is cached
     was_training = net.model.training
     net.model.eval()
     cond = Condition(prompts["context"], prompts["uncond_context"])
     fresh = lambda shape: torch.randn(shape, generator=generator).to(device, net.dtype)  # noqa: E731 (noisy context)
-    chunks = stream_chunks(net, cond, d.num_frames, d.height, d.width,
+    chunks = stream_chunks(net, cond, d.num_frames - given, d.height, d.width,
                            chunkwise(partial(multistep2_fm, steps=steps, shift=shift)),
-                           lambda _chunk, _shape: next(starts), guidance, _action_fn(prompts, layout),
+                           lambda i, _shape: starts[i + cached], guidance, _action_fn(prompts, layout), prefix=prefix,
                            fresh_noise=fresh)
+    chunks = including_prefix(chunks, prefix, net)
     video = torch.cat([c.frames for c in chunks], dim=2)
     net.model.train(was_training)
     return video

@@ -29,6 +29,8 @@ import torch
 from ..diffusion.step_schedule import StepSchedule, StepScheduleConfig, build_schedule
 from ..models.kv_cache import StreamCacheOptions
 from ..network import WAN_T_SCALE, Condition, Denoiser, NoisyContext
+from ..network.clean_frames import HeldFrames
+from ..ops.chunks import ChunkLayout
 from ..selfforcing.rollout import sample_chunk
 
 # where a bad streaming schedule value comes from, for the error message (the CLI's flags)
@@ -96,7 +98,9 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
                   start_noise: Callable, guidance: float = 1.0, action_fn: Callable | None = None, prefix=None,
                   history_chunks: int | None = None, sync: Callable[[], None] | None = None,
                   noisy: NoisyContext | None = None, fresh_noise: Callable | None = None,
-                  cache_options: StreamCacheOptions | None = None) -> Iterator[ChunkOutput]:
+                  cache_options: StreamCacheOptions | None = None,
+                  condition_at: Callable[[int], Condition] | None = None,
+                  recache: bool = True) -> Iterator[ChunkOutput]:
     """The streaming loop every chunk-by-chunk sampler shares (few-step students, the teacher's ODE).
 
     ``chunk_sampler(denoise, noise, chunk) -> x0`` denoises chunk ``chunk``, where ``denoise(x, s) -> v``
@@ -106,8 +110,18 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     the model's; clean = re-run at s = 0, noisy = re-noised with ``fresh_noise(shape)``).
     With guidance the stream keeps a [cond ; uncond] pair of caches in one batch (see ``ChunkCache``).
     ``cond.actions`` is ignored: world models get each chunk's actions from ``action_fn`` (see
-    :func:`stream_video`). ``cache_options``: window/sink, RoPE policy and K/V dtype of the stream's cache
-    (None: the model's window/sink, absolute positions, the model's dtype).
+    :func:`stream_video`).
+
+    ``prefix`` [B, C, P, H, W]: known clean frames (an observation, an image). Its whole chunks prefill the
+    cache; frames left over fill the start of the next chunk, which is denoised with them held clean
+    (:class:`~megatron_rcm.network.clean_frames.HeldFrames`) and yielded with them. ``prefix`` + ``num_frames``
+    must be whole chunks.
+
+    ``condition_at(chunk) -> Condition`` switches the conditioning mid-stream (a prompt schedule; default ``cond``
+    throughout): when it returns another condition than the previous chunk's, the cached chunks' K/V are
+    re-written under the new one from the latents they were cached from (``recache``, LongLive's KV re-cache),
+    or only the cross-attention K/V are dropped (``recache=False``: old chunks keep the old prompt's K/V). ``cache_options``: window/sink, RoPE policy
+    and K/V dtype of the stream's cache (None: the model's window/sink, absolute positions, the model's dtype).
     """
     b, pt = cond.batch, net.patch_frames
     given = 0 if prefix is None else prefix.shape[2]
@@ -115,11 +129,17 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
         raise ValueError(f"frame counts must be multiples of the temporal patch {pt}")
     try:
         layout = net.layout((given + num_frames) // pt)
-        first = layout.chunks_before(given // pt)
     except ValueError as err:
-        raise ValueError(f"prefix ({given}) and num_frames ({num_frames}) must each be whole chunks: {err}") from None
+        raise ValueError(f"prefix ({given}) + num_frames ({num_frames}) must be whole chunks: {err}") from None
     end = layout.n_chunks
-    cache = net.new_cache(height, width, cond, guidance, options=cache_options)
+    first = max(k for k in range(end + 1) if layout.start(k) <= given // pt)  # whole chunks given
+    hold = None
+    if given > layout.start(first) * pt:  # the rest of the prefix: held clean in chunk `first`
+        hold = HeldFrames(prefix[:, :, layout.start(first) * pt:].to(net.dtype), pt)
+    switching = condition_at is not None
+    condition_at = condition_at or (lambda _chunk: cond)
+    current = condition_at(0)
+    cache = net.new_cache(height, width, current, guidance, options=cache_options)
     noisy = net.noisy_context if noisy is None else noisy
     fresh_noise = fresh_noise or (lambda shape: torch.randn(shape, device=cond.context.device, dtype=net.dtype))
     sync = sync or (lambda: torch.cuda.synchronize() if cond.context.is_cuda else None)
@@ -128,16 +148,26 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     if history_chunks is None:
         history_chunks = cache.kv.visibility.window or None  # None: an unlimited cache keeps everything too
     produced: deque[torch.Tensor] = deque(maxlen=history_chunks if action_fn is not None else 0)
+    written = CachedChunks(keep=switching and recache)  # what each cached chunk was written from (re-cache)
 
     def chunk_condition(chunk):
+        nonlocal current
+        base = condition_at(chunk)
+        if base is not current:  # a prompt switch
+            current = base
+            if recache:
+                written.rewrite(net, cache, base)
+            else:
+                cache.forget_condition()
         if action_fn is None:
-            return cond.with_actions(None)
+            return base.with_actions(None)
         a = torch.as_tensor(action_fn(chunk, list(produced)), dtype=net.dtype, device=cond.context.device)
-        return cond.with_actions(a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a)
+        return base.with_actions(a.unsqueeze(0).expand(b, -1, -1) if a.dim() == 2 else a)
 
     def cache_chunk(x0, cc, chunk):
         x, s = noisy.cached_copy(x0, chunk, fresh_noise)
         net.write_chunk(x, cc, cache, chunk, s=s)
+        written.add(chunk, x, s, cc.actions, cache)
 
     for chunk in range(first):  # given clean frames (a world model's observation) prefill the cache
         x0 = prefix[:, :, layout.frame_slice(chunk, pt)].to(net.dtype)
@@ -151,14 +181,64 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
 
         def denoise(x, s, write=False, cc=cc, chunk=chunk):
             wrote.append(write)
+            if write:
+                written.add(chunk, x, s, cc.actions, cache)
             return net.chunk(x, s, cc, cache, chunk, write=write)[0]
 
-        x0 = chunk_sampler(denoise, start_noise(chunk - first, shape), chunk)
+        held = hold if chunk == first else None
+        x0 = chunk_sampler(held.denoiser(denoise) if held else denoise, start_noise(chunk - first, shape), chunk)
+        x0 = held.output(x0) if held else x0
         if not any(wrote):
             cache_chunk(x0, cc, chunk)
         sync()
         produced.append(x0)
         yield ChunkOutput(chunk, x0, time.perf_counter() - t0, cache.num_tokens)
+
+
+class CachedChunks:
+    """The latents (and levels, actions) each cached chunk's K/V were written from, for as long as the cache holds
+    it: a prompt switch re-writes them under the new condition (LongLive's KV re-cache). Bounded by the cache's
+    window; nothing is kept when ``keep`` is False (a stream without a prompt schedule)."""
+
+    def __init__(self, keep: bool):
+        self.keep = keep
+        self.entries: dict[int, tuple] = {}
+
+    def add(self, chunk: int, x, s, actions, cache) -> None:
+        """Record chunk ``chunk``'s cached copy (called just before or after its write); forget evicted chunks."""
+        if not self.keep:
+            return
+        alive = set(cache.chunks) | {chunk}
+        self.entries = {c: e for c, e in self.entries.items() if c in alive}
+        self.entries[chunk] = (x.detach(), s, actions)
+
+    def rewrite(self, net: Denoiser, cache, cond: Condition) -> None:
+        """Empty ``cache`` and write every chunk it holds again, in order, under ``cond`` (the new prompt).
+
+        Each re-written chunk attends to the re-written ones before it; chunks already evicted are not brought
+        back, so with a rolling window the oldest kept chunk is re-encoded without the context it once saw (as
+        LongLive re-caches the frames of its window)."""
+        alive = set(cache.chunks)
+        self.entries = {c: e for c, e in self.entries.items() if c in alive}
+        cache.clear()
+        for chunk in sorted(self.entries):
+            x, s, actions = self.entries[chunk]
+            net.write_chunk(x, cond.with_actions(actions), cache, chunk, s=s)
+
+
+def including_prefix(chunks: Iterator[ChunkOutput], prefix, net: Denoiser) -> Iterator[ChunkOutput]:
+    """A stream's chunks with the prefix frames it did not yield (its whole chunks, cached only) put in front of
+    the first one, so a writer shows the video from the given frames on (``generate --image``)."""
+    first = True
+    for out in chunks:
+        if first and prefix is not None:
+            c = net.model.causal
+            lead = ChunkLayout.covering(out.index + 1, c.chunk_frames, c.first_chunk_frames or None).start(out.index)
+            lead *= net.patch_frames
+            if lead:
+                out = replace(out, frames=torch.cat([prefix[:, :, :lead].to(out.frames), out.frames], dim=2))
+        first = False
+        yield out
 
 
 def chunkwise(sampler: Callable) -> Callable:
@@ -183,13 +263,17 @@ def few_step_sampler(schedule: StepSchedule, noisy: NoisyContext, generator=None
 def stream_video(model, context, num_frames: int, height: int, width: int, cfg: StreamConfig | None = None,
                  uncond_context=None, action_fn: Callable | None = None, generator=None,
                  sync: Callable[[], None] | None = None, prefix=None,
-                 history_chunks: int | None = None) -> Iterator[ChunkOutput]:
+                 history_chunks: int | None = None, condition_at: Callable[[int], Condition] | None = None,
+                 recache: bool = True) -> Iterator[ChunkOutput]:
     """Yield each chunk as soon as it is denoised (a generator). ``num_frames`` may exceed training length.
 
     ``model``: a CausalWanModel (or its :class:`~megatron_rcm.network.Denoiser`). ``prefix``
-    [B, C, P, H, W] (P a multiple of the chunk): given clean frames (e.g. the world model's current
-    observation) written to the cache first; ``num_frames`` new frames follow them, with chunk
-    indices (and RoPE positions) continuing after the prefix. ``action_fn`` is asked for every chunk,
+    [B, C, P, H, W]: given clean frames (e.g. the world model's current observation, an image) written to
+    the cache first; ``num_frames`` new frames follow them, with chunk indices (and RoPE positions)
+    continuing after the prefix. Prefix frames that do not fill a whole chunk are held clean in the first
+    generated chunk, which yields them too (image-to-video by first frame; see :func:`stream_chunks`).
+    ``condition_at(chunk) -> Condition``: a prompt schedule (see :func:`stream_chunks`; ``context`` is then
+    only the first chunk's). ``action_fn`` is asked for every chunk,
     prefix chunks included (their actions condition the cached K/V). ``history_chunks``: how many of the
     latest chunks ``frames_so_far`` holds; None = the model's ``window_chunks`` (all when unlimited).
     Nothing is kept without an ``action_fn``.
@@ -206,21 +290,25 @@ def stream_video(model, context, num_frames: int, height: int, width: int, cfg: 
     yield from stream_chunks(net, Condition(context, uncond_context), num_frames, height, width,
                              few_step_sampler(schedule, noisy, generator), lambda _chunk, shape: noise(shape),
                              cfg.guidance_scale, action_fn, prefix, history_chunks, sync, noisy, noise,
-                             cfg.cache_options())
+                             cfg.cache_options(), condition_at, recache)
 
 
 def generate_video(model, context, num_frames: int, height: int, width: int, steps: int = 2,
                    timesteps: list[float] | None = None, shift: float = 1.0, guidance_scale: float = 1.0,
                    uncond_context=None, action_fn: Callable | None = None, seed: int | None = 0, generator=None,
                    writer=None, decode: Callable | None = None, log: Callable[[str], None] | None = print,
-                   prefix=None, writer_sample: int | None = 0, options: StreamConfig | None = None):
-    """Generate a video by streaming; returns the new frames [B, C, num_frames, H, W] (after ``prefix``).
+                   prefix=None, writer_sample: int | None = 0, options: StreamConfig | None = None,
+                   condition_at: Callable[[int], Condition] | None = None, recache: bool = True,
+                   show_prefix: bool = False):
+    """Generate a video by streaming; returns the streamed frames [B, C, f, H, W]: the ``num_frames`` after the
+    prefix's whole chunks (f = num_frames), or, when the prefix ends inside a chunk, from that chunk's start.
 
     ``writer`` receives each chunk as soon as it exists: ``utils.video.StreamingVideoWriter`` (``append``),
     anything with ``write``, or a callable. It gets batch element ``writer_sample`` ([C, f, H, W]; None =
     the whole [B, C, f, H, W] chunk), decoded by ``decode`` (latents -> pixels) first if given.
     Per-chunk latency goes to ``log`` (print by default; None = silent). ``options``: a StreamConfig whose
     per-chunk schedule and noisy-context fields apply (its steps/timesteps/shift/guidance are the arguments').
+    ``show_prefix``: the prefix's whole chunks go to the writer (and the result) too, before the first chunk.
     """
     if generator is None and seed is not None:
         generator = torch.Generator(device=context.device)
@@ -228,8 +316,9 @@ def generate_video(model, context, num_frames: int, height: int, width: int, ste
     cfg = replace(options or StreamConfig(), steps=steps, timesteps=timesteps, shift=shift,
                   guidance_scale=guidance_scale)
     chunks = []
-    for out in stream_video(model, context, num_frames, height, width, cfg, uncond_context, action_fn, generator,
-                            prefix=prefix):
+    stream = stream_video(model, context, num_frames, height, width, cfg, uncond_context, action_fn, generator,
+                          prefix=prefix, condition_at=condition_at, recache=recache)
+    for out in including_prefix(stream, prefix, Denoiser.of(model)) if show_prefix else stream:
         chunks.append(out.frames)
         if writer is not None:
             frames = decode(out.frames) if decode is not None else out.frames

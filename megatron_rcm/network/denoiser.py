@@ -27,6 +27,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import GroupMask, block_causal_mask, teacher_forcing_mask
+from .clean_frames import HeldFrames, free_chunk_mean, free_frames, free_mask, hold_first_frames
 from .condition import Condition
 from .context import NoisyContext, TeacherForcingContext
 
@@ -78,6 +79,21 @@ class ChunkCache:
         """A read-only view of the chunks cached before ``chunk`` (see ``KVCache.before``)."""
         return ChunkCache(self.kv.before(chunk), self.guidance, self.guided)
 
+    @property
+    def chunks(self) -> list[int]:
+        """Indices of the chunks whose K/V are cached (after eviction), oldest first."""
+        return list(self.kv.chunks)
+
+    def forget_condition(self) -> None:
+        """Drop the cached cross-attention K/V (text, image): the next call projects the new condition's.
+        The chunks' self-attention K/V stay as they were written (a prompt switch without re-cache)."""
+        for layer in self.kv.layers:
+            layer.cross_k = layer.cross_v = layer.image_k = layer.image_v = None
+
+    def clear(self) -> None:
+        """Empty the cache (chunks and cross-attention K/V) before it is re-written (a prompt switch's re-cache)."""
+        self.kv.reset()
+
 
 class Denoiser:
     """A :class:`~megatron_rcm.models.CausalWanModel` seen as a flow-matching denoiser ``(x, s, cond) -> v``."""
@@ -115,6 +131,34 @@ class Denoiser:
     def noisy_context(self) -> NoisyContext:
         """How finished chunks are cached as context (the model's ``causal.context_from_last_step*``)."""
         return NoisyContext.of(self.model.causal)
+
+    @property
+    def clean_first_frames(self) -> int:
+        """Latent frames at the start of every training video held clean (``causal.clean_first_frames``: a student
+        trained for image-to-video by first frame, :mod:`~megatron_rcm.network.clean_frames`)."""
+        return getattr(self.model.causal, "clean_first_frames", 0)
+
+    def held_frames(self, x0: torch.Tensor) -> HeldFrames | None:
+        """The held first frames of a training video x0 (None when ``clean_first_frames`` is 0)."""
+        n = self.clean_first_frames
+        return HeldFrames(x0[:, :, :n], self.patch_frames) if n else None
+
+    def hold_clean(self, x: torch.Tensor, s, x0: torch.Tensor):
+        """(x, per-frame s) with the held first frames of x0 clean at level 0; unchanged without any."""
+        return hold_first_frames(x, s, x0, self.clean_first_frames, self.patch_frames)
+
+    def free_mask(self, x: torch.Tensor):
+        """(latents mask, per-frame mask): 0 on the held first frames, 1 elsewhere (JVP tangents, losses)."""
+        return free_mask(x, self.clean_first_frames, self.patch_frames)
+
+    def chunk_loss_mean(self, e: torch.Tensor):
+        """(per-(sample, chunk) mean of latents-shaped e over the frames with a loss [B, n_chunks], the chunks that
+        have any [n_chunks]): ``ChunkLayout.chunk_mean`` without the held first frames."""
+        return free_chunk_mean(e, self.layout(e), self.clean_first_frames, self.patch_frames)
+
+    def loss_frames(self, e: torch.Tensor) -> torch.Tensor:
+        """The frames of latents-shaped e that carry a loss (all but the held first frames)."""
+        return free_frames(e, self.clean_first_frames)
 
     def training_context(self, x0: torch.Tensor, noise) -> TeacherForcingContext:
         """The teacher-forcing context of a training step: clean x0, or x0 perturbed as the sampler will leave

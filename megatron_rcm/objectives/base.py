@@ -84,6 +84,9 @@ class Objective:
     # the token sequences its network calls run (context-parallel layout checks): "teacher_forcing" = the
     # [clean ; noisy] sequence (2x the video's frames), "video" = the video's own frames
     sequences: ClassVar[tuple[str, ...]] = ("teacher_forcing",)
+    # honours causal.clean_first_frames (image-to-video training: the held first frames are given clean at level 0,
+    # never noised, and carry no loss; ``Denoiser.hold_clean`` / ``loss_frames``); others refuse it at config load
+    holds_clean_frames: ClassVar[bool] = False
 
     @classmethod
     def parse_config(cls, args: dict, key: str):

@@ -24,6 +24,7 @@ class DCMConfig:
 
 class DCMObjective(Objective):
     name, config_class, phase_kinds = "dcm", DCMConfig, ("tf_cm",)
+    holds_clean_frames = True  # held frames sit at s = 0 on both ends: x - 0 v = x0, so their error is exactly 0
 
     def __init__(self, teacher, cfg: DCMConfig = DCMConfig(), target=None):
         self.teacher, self.cfg, self.target = teacher, cfg, target  # target=None: stop-grad student
@@ -43,7 +44,8 @@ class DCMObjective(Objective):
         layout = student.layout(x0)
         context = x0 if context is None else context
         s_hi, s_lo = layout.to_frames(g[n + 1]), layout.to_frames(g[n])
-        x_hi = fm_noise(x0, eps, s_hi)
+        x_hi, s_hi = student.hold_clean(fm_noise(x0, eps, s_hi), s_hi, x0)
+        s_lo = student.hold_clean(x_hi, s_lo, x0)[1]
         v_t, _ = self.teacher.teacher_forcing(context, x_hi, s_hi, cond, guidance=self.cfg.cfg_scale)
         x_lo = x_hi + bcast(s_lo - s_hi, x_hi) * v_t
         v_lo, _ = (self.target or student).teacher_forcing(context, x_lo, s_lo, cond)
@@ -57,5 +59,5 @@ class DCMObjective(Objective):
         x_hi, s_hi, f_tgt = self.target_and_inputs(student, x0, cond, n, eps, context)
         v, _ = student.teacher_forcing(context, x_hi, s_hi, cond)
         f = x_hi - bcast(s_hi, x_hi) * v
-        loss = (f.float() - f_tgt.float()).pow(2).mean()
+        loss = student.loss_frames(f.float() - f_tgt.float()).pow(2).mean()
         return loss, {"dcm_loss": float(loss.detach())}

@@ -32,7 +32,7 @@ class DiffusionForcingObjective(Objective):
     """v-prediction on the block-causal video with a noise level per chunk."""
 
     name, config_class, phase_kinds, teacher_role = "diffusion_forcing", DiffusionForcingConfig, ("teacher",), "none"
-    sequences = ("video",)
+    sequences, holds_clean_frames = ("video",), True
 
     def __init__(self, cfg: DiffusionForcingConfig = DiffusionForcingConfig()):
         cfg.validate()
@@ -46,6 +46,7 @@ class DiffusionForcingObjective(Objective):
                                                           device=x0.device, dtype=x0.dtype), (x0.shape[0], per))
         s = layout.to_frames(s.expand(-1, layout.n_chunks))
         eps = step.noise.randn_like(x0)
-        v, _ = student.velocity(fm_noise(x0, eps, s), s, Condition.from_batch(batch), attend="block_causal")
-        loss = (v.float() - fm_target(x0, eps).float()).pow(2).mean()
+        x, s = student.hold_clean(fm_noise(x0, eps, s), s, x0)
+        v, _ = student.velocity(x, s, Condition.from_batch(batch), attend="block_causal")
+        loss = student.loss_frames(v.float() - fm_target(x0, eps).float()).pow(2).mean()
         return loss, {"df_loss": float(loss.detach())}

@@ -57,6 +57,14 @@ class DMDConfig:
         build_schedule(self.rollout, f"{key}.rollout")  # per-chunk steps and levels: lengths, order, range
 
 
+def _levels_like(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample [B] or per-frame [B, F] levels broadcast over latents x [B, C, F, H, W] (temporal patch 1 frames
+    repeat over their latent frames)."""
+    if s.dim() == 1:
+        return s.view(-1, 1, 1, 1, 1)
+    return s.repeat_interleave(x.shape[2] // s.shape[1], dim=1)[:, None, :, None, None]
+
+
 def dmd_gradient(x0_gen, x0_real, x0_fake, eps: float = 1e-8):
     """(x̂0_fake - x̂0_real) / mean_per_sample|x̂0_gen - x̂0_real|; no grad."""
     with torch.no_grad():
@@ -88,6 +96,7 @@ class SelfForcingDMD(Objective):
     """
 
     name, config_class, phase_kinds, self_forcing, sequences = "dmd", DMDConfig, ("sf_dmd",), True, ("video",)
+    holds_clean_frames = True  # the rollout holds the batch's first frames; scores see them clean; no loss there
 
     def __init__(self, teacher: Denoiser, cfg: DMDConfig, critic: TrainedSideModel):
         self.cfg = cfg
@@ -127,29 +136,36 @@ class SelfForcingDMD(Objective):
     def rollout(self, student: Denoiser, batch, noise: BatchNoise, grad: bool):
         x = batch["latents"]
         return self_forcing_rollout(student, Condition.from_batch(batch), tuple(x.shape), self.cfg.rollout,
-                                    grad=grad, rng=self.rng, noise=noise)
+                                    grad=grad, rng=self.rng, noise=noise, held=student.held_frames(x))
 
-    def _renoise(self, x0, noise: BatchNoise):
-        """(x_s, s) at a random level per sample, from the objective's own generator."""
+    def _renoise(self, x0, noise: BatchNoise, net: Denoiser | None = None):
+        """(x_s, s) at a random level per sample, from the objective's own generator; with ``net``'s held first
+        frames (``causal.clean_first_frames``) those stay clean at level 0 (then s is per frame)."""
         g = self._generator(x0.device)
         s = sample_renoise_levels(x0.shape[0], self.cfg, noise, g, x0.device, x0.dtype)
         eps = noise.randn_like(x0, generator=g)
         sb = s.view(-1, 1, 1, 1, 1)
-        return (1 - sb) * x0 + sb * eps, s, eps
+        x_s = (1 - sb) * x0 + sb * eps
+        if net is not None and net.clean_first_frames:
+            x_s, s = net.hold_clean(x_s, s, x0)
+        return x_s, s, eps
 
     # ------------------------------------------------------------------ generator
-    def loss_from_sample(self, x0_gen, batch, noise: BatchNoise = BatchNoise()):
-        """DMD loss and metrics for a generator sample x̂0 (with grad)."""
+    def loss_from_sample(self, x0_gen, batch, noise: BatchNoise = BatchNoise(), student: Denoiser | None = None):
+        """DMD loss and metrics for a generator sample x̂0 (with grad); ``student``: whose held first frames
+        (``causal.clean_first_frames``) the scores see clean and the loss leaves out."""
         cfg = self.cfg
         cond = Condition.from_batch(batch)
+        free = student.loss_frames if student is not None else (lambda e: e)
         with torch.no_grad():
-            x_s, s, _ = self._renoise(x0_gen.detach(), noise)
-            sb = s.view(-1, 1, 1, 1, 1)
+            x_s, s, _ = self._renoise(x0_gen.detach(), noise, student)
+            sb = _levels_like(s, x_s)
             v_real, _ = self.teacher.velocity(x_s, s, cond, attend=cfg.score_mask, guidance=cfg.guidance_scale)
             v_fake, _ = self._critic.net.velocity(x_s, s, cond, attend=cfg.score_mask,
                                                   guidance=cfg.fake_guidance_scale)
-            grad = dmd_gradient(x0_gen.detach(), x_s - sb * v_real, x_s - sb * v_fake, cfg.normalizer_eps)
-        loss = dmd_loss(x0_gen, grad)
+            grad = dmd_gradient(free(x0_gen.detach()), free(x_s - sb * v_real), free(x_s - sb * v_fake),
+                                cfg.normalizer_eps)
+        loss = dmd_loss(free(x0_gen), grad)
         metrics = {"dmd_loss": float(loss.detach()), "dmd_grad_norm": float(grad.norm() / grad.numel() ** 0.5),
                    "dmd_s": float(s.mean())}
         return loss, metrics
@@ -157,17 +173,18 @@ class SelfForcingDMD(Objective):
     def loss(self, student, batch, step):
         res = self.rollout(student, batch, step.noise, grad=True)
         self._last_sample = res.video.detach()
-        loss, metrics = self.loss_from_sample(res.video, batch, step.noise)
+        loss, metrics = self.loss_from_sample(res.video, batch, step.noise, student)
         metrics["sf_exit_step"] = float(sum(res.exit_steps) / len(res.exit_steps))
         return loss, metrics
 
     # ------------------------------------------------------------------ critic
     def critic_loss(self, critic: Denoiser, x0, batch, noise: BatchNoise = BatchNoise()):
-        """Flow matching of the critic on a detached generator sample (target v = ε - x̂0)."""
+        """Flow matching of the critic on a detached generator sample (target v = ε - x̂0); held first frames stay
+        clean and carry no loss (the critic is the student's kind of model: same ``causal`` config)."""
         x0 = x0.detach()
-        x_s, s, eps = self._renoise(x0, noise)
+        x_s, s, eps = self._renoise(x0, noise, critic)
         v, _ = critic.velocity(x_s, s, Condition.from_batch(batch), attend=self.cfg.score_mask)
-        return F.mse_loss(v.float(), (eps - x0).float())
+        return F.mse_loss(critic.loss_frames(v.float()), critic.loss_frames((eps - x0).float()))
 
     def critic_step(self, batch, noise: BatchNoise = BatchNoise(), sample=None, student: Denoiser | None = None):
         """One critic update; uses ``sample``, else a fresh no-grad rollout, else the last generator sample."""

@@ -22,6 +22,7 @@ class FlowMatchingObjective(Objective):
     context copy is perturbed as the sampler will leave it (``Denoiser.training_context``)."""
 
     name, config_class, phase_kinds, teacher_role = "flow_matching", FMConfig, ("teacher",), "none"
+    holds_clean_frames = True
 
     def __init__(self, cfg: FMConfig = FMConfig()):
         self.cfg = cfg
@@ -34,6 +35,7 @@ class FlowMatchingObjective(Objective):
             (x0.shape[0], layout.n_chunks)))
         eps = step.noise.randn_like(x0)
         context = student.training_context(x0, step.noise)
-        v, _ = student.teacher_forcing(context, fm_noise(x0, eps, s), s, Condition.from_batch(batch))
-        loss = (v.float() - fm_target(x0, eps).float()).pow(2).mean()
+        x, s = student.hold_clean(fm_noise(x0, eps, s), s, x0)
+        v, _ = student.teacher_forcing(context, x, s, Condition.from_batch(batch))
+        loss = student.loss_frames(v.float() - fm_target(x0, eps).float()).pow(2).mean()
         return loss, {"fm_loss": float(loss.detach())}

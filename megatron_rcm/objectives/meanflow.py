@@ -72,6 +72,7 @@ class MeanFlowObjective(Objective):
     """``loss(student, batch, step)`` for a causal Wan interval model's denoiser or any ``MeanFlowNet``."""
 
     name, config_class, phase_kinds, teacher_role = "meanflow", MeanFlowConfig, ("tf_cm",), "optional"
+    holds_clean_frames = True  # held frames: r = t = 0, zero tangents, no loss (Denoiser students)
 
     def __init__(self, cfg: MeanFlowConfig = MeanFlowConfig(), chunk_frames: int = 1, teacher=None):
         self.cfg, self.chunk, self.teacher = cfg, chunk_frames, teacher
@@ -114,10 +115,14 @@ class MeanFlowObjective(Objective):
         keep = noise.rand((b, n_chunks), device=device) < c.ratio_r_neq_t
         return torch.where(keep, r, t), t
 
-    def target(self, net, z, r, t, v, batch):
-        """u_tgt = v - (t - r)(v . d_z u + d_t u), one JVP along (v, 0, 1), no graph."""
+    def target(self, net, z, r, t, v, batch, moves=None):
+        """u_tgt = v - (t - r)(v . d_z u + d_t u), one JVP along (v, 0, 1), no graph. ``moves``: (latents, per-frame)
+        masks that zero the tangent of held first frames (``Denoiser.free_mask``)."""
+        dz, dt = v, torch.ones_like(t)
+        if moves is not None:
+            dz, dt = v * moves[0], dt * moves[1]
         with torch.no_grad():
-            _, du = net(z, r, t, batch, tangent=v, r_tangent=torch.zeros_like(r), t_tangent=torch.ones_like(t))
+            _, du = net(z, r, t, batch, tangent=dz, r_tangent=torch.zeros_like(r), t_tangent=dt)
         return v - bcast(t - r, z) * du
 
     def loss(self, student, batch, step):
@@ -127,10 +132,15 @@ class MeanFlowObjective(Objective):
         r, t = (to_frames(a) for a in self.sample_rt(x0.shape[0], n_chunks, x0.device, x0.dtype, step.noise))
         eps = step.noise.randn_like(x0)
         z = fm_noise(x0, eps, t)
+        held = isinstance(student, Denoiser) and student.clean_first_frames > 0
+        if held:  # image-to-video training: the held first frames are x0 at r = t = 0
+            z, t = student.hold_clean(z, t, x0)
+            r = student.hold_clean(z, r, x0)[1]
         v = self.velocity(batch, z, t, x0, eps, context)
-        u_tgt = self.target(net, z, r, t, v, batch)
+        u_tgt = self.target(net, z, r, t, v, batch, student.free_mask(z) if held else None)
         u, _ = net(z, r, t, batch)
         delta = (u.float() - u_tgt.float()).pow(2)
+        delta = student.loss_frames(delta) if held else delta
         per = delta.flatten(1).mean(1)  # per-sample MSE
         w = 1.0 / (per.detach() + self.cfg.adaptive_c) ** self.cfg.adaptive_p
         loss = (w * per).mean()

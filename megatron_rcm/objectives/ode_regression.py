@@ -53,6 +53,8 @@ class ODERegressionConfig:
 class ODERegressionObjective(Objective):
     name, config_class, phase_kinds, teacher_role = "ode_regression", ODERegressionConfig, ("tf_cm",), "optional"
     sequences = ("video",)
+    # held first frames: the ODE's own end point at level 0 (the clean frames the rest of its video goes with)
+    holds_clean_frames = True
 
     def __init__(self, cfg: ODERegressionConfig = ODERegressionConfig(), teacher=None):
         cfg.validate()
@@ -95,7 +97,8 @@ class ODERegressionObjective(Objective):
         index = pick_frames[:, None, None, :, None, None].expand(-1, 1, *states.shape[2:])
         x = states.gather(1, index)[:, 0]  # [B, C, F, H, W]: every chunk at its own level
         s = levels.gather(1, layout.to_frames(pick))  # [B, patched frames]
+        x, s = student.hold_clean(x, s, target)
         v, _ = student.velocity(x, s, Condition.from_batch(batch), attend="block_causal")
         x0 = x - s[:, None, :, None, None].repeat_interleave(student.patch_frames, 2) * v
-        loss = (x0.float() - target.float()).pow(2).mean()
+        loss = student.loss_frames(x0.float() - target.float()).pow(2).mean()
         return loss, {"ode_loss": float(loss.detach()), "ode_level": float(s.mean())}

@@ -62,6 +62,8 @@ class RCMObjective(Objective):
                         SelfForcingDMD.parse_config(args.get("dmd", {}), f"{key}.dmd"),
                         config_from_dict(RCMConfig, args.get("rcm", {}), f"{key}.rcm"))
 
+    holds_clean_frames = True  # both parts do (scm / meanflow and dmd)
+
     @classmethod
     def needs_interval_embedding(cls, cfg: RCMSetup) -> bool:
         return CM_PARTS[cfg.cm].needs_interval_embedding(cfg.cm_cfg)

@@ -32,6 +32,7 @@ class SCMConfig:
 
 class SCMObjective(Objective):
     name, config_class, phase_kinds = "scm", SCMConfig, ("tf_cm",)
+    holds_clean_frames = True  # held frames: t = 0, zero tangents, left out of the chunk means
 
     def __init__(self, teacher, cfg: SCMConfig = SCMConfig()):
         self.teacher, self.cfg = teacher, cfg
@@ -57,11 +58,13 @@ class SCMObjective(Objective):
         sd = self.cfg.sigma_d
         cos, sin = bcast(torch.cos(t), x_t), bcast(torch.sin(t), x_t)
         D = cos + sd * sin
+        moves, moves_t = student.free_mask(x_t)  # held first frames (causal.clean_first_frames) stay put: no tangent
         v_teacher, _ = self.teacher.teacher_forcing(x0, x_t / D, fm_from_trig(t, sd), cond, guidance=self.cfg.cfg_scale)
-        dxdt = sd * trig_F_from_v(x_t, v_teacher, t, sd)
-        fm_jvp = lambda xs, s, dxs, ds: student.teacher_forcing(x0, xs, s, cond, tangent=dxs, s_tangent=ds)
+        dxdt = sd * trig_F_from_v(x_t, v_teacher, t, sd) * moves
+        fm_jvp = lambda xs, s, dxs, ds: student.teacher_forcing(x0, xs, s, cond, tangent=dxs * moves,  # noqa: E731
+                                                                s_tangent=ds * moves_t)
         F_m, dF_m = trig_F_and_dFdt(fm_jvp, x_t, t, dxdt, sd)
-        g = -cos**2 * (sd * F_m - dxdt) - r * cos * sin * (x_t + sd * dF_m)
+        g = (-cos**2 * (sd * F_m - dxdt) - r * cos * sin * (x_t + sd * dF_m)) * moves
         return F_m, g, dxdt
 
     def loss(self, student, batch, step):
@@ -73,6 +76,7 @@ class SCMObjective(Objective):
                                   (x0.shape[0], layout.n_chunks))
         t = layout.to_frames(t_chunk)
         x_t = bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * c.sigma_d * step.noise.randn_like(x0)
+        x_t, t = student.hold_clean(x_t, t, x0)  # held first frames: x0 at t = 0 (TrigFlow and FM time agree there)
         r = self.warmup_r(step.index)
         context = student.training_context(x0, step.noise)
         F_m, g, _ = self.tangent(student, context, cond, x_t, t, r)
@@ -82,7 +86,9 @@ class SCMObjective(Objective):
         D = bcast(torch.cos(t) + c.sigma_d * torch.sin(t), x0)
         v, _ = student.teacher_forcing(context, x_t / D, fm_from_trig(t, c.sigma_d), cond)
         F = trig_F_from_v(x_t, v, t, c.sigma_d)
-        err = layout.chunk_mean((F.float() - F_m.float() - g.float()).pow(2), student.patch_frames)  # [B, n_chunks]
+        err, has = student.chunk_loss_mean((F.float() - F_m.float() - g.float()).pow(2))  # [B, n_chunks]
+        if not bool(has.all()):  # a first chunk made only of held frames has no loss
+            err, t_chunk = err[:, has], t_chunk[:, has]
         if self.weighting is not None:
             w = self.weighting(torch.log(torch.tan(t_chunk)))
             loss = (torch.exp(-w) * err + w).mean()

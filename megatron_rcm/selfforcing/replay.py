@@ -30,10 +30,13 @@ class _ReplayedExitSteps(torch.autograd.Function):
         return None, None, None
 
 
-def replayed(video: torch.Tensor, net: Denoiser, cond: Condition, layout, cache, exits_in: list) -> torch.Tensor:
+def replayed(video: torch.Tensor, net: Denoiser, cond: Condition, layout, cache, exits_in: list,
+             held=None) -> torch.Tensor:
     """``video`` (no graph) as a tensor whose backward replays each chunk's exit step (see module docstring).
 
-    ``exits_in[i] = (x, s)``: chunk i's exit-step input and level; ``cache``: the rollout's non-evicting cache.
+    ``exits_in[i] = (x, s)``: chunk i's exit-step input and level; ``cache``: the rollout's non-evicting cache;
+    ``held``: chunk 0's held first frames (``HeldFrames``: given to the replayed step as to the rollout's; their
+    output is the given frames, so no gradient flows there).
     """
     pt = net.patch_frames
     device_type = video.device.type
@@ -44,8 +47,12 @@ def replayed(video: torch.Tensor, net: Denoiser, cond: Condition, layout, cache,
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
             for chunk, (x, s) in enumerate(exits_in):
                 frames = layout.frame_slice(chunk, pt)
-                v, _ = net.chunk(x, s, cond.frames(layout.frame_slice(chunk)), cache.before(chunk), chunk)
-                torch.autograd.backward(x - s * v, grad[:, :, frames])
+                g = grad[:, :, frames]
+                x_in, s_in = (x, s) if held is None or chunk else held.inputs(x, s)
+                if held is not None and not chunk:
+                    g = torch.cat([torch.zeros_like(g[:, :, :held.frames]), g[:, :, held.frames:]], dim=2)
+                v, _ = net.chunk(x_in, s_in, cond.frames(layout.frame_slice(chunk)), cache.before(chunk), chunk)
+                torch.autograd.backward(x - s * v, g)
 
     anchor = torch.zeros((), device=video.device, requires_grad=True)
     return _ReplayedExitSteps.apply(anchor, video.detach(), replay)

@@ -30,7 +30,7 @@ batch (:class:`~megatron_rcm.network.BatchNoise`).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -127,7 +127,7 @@ def draw_exit_steps(steps: list[int], cfg: RolloutConfig, rng: random.Random) ->
 def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConfig | None = None, generator=None,
                          exit_steps: list[int] | None = None, use_cache: bool = True, grad: bool = True,
                          rng: random.Random | None = None, noise: BatchNoise = BatchNoise(),
-                         key: str = "rollout") -> RolloutResult:
+                         key: str = "rollout", held=None) -> RolloutResult:
     """Generate a [B, C, F, H, W] video chunk by chunk with the student (see module docstring).
 
     ``exit_steps`` forces the exit index per chunk (tests, inference = last step); otherwise drawn
@@ -135,6 +135,8 @@ def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConf
     is the cache-free reference: each step runs a full forward over [previous chunks as cached ;
     current chunk] with the block-causal mask -- the same function, only slower.
     ``cond.actions`` (world models) cover the whole video's frames. ``key`` names the config in errors.
+    ``held``: known first frames (a :class:`~megatron_rcm.network.clean_frames.HeldFrames`, image-to-video
+    training) held clean in chunk 0 at every step, as streaming holds an image; the output keeps them.
     """
     cfg = cfg or RolloutConfig()
     schedule = build_schedule(cfg, key)
@@ -165,8 +167,11 @@ def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConf
         else:
             denoise = _full_sequence_denoiser(net, cond, copies, frames.stop)
         start = fresh((b, c, layout.size(chunk) * pt, h, w))
-        res = sample_chunk(denoise, start, schedule.levels(chunk), exit_steps[chunk], grad and not replay,
-                           generator, noise)
+        hold = held if chunk == 0 else None
+        res = sample_chunk(hold.denoiser(denoise) if hold else denoise, start, schedule.levels(chunk),
+                           exit_steps[chunk], grad and not replay, generator, noise)
+        if hold:
+            res = replace(res, x0=hold.output(res.x0))
         out.append(res.x0)
         exits_in.append((res.x_in, res.s_in))
         if chunk + 1 < n_chunks:  # the last chunk's K/V would never be read
@@ -176,7 +181,7 @@ def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConf
                 net.write_chunk(x_ctx, chunk_cond, cache, chunk, s=s_ctx)
     video = torch.cat(out, dim=2)
     if replay:
-        video = replayed(video, net, cond, layout, cache, exits_in)
+        video = replayed(video, net, cond, layout, cache, exits_in, held)
     return RolloutResult(video, list(exit_steps), schedule)
 
 
