@@ -14,6 +14,7 @@ so it saves memory, and costs a dequantisation of the cache per forward.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 
@@ -25,6 +26,9 @@ def run(args, kv_dtype: str, device) -> dict:
     from megatron_rcm.inference.streaming import StreamConfig, stream_video
     from megatron_rcm.models import build_model
 
+    gc.collect()  # the previous run's model and cache are gone before this run's peak is measured
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     cfg = model_preset("wan2.1-1.3b", num_layers=args.layers, param_dtype="bfloat16")
     causal = CausalConfig(chunk_frames=args.chunk_frames, attention_backend=args.attention)
@@ -46,6 +50,7 @@ def run(args, kv_dtype: str, device) -> dict:
             if out.index >= chunks - args.timed_chunks:
                 lat.append(out.latency_s)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del model.new_kv_cache  # the wrapper closes a reference cycle (model -> wrapper -> bound method -> model)
     return {"kv_dtype": kv_dtype, "chunk_ms": 1e3 * statistics.median(lat), "cache_mib": nbytes / 2**20,
             "peak_gib": peak, "layers": args.layers, "tokens_per_chunk": caches[-1].chunk_tokens[-1],
             "cached_chunks": len(caches[-1])}
