@@ -8,8 +8,8 @@ forward itself (N forwards per chunk instead of N + 1). The cache evicts by the 
 ``ChunkVisibility`` (sink chunks + window; a stream may set its own, ``StreamConfig.window_chunks`` /
 ``sink_chunks``), so videos of any length keep a flat cache; RoPE positions keep increasing
 (``rope_policy='absolute'``) or the window is re-based after the sink chunks (``'rebase'``), and the
-self-attention K/V may be held in fp8 (``kv_cache_dtype``; ``models/kv_cache.py``). The noise order matches :func:`self_forcing_rollout`, so a stream
-reproduces a rollout from one seed.
+self-attention K/V may be held in fp8 (``kv_cache_dtype``; ``models/kv_cache.py``). The noise order
+matches :func:`self_forcing_rollout`, so a stream reproduces a rollout from one seed.
 
 World models: ``action_fn(chunk_index, frames_so_far) -> actions [B, that chunk's frames, A]`` is called
 before each chunk (``frames_so_far`` = list of the latest chunks, oldest first), e.g.
@@ -120,8 +120,10 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     ``condition_at(chunk) -> Condition`` switches the conditioning mid-stream (a prompt schedule; default ``cond``
     throughout): when it returns another condition than the previous chunk's, the cached chunks' K/V are
     re-written under the new one from the latents they were cached from (``recache``, LongLive's KV re-cache),
-    or only the cross-attention K/V are dropped (``recache=False``: old chunks keep the old prompt's K/V). ``cache_options``: window/sink, RoPE policy
-    and K/V dtype of the stream's cache (None: the model's window/sink, absolute positions, the model's dtype).
+    or only the cross-attention K/V are dropped (``recache=False``: old chunks keep the old prompt's K/V).
+
+    ``cache_options``: window/sink, RoPE policy and K/V dtype of the stream's cache (None: the model's
+    window/sink, absolute positions, the model's dtype).
     """
     b, pt = cond.batch, net.patch_frames
     given = 0 if prefix is None else prefix.shape[2]

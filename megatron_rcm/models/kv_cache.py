@@ -193,18 +193,33 @@ class KVCache:
     def keys_values(self, layer: int, sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The cached keys/values of ``layer`` as attention reads them: dequantised (fp8), and with
         ``sink_rotation`` (cos, sin of :func:`sink_position_shift`'s frames) applied to the sink chunks' keys."""
+        keys, v = self._read(layer, sink_rotation)
+        return (keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)), v
+
+    def attended(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(keys, values, cached tokens): the cached keys/values of ``layer`` (as :meth:`keys_values` reads them)
+        followed by a chunk's own ``k``/``v``, each built with one concatenation (the sink rotation costs no
+        extra copy of the cache)."""
+        keys, cv = self._read(layer, sink_rotation)
+        if cv is None:
+            return k, v, 0
+        return torch.cat([*keys, k], dim=1), torch.cat([cv, v], dim=1), cv.shape[1]
+
+    def _read(self, layer: int, sink_rotation):
+        """([key pieces in cache order], values) of ``layer``, dequantised; ([None], None) when empty."""
         c = self.layers[layer]
         k, v = c.k, c.v
         if k is None:
-            return k, v
+            return [k], v
         if c.k_scale is not None:
             k = dequantize(k, c.k_scale, self.chunk_tokens, c.dtype)
             v = dequantize(v, c.v_scale, self.chunk_tokens, c.dtype)
         if sink_rotation is not None:
             sink_tokens = sum(n for chunk, n in zip(self.chunks, self.chunk_tokens) if chunk < self.visibility.sink)
             if sink_tokens:
-                k = torch.cat([apply_rope(k[:, :sink_tokens], *sink_rotation), k[:, sink_tokens:]], dim=1)
-        return k, v
+                return [apply_rope(k[:, :sink_tokens], *sink_rotation), k[:, sink_tokens:]], v
+        return [k], v
 
     def append(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add one chunk's keys/values for one layer (the chunk index list is updated by :meth:`commit`)."""

@@ -92,13 +92,15 @@ class Attention(nn.Module):
         rot = lambda t: None if t is None else apply_rope(t, ctx.rope_cos, ctx.rope_sin)  # noqa: E731
         q, tq, k, tk = rot(q), rot(tq), rot(k), rot(tk)
         if ctx.cache is not None:
-            ck, cv = ctx.cache.keys_values(layer, ctx.sink_rotation)
+            k_all, v_all, cached = ctx.cache.attended(layer, k, v, ctx.sink_rotation)
             if ctx.write_cache:
                 ctx.cache.append(layer, ctx.cache_chunk, k, v)
-            if ck is not None:
-                zeros = lambda t, c: None if t is None else torch.cat([torch.zeros_like(c), t], dim=1)  # noqa: E731
-                tk, tv = zeros(tk, ck), zeros(tv, cv)
-                k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+            if cached:  # cached keys/values carry no tangent
+                def zeros_before(t):
+                    return None if t is None else torch.cat([t.new_zeros(t.shape[0], cached, *t.shape[2:]), t], 1)
+
+                tk, tv = zeros_before(tk), zeros_before(tv)
+                k, v = k_all, v_all
         o, to = attention_jvp(q, k, v, tq, tk, tv, mask=ctx.mask, backend=ctx.backend)
         if par is not None and par.cp > 1:
             o, to = par.heads_to_seq(o, to)
