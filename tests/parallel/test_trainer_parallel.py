@@ -148,6 +148,30 @@ def test_pipeline_parallel_training_matches_one_process(config_all, single_all, 
     assert_same_weights(single_all, out, ALL_PHASES)
 
 
+HELD = ("causal.clean_first_frames=1",)  # image-to-video training: the first latent frame held clean
+
+
+@pytest.fixture(scope="module")
+def single_held(config_all, tmp_path_factory):
+    """The one-process reference of every objective with the first frame held clean."""
+    out = tmp_path_factory.mktemp("single_held")
+    Trainer(load_config(config_all, ARGS + [f"output_dir={out}", *HELD]), logger=RunLogger(out, tensorboard=False)).run()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["parallel.dp=2", "parallel.pp=2"])
+def test_held_first_frames_train_alike_under_data_and_pipeline_parallel(config_all, single_held, single_all, tmp_path,
+                                                                       layout):
+    """``causal.clean_first_frames`` slices the batch's clean frames into every network call: the same under
+    DP2 (each rank's rows) and PP2 (stage outputs broadcast) as in one process, for every objective."""
+    with pytest.raises(AssertionError, match="relative error"):  # the option changes what every phase learns
+        assert_same_weights(single_all, single_held, ALL_PHASES[1:2])
+    out = tmp_path / "held"
+    errors = launch("_train_rank.py", 2, [str(config_all), *ARGS, f"output_dir={out}", *HELD, layout], timeout=240)
+    assert not errors, "\n".join(errors)
+    assert_same_weights(single_held, out, ALL_PHASES)
+
+
 def _drop(out: Path, *steps: int, phase: str | None = None):
     """Remove checkpoints ``steps`` and a phase's outputs, so the next run resumes from an earlier step."""
     for step in steps:
