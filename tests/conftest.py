@@ -1,5 +1,6 @@
 """Shared test setup: float64 reference math, deterministic seeds, small helpers."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,38 +49,33 @@ def one_thread_module():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def world_model_run(tmp_path_factory):
-    """The run folder of the trained tiny world model (tests/fixtures/world_model.py), trained once per test run:
-    under pytest-xdist the first worker to ask trains it and the others wait (a file lock in the base temp folder
-    the workers share) instead of training it again."""
+def _trained_once(tmp_path_factory, name: str, train) -> Path:
+    """``train(folder)``'s run folder, trained once per test run: under pytest-xdist the first worker to ask
+    trains it and the others wait (a file lock in the base temp folder the workers share)."""
     from filelock import FileLock
-
-    from fixtures.world_model import train_world_model
 
     root = tmp_path_factory.getbasetemp()
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    folder = root / "world_model"
+    folder = root / name
     with FileLock(str(folder) + ".lock"):
         if not (folder / "run" / "phases" / "teacher" / "done.json").is_file():
             folder.mkdir(exist_ok=True)
-            train_world_model(folder)
+            train(folder)
     return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def world_model_run(tmp_path_factory):
+    """The run folder of the trained tiny world model (tests/fixtures/world_model.py), trained once per test run."""
+    from fixtures.world_model import train_world_model
+
+    return _trained_once(tmp_path_factory, "world_model", train_world_model)
 
 
 @pytest.fixture(scope="session")
 def class_model_run(tmp_path_factory):
     """The run folder of the trained tiny class-conditioned teacher (tests/fixtures/class_model.py), trained once
-    per test run (shared by xdist workers like ``world_model_run``)."""
-    from filelock import FileLock
-
+    per test run."""
     from fixtures.class_model import train_class_model
 
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    folder = root / "class_model"
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / "run" / "phases" / "teacher" / "done.json").is_file():
-            folder.mkdir(exist_ok=True)
-            train_class_model(folder)
-    return folder / "run"
+    return _trained_once(tmp_path_factory, "class_model", train_class_model)
