@@ -1,4 +1,5 @@
 """Shared test setup: float64 reference math, deterministic seeds, small helpers."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +14,19 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative: str):
+    """A repository script that is not part of the package (``benchmarks/*.py``, ``csrc/build.py``), loaded as a
+    fresh module on every call."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

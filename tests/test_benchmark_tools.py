@@ -1,20 +1,17 @@
 """CPU checks of the GPU benchmark scripts' own arithmetic (their timings need a GPU)."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
 from megatron_rcm.ops.masks import block_causal_mask, full_mask, teacher_forcing_mask
 
 _BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"benchmarks/{name}.py")
 
 
 @pytest.mark.parametrize("make", [lambda: teacher_forcing_mask(6, 5, 3), lambda: block_causal_mask(6, 4, 2),

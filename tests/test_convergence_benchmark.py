@@ -1,20 +1,13 @@
 """benchmarks/convergence.py end to end at minuscule sizes: one row per method and budget point, and
 the per-step compute it counts matches the passes each objective makes."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 import megatron_rcm.evaluation as evaluation
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "convergence.py"
-
-
 def _bench():
-    spec = importlib.util.spec_from_file_location("convergence_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/convergence.py")
 
 
 def test_budget_grid_starts_at_zero_and_ends_at_the_full_budget():

@@ -1,10 +1,10 @@
 """CPU-side checks of the fused attention backend: mask packing, dispatch fallback, build hook."""
 import gc
-import importlib.util
 import os
 
 import torch
 
+from conftest import load_script
 from megatron_rcm.ops import attention as A
 from megatron_rcm.ops import fused_attention as fa
 from megatron_rcm.ops import masks as M
@@ -13,10 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_build():
-    spec = importlib.util.spec_from_file_location("mrcm_csrc_build", os.path.join(ROOT, "csrc", "build.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("csrc/build.py")
 
 
 def test_pack_mask_matches_tile_summary_and_caches():

@@ -1,21 +1,15 @@
 """benchmarks/init_study.py: its diversity measure against a hand computation, and the --quick CPU form end to end
 (a row per initialisation with mean ± std over seeds, the ranking, the dCM vs sCM convergence part)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
 import megatron_rcm.evaluation as evaluation
-
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "init_study.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("init_study_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/init_study.py")
 
 
 def test_diversity_is_the_per_pixel_spread_over_seeds():
