@@ -1,5 +1,4 @@
 """CPU checks of the GPU benchmark scripts' own arithmetic (their timings need a GPU)."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ import torch
 from conftest import load_script
 from megatron_rcm.ops.masks import block_causal_mask, full_mask, teacher_forcing_mask
 
-_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name):
