@@ -7,7 +7,6 @@ from conftest import load_script
 from megatron_rcm.ops.masks import block_causal_mask, full_mask, teacher_forcing_mask
 
 
-
 def _load(name):
     return load_script(f"benchmarks/{name}.py")
 
