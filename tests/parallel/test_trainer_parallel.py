@@ -240,6 +240,21 @@ def single_sf(config_sf, tmp_path_factory):
     return out
 
 
+REPLAYED = (f"phases.{SF_PHASES.index('dmd')}.objective_args.rollout.replayed_backprop=true",)
+
+
+@pytest.mark.parametrize("layout", [("parallel.dp=2", *FSDP, "train.activation_checkpointing=true"), ("parallel.tp=2",)],
+                         ids=["fsdp-dp2-ckpt", "tp2"])
+def test_replayed_self_forcing_backprop_under_fsdp_and_tensor_parallel(config_sf, tmp_path, layout):
+    """The replayed rollout's backward runs each chunk's exit step inside autograd's backward: under FSDP2 (blocks
+    unsharded by their hooks there, activation checkpointing on) and TP2 it equals one process."""
+    single = tmp_path / "single"
+    _train(config_sf, single, 1, *REPLAYED)
+    out = tmp_path / "replayed"
+    _train(config_sf, out, 2, *REPLAYED, *layout)
+    assert_same_weights(single, out, SF_PHASES)
+
+
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"], ids=["fsdp-dp2-tp2", "fsdp-dp2-pp2"])
 def test_fsdp_composes_with_tensor_and_pipeline_parallel(config_sf, single_sf, tmp_path, layout):
     """4 processes: FSDP2 over DP2 on top of TP2 (2-D: TP shards, then FSDP shards of them) or PP2 (each
