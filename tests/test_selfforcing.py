@@ -169,3 +169,33 @@ def test_frozen_cache_keeps_the_forward_view():
     assert snap.chunks == [0] and snap.layers[0].cross_k is None
     snap.layers[0].cross_k = torch.zeros(1)  # ignored: recomputation must build the forward's graph again
     assert snap.layers[0].cross_k is None and isinstance(cache.layers[0], LayerCache)
+
+
+def test_a_reserved_cache_appends_in_place_and_its_snapshots_share_the_buffer():
+    """``reserve_tokens`` (the rollout's): chunks are written into one buffer after the cached prefix, so the
+    snapshots of a checkpointed rollout are prefixes of it (one copy of the cache, not one per chunk); a
+    snapshot never sees later chunks, and a snapshot's own (recomputed) write never reaches the live buffer."""
+    from megatron_rcm.models.kv_cache import KVCache
+
+    chunks = [torch.randn(1, 2, 1, 4, dtype=torch.float64) for _ in range(4)]
+    reserved, plain, snaps = KVCache(1, reserve_tokens=6), KVCache(1), []
+    for i, k in enumerate(chunks[:3]):
+        for cache in (reserved, plain):
+            cache.append(0, i, k, -k)
+            cache.commit(i)
+        snaps.append(reserved.frozen())
+    room = reserved.layers[0].k_room
+    assert room is not None and room.shape[1] == 6
+    for n, snap in enumerate(snaps, start=1):
+        k, v = snap.keys_values(0)
+        assert k.data_ptr() == room.data_ptr() and k.shape[1] == 2 * n  # a prefix view: no copy
+        torch.testing.assert_close(k, torch.cat(chunks[:n], dim=1), rtol=0, atol=0)
+        torch.testing.assert_close(v, -torch.cat(chunks[:n], dim=1), rtol=0, atol=0)
+    for a, b in zip(reserved.keys_values(0), plain.keys_values(0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    snaps[0].append(0, 1, chunks[3], chunks[3])  # a recomputed write on the first snapshot
+    torch.testing.assert_close(reserved.keys_values(0)[0], torch.cat(chunks[:3], dim=1), rtol=0, atol=0)
+    assert reserved.nbytes == 2 * room.numel() * room.element_size()  # the room is what the cache holds
+    reserved.append(0, 3, chunks[3], chunks[3])  # past the reserve: a new tensor, the snapshots untouched
+    assert reserved.layers[0].k_room is None and reserved.layers[0].k.shape[1] == 8
+    torch.testing.assert_close(snaps[-1].keys_values(0)[0], torch.cat(chunks[:3], dim=1), rtol=0, atol=0)

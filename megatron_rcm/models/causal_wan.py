@@ -132,14 +132,16 @@ class CausalWanModel(nn.Module):
         return ChunkLayout(frames, c.chunk_frames, c.first_chunk_frames or None)
 
     def new_kv_cache(self, height: int, width: int, evict: bool = True,
-                     options: StreamCacheOptions | None = None) -> KVCache:
+                     options: StreamCacheOptions | None = None, reserve_frames: int | None = None) -> KVCache:
         """An empty stream cache (``height``/``width`` are checked against the patch); ``evict=False`` keeps
         every chunk (the replayed self-forcing backward reads it as it was before each chunk). ``options``:
         a long stream's window/sink, RoPE policy and K/V dtype (None: the training mask's rule, absolute
-        positions, the model's dtype)."""
-        self.tokens_per_frame(height, width)
+        positions, the model's dtype). ``reserve_frames``: patched frames to allocate room for at once (a
+        rollout's whole video; ``KVCache.reserve_tokens``)."""
+        tokens = self.tokens_per_frame(height, width)
         if options is None:
-            return KVCache(len(self.blocks), self.visibility(), evict=evict)
+            return KVCache(len(self.blocks), self.visibility(), evict=evict,
+                           reserve_tokens=None if reserve_frames is None else reserve_frames * tokens)
         options.validate()
         trained = None if options.trained_frames is None else max(1, options.trained_frames // self.patch[0])
         return KVCache(len(self.blocks), options.visibility(self.visibility()), evict=evict,

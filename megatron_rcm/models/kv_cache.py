@@ -106,6 +106,24 @@ class LayerCache:
     cross_v: torch.Tensor | None = None
     image_k: torch.Tensor | None = None  # [B, L_img, H, D] (I2V layout)
     image_v: torch.Tensor | None = None
+    k_room: torch.Tensor | None = None  # the buffer ``k`` is a prefix view of, with room for later chunks
+    v_room: torch.Tensor | None = None
+
+
+def _extend(cached: torch.Tensor | None, room: torch.Tensor | None, new: torch.Tensor, reserve: int | None):
+    """(cached followed by new, the buffer it is a prefix of). ``new`` is written in place right after the
+    prefix when ``room`` has space for it (the prefix itself, which snapshots may hold, is never touched);
+    the first chunk goes into a fresh buffer of ``reserve`` tokens; otherwise (no room: after an eviction,
+    or past the reserve) the two are concatenated as a new tensor."""
+    n, m = (0 if cached is None else cached.shape[1]), new.shape[1]
+    if room is not None and cached is not None and cached.data_ptr() == room.data_ptr() and room.shape[1] >= n + m:
+        room[:, n:n + m].copy_(new)
+        return room[:, :n + m], room
+    if cached is None and reserve is not None and reserve > m:
+        room = new.new_empty(new.shape[0], reserve, *new.shape[2:])
+        room[:, :m].copy_(new)
+        return room[:, :m], room
+    return (new if cached is None else torch.cat([cached, new], dim=1)), None
 
 
 class _FrozenLayer:
@@ -128,7 +146,10 @@ class KVCache:
     Chunks may differ in size (a first chunk of its own size, Causal-rCM's c1-4): the token count of
     each cached chunk is recorded when it is committed. ``evict=False`` keeps every chunk (the
     attention mask still applies the window/sink rule): the replayed self-forcing backward re-reads
-    the cache as it was before each chunk (:meth:`before`).
+    the cache as it was before each chunk (:meth:`before`). ``reserve_tokens`` (a self-forcing rollout:
+    the whole video's tokens) allocates each layer's keys/values once and appends in place, so the
+    snapshots of an activation-checkpointed rollout share one buffer (their prefixes of it) instead of
+    holding a copy of the cache per chunk (1 + 2 + ... + n - 1 chunks).
     """
 
     num_layers: int
@@ -140,6 +161,7 @@ class KVCache:
     rope_policy: str = "absolute"  # see StreamCacheOptions; the model applies it (sink_position_shift)
     kv_cache_dtype: str = "auto"
     rope_trained_frames: int | None = None  # patched frames (StreamCacheOptions.trained_frames / temporal patch)
+    reserve_tokens: int | None = None  # room per layer allocated at the first append (a rollout's whole video)
     _appending: int | None = field(default=None, repr=False)  # tokens of the chunk being appended
 
     def __post_init__(self):
@@ -151,8 +173,8 @@ class KVCache:
 
         Why: a checkpointed block recomputes its forward during backward, when the live cache has
         already grown (later chunks appended, old ones evicted). The snapshot keeps what the forward
-        saw. Cached tensors are never modified in place (append/evict build new tensors), so holding
-        references is enough. Cross-attention K/V missing at snapshot time stay missing (writes are
+        saw. Cached tokens are never modified in place (evict builds new tensors; append writes only past
+        the cached prefix, into the room ``reserve_tokens`` left), so holding references is enough. Cross-attention K/V missing at snapshot time stay missing (writes are
         ignored), so forward and recomputation build the same graph.
         """
         return KVCache(self.num_layers, self.visibility, list(self.chunks), list(self.chunk_tokens),
@@ -187,8 +209,12 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the self-attention keys/values (fp8 scales included; cross-attention K/V excluded:
         they are per video, not per chunk)."""
-        return sum(t.numel() * t.element_size() for c in self.layers for t in (c.k, c.v, c.k_scale, c.v_scale)
-                   if t is not None)
+        def held(t, room):
+            return t if room is None else room
+
+        return sum(t.numel() * t.element_size() for c in self.layers
+                   for t in (held(c.k, getattr(c, "k_room", None)), held(c.v, getattr(c, "v_room", None)),
+                             c.k_scale, c.v_scale) if t is not None)
 
     def keys_values(self, layer: int, sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The cached keys/values of ``layer`` as attention reads them: dequantised (fp8), and with
@@ -233,8 +259,12 @@ class KVCache:
             (k, sk), (v, sv) = quantize_per_head(k), quantize_per_head(v)
             c.k_scale = sk if c.k_scale is None else torch.cat([c.k_scale, sk], dim=1)
             c.v_scale = sv if c.v_scale is None else torch.cat([c.v_scale, sv], dim=1)
-        c.k = k if c.k is None else torch.cat([c.k, k], dim=1)
-        c.v = v if c.v is None else torch.cat([c.v, v], dim=1)
+        if isinstance(c, _FrozenLayer):  # a snapshot's (recomputed) write: never into the live cache's room
+            c.k = k if c.k is None else torch.cat([c.k, k], dim=1)
+            c.v = v if c.v is None else torch.cat([c.v, v], dim=1)
+            return
+        c.k, c.k_room = _extend(c.k, c.k_room, k, self.reserve_tokens)
+        c.v, c.v_room = _extend(c.v, c.v_room, v, self.reserve_tokens)
 
     def commit(self, chunk: int) -> None:
         """Record that every layer appended ``chunk``; then evict chunks no future chunk can see."""
@@ -258,6 +288,7 @@ class KVCache:
                 idx_d = idx.to(c.k.device)
                 c.k = c.k.index_select(1, idx_d)
                 c.v = c.v.index_select(1, idx_d)
+                c.k_room = c.v_room = None
             if c.k_scale is not None:
                 c.k_scale = c.k_scale.index_select(1, kept.to(c.k_scale.device))
                 c.v_scale = c.v_scale.index_select(1, kept.to(c.v_scale.device))

@@ -230,12 +230,14 @@ class Denoiser:
                           clean_t=clean_t)
 
     def new_cache(self, height: int, width: int, cond: Condition | None = None, guidance: float = 1.0,
-                  evict: bool = True, options=None) -> ChunkCache:
+                  evict: bool = True, options=None, reserve_frames: int | None = None) -> ChunkCache:
         """An empty stream cache for latents of this size; guided when ``guidance`` != 1 and ``cond`` has uncond.
         ``evict=False`` keeps every chunk (the replayed backward reads the cache as each chunk saw it).
-        ``options``: a long stream's ``models.kv_cache.StreamCacheOptions`` (None: the training mask's rule)."""
+        ``options``: a long stream's ``models.kv_cache.StreamCacheOptions`` (None: the training mask's rule).
+        ``reserve_frames``: room for this many patched frames, allocated once (a rollout's video)."""
         guided = guidance != 1.0 and cond is not None and cond.uncond is not None
-        return ChunkCache(self.model.new_kv_cache(height, width, evict=evict, options=options), guidance, guided)
+        kv = self.model.new_kv_cache(height, width, evict=evict, options=options, reserve_frames=reserve_frames)
+        return ChunkCache(kv, guidance, guided)
 
     def chunk(self, x, s, cond: Condition, cache: ChunkCache, index: int, *, write: bool = False, tangent=None,
               s_tangent=None, interval=None, interval_tangent=None, output: bool = True):

@@ -153,7 +153,9 @@ def self_forcing_rollout(net: Denoiser, cond: Condition, shape, cfg: RolloutConf
     replay = grad and cfg.replayed_backprop and use_cache
     dtype, device = net.dtype, cond.context.device
     noisy = net.noisy_context
-    cache = net.new_cache(h, w, evict=not replay) if use_cache else None
+    # room for every chunk but the last (never written) at once: checkpointed chunks' snapshots share it
+    cache = (net.new_cache(h, w, evict=not replay, reserve_frames=layout.start(n_chunks - 1) or None)
+             if use_cache else None)
     fresh = lambda shp: noise.randn(shp, device=device, dtype=dtype, generator=generator)  # noqa: E731
     out: list[torch.Tensor] = []
     copies: list[tuple] = []  # (latents, level) of each finished chunk as later chunks see it

@@ -21,7 +21,8 @@ Two parts with different standing:
   checkpointed block's input only and recomputes one block in backward. The step is modelled as
   its network calls: teacher-forcing phases hold one grad-enabled [clean ; noisy] forward (the
   teacher's CFG pass and sCM/MeanFlow's JVP run without a graph before it), self-forcing phases hold
-  one grad-enabled graph per chunk plus the KV-cache snapshots of the rollout while the scores run,
+  one grad-enabled graph per chunk plus the rollout's KV cache (whose snapshots are prefixes of one
+  buffer reserved for the video) while the scores run,
   then the critic's step. With replayed backprop (``rollout.replayed_backprop``) the rollout holds
   no graph but a never-evicting cache, and the backward rebuilds one chunk's graph at a time next to
   the gradients (and autocast's weight copies) already there. Backward working memory is taken as half a
@@ -305,12 +306,11 @@ def step_peak(shape: StepShape, student: ModelConfig, teacher: ModelConfig | Non
             parts["rollout KV cache (kept for the replay)"] = one_chunk_kv * chunks
             held += one_chunk_kv * chunks
             extra = max(extra, h + e)
-        else:
-            snapshots = one_chunk_kv * chunks * (chunks - 1) // 2  # chunk k's graph keeps the cache of k chunks
+        else:  # chunk k's graph keeps a snapshot of k chunks: prefixes of the one buffer reserved for the video
             parts["rollout graphs"] = chunks * h
-            parts["KV-cache snapshots"] = snapshots
-            held += chunks * h + snapshots
-            extra = max(extra, e + one_chunk_kv * chunks)
+            parts["rollout KV cache (snapshots share it)"] = one_chunk_kv * (chunks - 1)  # the last chunk: unwritten
+            held += chunks * h + one_chunk_kv * (chunks - 1)
+            extra = max(extra, e)
         scores = no_grad_pass(teacher or student, par, geo.video, CFG_BATCH * batch, comp)
         parts["score passes"] = scores
     parts["backward working set"] = extra
