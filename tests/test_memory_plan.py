@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from fixtures.saved_bytes import saved_bytes
 from flash_like_attention import register
 from megatron_rcm.cli import main
 from megatron_rcm.config.model import CausalConfig, model_preset
@@ -30,22 +31,6 @@ def backend():
     return register()
 
 
-def _saved_bytes(model, fn, autocast: bool) -> int:
-    """Bytes of the distinct storages autograd keeps during ``fn()`` (parameters excluded: they are weights)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def _block_bytes(backend, autocast, batch, checkpointing=False, heads=3, ffn=176, text_len=10, frames=5):
     """Saved bytes of a 2-block model minus a 1-block one: one block's share."""
     out = []
@@ -55,7 +40,7 @@ def _block_bytes(backend, autocast, batch, checkpointing=False, heads=3, ffn=176
         m = build_model(cfg, CausalConfig(attention_backend=backend))
         m.gradient_checkpointing = checkpointing
         x, ctx = torch.randn(batch, 3, frames, 20, 24), torch.randn(batch, text_len, 32)
-        out.append(_saved_bytes(m, lambda: m(x, torch.full((batch,), 500.0), ctx), autocast))
+        out.append(saved_bytes(m, lambda: m(x, torch.full((batch,), 500.0), ctx), autocast))
     return out[1] - out[0], cfg, frames * (20 // 4) * (24 // 4)
 
 

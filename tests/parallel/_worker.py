@@ -258,6 +258,7 @@ def check_plan(layout, groups, errors):
     rank: pipeline stage 0, FSDP rank 0), and one block's saved activations exactly (bf16 autocast, memory-lean
     attention; not under FSDP, whose unsharded weights are freed after each unit but still referenced)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from fixtures.saved_bytes import saved_bytes
     from flash_like_attention import register
 
     from megatron_rcm.parallel.sharding import local
@@ -280,19 +281,10 @@ def check_plan(layout, groups, errors):
         torch.manual_seed(0)
         cfg = model_preset("tiny", num_layers=layers)
         m = wrap(build_model(cfg, CausalConfig(chunk_frames=1, attention_backend=backend)), groups)
-        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         sl = lambda t: batch_for_rank(t, groups).float()  # noqa: E731
         mask = teacher_forcing_mask(F, m.tokens_per_frame(H, W), 1)
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m.forward_teacher_forcing(sl(inp["clean"]), sl(inp["x"]), sl(inp["t"]), sl(inp["ctx"]), mask)
-        saved.append(sum(seen.values()))
+        saved.append(saved_bytes(m, lambda: m.forward_teacher_forcing(sl(inp["clean"]), sl(inp["x"]), sl(inp["t"]),
+                                                                      sl(inp["ctx"]), mask), autocast=True))
     tokens = 2 * F * model.tokens_per_frame(H, W)
     comp = mp.Compute(2, autocast_copies=True)
     want = mp.block_saved(cfg, par, tokens, B // par.dp, comp, 2 * F, inp["ctx"].shape[1])
