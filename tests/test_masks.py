@@ -98,6 +98,17 @@ def test_kv_cache_mask_equals_rows_of_block_causal_mask(vis):
         assert torch.equal(m, rows)
 
 
+def test_kv_cache_mask_of_an_endless_stream_has_groups_only_for_the_chunks_present():
+    """Chunk 10^6 of a rolling stream: the mask is as small as the cache (groups renumbered), and its dense form
+    is the visibility rule (here with a kept chunk the window hides: masked)."""
+    vis = ChunkVisibility(window=3, sink=1)
+    cached = [0, 999_996, 999_998, 999_999]
+    m = kv_cache_mask(cached, 2, 1_000_000, visibility=vis)
+    assert m.allow.shape == (5, 5)
+    expected = torch.tensor([1, 1, 0, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool).expand(2, -1)
+    assert torch.equal(m.dense(), expected)
+
+
 def test_full_mask_and_is_full():
     assert full_mask(7, 9).dense().all()
     assert full_mask(4).is_full()

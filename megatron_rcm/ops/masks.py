@@ -56,6 +56,15 @@ class ChunkVisibility:
             vis = vis & ((i - j < self.window) | (j < self.sink))
         return vis
 
+    def between(self, chunks: list[int]) -> torch.Tensor:
+        """bool [n, n]: :meth:`matrix` restricted to the (increasing) chunk indices ``chunks``."""
+        c = torch.as_tensor(chunks, dtype=torch.long)
+        i, j = c[:, None], c[None, :]
+        vis = j <= i
+        if self.window > 0:
+            vis = vis & ((i - j < self.window) | (j < self.sink))
+        return vis
+
     def visible_chunks(self, current: int) -> list[int]:
         """Chunks (<= current) that chunk ``current`` attends to; what a KV cache must keep."""
         return [j for j in range(current + 1) if self.matrix(current + 1)[current, j].item()]
@@ -233,7 +242,12 @@ def kv_cache_mask(
         if num_query_tokens is None:
             raise ValueError("num_query_tokens is needed when cached chunks have their own token counts")
         nq = num_query_tokens
-    n_chunks = current_chunk + 1
-    k_ids = torch.cat([cached.repeat_interleave(counts), torch.full((nq,), current_chunk, dtype=torch.int32)])
-    q_ids = torch.full((nq,), current_chunk, dtype=torch.int32)
-    return GroupMask(q_ids, k_ids, visibility.matrix(n_chunks))
+    # groups: only the chunks present, renumbered (an endless stream's chunk indices grow without bound; a
+    # visibility matrix over all of them would cost O(chunks^2) per call)
+    present = sorted(set(cached.tolist()) | {current_chunk})
+    group = {c: g for g, c in enumerate(present)}
+    cached_groups = torch.tensor([group[c] for c in cached.tolist()], dtype=torch.int32)
+    k_ids = torch.cat([cached_groups.repeat_interleave(counts), torch.full((nq,), group[current_chunk],
+                                                                          dtype=torch.int32)])
+    q_ids = torch.full((nq,), group[current_chunk], dtype=torch.int32)
+    return GroupMask(q_ids, k_ids, visibility.between(present))
