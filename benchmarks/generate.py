@@ -14,6 +14,12 @@ per second (Wan's VAE makes 4 video frames of each latent frame after the first:
 frames), the share of the time spent in the VAE and peak memory.
 
     python benchmarks/generate.py --vae                 # the same, decode included
+    python benchmarks/generate.py --compile --cuda-graphs --modes chunk   # chunk forwards replayed as CUDA graphs
+
+``--cuda-graphs`` replays every chunk forward as a CUDA graph (``megatron_rcm/network/chunk_graphs.py``), captured
+during the warm-up pass; ``--noisy-context S`` caches each chunk from its last step at level S (Causal-rCM's
+noisy context: 2 forwards a 2-step chunk instead of 3); ``--cudnn-benchmark`` lets cuDNN pick the VAE's
+convolution algorithms.
 """
 from __future__ import annotations
 
@@ -48,8 +54,13 @@ def build_vae(device, dtype: str, base_dim: int = 96):
 
 def run(args, mode: str, device) -> dict:
     from megatron_rcm.inference.real_video import stream_decoded
+    from megatron_rcm.inference.streaming import StreamConfig
+    from megatron_rcm.network import NoisyContext
+    from megatron_rcm.network.chunk_graphs import ChunkGraphs
 
     chunk = args.chunk_frames if mode == "chunk" else 1
+    options = StreamConfig(cuda_graphs=args.cuda_graphs,
+                           noisy_context=NoisyContext(args.noisy_context, 0) if args.noisy_context else None)
     model = build(chunk, args.layers, args.window_chunks, args.sink_chunks, args.attention, device)
     vae = build_vae(device, args.vae_dtype, args.vae_base_dim) if args.vae else None
     inputs = {"context": torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)}
@@ -63,7 +74,7 @@ def run(args, mode: str, device) -> dict:
         first, decode = None, 0.0
         with torch.no_grad():
             for _out, _frames, decode_s in stream_decoded(model, inputs, args.frames, args.height, args.width,
-                                                          args.steps, 1.0, rep, vae, sync=sync):
+                                                          args.steps, 1.0, rep, vae, sync=sync, options=options):
                 decode += decode_s
                 if first is None:
                     first = time.perf_counter() - t0
@@ -75,7 +86,9 @@ def run(args, mode: str, device) -> dict:
     total = sorted(r[1] for r in rows)[len(rows) // 2]
     decode = sorted(r[2] for r in rows)[len(rows) // 2]
     video_frames = 1 + 4 * (args.frames - 1)
-    return {"mode": mode, "compile": args.compile, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers,
+    graphs = ChunkGraphs.of(model)
+    return {"mode": mode, "compile": args.compile, "cuda_graphs": args.cuda_graphs, "graphs": graphs.captured,
+            "replays": graphs.replayed, "noisy_context": args.noisy_context, "chunk_frames": chunk, "steps": args.steps, "layers": args.layers,
             "frames": args.frames, "vae": args.vae, "vae_dtype": args.vae_dtype if args.vae else None,
             "first_chunk_s": first, "total_s": total, "latent_fps": args.frames / total,
             "video_fps": video_frames / total, "vae_share": decode / total,
@@ -103,19 +116,25 @@ def main(argv=None):
     ap.add_argument("--vae", action="store_true", help="decode every chunk with the Wan2.1 VAE as it is produced")
     ap.add_argument("--vae-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--vae-base-dim", type=int, default=96, help="96 = the real Wan2.1 VAE (smaller: smoke runs)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay the chunk forwards as CUDA graphs")
+    ap.add_argument("--noisy-context", type=float, default=0.0, metavar="S",
+                    help="cache each chunk from its last step at FM level S (0: re-run at t = 0, the default)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark (VAE convs)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from megatron_rcm.ops import fusion
 
     fusion.set_enabled(args.compile)
-    print("| mode | steps | layers | latent frames | VAE decode | first chunk (s) | total (s) | latent frames/s | "
-          "video frames/s | time in VAE | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | steps | compiled | CUDA graphs | layers | latent frames | VAE decode | first chunk (s) | total (s) | "
+          "latent frames/s | video frames/s | time in VAE | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         r = run(args, mode, device)
         vae = f"yes ({r['vae_dtype']})" if r["vae"] else "no"
+        graphs = f"{r['graphs']} ({r['replays']} replays)" if r["cuda_graphs"] else "no"
         print(f"| {mode}-wise ({r['chunk_frames']} frame{'s' if r['chunk_frames'] > 1 else ''}) | {r['steps']} | "
-              f"{r['layers']} | {r['frames']} | {vae} | {r['first_chunk_s']:.3f} | {r['total_s']:.3f} | "
+              f"{'yes' if r['compile'] else 'no'} | {graphs} | {r['layers']} | {r['frames']} | {vae} | {r['first_chunk_s']:.3f} | {r['total_s']:.3f} | "
               f"{r['latent_fps']:.1f} | {r['video_fps']:.1f} | {100 * r['vae_share']:.0f}% | {r['peak_gib']:.1f} |",
               flush=True)
         if args.out:

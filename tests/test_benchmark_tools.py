@@ -78,4 +78,4 @@ def test_generate_benchmarks_run_and_print_their_tables(capsys, one_thread):
                             "--chunk-frames", "2", "--reps", "1", "--modes", "chunk", "--vae", "--vae-base-dim", "8",
                             "--vae-dtype", "float32"])
     row = capsys.readouterr().out.splitlines()[2]
-    assert row.startswith("| chunk-wise (2 frames) | 2 | 1 | 4 | yes (float32) |")
+    assert row.startswith("| chunk-wise (2 frames) | 2 | no | no | 1 | 4 | yes (float32) |")

@@ -225,6 +225,7 @@ def test_errors_name_the_problem_and_exit_2(run, action_run, tmp_path, capsys):
     assert "'--mid-t-schedules'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--steps-per-chunk",
                                                     "3", "--mid-t-schedules", "1/2"])
     assert "'--window-chunks'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--window-chunks", "-1"])
+    assert "'--cuda-graphs'" in _error(capsys, ["generate", str(run), "--phase", "tf_scm", "--cuda-graphs"])
 
 
 def test_console_entry_point_runs_the_new_commands(run, tmp_path):

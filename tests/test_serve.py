@@ -194,7 +194,8 @@ def test_cli_refusals_are_one_line(world_run, tmp_path, capsys):
     for argv, needle in (([str(world_run), "--phase", "teacher", "--port", "70000"], "--port"),
                          ([str(world_run), "--phase", "nope"], "unknown phase"),
                          ([str(tmp_path / "none"), "--phase", "teacher"], "does not exist"),
-                         ([str(world_run), "--phase", "teacher", "--max-sessions", "0"], "--max-sessions")):
+                         ([str(world_run), "--phase", "teacher", "--max-sessions", "0"], "--max-sessions"),
+                         ([str(world_run), "--phase", "teacher", "--cuda-graphs"], "--cuda-graphs")):
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err

@@ -95,8 +95,9 @@ def _live_tensor_bytes() -> int:
 
 
 def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for c in cache.layers for t in (c.k, c.v, c.cross_k, c.cross_v)
-               if t is not None)
+    """Self-attention K/V held (a preallocated cache's whole buffers) + the cross-attention K/V."""
+    return cache.nbytes + sum(t.numel() * t.element_size() for c in cache.layers for t in (c.cross_k, c.cross_v)
+                              if t is not None)
 
 
 def test_long_interactive_rollout_holds_flat_memory():
@@ -124,7 +125,9 @@ def test_long_interactive_rollout_holds_flat_memory():
     tpc = model.tokens_per_frame(8, 8)
     d, layers = model.cfg.hidden_size, model.cfg.num_layers
     kept_chunks = 1 + 2 - 1  # sink + (window - 1): what the next chunk can see
-    bound = layers * 2 * (2 * kept_chunks * tpc * d + 2 * model.cfg.text_len * d) * 4  # (self + cross) K and V, fp32
+    held_chunks = kept_chunks + 1  # the stream's preallocated buffers also hold the chunk being denoised
+    bound = layers * 2 * (2 * held_chunks * tpc * d + 2 * model.cfg.text_len * d) * 4  # (self + cross) K and V, fp32
+    bound += layers * 2 * 1 * tpc * d * 4  # rope_policy='rebase' (the default): an unrotated copy of the sink's keys
     assert max(tokens.values()) == kept_chunks * tpc
     assert max(cache_bytes.values()) == bound and cache_bytes[8] == cache_bytes[16] == bound
     assert max(seen) == 2 and seen[-1] == 2  # frames_so_far: the model's window, not the whole video

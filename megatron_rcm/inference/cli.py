@@ -76,11 +76,13 @@ def add_long_video_arguments(p: argparse.ArgumentParser) -> None:
                    "StreamConfig's (see benchmarks/RESULTS.md, 'Long rollouts')")
     g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None, help="self-attention K/V of the "
                    "cache: auto (the model's dtype) or fp8_e4m3 (per chunk and head scales, half of bf16's memory)")
+    g.add_argument("--cuda-graphs", action="store_true", default=None, help="replay each chunk's forward as a CUDA "
+                   "graph (captured on the first video, reused by the next ones of its size; one GPU, no fp8 cache)")
 
 
 def _long_video_options(args) -> dict:
     """The StreamConfig fields the long-video flags set (absent flags keep StreamConfig's defaults)."""
-    names = ("window_chunks", "sink_chunks", "rope_policy", "kv_cache_dtype")
+    names = ("window_chunks", "sink_chunks", "rope_policy", "kv_cache_dtype", "cuda_graphs")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -122,6 +124,14 @@ def stream_options(args, causal, steps: int = 2):
                         **_long_video_options(args))
     opts.schedule()  # fail now, naming the flag
     opts.cache_options()
+    if opts.cuda_graphs:
+        import torch
+
+        from ..network.chunk_graphs import ChunkGraphs
+
+        why = ChunkGraphs.refusal(None, torch.device(getattr(args, "device", "cpu")), opts.kv_cache_dtype)
+        if why:
+            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
     return opts
 
 

@@ -291,9 +291,18 @@ def run_serve(args) -> int:
             raise ConfigError(flag, value, {"--port": "a TCP port in 0..65535 (0: any free port)",
                                             "--max-sessions": "at least 1", "--max-chunks": "at least 1 chunk",
                                             "--fps": ">= 0 (0: as fast as generated)"}[flag])
+    if args.cuda_graphs:
+        import torch
+
+        from ..network.chunk_graphs import ChunkGraphs
+
+        why = ChunkGraphs.refusal(None, torch.device(args.device), "auto")
+        if why:
+            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
     t0 = time.perf_counter()
     source = StreamSource.from_run(args.run_dir, args.phase, args.weights, args.device, args.steps, args.guidance,
                                    args.negative_prompt)
+    source.cuda_graphs = args.cuda_graphs
     cfg = source.cfg
     seed = cfg.eval.seed if args.seed is None else args.seed
     scfg = ServeConfig(args.host, args.port, args.max_sessions, args.max_chunks, args.fps, seed)
@@ -332,4 +341,6 @@ def add_serve_command(sub) -> None:
                    "with causal.window_chunks, else the training length)")
     p.add_argument("--seed", type=int, default=None, help="session i uses seed + i (default eval.seed)")
     p.add_argument("--negative-prompt", default=None, help="CFG's negative prompt for text runs")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay chunk forwards as CUDA graphs (one session at "
+                   "a time gets them; the others run eagerly)")
     p.set_defaults(func=run_serve)

@@ -55,6 +55,7 @@ class StreamSource:
     guidance: float = 1.0
     encoders: object | None = None  # WanEncoders (text and/or VAE) for runs with encoders.diffusers_dir
     negative_prompt: str | None = None
+    cuda_graphs: bool = False  # chunk forwards replay CUDA graphs (one session at a time: network/chunk_graphs.py)
     # the VAE (possibly CPU-offloaded, moved in and out) and the text encoder are used by one session at a time
     encoder_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -180,7 +181,8 @@ class StreamSession:
         cond = src.conditioning(self.seed, self.prompt, self.class_id)
         net = Denoiser.of(src.model)
         gen = torch.Generator(device=src.device).manual_seed(self.seed)
-        cfg = StreamConfig(steps=src.steps, guidance_scale=src.guidance, trained_frames=src.cfg.data.num_frames)
+        cfg = StreamConfig(steps=src.steps, guidance_scale=src.guidance, trained_frames=src.cfg.data.num_frames,
+                           cuda_graphs=src.cuda_graphs)
         action_fn = self._action_fn(net) if src.action_dim else None
         h, w = src.cfg.data.height, src.cfg.data.width
         self._stream = stream_video(src.model, cond["context"], self.max_chunks * src.chunk_frames, h, w, cfg,

@@ -26,9 +26,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..config.errors import ConfigError
 from ..diffusion.step_schedule import StepSchedule, StepScheduleConfig, build_schedule
 from ..models.kv_cache import StreamCacheOptions
 from ..network import WAN_T_SCALE, Condition, Denoiser, NoisyContext
+from ..network.chunk_graphs import ChunkGraphs
 from ..network.clean_frames import HeldFrames
 from ..ops.chunks import ChunkLayout
 from ..selfforcing.rollout import sample_chunk
@@ -59,6 +61,8 @@ class StreamConfig:
     rope_policy: str = "rebase"
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8_e4m3
     trained_frames: int | None = None  # training length (latent frames): rebase leaves streams inside it unchanged
+    # replay each chunk's forward as a CUDA graph (network/chunk_graphs.py): the model keeps them for its next streams
+    cuda_graphs: bool = False
 
     def cache_options(self) -> StreamCacheOptions:
         """The stream cache's options (validated: errors name the CLI flag)."""
@@ -100,7 +104,7 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
                   noisy: NoisyContext | None = None, fresh_noise: Callable | None = None,
                   cache_options: StreamCacheOptions | None = None,
                   condition_at: Callable[[int], Condition] | None = None,
-                  recache: bool = True) -> Iterator[ChunkOutput]:
+                  recache: bool = True, cuda_graphs: bool = False) -> Iterator[ChunkOutput]:
     """The streaming loop every chunk-by-chunk sampler shares (few-step students, the teacher's ODE).
 
     ``chunk_sampler(denoise, noise, chunk) -> x0`` denoises chunk ``chunk``, where ``denoise(x, s) -> v``
@@ -123,7 +127,9 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     or only the cross-attention K/V are dropped (``recache=False``: old chunks keep the old prompt's K/V).
 
     ``cache_options``: window/sink, RoPE policy and K/V dtype of the stream's cache (None: the model's
-    window/sink, absolute positions, the model's dtype).
+    window/sink, absolute positions, the model's dtype). The cache is preallocated for the stream
+    (``models/preallocated_cache.py``) unless it holds fp8; ``cuda_graphs`` replays the chunk forwards as CUDA graphs
+    captured on the model's cache (``network/chunk_graphs.py``; a CUDA device, one process, the model's dtype).
     """
     b, pt = cond.batch, net.patch_frames
     given = 0 if prefix is None else prefix.shape[2]
@@ -141,7 +147,15 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     switching = condition_at is not None
     condition_at = condition_at or (lambda _chunk: cond)
     current = condition_at(0)
-    cache = net.new_cache(height, width, current, guidance, options=cache_options)
+    stream_frames = (given + num_frames) // pt
+    if cuda_graphs:
+        why = ChunkGraphs.refusal(net.model, cond.context.device, (cache_options or StreamCacheOptions()).kv_cache_dtype)
+        if why:
+            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
+        cache = ChunkGraphs.of(net.model).stream_cache(net, height, width, current, guidance, cache_options,
+                                                       stream_frames)
+    else:
+        cache = net.new_cache(height, width, current, guidance, options=cache_options, stream_frames=stream_frames)
     noisy = net.noisy_context if noisy is None else noisy
     fresh_noise = fresh_noise or (lambda shape: torch.randn(shape, device=cond.context.device, dtype=net.dtype))
     sync = sync or (lambda: torch.cuda.synchronize() if cond.context.is_cuda else None)
@@ -171,30 +185,34 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
         net.write_chunk(x, cc, cache, chunk, s=s)
         written.add(chunk, x, s, cc.actions, cache)
 
-    for chunk in range(first):  # given clean frames (a world model's observation) prefill the cache
-        x0 = prefix[:, :, layout.frame_slice(chunk, pt)].to(net.dtype)
-        cache_chunk(x0, chunk_condition(chunk), chunk)
-        produced.append(x0)
-    for chunk in range(first, end):
-        t0 = time.perf_counter()
-        cc = chunk_condition(chunk)
-        shape = (b, net.model.cfg.in_channels, layout.size(chunk) * pt, height, width)
-        wrote = []
+    try:
+        for chunk in range(first):  # given clean frames (a world model's observation) prefill the cache
+            x0 = prefix[:, :, layout.frame_slice(chunk, pt)].to(net.dtype)
+            cache_chunk(x0, chunk_condition(chunk), chunk)
+            produced.append(x0)
+        for chunk in range(first, end):
+            t0 = time.perf_counter()
+            cc = chunk_condition(chunk)
+            shape = (b, net.model.cfg.in_channels, layout.size(chunk) * pt, height, width)
+            wrote = []
 
-        def denoise(x, s, write=False, cc=cc, chunk=chunk):
-            wrote.append(write)
-            if write:
-                written.add(chunk, x, s, cc.actions, cache)
-            return net.chunk(x, s, cc, cache, chunk, write=write)[0]
+            def denoise(x, s, write=False, cc=cc, chunk=chunk):
+                wrote.append(write)
+                if write:
+                    written.add(chunk, x, s, cc.actions, cache)
+                return net.chunk(x, s, cc, cache, chunk, write=write)[0]
 
-        held = hold if chunk == first else None
-        x0 = chunk_sampler(held.denoiser(denoise) if held else denoise, start_noise(chunk - first, shape), chunk)
-        x0 = held.output(x0) if held else x0
-        if not any(wrote):
-            cache_chunk(x0, cc, chunk)
-        sync()
-        produced.append(x0)
-        yield ChunkOutput(chunk, x0, time.perf_counter() - t0, cache.num_tokens)
+            held = hold if chunk == first else None
+            x0 = chunk_sampler(held.denoiser(denoise) if held else denoise, start_noise(chunk - first, shape), chunk)
+            x0 = held.output(x0) if held else x0
+            if not any(wrote):
+                cache_chunk(x0, cc, chunk)
+            sync()
+            produced.append(x0)
+            yield ChunkOutput(chunk, x0, time.perf_counter() - t0, cache.num_tokens)
+    finally:  # also when the consumer drops the stream: the model's graphs serve the next one
+        if cache.graphs is not None:
+            cache.graphs.release(cache)
 
 
 class CachedChunks:
@@ -292,7 +310,7 @@ def stream_video(model, context, num_frames: int, height: int, width: int, cfg: 
     yield from stream_chunks(net, Condition(context, uncond_context), num_frames, height, width,
                              few_step_sampler(schedule, noisy, generator), lambda _chunk, shape: noise(shape),
                              cfg.guidance_scale, action_fn, prefix, history_chunks, sync, noisy, noise,
-                             cfg.cache_options(), condition_at, recache)
+                             cfg.cache_options(), condition_at, recache, cfg.cuda_graphs)
 
 
 def generate_video(model, context, num_frames: int, height: int, width: int, steps: int = 2,

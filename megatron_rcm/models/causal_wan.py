@@ -37,6 +37,7 @@ from ..ops.masks import ChunkVisibility, GroupMask, kv_cache_mask
 from .image_embedding import ImageEmbedder
 from .kv_cache import KVCache, StreamCacheOptions, sink_position_shift
 from .layers import AttentionContext, WanBlock
+from .preallocated_cache import preallocated_cache
 from .rope import grid_positions, rope_cos_sin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -132,13 +133,21 @@ class CausalWanModel(nn.Module):
         return ChunkLayout(frames, c.chunk_frames, c.first_chunk_frames or None)
 
     def new_kv_cache(self, height: int, width: int, evict: bool = True,
-                     options: StreamCacheOptions | None = None, reserve_frames: int | None = None) -> KVCache:
+                     options: StreamCacheOptions | None = None, reserve_frames: int | None = None,
+                     stream_frames: int | None = None) -> KVCache:
         """An empty stream cache (``height``/``width`` are checked against the patch); ``evict=False`` keeps
         every chunk (the replayed self-forcing backward reads it as it was before each chunk). ``options``:
         a long stream's window/sink, RoPE policy and K/V dtype (None: the training mask's rule, absolute
         positions, the model's dtype). ``reserve_frames``: patched frames to allocate room for at once (a
-        rollout's whole video; ``KVCache.reserve_tokens``)."""
+        rollout's whole video; ``KVCache.reserve_tokens``). ``stream_frames``: the patched frames of a stream
+        (a stream, not a rollout): its cache is a :class:`PreallocatedKVCache` sized for them (fixed buffers,
+        no per-call concatenation, CUDA graphs) unless it holds fp8."""
         tokens = self.tokens_per_frame(height, width)
+        if stream_frames is not None and evict and (options is None or options.kv_cache_dtype == "auto"):
+            options = (options or StreamCacheOptions()).validate()
+            trained = None if options.trained_frames is None else max(1, options.trained_frames // self.patch[0])
+            return preallocated_cache(len(self.blocks), options.visibility(self.visibility()),
+                                      self.chunk_layout(stream_frames), tokens, options.rope_policy, trained)
         if options is None:
             return KVCache(len(self.blocks), self.visibility(), evict=evict,
                            reserve_tokens=None if reserve_frames is None else reserve_frames * tokens)
@@ -186,7 +195,8 @@ class CausalWanModel(nn.Module):
         layout = ChunkLayout.covering(chunk + 1, c.chunk_frames, c.first_chunk_frames or None)
         if frames != layout.size(chunk):
             raise ValueError(f"forward_chunk: chunk {chunk} has {layout.size(chunk)} latent frames, got {frames}")
-        seg = Segment(x, timestep, layout.start(chunk), tangent, timestep_tangent, actions, interval, interval_tangent)
+        seg = Segment(x, timestep, cache.frame_offset(layout.start(chunk), x.device), tangent, timestep_tangent,
+                      actions, interval, interval_tangent)
         return self.forward_segments([seg], context, mask=None, cache=cache, write_cache=write_cache,
                                      cache_chunk=chunk, image=image)[0]
 
@@ -279,10 +289,27 @@ class CausalWanModel(nn.Module):
         shift = sink_position_shift(cache.visibility, ChunkLayout.covering(chunk + 1, c.chunk_frames,
                                                                            c.first_chunk_frames or None), chunk,
                                     cache.rope_trained_frames)
-        if shift == 0:
-            return None
-        delta = torch.tensor([[shift, 0, 0]], device=device)  # (frame, row, col): the time axis only
-        return rope_cos_sin(delta, self.cfg.attention_head_dim, dtype)
+        return cache.sink_rotation(shift, self.cfg.attention_head_dim, dtype, device)
+
+    def prepare_chunk(self, cache: KVCache, chunk: int, device) -> bool:
+        """Set what the cache hands this chunk's forward (its RoPE frame offset, the sink rotation) ahead of the
+        call: a CUDA graph replays the forward without running this Python (``network/chunk_graphs.py``).
+        Returns whether the sink keys are rotated for this chunk."""
+        c = self.causal
+        cache.frame_offset(ChunkLayout.covering(chunk + 1, c.chunk_frames, c.first_chunk_frames or None).start(chunk),
+                           device)
+        dtype = torch.promote_types(self.dtype, torch.float32)  # the RoPE tables' dtype (forward_segments)
+        return self._sink_rotation(cache, chunk, dtype, device) is not None
+
+    def write_condition(self, context, cache: KVCache, image=None) -> None:
+        """Project the condition's cross-attention K/V (text; image with the I2V layout) for every block into
+        ``cache`` now, as the first chunk call would: a captured CUDA graph then reads them from fixed buffers."""
+        text, _ = self.condition_embedder.text_embedder(context.to(self.dtype))
+        img = self._image_embedding(image, context)
+        for i, block in enumerate(self.blocks):
+            k, _, v, _ = block.attn2.project_kv(text, None)
+            ki, vi = block.attn2.project_image_kv(img) if img is not None else (None, None)
+            cache.set_condition(i, k, v, ki, vi)
 
     def _frame_timesteps(self, t, latents) -> torch.Tensor:
         b, frames = latents.shape[0], latents.shape[2] // self.patch[0]

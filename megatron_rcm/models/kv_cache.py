@@ -25,7 +25,7 @@ from ..config.stream_cache import KV_CACHE_DTYPES, ROPE_POLICIES
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility
 from .kv_quant import dequantize, quantize_per_head
-from .rope import apply_rope
+from .rope import apply_rope, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -276,8 +276,11 @@ class KVCache:
         self.chunk_tokens.append(self._appending)
         self._appending = None
         keep = self._kept_positions(next_chunk=chunk + 1)
-        if len(keep) == len(self.chunks):
-            return
+        if len(keep) != len(self.chunks):
+            self._evict(keep)
+
+    def _evict(self, keep: list[int]) -> None:
+        """Keep only the cached chunks at positions ``keep`` (in order): new tensors, so snapshots stay intact."""
         offsets = [0]
         for n in self.chunk_tokens:
             offsets.append(offsets[-1] + n)
@@ -294,6 +297,23 @@ class KVCache:
                 c.v_scale = c.v_scale.index_select(1, kept.to(c.v_scale.device))
         self.chunks = [self.chunks[p] for p in keep]
         self.chunk_tokens = [self.chunk_tokens[p] for p in keep]
+
+    def frame_offset(self, start: int, device):
+        """The RoPE frame offset of the chunk starting at patched frame ``start``, as the model reads it: the int
+        here; a preallocated stream cache gives a device scalar instead, so CUDA graphs replay it per chunk."""
+        return start
+
+    def sink_rotation(self, shift: int, head_dim: int, dtype: torch.dtype, device):
+        """(cos, sin) rotating the sink keys forward by ``shift`` frames (``rope_policy='rebase'``,
+        :func:`sink_position_shift`), or None when there is nothing to move."""
+        if shift == 0:
+            return None
+        return rope_cos_sin(torch.tensor([[shift, 0, 0]], device=device), head_dim, dtype)  # the time axis only
+
+    def set_condition(self, layer: int, k, v, image_k=None, image_v=None) -> None:
+        """Hold the cross-attention K/V of the stream's condition (text; image with the I2V layout) for ``layer``."""
+        c = self.layers[layer]
+        c.cross_k, c.cross_v, c.image_k, c.image_v = k, v, image_k, image_v
 
     def _kept_positions(self, next_chunk: int) -> list[int]:
         w, s = self.visibility.window, self.visibility.sink

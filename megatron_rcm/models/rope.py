@@ -17,9 +17,14 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def grid_positions(num_frames: int, height: int, width: int, frame_offset: int = 0, device=None) -> torch.Tensor:
-    """int64 [F*H*W, 3] (frame, row, col) of tokens in (f, h, w) raster order."""
-    f = torch.arange(frame_offset, frame_offset + num_frames, device=device)
+def grid_positions(num_frames: int, height: int, width: int, frame_offset: int | torch.Tensor = 0,
+                   device=None) -> torch.Tensor:
+    """int64 [F*H*W, 3] (frame, row, col) of tokens in (f, h, w) raster order. ``frame_offset`` may be a device
+    scalar (a preallocated stream cache's: read at run time, so a CUDA graph serves every chunk)."""
+    if isinstance(frame_offset, torch.Tensor):
+        f = torch.arange(num_frames, device=device) + frame_offset
+    else:
+        f = torch.arange(frame_offset, frame_offset + num_frames, device=device)
     h = torch.arange(height, device=device)
     w = torch.arange(width, device=device)
     return torch.stack(torch.meshgrid(f, h, w, indexing="ij"), dim=-1).reshape(-1, 3)

@@ -67,6 +67,7 @@ class ChunkCache:
     kv: KVCache
     guidance: float = 1.0
     guided: bool = False
+    graphs: object | None = None  # network/chunk_graphs.py ChunkGraphs: its chunk calls replay CUDA graphs
 
     @property
     def num_tokens(self) -> int:
@@ -230,13 +231,16 @@ class Denoiser:
                           clean_t=clean_t)
 
     def new_cache(self, height: int, width: int, cond: Condition | None = None, guidance: float = 1.0,
-                  evict: bool = True, options=None, reserve_frames: int | None = None) -> ChunkCache:
+                  evict: bool = True, options=None, reserve_frames: int | None = None,
+                  stream_frames: int | None = None) -> ChunkCache:
         """An empty stream cache for latents of this size; guided when ``guidance`` != 1 and ``cond`` has uncond.
         ``evict=False`` keeps every chunk (the replayed backward reads the cache as each chunk saw it).
         ``options``: a long stream's ``models.kv_cache.StreamCacheOptions`` (None: the training mask's rule).
-        ``reserve_frames``: room for this many patched frames, allocated once (a rollout's video)."""
+        ``reserve_frames``: room for this many patched frames, allocated once (a rollout's video).
+        ``stream_frames``: a stream's patched frames: its cache is preallocated for them (``models/preallocated_cache.py``)."""
         guided = guidance != 1.0 and cond is not None and cond.uncond is not None
-        kv = self.model.new_kv_cache(height, width, evict=evict, options=options, reserve_frames=reserve_frames)
+        kv = self.model.new_kv_cache(height, width, evict=evict, options=options, reserve_frames=reserve_frames,
+                                     stream_frames=stream_frames)
         return ChunkCache(kv, guidance, guided)
 
     def chunk(self, x, s, cond: Condition, cache: ChunkCache, index: int, *, write: bool = False, tangent=None,
@@ -247,6 +251,9 @@ class Denoiser:
         ``output=False``: the caller discards the output (a pure cache write: no pipeline-stage broadcast).
         """
         def fn(x, t, ctx, actions, tx, tt, it, itt, image):
+            if cache.graphs is not None and tx is None and tt is None and itt is None and not torch.is_grad_enabled():
+                return cache.graphs.run(self.model, cache.kv, index, write, x=x, t=t, ctx=ctx, actions=actions,
+                                        interval=it, image=image), None
             return self.model.forward_chunk(x, t, ctx, cache.kv, index, write_cache=write, actions=actions,
                                             tangent=tx, timestep_tangent=tt, interval=it, interval_tangent=itt,
                                             image=image)
