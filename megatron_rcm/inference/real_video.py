@@ -27,6 +27,10 @@ def run_encoders(cfg, device, text: bool = True, vae: bool = True):
         raise ConfigError("encoders.diffusers_dir", cfg.encoders.diffusers_dir,
                           "a diffusers Wan pipeline folder in the run's config.yaml: text prompts and VAE decoding "
                           "need its tokenizer/, text_encoder/ and vae/")
+    if vae and torch.device(device).type == "cuda":
+        # the VAE's 3-D convolutions see a few fixed shapes per stream: let cuDNN pick their algorithms
+        # (+3.6% video frames/s with the decode in the loop on an H200, benchmarks/RESULTS.md)
+        torch.backends.cudnn.benchmark = True
     return load_encoders(cfg.encoders, cfg.model, device, text=text, vae=vae)
 
 

@@ -105,7 +105,9 @@ _cudnn_refused: set = set()  # shapes cuDNN declined once (no kernel): they stay
 
 def _cudnn_inference(q, k, v, mask, scale):
     """O from cuDNN's SDPA for a full-mask forward without autograd, or None where it does not apply."""
-    if INFERENCE_SDPA != "cudnn" or not q.is_cuda or (mask is not None and not mask.is_full()):
+    if INFERENCE_SDPA != "cudnn" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if mask is not None and not mask.is_full():
         return None
     if records_graph(q, k, v) or torch.cuda.get_device_capability(q.device) != (9, 0):
         return None
