@@ -129,9 +129,7 @@ def stream_options(args, causal, steps: int = 2):
 
         from ..network.chunk_graphs import ChunkGraphs
 
-        why = ChunkGraphs.refusal(None, torch.device(getattr(args, "device", "cpu")), opts.kv_cache_dtype)
-        if why:
-            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
+        ChunkGraphs.require(None, torch.device(getattr(args, "device", "cpu")), opts.kv_cache_dtype)
     return opts
 
 

@@ -296,9 +296,7 @@ def run_serve(args) -> int:
 
         from ..network.chunk_graphs import ChunkGraphs
 
-        why = ChunkGraphs.refusal(None, torch.device(args.device), "auto")
-        if why:
-            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
+        ChunkGraphs.require(None, torch.device(args.device), "auto")
     t0 = time.perf_counter()
     source = StreamSource.from_run(args.run_dir, args.phase, args.weights, args.device, args.steps, args.guidance,
                                    args.negative_prompt)

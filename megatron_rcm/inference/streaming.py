@@ -26,7 +26,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..config.errors import ConfigError
 from ..diffusion.step_schedule import StepSchedule, StepScheduleConfig, build_schedule
 from ..models.kv_cache import StreamCacheOptions
 from ..network import WAN_T_SCALE, Condition, Denoiser, NoisyContext
@@ -149,9 +148,7 @@ def stream_chunks(net: Denoiser, cond: Condition, num_frames: int, height: int, 
     current = condition_at(0)
     stream_frames = (given + num_frames) // pt
     if cuda_graphs:
-        why = ChunkGraphs.refusal(net.model, cond.context.device, (cache_options or StreamCacheOptions()).kv_cache_dtype)
-        if why:
-            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
+        ChunkGraphs.require(net.model, cond.context.device, (cache_options or StreamCacheOptions()).kv_cache_dtype)
         cache = ChunkGraphs.of(net.model).stream_cache(net, height, width, current, guidance, cache_options,
                                                        stream_frames)
     else:

@@ -2,8 +2,9 @@
 
 Why: one chunk of the 1.3B student is 2-3 forwards of 30 blocks, each about 1,500 kernel launches plus the host
 work around them (masks, RoPE positions, cache bookkeeping, dynamo guards when the elementwise chains are
-compiled). At 4,680 tokens a chunk the GPU finishes a kernel faster than Python issues the next, so a stream is
-bound by the host. A replayed graph issues the whole forward at once.
+compiled). At 1,560 tokens a frame the GPU finishes many kernels faster than Python issues the next: a frame-wise
+stream is bound by the host, a chunk-wise one in part. A replayed graph issues the whole forward at once
+(frame-wise 2-3x, chunk-wise +9-16% on an H200, benchmarks/RESULTS.md).
 
 A graph replays :meth:`CausalWanModel.forward_chunk` against the stream's
 :class:`~megatron_rcm.models.preallocated_cache.PreallocatedKVCache`, whose buffers never move. Everything that
@@ -31,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from ..config.errors import ConfigError
 from .denoiser import ChunkCache
 
 
@@ -97,6 +99,13 @@ class ChunkGraphs:
         if kv_cache_dtype != "auto":
             return f"CUDA graphs need the preallocated cache of the model's dtype (kv_cache_dtype={kv_cache_dtype})"
         return None
+
+    @classmethod
+    def require(cls, model, device: torch.device, kv_cache_dtype: str) -> None:
+        """Raise the one-line error of ``--cuda-graphs`` when a stream of ``model`` cannot be graphed."""
+        why = cls.refusal(model, device, kv_cache_dtype)
+        if why:
+            raise ConfigError("--cuda-graphs", True, f"a stream it can serve: {why}")
 
     def stream_cache(self, net, height: int, width: int, cond, guidance: float, options, stream_frames: int):
         """The new stream's cache: the one the graphs were captured on, emptied, when the stream has the same
