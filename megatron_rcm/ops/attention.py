@@ -13,7 +13,9 @@ and defines correctness; ``"sdpa"`` uses ``F.scaled_dot_product_attention`` for 
 (fast on GPU, no forward-mode AD, so its JVP falls back to the reference formulas);
 ``"fused"`` is the CUDA extension in ``csrc/`` (registered by :mod:`megatron_rcm.ops.fused_attention`
 when it is built). ``"auto"`` picks the fused kernel on CUDA when available, else SDPA (also on CPU,
-where its fused kernel is ~9x faster than the reference on the tiny model's training step).
+where its fused kernel is ~9x faster than the reference on the tiny model's training step); full-mask forwards
+that autograd does not record (streaming, the teacher's sampling) take cuDNN's SDPA on Hopper instead
+(``INFERENCE_SDPA`` below).
 """
 from __future__ import annotations
 
