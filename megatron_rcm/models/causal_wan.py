@@ -191,8 +191,7 @@ class CausalWanModel(nn.Module):
                       image=None):
         """One chunk against the KV cache of earlier chunks; ``write_cache`` appends this chunk's K/V."""
         frames = x.shape[2] // self.patch[0]
-        c = self.causal
-        layout = ChunkLayout.covering(chunk + 1, c.chunk_frames, c.first_chunk_frames or None)
+        layout = self._layout_through(chunk)
         if frames != layout.size(chunk):
             raise ValueError(f"forward_chunk: chunk {chunk} has {layout.size(chunk)} latent frames, got {frames}")
         seg = Segment(x, timestep, cache.frame_offset(layout.start(chunk), x.device), tangent, timestep_tangent,
@@ -285,19 +284,19 @@ class CausalWanModel(nn.Module):
         or None (absolute positions, or nothing to move yet)."""
         if cache is None or cache.rope_policy != "rebase" or chunk is None:
             return None
-        c = self.causal
-        shift = sink_position_shift(cache.visibility, ChunkLayout.covering(chunk + 1, c.chunk_frames,
-                                                                           c.first_chunk_frames or None), chunk,
-                                    cache.rope_trained_frames)
+        shift = sink_position_shift(cache.visibility, self._layout_through(chunk), chunk, cache.rope_trained_frames)
         return cache.sink_rotation(shift, self.cfg.attention_head_dim, dtype, device)
+
+    def _layout_through(self, chunk: int) -> ChunkLayout:
+        """The chunk pattern of a stream up to chunk ``chunk`` (streams run past any training length)."""
+        c = self.causal
+        return ChunkLayout.covering(chunk + 1, c.chunk_frames, c.first_chunk_frames or None)
 
     def prepare_chunk(self, cache: KVCache, chunk: int, device) -> bool:
         """Set what the cache hands this chunk's forward (its RoPE frame offset, the sink rotation) ahead of the
         call: a CUDA graph replays the forward without running this Python (``network/chunk_graphs.py``).
         Returns whether the sink keys are rotated for this chunk."""
-        c = self.causal
-        cache.frame_offset(ChunkLayout.covering(chunk + 1, c.chunk_frames, c.first_chunk_frames or None).start(chunk),
-                           device)
+        cache.frame_offset(self._layout_through(chunk).start(chunk), device)
         dtype = torch.promote_types(self.dtype, torch.float32)  # the RoPE tables' dtype (forward_segments)
         return self._sink_rotation(cache, chunk, dtype, device) is not None
 

@@ -138,9 +138,13 @@ class PreallocatedKVCache(KVCache):
         k, v = self._k[layer][:, :n], self._v[layer][:, :n]
         st = self.sink_tokens() if self.rope_policy == "rebase" else 0
         if st:  # the buffer's sink keys may hold another chunk's rotation: read the unrotated copy
-            sink = self._sink_k[layer][:, :st]
-            return [sink if sink_rotation is None else apply_rope(sink, *sink_rotation), k[:, st:]], v
+            return [self._sink_keys(layer, st, sink_rotation), k[:, st:]], v
         return [k], v
+
+    def _sink_keys(self, layer: int, tokens: int, sink_rotation):
+        """The sink chunks' keys (``rebase``), from their unrotated copy, rotated by ``sink_rotation`` if given."""
+        sink = self._sink_k[layer][:, :tokens]
+        return sink if sink_rotation is None else apply_rope(sink, *sink_rotation)
 
     def attended(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                  sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -157,8 +161,7 @@ class PreallocatedKVCache(KVCache):
         if self.rope_policy == "rebase":
             st = self.sink_tokens()
             if st:
-                sink = self._sink_k[layer][:, :st]
-                kb[:, :st].copy_(sink if sink_rotation is None else apply_rope(sink, *sink_rotation))
+                kb[:, :st].copy_(self._sink_keys(layer, st, sink_rotation))
         return kb[:, :n + m], vb[:, :n + m], n
 
     # ------------------------------------------------------------------ bookkeeping (host side)

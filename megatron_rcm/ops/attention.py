@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention_reference import attention_reference, attention_reference_jvp
 from .masks import GroupMask
@@ -116,8 +117,6 @@ def _cudnn_inference(q, k, v, mask, scale):
     key = (tuple(q.shape), tuple(k.shape), q.dtype)
     if key in _cudnn_refused:
         return None
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)

@@ -49,14 +49,9 @@ class ChunkVisibility:
 
     def matrix(self, num_chunks: int, device=None) -> torch.Tensor:
         """bool [C, C]: entry (i, j) says whether chunk i may see chunk j (j <= i)."""
-        i = torch.arange(num_chunks, device=device)[:, None]
-        j = torch.arange(num_chunks, device=device)[None, :]
-        vis = j <= i
-        if self.window > 0:
-            vis = vis & ((i - j < self.window) | (j < self.sink))
-        return vis
+        return self.between(torch.arange(num_chunks, device=device))
 
-    def between(self, chunks: list[int]) -> torch.Tensor:
+    def between(self, chunks) -> torch.Tensor:
         """bool [n, n]: :meth:`matrix` restricted to the (increasing) chunk indices ``chunks``."""
         c = torch.as_tensor(chunks, dtype=torch.long)
         i, j = c[:, None], c[None, :]
