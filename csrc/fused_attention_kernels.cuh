@@ -38,7 +38,7 @@ constexpr int BWD_BQ = 64, BWD_BK = 64;
 
 // Hopper wgmma path (fused_attention_sm90.cu; built when CUTLASS headers are found, defines
 // MRCM_WITH_SM90). Two warpgroups own 128 query rows; runs only on sm_90 devices.
-constexpr int SM90_BQ = 128, SM90_FWD_BK = 128, SM90_JVP_BK = 64;
+constexpr int SM90_BQ = 128, SM90_FWD_BK = 192, SM90_JVP_BK = 64;  // key tiles: RESULTS.md, "Kernel design history"
 constexpr int SM90_BWD_BQ = 64, SM90_BWD_BK = 128;  // backward: one CTA per 128 keys, 64-query tiles
 cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);
 cudaError_t launch_fwd_jvp_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream);

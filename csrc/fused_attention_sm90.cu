@@ -3,7 +3,8 @@
 // mma.sync cannot feed Hopper's tensor cores at their rate, wgmma can (measurements: benchmarks/RESULTS.md).
 //
 // Layout of the work: a CTA of two warpgroups owns BQ = 128 query rows (64 each). Key tiles of BK
-// rows arrive by TMA in 128-byte-swizzled shared memory (the layout wgmma reads without bank
+// rows (192 for the forward, whose two rings then fill shared memory; 64 for forward+JVP, which holds
+// four accumulators) arrive by TMA in 128-byte-swizzled shared memory (the layout wgmma reads without bank
 // conflicts; rows past the sequence end are zero-filled) through two-slot rings, one for K (and Kdot),
 // one for V (and Vdot); mbarriers say when a slot is full and when every warp is done with it. Scores
 // (S, and for the JVP the tangent Sdot = Qdot K^T + Q Kdot^T) come from smem x smem wgmma; P and
@@ -91,6 +92,27 @@ template <> __device__ __forceinline__ uint32_t pack2<cutlass::half_t>(float a, 
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Shared-memory accesses through the shared state space. The tiles' base is aligned by integer
+// arithmetic, so plain pointers into it compile to generic loads and stores.
+__device__ __forceinline__ float2 lds_f2(const float* ptr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
+  return v;
+}
+__device__ __forceinline__ int lds_i32(const int* ptr) {
+  int v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
+  return v;
+}
+// Stores take shared-window addresses: a thread's stores into a 128-byte-swizzled tile differ by XORs of
+// one base address, so the loop holds one base instead of an address per store (those had spilled).
+__device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void sts_f2(uint32_t addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
+
 // C += A B over every k-block; the first block overwrites C when zero_init.
 template <class Mma, class TA, class TB, class TC>
 __device__ __forceinline__ void wg_gemm(Mma& mma, const TA& a, const TB& b, TC& c, bool zero_init) {
@@ -124,8 +146,9 @@ __device__ __forceinline__ int next_tile(const int8_t* row, int kt, int n) {
   return kt;
 }
 
-// Per warpgroup, turn j issues P V of tile j-1 and the scores of tile j together, then runs the
-// softmax of tile j while the other warpgroup's turn keeps the tensor cores busy (ping-pong). K and V
+// Per warpgroup, turn j issues the scores of tile j and then P V of tile j-1, and runs the softmax of
+// tile j as soon as the scores are in: P V of its own and the other warpgroup's turn keep the tensor
+// cores busy meanwhile (intra-warpgroup overlap and ping-pong, as in FlashAttention-3). K and V
 // live in separate two-slot rings: a K slot is free once the scores of its tile are done, a V slot once
 // P V of its tile is, so each load has more than an iteration to land.
 template <typename T, int D, int BK, bool JVP>
@@ -373,17 +396,16 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
       wait_k(j);
       wait_v(j - 1);
       turn_wait();
-      issue_pv((j - 1) % SL);  // P V of tile j-1 and the scores of tile j in one turn
-      issue_scores(j % SL);
+      issue_scores(j % SL);  // the scores of tile j, then P V of tile j-1, in one turn
+      issue_pv((j - 1) % SL);
       turn_pass();
-      warpgroup_wait<0>();
+      warpgroup_wait<1>();  // the scores have landed; P V of tile j-1 runs on under the softmax
       release(&empty_k[j % SL]);
-      release(&empty_v[(j - 1) % SL]);
-      if (producer) {
-        produce(k_ring_state);
-        produce(v_ring_state);
-      }
+      if (producer) produce(k_ring_state);
       softmax(kt);
+      warpgroup_wait<0>();
+      release(&empty_v[(j - 1) % SL]);
+      if (producer) produce(v_ring_state);
       rescale_and_convert();
     }
     wait_v(j - 1);
@@ -455,7 +477,7 @@ struct BwdCfg {
   static constexpr int DQ = 64 * 64;  // a warpgroup's fp32 dQ tile: two TMA boxes of 64 rows x 32 floats
   // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, LSE and Delta per warpgroup
   static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 2 * DQ * 4 +
-                                    4 * 64 * 4 + (2 * SL + 1) * 8;
+                                    6 * 64 * 4 + (2 * SL + 1) * 8;
   static constexpr int MAX_SMEM = 227 * 1024;
   static __host__ __device__ int col_bytes(int Tq) { return (Tq + 15) / 16 * 16; }
   static __host__ __device__ bool col_staged(int Tq) { return SMEM_BYTES + col_bytes(Tq) <= MAX_SMEM; }
@@ -479,7 +501,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   float* dq_s = reinterpret_cast<float*>(ds_s + 4 * C::DS);   // [wg][box][64 rows][32], 128B-swizzled
   float* lse_s = dq_s + 2 * C::DQ;                              // [wg][64], log2 units
   float* dl_s = lse_s + 2 * 64;                                // [wg][64]
-  uint64_t* full = reinterpret_cast<uint64_t*>(dl_s + 2 * 64);
+  int* qg_s = reinterpret_cast<int*>(dl_s + 2 * 64);            // [wg][64]: query groups, -1 past the end
+  uint64_t* full = reinterpret_cast<uint64_t*>(qg_s + 2 * 64);
   uint64_t* empty = full + SL;
   uint64_t* kvbar = empty + SL;
   int8_t* col_s = reinterpret_cast<int8_t*>(kvbar + 1);
@@ -498,6 +521,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   T* my_v = v_s + wg * C::TILE;
   float* my_lse = lse_s + wg * 64;
   float* my_dl = dl_s + wg * 64;
+  int* my_qg = qg_s + wg * 64;
   float* my_dq = dq_s + wg * C::DQ;
   const bool dq_issuer = wt == 0;  // issues (and waits for) this warpgroup's dQ reduce-adds
 
@@ -578,9 +602,12 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
                      "l"(p.lse + loff + q) : "memory");
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(my_dl + wt)),
                      "l"(p.delta + loff + q) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(my_qg + wt)),
+                     "l"(p.q_groups + q) : "memory");
       } else {
         my_lse[wt] = -CUDART_INF_F;
         my_dl[wt] = 0.f;
+        my_qg[wt] = -1;
       }
     }
   };
@@ -617,35 +644,45 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
     wg_sync();  // LSE / Delta stores visible; my_dq free
     warpgroup_wait<1>();  // S^T has landed; dP^T may still be in flight
     warpgroup_fence_operand(accS);
+    // P^T = exp2(S^T scale - LSE). Only tiles that need the element mask look it up, in a branch of their
+    // own: written as one predicated loop, its lookups (address chains, loads) issued on every tile.
+    auto exponentials = [&](auto masked) {
 #pragma unroll
-    for (int jj = 0; jj < NQ; ++jj) {
-      const float2 lse2 = *reinterpret_cast<const float2*>(my_lse + 8 * jj + 2 * t);
+      for (int jj = 0; jj < NQ; ++jj) {
+        const float2 lse2 = lds_f2(my_lse + 8 * jj + 2 * t);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int q = q0 + 8 * jj + 2 * t + c;
-        const int qgrp = need_mask && q < p.Sq ? __ldg(p.q_groups + q) : -1;
+        for (int c = 0; c < 2; ++c) {
+          const int qgrp = masked ? lds_i32(my_qg + 8 * jj + 2 * t + c) : -1;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float pv = exp2f(fmaf(S(c, r, jj), sl2, -(c ? lse2.y : lse2.x)));
-          if (need_mask && (qgrp < 0 || kg[r] < 0 || !__ldg(p.allow + qgrp * p.G + kg[r]))) pv = 0.f;
-          S(c, r, jj) = pv;
-          rP(make_coord(c, r, jj % 2), 0, jj / 2) = static_cast<T>(pv);
+          for (int r = 0; r < 2; ++r) {
+            float pv = exp2f(fmaf(S(c, r, jj), sl2, -(c ? lse2.y : lse2.x)));
+            if (masked && (qgrp < 0 || kg[r] < 0 || !__ldg(p.allow + qgrp * p.G + kg[r]))) pv = 0.f;
+            S(c, r, jj) = pv;
+            rP(make_coord(c, r, jj % 2), 0, jj / 2) = static_cast<T>(pv);
+          }
         }
       }
-    }
+    };
+    if (need_mask)
+      exponentials(std::true_type{});
+    else
+      exponentials(std::false_type{});
     warpgroup_wait<0>();
     warpgroup_fence_operand(accP);
     Tensor sDSt = make_tensor(make_smem_ptr(ds_buf + wg * C::DS), typename C::Layout64{});  // (key, q)
+    // Word (row, 8 jj + 2t) of the swizzled dS^T block lies at the address of (row, 2t) XOR jj * 16 bytes.
+    const uint32_t ds_row[2] = {cute::cast_smem_ptr_to_uint(&sDSt(warp * 16 + g, 2 * t)),
+                                cute::cast_smem_ptr_to_uint(&sDSt(warp * 16 + g + 8, 2 * t))};
 #pragma unroll
     for (int jj = 0; jj < NQ; ++jj) {
-      const float2 dl = *reinterpret_cast<const float2*>(my_dl + 8 * jj + 2 * t);
+      const float2 dl = lds_f2(my_dl + 8 * jj + 2 * t);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float d0 = S(0, r, jj) * (dP(0, r, jj) - dl.x);  // dS^T without the softmax scale
         const float d1 = S(1, r, jj) * (dP(1, r, jj) - dl.y);
         rDS(make_coord(0, r, jj % 2), 0, jj / 2) = static_cast<T>(d0);
         rDS(make_coord(1, r, jj % 2), 0, jj / 2) = static_cast<T>(d1);
-        *reinterpret_cast<uint32_t*>(&sDSt(warp * 16 + g + 8 * r, 8 * jj + 2 * t)) = pack2<T>(d0, d1);  // one word
+        sts_u32(ds_row[r] ^ (jj << 4), pack2<T>(d0, d1));  // one word
       }
     }
     cutlass::arch::fence_view_async_shared();  // dS^T stores -> visible to wgmma
@@ -682,15 +719,15 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
 
     // Partial dQ -> shared memory in the 128-byte swizzle of the TMA boxes (16-byte chunk ^ row % 8:
     // conflict-free float2 stores), then one thread hands both boxes to the TMA unit to add into dQ.
+    // Chunk (2 (jd % 4) + t / 2) ^ (row % 8) of a row is chunk t / 2 ^ (row % 8) XOR (jd % 4) * 2.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp * 16 + g + 8 * r;
+      const uint32_t a0 = cute::cast_smem_ptr_to_uint(my_dq) + row * 128 + ((t / 2) ^ (row % 8)) * 16 + 8 * (t % 2);
 #pragma unroll
-      for (int jd = 0; jd < 8; ++jd) {
-        const int chunk = (2 * (jd % 4) + t / 2) ^ (row % 8);
-        *reinterpret_cast<float2*>(my_dq + (jd / 4) * 64 * 32 + row * 32 + chunk * 4 + 2 * (t % 2)) =
-            make_float2(accQ(make_coord(0, r, jd), 0, 0), accQ(make_coord(1, r, jd), 0, 0));
-      }
+      for (int jd = 0; jd < 8; ++jd)
+        sts_f2((a0 ^ ((jd % 4) << 5)) + (jd / 4) * 64 * 32 * 4, accQ(make_coord(0, r, jd), 0, 0),
+               accQ(make_coord(1, r, jd), 0, 0));
     }
     cutlass::arch::fence_view_async_shared();
     wg_sync();
@@ -820,7 +857,7 @@ cudaError_t by_type(int dtype, int head_dim, F&& f) {
 
 }  // namespace sm90
 
-static_assert(SM90_FWD_BK == 128 && SM90_JVP_BK == 64 && SM90_BQ == sm90::Cfg<cutlass::bfloat16_t, 128, 64, true>::BQ,
+static_assert(SM90_FWD_BK == 192 && SM90_JVP_BK == 64 && SM90_BQ == sm90::Cfg<cutlass::bfloat16_t, 128, 64, true>::BQ,
               "tile sizes in the header must match the sm90 kernels");
 
 cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
