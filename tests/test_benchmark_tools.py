@@ -79,3 +79,30 @@ def test_generate_benchmarks_run_and_print_their_tables(capsys, one_thread):
                             "--vae-dtype", "float32"])
     row = capsys.readouterr().out.splitlines()[2]
     assert row.startswith("| chunk-wise (2 frames) | 2 | no | no | 1 | 4 | yes (float32) |")
+
+
+def test_attention_ab_tables_group_rounds_by_version_and_flag_bitwise_equality():
+    ab = _load("attention_ab")
+    log = ["noise", 'ROW {"tag": "base", "full32760_bwd": 294.2, "full32760_flash_bwd": 308.8}',
+           'ROW {"tag": "new", "full32760_bwd": 434.9}', 'ROW {"tag": "base", "full32760_bwd": 293.6}',
+           'ROW {"tag": "new", "full32760_bwd": 435.4}']
+    rows = ab.rows_from_log(log)
+    assert list(rows) == ["base", "new"] and [r["full32760_bwd"] for r in rows["new"]] == [434.9, 435.4]
+    table = ab.metric_table(rows).splitlines()
+    assert table[0] == "| metric | base | new |"
+    assert "| full32760_bwd | 294, 294 | 435, 435 |" in table
+    assert "| full32760_flash_bwd | 309 |  |" in table
+    g = torch.Generator().manual_seed(0)
+    ref = {"c": [torch.randn(3, 4, generator=g) for _ in ab.OUTPUTS]}
+    got = {"c": [t.clone() for t in ref["c"]]}
+    got["c"][3] = got["c"][3] * (1 + 1e-3)  # dq changed by its rounding, the rest bitwise equal
+    (line,) = ab.equality_lines(ref, got, "new", "base")
+    assert line.startswith("new vs base c: o:== o_jvp:== t_jvp:== dq:1.0e-03 dk:== dv:==")
+
+
+@pytest.mark.parametrize("args", [["only=."], ["a=/nonexistent", "b=."]])
+def test_attention_ab_script_refuses_bad_versions_with_exit_2(args, tmp_path):
+    import subprocess
+    r = subprocess.run(["bash", "benchmarks/attention_ab.sh", *args], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "AB_WORK": str(tmp_path)})
+    assert r.returncode == 2 and r.stderr.startswith("attention_ab.sh: ") and len(r.stderr.splitlines()) == 1

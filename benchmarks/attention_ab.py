@@ -1,0 +1,166 @@
+"""Side-by-side A/B of fused-attention kernel versions in one GPU session.
+
+Kernel changes move speed by a few percent while lent machines drift ±3% between sessions, so versions
+are compared in one run: ``benchmarks/attention_ab.sh REV...`` builds each git revision's extension in
+its own tree and calls this script once per tree and round, alternating.
+
+    python benchmarks/attention_ab.py run TAG OUT_DIR [--peers]   # one tree: prints "ROW {json}"
+    python benchmarks/attention_ab.py compare OUT_DIR BASE TAG,TAG LOG   # equality + table
+
+``run`` times forward (+LSE), forward+JVP and backward on four cases (bf16, 12 heads x 128) in TFLOP/s
+over unmasked 64x64 tiles (forward 4 Sq Sk D H, JVP 3x, backward 2.5x) and, with ``--peers``, cuDNN's
+and flash's SDPA on the full mask. It saves two cases' outputs so ``compare`` can tell a reordering that
+must be bitwise neutral (dK, dV, the forward) from one that changes rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+
+CASES = (("full32760", "full", 21), ("bc32760", "block_causal", 21), ("tf65520", "teacher_forcing", 21),
+         ("bc9360", "block_causal", 6))
+SAVED = ("tf65520", "bc9360")
+OUTPUTS = ("o", "o_jvp", "t_jvp", "dq", "dk", "dv")
+H, D, TPF = 12, 128, 1560
+
+
+def _bench(fn, warmup=3, reps=12):
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _mask(kind, frames):
+    from megatron_rcm.ops import masks as M
+    if kind == "full":
+        return M.full_mask(frames * TPF)
+    if kind == "block_causal":
+        return M.block_causal_mask(frames, TPF, 1)
+    return M.teacher_forcing_mask(frames, TPF, 1)
+
+
+def run(tag: str, out: str, peers: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_rcm.ops import fused_attention as fa
+    from megatron_rcm.ops import masks as M
+
+    assert fa._C is not None, "fused extension not available (MEGATRON_RCM_JIT_BUILD=1 on a GPU machine)"
+    row, saved = {"tag": tag}, {}
+    for name, kind, frames in CASES:
+        mask = _mask(kind, frames)
+        sq, sk = mask.shape
+        dens = float((mask.tile_summary(64, 64) != M.TILE_SKIP).float().mean())
+        f1 = 4.0 * sq * sk * D * H * dens
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, tq, tk, tv, do = (torch.randn(1, sq, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+                                   for _ in range(7))
+        row[f"{name}_fwd"] = f1 / _bench(lambda: fa.fused_forward_lse(q, k, v, mask)) / 1e9
+        row[f"{name}_jvp"] = 3 * f1 / _bench(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask)) / 1e9
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        o = fa.fused_forward(qr, kr, vr, mask)
+        grad = lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True)  # noqa: E731
+        row[f"{name}_bwd"] = 2.5 * f1 / _bench(grad) / 1e9
+        if name in SAVED:
+            saved[name] = [fa.fused_forward_lse(q, k, v, mask)[0], *fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask),
+                           *grad()]
+        if peers and mask.is_full():
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+            for backend, peer in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
+                with sdpa_kernel(backend):
+                    row[f"{name}_{peer}_fwd"] = f1 / _bench(lambda: F.scaled_dot_product_attention(qt, kt, vt)) / 1e9
+                    qs, ks, vs = (x.clone().requires_grad_() for x in (qt, kt, vt))
+                    os_ = F.scaled_dot_product_attention(qs, ks, vs)
+                    row[f"{name}_{peer}_bwd"] = 2.5 * f1 / _bench(
+                        lambda: torch.autograd.grad(os_, (qs, ks, vs), do.transpose(1, 2), retain_graph=True)) / 1e9
+                    del os_
+        del o, q, k, v, tq, tk, tv, do, qr, kr, vr
+        torch.cuda.empty_cache()
+    torch.save({k: [t.cpu() for t in v] for k, v in saved.items()}, os.path.join(out, f"{tag}.pt"))
+    row = {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}
+    print("ROW " + json.dumps(row), flush=True)
+    return row
+
+
+def rows_from_log(lines) -> dict[str, list[dict]]:
+    """The ROW lines of a log, grouped by tag in first-seen order (one entry per round)."""
+    rows = collections.OrderedDict()
+    for line in lines:
+        if line.startswith("ROW "):
+            r = json.loads(line[4:])
+            rows.setdefault(r.pop("tag"), []).append(r)
+    return rows
+
+
+def metric_table(rows: dict[str, list[dict]]) -> str:
+    """Markdown: one line per metric, one column per tag, each cell the rounds' values."""
+    keys = sorted({k for rs in rows.values() for r in rs for k in r})
+    lines = ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for k in keys:
+        cells = (", ".join(f"{r[k]:.0f}" for r in rs if k in r) for rs in rows.values())
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def equality_lines(ref: dict, got: dict, tag: str, base: str) -> list[str]:
+    """Per saved case: '==' where bitwise equal, else the relative error, for each output."""
+    import torch
+    out = []
+    for case, tensors in ref.items():
+        cells = []
+        for n, a, b in zip(OUTPUTS, tensors, got[case]):
+            a, b = a.double(), b.double()
+            cells.append(f"{n}:" + ("==" if torch.equal(a, b) else f"{((a - b).norm() / a.norm()).item():.1e}"))
+        out.append(f"{tag} vs {base} {case}: " + " ".join(cells))
+    return out
+
+
+def compare(out: str, base: str, tags: list[str], log: str) -> None:
+    import torch
+    ref = torch.load(os.path.join(out, f"{base}.pt"))
+    for tag in tags:
+        path = os.path.join(out, f"{tag}.pt")
+        if not os.path.exists(path):
+            print(f"{tag}: no outputs (its run failed)")
+            continue
+        print("\n".join(equality_lines(ref, torch.load(path), tag, base)))
+    with open(log) as f:
+        print(metric_table(rows_from_log(f)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("tag")
+    r.add_argument("out")
+    r.add_argument("--peers", action="store_true", help="also time cuDNN and flash SDPA on the full mask")
+    c = sub.add_parser("compare")
+    c.add_argument("out")
+    c.add_argument("base")
+    c.add_argument("tags", help="comma-separated")
+    c.add_argument("log")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(args.tag, args.out, args.peers)
+    else:
+        compare(args.out, args.base, args.tags.split(","), args.log)
+
+
+if __name__ == "__main__":
+    main()
