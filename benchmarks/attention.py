@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +15,9 @@ os.environ.setdefault("MEGATRON_RCM_JIT_BUILD", "1")
 from megatron_rcm.ops import fused_attention as fa  # noqa: E402
 from megatron_rcm.ops import masks as M  # noqa: E402
 from megatron_rcm.ops.attention_reference import attention_reference, attention_reference_jvp  # noqa: E402
+from megatron_rcm.utils.cuda_timing import median_ms  # noqa: E402
 
 H, D, DT, TPF = 12, 128, torch.bfloat16, 1560
-
-
-def bench(fn, warmup=3, reps=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def tile_density(mask):
@@ -79,32 +67,32 @@ def main():
         q, k, v, tq, tk, tv, do = (torch.randn(1, sq, H, D, device="cuda", generator=g, dtype=DT) for _ in range(7))
         f1 = 4.0 * sq * sk * D * H
         r = {"case": name, "density": dens}
-        r["fwd_ms"] = bench(lambda: fa.fused_forward_lse(q, k, v, mask), reps=args.reps)
-        r["jvp_ms"] = bench(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), reps=args.reps)
+        r["fwd_ms"] = median_ms(lambda: fa.fused_forward_lse(q, k, v, mask), reps=args.reps)
+        r["jvp_ms"] = median_ms(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), reps=args.reps)
         if fa.use_sm90(q):  # the same calls on the mma.sync kernels, for the A/B column
             os.environ[fa.SM90_ENV] = "0"
-            r["fwd_mma_ms"] = bench(lambda: fa.fused_forward_lse(q, k, v, mask), reps=args.reps)
-            r["jvp_mma_ms"] = bench(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), reps=args.reps)
+            r["fwd_mma_ms"] = median_ms(lambda: fa.fused_forward_lse(q, k, v, mask), reps=args.reps)
+            r["jvp_mma_ms"] = median_ms(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), reps=args.reps)
             del os.environ[fa.SM90_ENV]
         qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
         o = fa.fused_forward(qr, kr, vr, mask)
-        r["bwd_ms"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
+        r["bwd_ms"] = median_ms(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
         if fa.use_sm90(q):
             os.environ[fa.SM90_ENV] = "0"
-            r["bwd_mma_ms"] = bench(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
+            r["bwd_mma_ms"] = median_ms(lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), reps=args.reps)
             del os.environ[fa.SM90_ENV]
         del o
         qt_, kt_, vt_ = (x.transpose(1, 2) for x in (q, k, v))
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            r["sdpa_fwd_ms"] = bench(lambda: F.scaled_dot_product_attention(qt_, kt_, vt_), reps=args.reps)
+            r["sdpa_fwd_ms"] = median_ms(lambda: F.scaled_dot_product_attention(qt_, kt_, vt_), reps=args.reps)
             qs, ks, vs = (x.clone().requires_grad_() for x in (qt_, kt_, vt_))
             os_ = F.scaled_dot_product_attention(qs, ks, vs)
             dot = do.transpose(1, 2)
-            r["sdpa_bwd_ms"] = bench(lambda: torch.autograd.grad(os_, (qs, ks, vs), dot, retain_graph=True), reps=args.reps)
+            r["sdpa_bwd_ms"] = median_ms(lambda: torch.autograd.grad(os_, (qs, ks, vs), dot, retain_graph=True), reps=args.reps)
             del os_
         try:
-            r["flex_fwd_ms"] = bench(flex_forward(mask, q, k, v), reps=args.reps)
+            r["flex_fwd_ms"] = median_ms(flex_forward(mask, q, k, v), reps=args.reps)
         except Exception as e:  # noqa: BLE001
             print("flex failed:", type(e).__name__, str(e)[:200])
         if sq <= 9360:
@@ -114,11 +102,11 @@ def main():
                     am = None if mask.is_full() else mask.dense().cuda()
                     fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=am)
                     tt = tuple(x.transpose(1, 2) for x in (tq, tk, tv))
-                    r["funcjvp_ms"] = bench(lambda: jvp(fn, (qt_, kt_, vt_), tt), warmup=1, reps=3)
+                    r["funcjvp_ms"] = median_ms(lambda: jvp(fn, (qt_, kt_, vt_), tt), warmup=1, reps=3)
             except torch.OutOfMemoryError:
                 print("func.jvp math SDPA: OOM")
             torch.cuda.empty_cache()
-            r["ref_jvp_ms"] = bench(lambda: attention_reference_jvp(q, k, v, tq, tk, tv, mask=mask.to("cuda")), warmup=1, reps=3)
+            r["ref_jvp_ms"] = median_ms(lambda: attention_reference_jvp(q, k, v, tq, tk, tv, mask=mask.to("cuda")), warmup=1, reps=3)
         r["fwd_tf"] = f1 * dens / r["fwd_ms"] / 1e9
         r["jvp_tf"] = 3 * f1 * dens / r["jvp_ms"] / 1e9
         if "jvp_mma_ms" in r:

@@ -18,7 +18,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 
 CASES = (("full32760", "full", 21), ("bc32760", "block_causal", 21), ("tf65520", "teacher_forcing", 21),
          ("bc9360", "block_causal", 6))
@@ -27,20 +26,9 @@ OUTPUTS = ("o", "o_jvp", "t_jvp", "dq", "dk", "dv")
 H, D, TPF = 12, 128, 1560
 
 
-def _bench(fn, warmup=3, reps=12):
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def _bench(fn):
+    from megatron_rcm.utils.cuda_timing import median_ms
+    return median_ms(fn, reps=12)
 
 
 def _mask(kind, frames):
