@@ -475,7 +475,8 @@ struct BwdCfg {
   using PFrag = Layout<Shape<Shape<_2, _2, _2>, _1, Int<BQ / 16>>>;
   static constexpr int TILE = 64 * D, TILE_BYTES = TILE * int(sizeof(T)), DS = 64 * 64;
   static constexpr int DQ = 64 * 64;  // a warpgroup's fp32 dQ tile: two TMA boxes of 64 rows x 32 floats
-  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, LSE and Delta per warpgroup
+  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, and per warpgroup the LSE, Delta
+  // and query groups of its query tile
   static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 2 * DQ * 4 +
                                     6 * 64 * 4 + (2 * SL + 1) * 8;
   static constexpr int MAX_SMEM = 227 * 1024;

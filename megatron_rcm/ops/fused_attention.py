@@ -22,7 +22,7 @@ from .masks import TILE_SKIP, GroupMask, full_mask
 FWD_TILES = (64, 64)
 JVP_TILES = (64, 32)
 BWD_TILES = (64, 64)
-SM90_FWD_TILES = (128, 192)  # Hopper wgmma kernels (forward and forward+JVP)
+SM90_FWD_TILES = (128, 192)  # Hopper wgmma kernels: forward, forward+JVP, backward
 SM90_JVP_TILES = (128, 64)
 SM90_BWD_TILES = (64, 128)
 HEAD_DIMS = (64, 128)
