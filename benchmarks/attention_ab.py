@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import os
+import sys
 
 CASES = (("full32760", "full", 21), ("bc32760", "block_causal", 21), ("tf65520", "teacher_forcing", 21),
          ("bc9360", "block_causal", 6))
@@ -120,7 +121,12 @@ def equality_lines(ref: dict, got: dict, tag: str, base: str) -> list[str]:
 
 def compare(out: str, base: str, tags: list[str], log: str) -> None:
     import torch
-    ref = torch.load(os.path.join(out, f"{base}.pt"))
+    path = os.path.join(out, f"{base}.pt")
+    if not os.path.exists(path):
+        print(f"attention_ab.py: no outputs of the base version {base} in {out}: its runs failed (see {log})",
+              file=sys.stderr)
+        raise SystemExit(2)
+    ref = torch.load(path)
     for tag in tags:
         path = os.path.join(out, f"{tag}.pt")
         if not os.path.exists(path):

@@ -26,10 +26,13 @@ done
 tree_env() { echo "PYTHONPATH=$work/$1:${PYTHONPATH:-} TORCH_EXTENSIONS_DIR=$work/$1/ext MEGATRON_RCM_JIT_BUILD=1"; }
 start=$(date +%s)
 for name in "${names[@]}"; do
-  (cd "$work/$name" && env $(tree_env "$name") python3 -c "import megatron_rcm.ops.fused_attention as f; assert f._C is not None" \
-     > "$work/$name.build" 2>&1 || echo "build of $name failed: $work/$name.build") &
+  (cd "$work/$name" && env $(tree_env "$name") python3 -c "import megatron_rcm.ops.fused_attention as f; assert f._C is not None; print('built')" \
+     > "$work/$name.build" 2>&1) &
 done
 wait
+for name in "${names[@]}"; do
+  grep -q "^built$" "$work/$name.build" || { echo "attention_ab.sh: the fused extension of $name did not build (a CUDA GPU and nvcc are needed): $work/$name.build" >&2; exit 2; }
+done
 echo "built ${#names[@]} trees in $(( $(date +%s) - start )) s"
 for round in $(seq "$rounds"); do
   for name in "${names[@]}"; do
