@@ -1,8 +1,9 @@
 """Side-by-side A/B of fused-attention kernel versions in one GPU session.
 
 Kernel changes move speed by a few percent while lent machines drift ±3% between sessions, so versions
-are compared in one run: ``benchmarks/attention_ab.sh REV...`` builds each git revision's extension in
-its own tree and calls this script once per tree and round, alternating.
+are compared in one run: ``benchmarks/attention_ab.sh NAME=DIR ...`` builds each version's extension in
+its own tree (DIR: a checkout, or a ``git archive`` export of one) and calls this script once per tree and
+round, alternating.
 
     python benchmarks/attention_ab.py run TAG OUT_DIR [--peers]   # one tree: prints "ROW {json}"
     python benchmarks/attention_ab.py compare OUT_DIR BASE TAG,TAG LOG   # equality + table
