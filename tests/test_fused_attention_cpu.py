@@ -57,10 +57,27 @@ def test_pack_cache_entry_dies_with_mask():
     assert key not in fa._PACK_CACHE
 
 
+def test_pack_cache_entry_dies_with_mask_and_its_device_copy():
+    mask = M.block_causal_mask(2, 100, 1)
+    on = mask.to("meta")
+    fa.pack_mask(on, 200, 200, fa.FWD_TILES, "meta")
+    key = id(mask)
+    assert key in fa._PACK_CACHE and on.host() is mask
+    del mask, on
+    gc.collect()
+    assert key not in fa._PACK_CACHE
+
+
 def test_pack_none_mask_is_full_and_shape_checked():
     m = fa.pack_mask(None, 100, 70, fa.FWD_TILES, "cpu")
     assert m.num_groups == 1 and not m.rows_grow
     assert (m.tiles == M.TILE_FULL).all() and m.tiles.shape == (-(-100 // fa.FWD_TILES[0]), 2)
+    for sq, sk in ((100, 70), (128, 256), (1, 1)):  # filled in place: the same as packing a full mask
+        for tiles in (fa.FWD_TILES, fa.SM90_FWD_TILES, fa.SM90_BWD_TILES):
+            filled, packed = fa.pack_mask(None, sq, sk, tiles, "cpu"), fa.pack_mask(M.full_mask(sq, sk), sq, sk, tiles,
+                                                                                   "cpu")
+            for a, b in zip(filled, packed):
+                assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     try:
         fa.pack_mask(M.full_mask(10), 11, 10, fa.FWD_TILES, "cpu")
     except ValueError:

@@ -284,17 +284,17 @@ class KVCache:
         offsets = [0]
         for n in self.chunk_tokens:
             offsets.append(offsets[-1] + n)
-        idx = torch.cat([torch.arange(offsets[p], offsets[p + 1]) for p in keep])
-        kept = torch.tensor(keep)
+        # slices of contiguous runs, concatenated: an index tensor would be copied to the GPU (and waited for)
+        tokens = merge_runs([(offsets[p], offsets[p + 1]) for p in keep])
+        chunks = merge_runs([(p, p + 1) for p in keep])
         for c in self.layers:
             if c.k is not None:
-                idx_d = idx.to(c.k.device)
-                c.k = c.k.index_select(1, idx_d)
-                c.v = c.v.index_select(1, idx_d)
+                c.k = torch.cat([c.k[:, a:b] for a, b in tokens], 1)
+                c.v = torch.cat([c.v[:, a:b] for a, b in tokens], 1)
                 c.k_room = c.v_room = None
             if c.k_scale is not None:
-                c.k_scale = c.k_scale.index_select(1, kept.to(c.k_scale.device))
-                c.v_scale = c.v_scale.index_select(1, kept.to(c.v_scale.device))
+                c.k_scale = torch.cat([c.k_scale[:, a:b] for a, b in chunks], 1)
+                c.v_scale = torch.cat([c.v_scale[:, a:b] for a, b in chunks], 1)
         self.chunks = [self.chunks[p] for p in keep]
         self.chunk_tokens = [self.chunk_tokens[p] for p in keep]
 
@@ -308,7 +308,9 @@ class KVCache:
         :func:`sink_position_shift`), or None when there is nothing to move."""
         if shift == 0:
             return None
-        return rope_cos_sin(torch.tensor([[shift, 0, 0]], device=device), head_dim, dtype)  # the time axis only
+        position = torch.zeros(1, 3, dtype=torch.long, device=device)  # filled there: no copy to wait for
+        position[:, 0] = shift  # the time axis only
+        return rope_cos_sin(position, head_dim, dtype)
 
     def set_condition(self, layer: int, k, v, image_k=None, image_v=None) -> None:
         """Hold the cross-attention K/V of the stream's condition (text; image with the I2V layout) for ``layer``."""
@@ -324,3 +326,14 @@ class KVCache:
     def reset(self) -> None:
         self.chunks, self.chunk_tokens, self._appending = [], [], None
         self.layers = [LayerCache() for _ in range(self.num_layers)]
+
+
+def merge_runs(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Increasing [a, b) ranges with touching neighbours merged."""
+    out: list[list[int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]

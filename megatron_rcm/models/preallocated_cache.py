@@ -22,7 +22,7 @@ import torch
 
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility
-from .kv_cache import KVCache, LayerCache
+from .kv_cache import KVCache, LayerCache, merge_runs
 from .rope import apply_rope
 
 
@@ -195,13 +195,13 @@ class PreallocatedKVCache(KVCache):
         moved = next((i for i, p in enumerate(keep) if p != i), len(keep))  # kept chunks before it stay in place
         if moved < len(keep):
             dst = offsets[moved]
-            idx = torch.cat([torch.arange(offsets[p], offsets[p + 1]) for p in keep[moved:]])
+            runs = merge_runs([(offsets[p], offsets[p + 1]) for p in keep[moved:]])  # slices: no index copied to the GPU
+            n = sum(b - a for a, b in runs)
             for kb, vb in zip(self._k, self._v):
                 if kb is None:
                     continue
-                i = idx.to(kb.device)
-                kb[:, dst:dst + len(idx)].copy_(kb.index_select(1, i))
-                vb[:, dst:dst + len(idx)].copy_(vb.index_select(1, i))
+                kb[:, dst:dst + n].copy_(torch.cat([kb[:, a:b] for a, b in runs], 1))
+                vb[:, dst:dst + n].copy_(torch.cat([vb[:, a:b] for a, b in runs], 1))
         self.chunks = [self.chunks[p] for p in keep]
         self.chunk_tokens = [self.chunk_tokens[p] for p in keep]
 

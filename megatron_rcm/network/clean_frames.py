@@ -84,7 +84,10 @@ def free_chunk_mean(e: torch.Tensor, layout, n: int, scale: int = 1) -> tuple[to
     mask, _ = free_mask(e, n, scale)
     total = layout.chunk_mean(e * mask, scale)
     share = layout.chunk_mean(mask.expand_as(e), scale)[0]
-    return total / share.clamp_min(1e-12), share > 0
+    # which chunks have free frames is the layout's business: decided on the host (reading `share > 0` back from
+    # the GPU would make the host wait for it)
+    has = torch.tensor([(layout.start(i) + layout.size(i)) * scale > n for i in range(layout.n_chunks)])
+    return total / share.clamp_min(1e-12), has
 
 
 def free_frames(e: torch.Tensor, n: int) -> torch.Tensor:

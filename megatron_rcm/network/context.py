@@ -69,10 +69,10 @@ class NoisyContext:
                 scale: int = 1) -> TeacherForcingContext:
         """The teacher-forcing context of a training step: x0, with the noisy chunks re-noised to the level
         (noise drawn for the global batch; nothing is drawn when the context is clean)."""
-        levels = torch.tensor([self.level_of(i) for i in range(layout.n_chunks)], dtype=x0.dtype, device=x0.device)
-        if not bool((levels > 0).any()):
+        levels = [self.level_of(i) for i in range(layout.n_chunks)]
+        if not any(level > 0 for level in levels):
             return TeacherForcingContext(x0)
-        s = layout.to_frames(levels.expand(x0.shape[0], -1), 1)
-        sb = layout.to_frames(levels.expand(x0.shape[0], -1), scale)[:, None, :, None, None]
+        s = layout.fill_frames(levels, (x0.shape[0],), 1, device=x0.device, dtype=x0.dtype)
+        sb = layout.fill_frames(levels, (x0.shape[0],), scale, device=x0.device, dtype=x0.dtype)[:, None, :, None, None]
         eps = noise.randn_like(x0)
         return TeacherForcingContext((1 - sb) * x0 + sb * eps, s)

@@ -186,7 +186,8 @@ class Denoiser:
 
     def wan_time(self, s, x: torch.Tensor) -> torch.Tensor:
         """FM level(s) ``s`` (scalar, [B] or per-frame [B, F]) -> the model's per-frame timestep [B, F]."""
-        s = torch.as_tensor(s, device=x.device, dtype=x.dtype)  # levels take the latents' precision
+        # levels take the latents' precision; a number is filled on the device (as_tensor would copy it there and wait)
+        s = s.to(x.device, x.dtype) if isinstance(s, torch.Tensor) else torch.full((), s, device=x.device, dtype=x.dtype)
         b, f = x.shape[0], self.frames(x)
         if s.dim() == 0:
             s = s.expand(b, f)

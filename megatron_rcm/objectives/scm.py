@@ -87,8 +87,9 @@ class SCMObjective(Objective):
         v, _ = student.teacher_forcing(context, x_t / D, fm_from_trig(t, c.sigma_d), cond)
         F = trig_F_from_v(x_t, v, t, c.sigma_d)
         err, has = student.chunk_loss_mean((F.float() - F_m.float() - g.float()).pow(2))  # [B, n_chunks]
-        if not bool(has.all()):  # a first chunk made only of held frames has no loss
-            err, t_chunk = err[:, has], t_chunk[:, has]
+        if not bool(has.all()):  # leading chunks made only of held frames have no loss (`has`: a host tensor)
+            first = int((~has).sum())
+            err, t_chunk = err[:, first:], t_chunk[:, first:]
         if self.weighting is not None:
             w = self.weighting(torch.log(torch.tan(t_chunk)))
             loss = (torch.exp(-w) * err + w).mean()

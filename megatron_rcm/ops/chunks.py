@@ -77,8 +77,19 @@ class ChunkLayout:
         """[B, n_chunks] -> [B, frames * scale]: every frame takes its chunk's value."""
         if per_chunk.shape[-1] != self.n_chunks:
             raise ValueError(f"expected one value per chunk ({self.n_chunks}), got shape {tuple(per_chunk.shape)}")
-        reps = torch.tensor(self.sizes, device=per_chunk.device) * scale
-        return per_chunk.repeat_interleave(reps, dim=-1)
+        # one broadcast view per chunk and one copy: repeats given as a tensor would be a host-to-device copy and
+        # an output size the host must read back (two waits for the GPU)
+        lead = per_chunk.shape[:-1]
+        return torch.cat([per_chunk[..., i:i + 1].expand(*lead, n * scale) for i, n in enumerate(self.sizes)], dim=-1)
+
+    def fill_frames(self, values, lead: tuple[int, ...], scale: int = 1, device=None, dtype=None) -> torch.Tensor:
+        """[*lead, frames * scale]: every frame holds its chunk's number from ``values`` (one float per chunk),
+        filled on ``device`` (a tensor made from the list on the host would be copied there, and the host would
+        wait for the copy)."""
+        if len(values) != self.n_chunks:
+            raise ValueError(f"expected one value per chunk ({self.n_chunks}), got {len(values)}")
+        return torch.cat([torch.full((*lead, n * scale), float(v), device=device, dtype=dtype)
+                          for v, n in zip(values, self.sizes)], dim=-1)
 
     def chunk_mean(self, e: torch.Tensor, scale: int = 1) -> torch.Tensor:
         """Mean of latents-shaped e [B, C, F, H, W] over each chunk's elements -> [B, n_chunks]."""

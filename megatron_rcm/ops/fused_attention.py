@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .attention import AttentionBackend, register_backend
-from .masks import TILE_SKIP, GroupMask, full_mask
+from .masks import TILE_FULL, TILE_SKIP, GroupMask
 
 # Tile sizes the kernels summarise masks with (mirrors csrc/fused_attention_kernels.cuh).
 FWD_TILES = (64, 64)
@@ -83,7 +83,6 @@ _C = _load_extension()
 
 # ---------------------------------------------------------------- mask packing (cached per mask)
 _PACK_CACHE: dict[int, tuple] = {}  # id(mask) -> (weakref, {(tiles, device): PackedMask})
-_FULL_MASKS: dict[tuple[int, int], GroupMask] = {}
 
 
 def _drop(key: int) -> None:
@@ -140,14 +139,15 @@ def forward_order(sm90: bool, m: PackedMask, q: torch.Tensor) -> int:
 def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], device) -> PackedMask:
     """The mask packed for the kernels' ``tiles`` (query, key tile sizes) on ``device``.
 
-    Cached per (mask object, tile sizes, device) so repeated layers pay the summary once; entries
-    vanish with the mask object.
+    Cached per (mask, tile sizes, device) so repeated layers and steps pay the summary and the copies once;
+    entries vanish with the mask object. Made on the host and copied: no step of it waits for the GPU.
     """
     if mask is None:
-        mask = _FULL_MASKS.setdefault((sq, sk), full_mask(sq, sk))
+        return _full_pack(sq, sk, tuple(tiles), str(torch.device(device)))
     if mask.shape != (sq, sk):
         raise ValueError(f"mask covers {mask.shape} but q/k have {(sq, sk)} tokens")
     device = torch.device(device)
+    mask = mask.host()  # one entry for a mask and its device copies; summaries are made on the host
     key = id(mask)
     entry = _PACK_CACHE.get(key)
     if entry is None or entry[0]() is not mask:
@@ -158,15 +158,29 @@ def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], 
     sub = (tiles, str(device))
     if sub not in packs:
         summary = mask.tile_summary(*tiles).to(torch.int8)
+        on_device = mask.to(device)
         packs[sub] = PackedMask(
-            q_groups=mask.q_groups.to(device=device, dtype=torch.int32).contiguous(),
-            k_groups=mask.k_groups.to(device=device, dtype=torch.int32).contiguous(),
-            allow=mask.allow.to(device=device, dtype=torch.uint8).reshape(-1).contiguous(),
+            q_groups=on_device.q_groups.contiguous(),
+            k_groups=on_device.k_groups.contiguous(),
+            allow=on_device.allow.to(torch.uint8).reshape(-1).contiguous(),
             tiles=summary.to(device).contiguous(),
             num_groups=mask.num_groups,
             rows_grow=rows_grow(summary),
         )
     return packs[sub]
+
+
+@functools.lru_cache(maxsize=64)
+def _full_pack(sq: int, sk: int, tiles: tuple[int, int], device: str) -> PackedMask:
+    """Unmasked attention packed for ``tiles``, filled on the device: a stream's growing key counts would otherwise
+    each cost a mask built on the host and copied over (the host waiting for each copy)."""
+    d = torch.device(device)
+    rows, cols = -(-sq // tiles[0]), -(-sk // tiles[1])
+    return PackedMask(q_groups=torch.zeros(sq, dtype=torch.int32, device=d),
+                      k_groups=torch.zeros(sk, dtype=torch.int32, device=d),
+                      allow=torch.ones(1, dtype=torch.uint8, device=d),
+                      tiles=torch.full((rows, cols), TILE_FULL, dtype=torch.int8, device=d),
+                      num_groups=1, rows_grow=False)
 
 
 def use_sm90(t: torch.Tensor, *operands: torch.Tensor | None) -> bool:

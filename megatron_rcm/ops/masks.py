@@ -17,8 +17,10 @@ loads a SKIP tile, applies no element mask on a FULL tile, and on a PARTIAL tile
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,13 +67,20 @@ class ChunkVisibility:
         return [j for j in range(current + 1) if self.matrix(current + 1)[current, j].item()]
 
 
-@dataclass
+@dataclass(eq=False)
 class GroupMask:
-    """A mask given by per-token group ids and a group-to-group visibility matrix."""
+    """A mask given by per-token group ids and a group-to-group visibility matrix.
+
+    Immutable once built: what is derived from it (its copy on a device, whether it is full) is made once and
+    kept, so a mask reused by every layer and step is copied to the GPU, and packed for the kernels, once.
+    Everything the host decides (validation, :meth:`is_full`, tile summaries) reads the host copy: a
+    decision read from GPU tensors would make the host wait for the GPU (``utils/host_syncs.py``).
+    """
 
     q_groups: torch.Tensor  # int32 [Sq]
     k_groups: torch.Tensor  # int32 [Sk]
     allow: torch.Tensor  # bool [G, G]; allow[a, b]: a query of group a may see a key of group b
+    _derived: dict = field(default_factory=dict, init=False, repr=False)  # device copies, is_full, host copy
 
     def __post_init__(self):
         if self.q_groups.dim() != 1 or self.k_groups.dim() != 1:
@@ -82,9 +91,19 @@ class GroupMask:
         self.k_groups = self.k_groups.to(torch.int32)
         self.allow = self.allow.to(torch.bool)
         g = self.allow.shape[0]
-        for name, ids in (("q_groups", self.q_groups), ("k_groups", self.k_groups)):
+        host = self.host()
+        for name, ids in (("q_groups", host.q_groups), ("k_groups", host.k_groups)):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= g):
                 raise ValueError(f"GroupMask.{name} has ids outside [0, {g}) of the allow matrix")
+
+    @classmethod
+    def _checked(cls, q_groups, k_groups, allow, host: "GroupMask | None") -> "GroupMask":
+        """A copy of a validated mask (no second validation); ``host``: its host copy, if it is on a device."""
+        m = cls.__new__(cls)
+        m.q_groups, m.k_groups, m.allow, m._derived = q_groups, k_groups, allow, {}
+        if host is not None:  # weak: the host copy keeps its device copies, not the other way round
+            m._derived["host"] = weakref.ref(host)
+        return m
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,14 +113,43 @@ class GroupMask:
     def num_groups(self) -> int:
         return self.allow.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.q_groups.device
+
+    def host(self) -> "GroupMask":
+        """This mask with CPU tensors (itself when it is on the CPU; a device mask copies back once)."""
+        if self.q_groups.device.type == "cpu":
+            return self
+        ref = self._derived.get("host")
+        host = None if ref is None else ref()
+        if host is None:
+            host = GroupMask._checked(self.q_groups.cpu(), self.k_groups.cpu(), self.allow.cpu(), None)
+            self._derived["host"] = lambda: host  # copied back once, kept
+        return host
+
     def to(self, device) -> "GroupMask":
-        return GroupMask(self.q_groups.to(device), self.k_groups.to(device), self.allow.to(device))
+        """This mask on ``device``: copied once per device and kept (the copy keeps this host copy)."""
+        device = torch.device(device)
+        if _on(self.q_groups, device):
+            return self
+        host = self.host()
+        if _on(host.q_groups, device):
+            return host
+        key = ("to", str(device))
+        if key not in host._derived:
+            host._derived[key] = GroupMask._checked(host.q_groups.to(device), host.k_groups.to(device),
+                                                    host.allow.to(device), host)
+        return host._derived[key]
 
     def is_full(self) -> bool:
         """True when every query sees every key (so plain unmasked attention is exact)."""
-        qg = torch.unique(self.q_groups)
-        kg = torch.unique(self.k_groups)
-        return bool(self.allow[qg][:, kg].all())
+        host = self.host()
+        if "full" not in host._derived:
+            qg = torch.unique(host.q_groups)
+            kg = torch.unique(host.k_groups)
+            host._derived["full"] = bool(host.allow[qg][:, kg].all())
+        return host._derived["full"]
 
     def dense(self, q_slice: slice | None = None) -> torch.Tensor:
         """bool [Sq, Sk] (or the rows of ``q_slice``): True where attention is allowed."""
@@ -116,9 +164,10 @@ class GroupMask:
         """
         if block_q <= 0 or block_k <= 0:
             raise ValueError(f"tile sizes must be positive, got block_q={block_q}, block_k={block_k}")
-        pq = _group_presence(self.q_groups, block_q, self.num_groups)  # [Tq, G]
-        pk = _group_presence(self.k_groups, block_k, self.num_groups)  # [Tk, G]
-        allow = self.allow.to(torch.float32)
+        host = self.host()  # computed on the host (a boolean index on GPU tensors would synchronise)
+        pq = _group_presence(host.q_groups, block_q, self.num_groups)  # [Tq, G]
+        pk = _group_presence(host.k_groups, block_k, self.num_groups)  # [Tk, G]
+        allow = host.allow.to(torch.float32)
         allowed_pairs = pq @ allow @ pk.T
         total_pairs = pq.sum(1)[:, None] * pk.sum(1)[None, :]
         out = torch.full(allowed_pairs.shape, TILE_PARTIAL, dtype=torch.int8, device=allow.device)
@@ -128,11 +177,20 @@ class GroupMask:
 
     def density(self) -> float:
         """Fraction of allowed (query, key) pairs, computed at the group level."""
-        g = self.num_groups
-        cq = torch.bincount(self.q_groups.long(), minlength=g).to(torch.float64)
-        ck = torch.bincount(self.k_groups.long(), minlength=g).to(torch.float64)
-        allowed = cq @ self.allow.to(torch.float64) @ ck
+        g, host = self.num_groups, self.host()
+        cq = torch.bincount(host.q_groups.long(), minlength=g).to(torch.float64)
+        ck = torch.bincount(host.k_groups.long(), minlength=g).to(torch.float64)
+        allowed = cq @ host.allow.to(torch.float64) @ ck
         return float(allowed / (cq.sum() * ck.sum()))
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``t`` lives on ``device`` (a CUDA device without an index means the current one)."""
+    if t.device.type != device.type:
+        return False
+    if device.index is None:
+        return device.type != "cuda" or t.device.index == torch.cuda.current_device()
+    return t.device.index == device.index
 
 
 def _group_presence(groups: torch.Tensor, block: int, num_groups: int) -> torch.Tensor:
@@ -241,8 +299,18 @@ def kv_cache_mask(
     # visibility matrix over all of them would cost O(chunks^2) per call)
     present = sorted(set(cached.tolist()) | {current_chunk})
     group = {c: g for g, c in enumerate(present)}
-    cached_groups = torch.tensor([group[c] for c in cached.tolist()], dtype=torch.int32)
-    k_ids = torch.cat([cached_groups.repeat_interleave(counts), torch.full((nq,), group[current_chunk],
-                                                                          dtype=torch.int32)])
-    q_ids = torch.full((nq,), group[current_chunk], dtype=torch.int32)
-    return GroupMask(q_ids, k_ids, visibility.between(present))
+    allow = visibility.between(present)
+    structure = (tuple(group[c] for c in cached.tolist()), tuple(counts.tolist()), nq, group[current_chunk],
+                 allow.shape[0], tuple(allow.flatten().tolist()))
+    return _kv_cache_mask(structure)
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_cache_mask(structure: tuple) -> GroupMask:
+    """One mask object per cache structure (renumbered groups, token counts, visibility): a stream's later chunks
+    reuse it, and with it its device copy and packing (GroupMask.to, the kernels' pack cache)."""
+    cached_groups, counts, nq, current, g, allow = structure
+    k_ids = torch.cat([torch.tensor(cached_groups, dtype=torch.int32).repeat_interleave(torch.tensor(counts, dtype=torch.long)),
+                       torch.full((nq,), current, dtype=torch.int32)])
+    q_ids = torch.full((nq,), current, dtype=torch.int32)
+    return GroupMask(q_ids, k_ids, torch.tensor(allow, dtype=torch.bool).reshape(g, g))
