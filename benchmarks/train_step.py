@@ -101,6 +101,7 @@ def build(args, device):
                           attention_backend=args.attention)
     student = build_model(cfg, causal).to(device)
     student.gradient_checkpointing, student.checkpoint_layers = args.checkpointing, args.checkpoint_layers
+    student.reentrant_recompute = args.recompute == "reentrant"
     teacher = copy.deepcopy(student).requires_grad_(False).to(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(args.batch, 16, args.frames, args.height, args.width, generator=g)
@@ -180,7 +181,7 @@ def run(args, kind: str, device) -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"kind": kind, "attention": args.attention, "parallel": args.parallel,
             "world": par.world_size if par is not None else 1, "checkpointing": args.checkpointing,
-            "replayed": args.replayed,
+            "replayed": args.replayed, "recompute": args.recompute,
             "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
@@ -236,7 +237,8 @@ def data_parallel(args, device):
 def ckpt_label(r) -> str:
     if not r["checkpointing"]:
         return "off"
-    return f"first {r['checkpoint_layers']}" if 0 < r["checkpoint_layers"] < r["layers"] else "on"
+    label = f"first {r['checkpoint_layers']}" if 0 < r["checkpoint_layers"] < r["layers"] else "on"
+    return label + (", reentrant" if r.get("recompute") == "reentrant" else "")
 
 
 def kernel_table(prof, top: int) -> str:
@@ -269,6 +271,9 @@ def main(argv=None):
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--checkpoint-layers", type=int, default=0, metavar="N",
                     help="with checkpointing: recompute only the first N blocks (0 = all; train.checkpoint_layers)")
+    ap.add_argument("--recompute", choices=("hooks", "reentrant"), default="hooks",
+                    help="with checkpointing: saved-tensor hooks (torch's non-reentrant checkpoint) or one reentrant "
+                    "recompute node per block (less host time per call; models/causal_wan.py)")
     ap.add_argument("--compile", action="store_true",
                     help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
     ap.add_argument("--out", default=None, help="append one JSON line per kind")

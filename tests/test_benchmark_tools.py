@@ -81,6 +81,17 @@ def test_generate_benchmarks_run_and_print_their_tables(capsys, one_thread):
     assert row.startswith("| chunk-wise (2 frames) | 2 | no | no | 1 | 4 | yes (float32) |")
 
 
+@pytest.mark.parametrize("recompute", ["hooks", "reentrant"])
+def test_host_overhead_counts_ops_and_waits_of_each_call(capsys, one_thread, recompute):
+    """The SF-DMD calls' host-cost table (CPU, tiny widths): three calls, their launched ops, no waits."""
+    _load("host_overhead").main(["--layers", "2", "--frames", "6", "--reps", "1", "--recompute", recompute])
+    rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| chunk, no grad", "| chunk, grad", "| score"]
+    ops = [int(r[2]) for r in rows]
+    assert all(r[3] == "0" for r in rows) and ops[1] > 2 * ops[0] > 0  # the exit step: forward, recompute, backward
+    assert all(float(r[4]) > 0 for r in rows) and rows[1][1] == "eager" + (", reentrant" if recompute != "hooks" else "")
+
+
 def test_attention_ab_tables_group_rounds_by_version_and_flag_bitwise_equality():
     ab = _load("attention_ab")
     log = ["noise", 'ROW {"tag": "base", "full32760_bwd": 294.2, "full32760_flash_bwd": 308.8}',

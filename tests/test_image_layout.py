@@ -209,7 +209,11 @@ def test_gradient_checkpointing_with_image_gives_identical_gradients():
         model(x, t, ctx, image=image).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads[0]["blocks.1.attn2.add_v_proj.weight"].abs().sum() > 0
-    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    for name in grads[0]:  # the embedded condition feeds every block: recomputed blocks sum its gradient in another order
+        if name.startswith("condition_embedder."):
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-12, atol=0)
+        else:
+            assert torch.equal(grads[0][name], grads[1][name]), name
 
 
 def test_condition_carries_the_image_through_the_seam():

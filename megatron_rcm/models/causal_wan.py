@@ -24,6 +24,7 @@ cached per stream like the text's. Such a model needs it on every call; other mo
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +40,14 @@ from .kv_cache import KVCache, StreamCacheOptions, sink_position_shift
 from .layers import AttentionContext, WanBlock
 from .preallocated_cache import preallocated_cache
 from .rope import grid_positions, rope_cos_sin
+
+# MEGATRON_RCM_CHECKPOINT=reentrant: checkpointed blocks recompute as one autograd node each (torch's reentrant
+# checkpoint) instead of through saved-tensor hooks, which cost the host tens of microseconds per saved tensor
+# (~85 per block). A self-forcing exit chunk is a short call whose host time comes close to its GPU time: on the
+# CPU, a 30-block exit chunk's forward + backward issues in 106.5 ms instead of 158.7 (benchmarks/host_overhead.py,
+# RESULTS.md). Opt-in until a GPU A/B says what it buys: the tiny DMD step's peak memory grows 2.5%, and under
+# FSDP2 the hooks stay (parallel/fsdp.py).
+REENTRANT_RECOMPUTE = os.environ.get("MEGATRON_RCM_CHECKPOINT", "hooks") == "reentrant"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -107,6 +116,7 @@ class CausalWanModel(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self.gradient_checkpointing = False
         self.checkpoint_layers = 0  # with gradient_checkpointing: checkpoint only the first N blocks run here (0: all)
+        self.reentrant_recompute = REENTRANT_RECOMPUTE  # False under FSDP2 (parallel/fsdp.py)
         # a converted teacher starts exactly as it was
         for extra in (self.action_embedder, self.condition_embedder.interval_embedder):
             if extra is not None:
@@ -258,7 +268,7 @@ class CausalWanModel(nn.Module):
                 continue
             ran += 1
             if use_ckpt and (self.checkpoint_layers <= 0 or ran <= self.checkpoint_layers):
-                x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, img, use_reentrant=False)
+                x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, img, use_reentrant=self.reentrant_recompute)
             else:
                 x, tx = block(x, tx, mod, tmod, text, actx, i, img)
         if cache is not None and write_cache:

@@ -81,6 +81,9 @@ def shard_model(model: nn.Module, groups, device: torch.device) -> nn.Module:
             fully_shard(block, **kw)
     fully_shard(model, **kw)
     register_fsdp_forward_method(model, "forward_segments")
+    # a reentrant recompute runs the block's backward in a nested autograd call, where FSDP2's post-backward hooks
+    # never reshard it (the parameters stay unsharded after the step): keep the saved-tensor-hook recompute
+    model.reentrant_recompute = False
     if any(p.requires_grad for p in model.parameters()):
         for module in model.modules():
             if is_fsdp(module):  # sum over the data x context ranks / dp: context summed, data averaged
