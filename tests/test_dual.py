@@ -29,6 +29,18 @@ def test_rms_norm():
     _check(lambda x, tx: dual.rms_norm(x, tx, w, 1e-6), lambda x: F.rms_norm(x, (16,), w, 1e-6), X())
 
 
+def test_layer_norm_without_a_tangent_equals_the_primal_of_the_tangent_path():
+    """Tangent-free LayerNorms take torch's own kernel: the same values as the primal of the dual formulas."""
+    w, b, x = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64), X()
+    tx = torch.randn_like(x)
+    for fast, dual_path in ((dual.layer_norm(x, None, w, b, 1e-6), dual.layer_norm(x, tx, w, b, 1e-6)),
+                            (dual.layer_norm(x, None, eps=1e-6), dual.layer_norm(x, tx, eps=1e-6))):
+        assert fast[1] is None and rel_err(fast[0], dual_path[0]) < 1e-14
+    half = x.to(torch.bfloat16)  # computed in fp32, returned in the input's dtype
+    y, _ = dual.layer_norm(half, None, w.float(), b.float(), 1e-6)
+    assert y.dtype == torch.bfloat16 and rel_err(y, F.layer_norm(x, (16,), w, b, 1e-6)) < 1e-2
+
+
 @pytest.mark.parametrize("name", ["gelu_tanh", "silu"])
 def test_activations(name):
     ref = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}[name]

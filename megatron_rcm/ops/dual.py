@@ -39,8 +39,13 @@ def layer_norm(x, tx: Tangent, weight=None, bias=None, eps: float = 1e-6):
     """LayerNorm over the last dim (computed in >= fp32, returned in x's dtype).
 
     d xhat = (dx_c - xhat * mean(xhat * dx_c)) / sigma with dx_c = dx - mean(dx).
+    Without a tangent it is torch's own LayerNorm: one kernel (and one in backward) instead of eight, on the
+    host's side of every eager call as much as on the GPU's.
     """
     xf = upcast(x)
+    if tx is None:
+        w, b = (None if t is None else upcast(t) for t in (weight, bias))
+        return F.layer_norm(xf, xf.shape[-1:], w, b, eps).to(x.dtype), None
     mu = xf.mean(-1, keepdim=True)
     xc = xf - mu
     rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
