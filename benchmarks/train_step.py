@@ -181,7 +181,7 @@ def run(args, kind: str, device) -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"kind": kind, "attention": args.attention, "parallel": args.parallel,
             "world": par.world_size if par is not None else 1, "checkpointing": args.checkpointing,
-            "replayed": args.replayed, "recompute": args.recompute,
+            "replayed": args.replayed, "recompute": args.recompute, "compile_min_elements": args.compile_min_elements,
             "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
@@ -276,6 +276,9 @@ def main(argv=None):
                     "recompute node per block (less host time per call; models/causal_wan.py)")
     ap.add_argument("--compile", action="store_true",
                     help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
+    ap.add_argument("--compile-min-elements", type=int, default=0, metavar="N",
+                    help="with --compile: calls on tensors of fewer than N elements stay eager (e.g. 10000000: the "
+                    "rollout's 4,680-token chunks eager, teacher forcing's 65,520 tokens compiled)")
     ap.add_argument("--out", default=None, help="append one JSON line per kind")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last rep and print its N most expensive GPU kernels")
@@ -305,7 +308,7 @@ def main(argv=None):
     from megatron_rcm.ops import fusion
     from megatron_rcm.ops.attention import resolve_backend
 
-    fusion.set_enabled(args.compile)
+    fusion.set_enabled(args.compile, min_elements=args.compile_min_elements)
 
     par = data_parallel(args, device)  # (sets this rank's GPU before anything is built)
     if par is not None and device.type == "cuda":

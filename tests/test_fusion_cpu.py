@@ -32,6 +32,20 @@ def test_fusable_stays_eager_off_cuda_or_when_disabled(recorder):
     assert recorder == []  # disabled: never compiled
 
 
+def test_calls_below_the_size_threshold_stay_eager(recorder):
+    small, big = torch.randn(4, 8, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64)
+    fusion.set_enabled(True, devices=("cpu",), min_elements=100)
+    try:
+        dual.layer_norm(small, None)
+        assert recorder == []  # 32 elements: eager
+        dual.layer_norm(big, None)
+        assert recorder == ["layer_norm"]  # 512 elements: compiled
+        with pytest.raises(ValueError, match="min_elements"):
+            fusion.set_enabled(True, min_elements=-1)
+    finally:
+        fusion.set_enabled(False, min_elements=0)
+
+
 def test_enabled_calls_compile_once_except_collective_ones(recorder):
     fusion.set_enabled(True, devices=("cpu",))
     x = torch.randn(3, 8, dtype=torch.float64)

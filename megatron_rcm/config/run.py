@@ -60,6 +60,9 @@ class TrainConfig:
     # CUDA only: fuse the norm / modulation / gate / GELU / RoPE chains with torch.compile (ops/fusion.py);
     # costs a compile per new shape family at start-up, CPU runs stay eager
     compile_elementwise: bool = False
+    # with compile_elementwise: calls on tensors of fewer elements stay eager (a compiled call costs the host more;
+    # short self-forcing chunk calls may be host-bound; ops/fusion.py). 0 = compile every call
+    compile_min_elements: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -157,6 +160,9 @@ def validate_run(cfg: RunConfig) -> None:
     ph, pw = int(cfg.model.patch_size[1]), int(cfg.model.patch_size[2])
     if cfg.data.height % ph or cfg.data.width % pw:
         raise ConfigError("data.height/width", (cfg.data.height, cfg.data.width), f"multiples of the patch {ph}x{pw}")
+    if cfg.train.compile_min_elements < 0:
+        raise ConfigError("train.compile_min_elements", cfg.train.compile_min_elements,
+                          ">= 0 (0 compiles every call when train.compile_elementwise is on)")
     if cfg.train.checkpoint_layers < 0:
         raise ConfigError("train.checkpoint_layers", cfg.train.checkpoint_layers,
                           "an integer >= 0 (0 = checkpoint every block)")

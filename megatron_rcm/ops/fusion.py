@@ -26,19 +26,31 @@ _backend = "inductor"
 # whose shapes never change, keeps the faster static kernels) or "true" (dynamic from the first call)
 _DYNAMIC = {"auto": None, "true": True, "false": False}[os.environ.get("MEGATRON_RCM_COMPILE_DYNAMIC", "auto")]
 _registry: list = []  # every fusable wrapper, so reset() can drop their compiled versions
+# Calls whose first tensor has fewer elements stay eager. Why: a compiled call costs the host 3-5x an eager one
+# (CPU, a 64-wide gated residual: 17.6 vs 5.8 us without grad, 37.2 vs 7.1 us with grad: dynamo's frame and guards,
+# AOTAutograd's runtime wrapper), while its saving on the GPU grows with the tensor. A self-forcing rollout's chunk
+# calls (4,680 x 1,536 per call) may be host-bound where teacher forcing's (65,520 x 1,536) are not;
+# 0 compiles every call. benchmarks/RESULTS.md, tenth session; for A/Bs: train_step.py --compile-min-elements.
+_min_elements = int(os.environ.get("MEGATRON_RCM_COMPILE_MIN_ELEMENTS", "0"))
 # A fusable function legitimately has one graph per (grad mode, tangent or not, array rank of its call
 # site), plus the static graph it starts with: up to 9, past dynamo's default limit of 8, after which it
 # silently runs eager. Views never add graphs (_unview); tests/test_fusion_cpu.py counts them.
 RECOMPILE_LIMIT = 32
 
 
-def set_enabled(flag: bool, devices: tuple[str, ...] = ("cuda",), backend="inductor") -> None:
+def set_enabled(flag: bool, devices: tuple[str, ...] = ("cuda",), backend="inductor",
+                min_elements: int | None = None) -> None:
     """Switch the compiled path on or off for every :func:`fusable` function.
 
     ``devices`` and ``backend`` exist for tests and tools (e.g. counting the graphs dynamo makes on the
     CPU with a counting backend); training uses the defaults. Changing them drops compiled versions.
+    ``min_elements`` (None: unchanged): calls on smaller tensors stay eager (see ``_min_elements``).
     """
-    global _enabled, _devices, _backend
+    global _enabled, _devices, _backend, _min_elements
+    if min_elements is not None:
+        if min_elements < 0:
+            raise ValueError(f"min_elements must be >= 0, got {min_elements}")
+        _min_elements = int(min_elements)
     if (tuple(devices), backend) != (_devices, _backend):
         reset()
     _enabled, _devices, _backend = bool(flag), tuple(devices), backend
@@ -99,7 +111,7 @@ def fusable(fn: Callable | None = None, *, eager_if: Callable[..., bool] | None 
         if torch.compiler.is_compiling():  # already inside a fused graph: trace the plain function
             return fn(*args, **kwargs)
         x = _first_tensor(args)
-        if (not _enabled or x is None or x.device.type not in _devices
+        if (not _enabled or x is None or x.device.type not in _devices or x.numel() < _min_elements
                 or (eager_if is not None and eager_if(*args, **kwargs))):
             return fn(*args, **kwargs)
         if wrapper.compiled is None:
