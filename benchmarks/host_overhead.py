@@ -3,6 +3,7 @@
     python benchmarks/host_overhead.py                      # CPU: host cost of each call (tiny widths), eager
     python benchmarks/host_overhead.py --compile            # the same with the compiled elementwise chains
     python benchmarks/host_overhead.py --recompute reentrant  # checkpointed blocks as one recompute node each
+    python benchmarks/host_overhead.py --fusable-call       # one small compiled call against its eager ops
     python benchmarks/host_overhead.py --device cuda        # GPU: host cost (tiny widths, real launches) beside
                                                             # the call's time at the 1.3B widths
 
@@ -125,6 +126,36 @@ def waits_per_call(args) -> dict[str, int]:
     return out
 
 
+def fusable_call_us(device, reps: int = 3000) -> list[tuple[str, float, float]]:
+    """(grad mode, eager µs, compiled µs) of one small fused call (a gated residual over [1, 48, 64]): the host's
+    fixed cost of a compiled call against the eager ops it replaces (``--fusable-call``)."""
+    from megatron_rcm.ops import dual, fusion
+
+    fusion.set_enabled(True, devices=(device.type,), min_elements=0)
+    x, gate = torch.randn(1, 48, 64, device=device), torch.randn(64, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def per_call(fn):
+        for _ in range(50):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return 1e6 * (time.perf_counter() - t0) / reps
+
+    out = []
+    for grad in (False, True):
+        a = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out.append(("grad" if grad else "no grad",
+                        per_call(lambda: dual.gated_residual.eager(a, None, a, None, gate, None)),
+                        per_call(lambda: dual.gated_residual(a, None, a, None, gate, None))))
+    fusion.set_enabled(False)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -138,10 +169,19 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--recompute", choices=("hooks", "reentrant"), default="hooks",
                     help="how checkpointed blocks recompute (models/causal_wan.py REENTRANT_RECOMPUTE)")
+    ap.add_argument("--fusable-call", action="store_true",
+                    help="instead: the host cost of one small compiled call against its eager ops")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/host_overhead.py --device cuda needs a CUDA GPU")
+    if args.fusable_call:
+        torch.set_num_threads(1)
+        print(f"| gated residual [1, 48, 64], {device.type} | eager µs | compiled µs | compiled / eager |")
+        print("|---|---|---|---|")
+        for mode, eager, compiled in fusable_call_us(device):
+            print(f"| {mode} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.1f} |")
+        return
     from megatron_rcm.ops import fusion
 
     fusion.set_enabled(args.compile, devices=(device.type,))

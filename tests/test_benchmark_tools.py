@@ -92,6 +92,18 @@ def test_host_overhead_counts_ops_and_waits_of_each_call(capsys, one_thread, rec
     assert all(float(r[4]) > 0 for r in rows) and rows[1][1] == "eager" + (", reentrant" if recompute != "hooks" else "")
 
 
+def test_host_overhead_times_a_fusable_call_both_ways(monkeypatch):
+    """--fusable-call: eager and compiled per-call µs, with and without grad (the compiler stubbed: no C++ build)."""
+    from megatron_rcm.ops import fusion
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    fusion.reset()
+    rows = _load("host_overhead").fusable_call_us(torch.device("cpu"), reps=5)
+    assert [r[0] for r in rows] == ["no grad", "grad"] and all(e > 0 and c > 0 for _, e, c in rows)
+    assert not fusion.enabled()
+    fusion.reset()
+
+
 def test_attention_ab_tables_group_rounds_by_version_and_flag_bitwise_equality():
     ab = _load("attention_ab")
     log = ["noise", 'ROW {"tag": "base", "full32760_bwd": 294.2, "full32760_flash_bwd": 308.8}',

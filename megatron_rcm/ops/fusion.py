@@ -27,8 +27,9 @@ _backend = "inductor"
 _DYNAMIC = {"auto": None, "true": True, "false": False}[os.environ.get("MEGATRON_RCM_COMPILE_DYNAMIC", "auto")]
 _registry: list = []  # every fusable wrapper, so reset() can drop their compiled versions
 # Calls whose first tensor has fewer elements stay eager. Why: a compiled call costs the host 3-5x an eager one
-# (CPU, a 64-wide gated residual: 17.6 vs 5.8 us without grad, 37.2 vs 7.1 us with grad: dynamo's frame and guards,
-# AOTAutograd's runtime wrapper), while its saving on the GPU grows with the tensor. A self-forcing rollout's chunk
+# (CPU, a 64-wide gated residual: 18.8 vs 6.1 us without grad, 37.8 vs 7.2 us with grad: dynamo's frame and guards,
+# AOTAutograd's runtime wrapper; benchmarks/host_overhead.py --fusable-call), while its GPU saving grows with the
+# tensor. A self-forcing rollout's chunk
 # calls (4,680 x 1,536 per call) may be host-bound where teacher forcing's (65,520 x 1,536) are not;
 # 0 compiles every call. benchmarks/RESULTS.md, tenth session; for A/Bs: train_step.py --compile-min-elements.
 _min_elements = int(os.environ.get("MEGATRON_RCM_COMPILE_MIN_ELEMENTS", "0"))
