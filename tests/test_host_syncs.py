@@ -59,6 +59,26 @@ def _batch(frames: int = 8):
     return {"latents": torch.empty(1, 3, frames, 8, 8, device=META), "context": ctx, "uncond_context": ctx}
 
 
+def _second_step_audit(objective, student) -> SyncAudit:
+    """The waits of a training step's second run (masks are packed by then): loss, backward, the student's AdamW
+    step, then the objective's ``after_step`` (the critic's update)."""
+    net, batch = Denoiser(student), _batch()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, foreach=True)
+
+    def step():
+        loss, _ = objective.loss(net, batch, StepContext(1, BatchNoise()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        objective.after_step(net, batch, StepContext(1, BatchNoise()))
+
+    with SyncAudit() as audit:
+        step()
+        audit.events.clear()
+        step()
+    return audit
+
+
 def _metric_waits_only(audit: SyncAudit, objective_files: tuple[str, ...], most: int) -> None:
     """Every wait is a scalar read in one of ``objective_files`` (the metrics dict), at most ``most`` of them."""
     others = {(kind, site): n for (kind, site), n in audit.events.items()
@@ -118,20 +138,7 @@ def test_self_forcing_dmd_step_waits_only_for_its_metrics(backend, causal):
     cfg = DMDConfig(guidance_scale=3.0, rollout=RolloutConfig(denoising_steps=[1000.0, 500.0]))
     obj = SelfForcingDMD(Denoiser(teacher), cfg, TrainedSideModel.local(critic, 1e-6, (0.0, 0.999), grad_clip=1.0))
     obj._generator = lambda device: None  # the meta device has no generator; noise order is not audited here
-    net, batch = Denoiser(student), _batch()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, foreach=True)
-
-    def step():
-        loss, _ = obj.loss(net, batch, StepContext(1, BatchNoise()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        obj.after_step(net, batch, StepContext(1, BatchNoise()))
-
-    with SyncAudit() as audit:
-        step()
-        audit.events.clear()
-        step()
+    audit = _second_step_audit(obj, student)
     _metric_waits_only(audit, ("objectives/dmd.py", "network/side_model.py"), most=5)
 
 
@@ -142,20 +149,7 @@ def test_teacher_forcing_scm_step_waits_only_for_its_metrics(causal):
     student = _model(PACKING, **causal)
     teacher = copy.deepcopy(student).requires_grad_(False)
     obj = SCMObjective(Denoiser(teacher), SCMConfig(cfg_scale=5.0, r_warmup_steps=0, adaptive_weight=False))
-    net, batch = Denoiser(student), _batch()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-7, foreach=True)
-
-    def step():
-        loss, _ = obj.loss(net, batch, StepContext(1, BatchNoise()))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with SyncAudit() as audit:
-        step()
-        audit.events.clear()
-        step()
-    _metric_waits_only(audit, ("objectives/scm.py",), most=3)
+    _metric_waits_only(_second_step_audit(obj, student), ("objectives/scm.py",), most=3)
 
 
 @pytest.mark.parametrize("causal", [{}, {"window_chunks": 2, "sink_chunks": 1}])
