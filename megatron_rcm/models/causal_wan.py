@@ -44,9 +44,9 @@ from .rope import grid_positions, rope_cos_sin
 # MEGATRON_RCM_CHECKPOINT=reentrant: checkpointed blocks recompute as one autograd node each (torch's reentrant
 # checkpoint) instead of through saved-tensor hooks, which cost the host tens of microseconds per saved tensor
 # (~85 per block). A self-forcing exit chunk is a short call whose host time comes close to its GPU time: on the
-# CPU, a 30-block exit chunk's forward + backward issues in 106.5 ms instead of 158.7 (benchmarks/host_overhead.py,
-# RESULTS.md). Opt-in until a GPU A/B says what it buys: the tiny DMD step's peak memory grows 2.5%, and under
-# FSDP2 the hooks stay (parallel/fsdp.py).
+# CPU a 30-block exit chunk's forward + backward issues in about a third less host time (benchmarks/host_overhead.py
+# --recompute reentrant; RESULTS.md, tenth session). Opt-in until a GPU A/B says what it buys: the tiny DMD step's
+# peak memory grows 2.5%, and under FSDP2 the hooks stay (parallel/fsdp.py).
 REENTRANT_RECOMPUTE = os.environ.get("MEGATRON_RCM_CHECKPOINT", "hooks") == "reentrant"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

@@ -29,9 +29,9 @@ _registry: list = []  # every fusable wrapper, so reset() can drop their compile
 # Calls whose first tensor has fewer elements stay eager. Why: a compiled call costs the host 3-5x an eager one
 # (CPU, a 64-wide gated residual: 18.8 vs 6.1 us without grad, 37.8 vs 7.2 us with grad: dynamo's frame and guards,
 # AOTAutograd's runtime wrapper; benchmarks/host_overhead.py --fusable-call), while its GPU saving grows with the
-# tensor. A self-forcing rollout's chunk
-# calls (4,680 x 1,536 per call) may be host-bound where teacher forcing's (65,520 x 1,536) are not;
-# 0 compiles every call. benchmarks/RESULTS.md, tenth session; for A/Bs: train_step.py --compile-min-elements.
+# tensor. A self-forcing rollout's chunk calls (4,680 x 1,536) may be host-bound where teacher forcing's
+# (65,520 x 1,536) are not. 0 compiles every call (train.compile_min_elements; A/Bs: train_step.py
+# --compile-min-elements).
 _min_elements = int(os.environ.get("MEGATRON_RCM_COMPILE_MIN_ELEMENTS", "0"))
 # A fusable function legitimately has one graph per (grad mode, tangent or not, array rank of its call
 # site), plus the static graph it starts with: up to 9, past dynamo's default limit of 8, after which it

@@ -113,10 +113,6 @@ class GroupMask:
     def num_groups(self) -> int:
         return self.allow.shape[0]
 
-    @property
-    def device(self) -> torch.device:
-        return self.q_groups.device
-
     def host(self) -> "GroupMask":
         """This mask with CPU tensors (itself when it is on the CPU; a device mask copies back once)."""
         if self.q_groups.device.type == "cpu":
@@ -129,7 +125,7 @@ class GroupMask:
         return host
 
     def to(self, device) -> "GroupMask":
-        """This mask on ``device``: copied once per device and kept (the copy keeps this host copy)."""
+        """This mask on ``device``: copied once per device, and the host copy keeps it."""
         device = torch.device(device)
         if _on(self.q_groups, device):
             return self
@@ -310,7 +306,7 @@ def _kv_cache_mask(structure: tuple) -> GroupMask:
     """One mask object per cache structure (renumbered groups, token counts, visibility): a stream's later chunks
     reuse it, and with it its device copy and packing (GroupMask.to, the kernels' pack cache)."""
     cached_groups, counts, nq, current, g, allow = structure
-    k_ids = torch.cat([torch.tensor(cached_groups, dtype=torch.int32).repeat_interleave(torch.tensor(counts, dtype=torch.long)),
-                       torch.full((nq,), current, dtype=torch.int32)])
+    cached_ids = torch.tensor(cached_groups, dtype=torch.int32).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+    k_ids = torch.cat([cached_ids, torch.full((nq,), current, dtype=torch.int32)])
     q_ids = torch.full((nq,), current, dtype=torch.int32)
     return GroupMask(q_ids, k_ids, torch.tensor(allow, dtype=torch.bool).reshape(g, g))
