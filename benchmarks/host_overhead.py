@@ -117,7 +117,7 @@ def waits_per_call(args) -> dict[str, int]:
     meta = argparse.Namespace(**{**vars(args), "attention": "sdpa"})
     student, teacher, cond, video = build(meta, torch.device("meta"), tiny=True)
     out = {}
-    with torch.autocast("cpu", enabled=False), SyncAudit() as audit:  # (autocast has no meta device)
+    with SyncAudit() as audit:
         for name, fn in calls(student, teacher, cond, video, args.chunk_frames).items():
             fn()
             audit.events.clear()
