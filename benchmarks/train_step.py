@@ -50,8 +50,9 @@ def mask_density(mask, sq: int, sk: int) -> float:
 class FlopCounter:
     """Wraps ``model.forward_segments`` to price every call (see the module docstring)."""
 
-    def __init__(self, model, text_len: int):
+    def __init__(self, model, text_len: int, label: str | None = None):
         self.model, self.text_len, self.flops, self.calls = model, text_len, 0.0, []
+        self.label = label  # name each call in a profile (``--gaps``)
         cfg = model.cfg
         self.h, self.hd, self.ffn, self.layers = cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, \
             len(model.blocks)
@@ -61,8 +62,11 @@ class FlopCounter:
 
     def __enter__(self):
         def counted(segments, context, mask=None, *a, **kw):
-            self.price(segments, mask, kw.get("cache"))
-            return self._inner(segments, context, mask, *a, **kw)
+            call = self.price(segments, mask, kw.get("cache"))
+            if self.label is None:
+                return self._inner(segments, context, mask, *a, **kw)
+            with torch.profiler.record_function(call_label(self.label, *call)):
+                return self._inner(segments, context, mask, *a, **kw)
         self.model.forward_segments = counted
         return self
 
@@ -89,6 +93,14 @@ class FlopCounter:
             f += 2 * lin * (2 if tangent else 1) + 2.5 * attn * (3 if tangent else 1)
         self.flops += f
         self.calls.append((tokens, sk, tangent, graph))
+        return self.calls[-1]
+
+
+def call_label(model: str, tokens: int, sk: int, tangent: bool, graph: bool) -> str:
+    """A network call's name in a profile: which model, what it builds, its query and key tokens."""
+    kind = ("fwd (graph)" if graph else "fwd") + (" +JVP" if tangent else "")
+    keys = f" over {sk}" if sk != tokens else ""
+    return f"{model}: {kind}, {tokens} tok{keys}"
 
 
 def build(args, device):
@@ -143,39 +155,52 @@ def run(args, kind: str, device) -> dict:
         opt = torch.optim.AdamW(student.parameters(), lr=1e-7, fused=device.type == "cuda")
     else:
         opt = par.optimizers(list(student.parameters()), [], lr=1e-7)[0]
-    counters = [FlopCounter(m, 512) for m in (student, teacher, critic) if m is not None]
+    names = ("student", "teacher", "critic")
+    counters = [FlopCounter(m, 512, n if args.gaps else None) for m, n in zip((student, teacher, critic), names)
+                if m is not None]
     times, flops = [], []
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    prof = None
+    prof, profiled = None, bool(args.profile or args.gaps)
+    phase = torch.profiler.record_function if args.gaps else (lambda name: contextlib.nullcontext())
     for i in range(args.reps + 1):
         for c in counters:
             c.flops = 0.0
         sync()
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            if args.profile and i == args.reps:  # the last rep, kernels only (timing of this rep is skewed)
-                prof = stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
+            if profiled and i == args.reps:  # the last rep (timing of this rep is skewed)
+                acts = [torch.profiler.ProfilerActivity.CUDA] + [torch.profiler.ProfilerActivity.CPU] * bool(args.gaps)
+                prof = stack.enter_context(torch.profiler.profile(activities=acts))
             for c in counters:
                 stack.enter_context(c)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16), phase("loss"):
                 loss, _ = obj.loss(net, batch, at)
-            loss.backward()
-            if par is not None:
-                par.sync_and_clip(student, float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"):
+                if par is not None:
+                    par.sync_and_clip(student, float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             if kind == "dmd":
-                with torch.autocast(device.type, dtype=torch.bfloat16):
+                with torch.autocast(device.type, dtype=torch.bfloat16), phase("critic step"):
                     obj.after_step(net, batch, at)
         sync()
         if i > 0 and not (prof is not None and i == args.reps and args.reps > 1):
             times.append(time.perf_counter() - t0)
             flops.append(sum(c.flops for c in counters))
-    if prof is not None:
+    if prof is not None and args.profile:
         print(kernel_table(prof, args.profile))
+    if prof is not None and args.gaps:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_idle import idle_table, profile_to_trace
+
+        print(idle_table(profile_to_trace(prof), top=args.gaps))
     step = statistics.median(times)
     tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
     name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -282,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="append one JSON line per kind")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last rep and print its N most expensive GPU kernels")
+    ap.add_argument("--gaps", type=int, default=0, metavar="N",
+                    help="profile the last rep (host and GPU) and print the N host labels (network calls, backward, "
+                    "optimizer, critic step) under which the GPU sat idle longest (benchmarks/gpu_idle.py)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke check of the script")
     ap.add_argument("--parallel", choices=("none", "fsdp", "zero1"), default="none",
                     help="data parallel over the torchrun world (or a world of 1): FSDP2 of student and critic, or "

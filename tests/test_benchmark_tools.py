@@ -141,3 +141,48 @@ def test_attention_ab_compare_without_base_outputs_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ab.compare(str(tmp_path), "base", ["new"], str(tmp_path / "log"))
     assert e.value.code == 2 and "no outputs of the base version base" in capsys.readouterr().err
+
+
+def test_gpu_idle_charges_each_gap_to_the_innermost_host_label():
+    """Idle intervals between merged kernels go to the deepest label the host was in; the rest to (unlabelled)."""
+    gi = _load("gpu_idle")
+
+    def x(cat, ts, dur, name="k", tid=1):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "name": name, "tid": tid}
+
+    trace = {"traceEvents": [
+        x("kernel", 0, 10), x("kernel", 5, 3), x("gpu_memcpy", 12, 8), x("kernel", 50, 10), x("kernel", 70, 5),
+        x("user_annotation", 0, 65, "loss"), x("user_annotation", 11, 29, "student: fwd"),
+        x("user_annotation", 30, 5, "other thread", tid=2),  # same depth as loss there: loses to student
+        x("cuda_runtime", 40, 5, "cudaStreamSynchronize"), x("cuda_runtime", 41, 1, "cudaLaunchKernel"),
+    ]}
+    assert gi.busy_intervals(trace) == [(0, 10), (12, 20), (50, 60), (70, 75)]
+    idle, busy, span = gi.idle_by_label(trace)
+    assert (busy, span) == (33, 75)
+    # gap 10-12: loss 10-11, student 11-12; gap 20-50: student 20-40, loss 40-50; gap 60-70: loss 60-65, none 65-70
+    assert idle == pytest.approx({"loss": 1 + 10 + 5, "student: fwd": 1 + 20, "(unlabelled)": 5})
+    assert sum(idle.values()) == pytest.approx(span - busy)
+    assert gi.sync_calls(trace) == (1, 5)
+    table = gi.idle_table(trace)
+    assert "GPU busy 0.0 ms of 0.1 ms (44.0%)" in table and "| student: fwd | 1 | 0.0 | 0.0 | 50.0% |" in table
+
+
+def test_train_step_gaps_labels_every_network_call_and_phase(monkeypatch, capsys, one_thread):
+    """``train_step.py --gaps``: the profiled rep carries one label per network call and per phase of the step."""
+    import os
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    sys.modules.pop("gpu_idle", None)
+    import gpu_idle
+
+    seen = {}
+    monkeypatch.setattr(gpu_idle, "idle_table", lambda trace, top: seen.update(gpu_idle.label_totals(trace)) or "T")
+    _load("train_step").main(["--device", "cpu", "--kinds", "dmd", "--layers", "1", "--frames", "6", "--height", "8",
+                              "--width", "8", "--reps", "1", "--gaps", "5"])
+    assert "\nT\n" in capsys.readouterr().out
+    assert {"loss", "backward", "optimizer", "critic step"} <= set(seen)
+    # 6 frames in two chunks of 3 x (8 / 2) x (8 / 2) = 48 tokens; the exit step builds a graph, the second chunk
+    # attends to the first one's cache; the scores see the whole video
+    assert {"student: fwd (graph), 48 tok", "student: fwd (graph), 48 tok over 96", "student: fwd, 48 tok over 96",
+            "teacher: fwd, 96 tok", "critic: fwd, 96 tok", "critic: fwd (graph), 96 tok"} <= set(seen)

@@ -41,6 +41,40 @@ def test_layer_norm_without_a_tangent_equals_the_primal_of_the_tangent_path():
     assert y.dtype == torch.bfloat16 and rel_err(y, F.layer_norm(x, (16,), w, b, 1e-6)) < 1e-2
 
 
+def test_tangent_free_paths_equal_the_primal_of_the_tangent_path():
+    """rms_norm, modulate and gated_residual take one-kernel paths without a tangent (F.rms_norm, addcmul): in
+    float64 they equal the dual formulas' primal; in bf16 with an fp32 gate / weight (autocast's residual stream)
+    within one bf16 rounding of it, in the same dtype."""
+    w, x, tx = torch.randn(16, dtype=torch.float64), X(), X()
+    sh, sc, g = X()[:, :1], X()[:, :1], X()[:, :1]
+    cases = [(lambda *a: dual.rms_norm(a[0], a[1], w, 1e-6), (x,)),
+             (lambda *a: dual.modulate(a[0], a[1], a[2], a[3], a[4], a[5]), (x, sh, sc)),
+             (lambda *a: dual.gated_residual(a[0], a[1], a[2], a[3], a[4], a[5]), (x, X(), g))]
+    for fn, primals in cases:
+        fast, _ = fn(*[v for p in primals for v in (p, None)])
+        slow, _ = fn(*[v for p in primals for v in (p, torch.randn_like(p))])
+        assert rel_err(fast, slow) < 1e-14
+    half = x.to(torch.bfloat16)
+    for fast, slow in ((dual.rms_norm(half, None, w.float(), 1e-6)[0], dual.rms_norm(half, tx, w.float(), 1e-6)[0]),
+                       (dual.gated_residual(half, None, half, None, g.float(), None)[0],
+                        dual.gated_residual(half, tx, half, tx, g.float(), tx)[0])):
+        assert fast.dtype == slow.dtype == torch.bfloat16
+        assert ((fast.float() - slow.float()).abs() <= slow.float().abs() * 2**-7 + 1e-30).all()
+
+
+def test_rope_equals_the_pairwise_rotation():
+    """apply_rope's (pair * cos + swapped pair * signed sin) is the rotation of each interleaved pair."""
+    from megatron_rcm.models.rope import apply_rope, grid_positions, rope_angles, rope_tables
+
+    pos = grid_positions(2, 3, 4, frame_offset=5)
+    q = torch.randn(2, pos.shape[0], 3, 24, dtype=torch.float64)
+    ang = rope_angles(pos, 24)
+    x1, x2 = q[..., 0::2], q[..., 1::2]
+    c, s = torch.cos(ang)[None, :, None], torch.sin(ang)[None, :, None]
+    ref = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    assert rel_err(apply_rope(q, *rope_tables(pos, 24, torch.float64)), ref) < 1e-14
+
+
 @pytest.mark.parametrize("name", ["gelu_tanh", "silu"])
 def test_activations(name):
     ref = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}[name]

@@ -61,7 +61,8 @@ class TrainConfig:
     # costs a compile per new shape family at start-up, CPU runs stay eager
     compile_elementwise: bool = False
     # with compile_elementwise: calls on tensors of fewer elements stay eager (a compiled call costs the host more;
-    # short self-forcing chunk calls may be host-bound; ops/fusion.py). 0 = compile every call
+    # short self-forcing chunk calls are host-bound; ops/fusion.py). 0 = compile every call. On an H200 the 1.3B
+    # TF-sCM step is faster compiled, the SF-DMD step is not (benchmarks/RESULTS.md, eleventh session)
     compile_min_elements: int = 0
     log_every: int = 10
     checkpoint_every: int = 100

@@ -39,7 +39,7 @@ from .image_embedding import ImageEmbedder
 from .kv_cache import KVCache, StreamCacheOptions, sink_position_shift
 from .layers import AttentionContext, WanBlock
 from .preallocated_cache import preallocated_cache
-from .rope import grid_positions, rope_cos_sin
+from .rope import grid_positions, rope_tables
 
 # MEGATRON_RCM_CHECKPOINT=reentrant: checkpointed blocks recompute as one autograd node each (torch's reentrant
 # checkpoint) instead of through saved-tensor hooks, which cost the host tens of microseconds per saved tensor
@@ -240,7 +240,7 @@ class CausalWanModel(nn.Module):
         tmod = None if tmod is None else tmod.unflatten(-1, (6, -1))
 
         pos = torch.cat(positions)
-        cos, sin = rope_cos_sin(pos, self.cfg.attention_head_dim, torch.promote_types(dtype, torch.float32))
+        cos, sin = rope_tables(pos, self.cfg.attention_head_dim, torch.promote_types(dtype, torch.float32))
         if cache is not None:
             mask = kv_cache_mask(cache.chunks, cache.chunk_tokens, cache_chunk, x.shape[1], cache.visibility)
         elif mask is not None and mask.shape != (x.shape[1], x.shape[1]):

@@ -25,7 +25,7 @@ from ..config.stream_cache import KV_CACHE_DTYPES, ROPE_POLICIES
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility
 from .kv_quant import dequantize, quantize_per_head
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, rope_tables
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class KVCache:
 
     def keys_values(self, layer: int, sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The cached keys/values of ``layer`` as attention reads them: dequantised (fp8), and with
-        ``sink_rotation`` (cos, sin of :func:`sink_position_shift`'s frames) applied to the sink chunks' keys."""
+        ``sink_rotation`` (cos, signed sin of :func:`sink_position_shift`'s frames) applied to the sink chunks' keys."""
         keys, v = self._read(layer, sink_rotation)
         return (keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)), v
 
@@ -304,13 +304,13 @@ class KVCache:
         return start
 
     def sink_rotation(self, shift: int, head_dim: int, dtype: torch.dtype, device):
-        """(cos, sin) rotating the sink keys forward by ``shift`` frames (``rope_policy='rebase'``,
+        """(cos, signed sin) (models/rope.rope_tables) rotating the sink keys forward by ``shift`` frames (``rope_policy='rebase'``,
         :func:`sink_position_shift`), or None when there is nothing to move."""
         if shift == 0:
             return None
         position = torch.zeros(1, 3, dtype=torch.long, device=device)  # filled there: no copy to wait for
         position[:, 0] = shift  # the time axis only
-        return rope_cos_sin(position, head_dim, dtype)
+        return rope_tables(position, head_dim, dtype)
 
     def set_condition(self, layer: int, k, v, image_k=None, image_v=None) -> None:
         """Hold the cross-attention K/V of the stream's condition (text; image with the I2V layout) for ``layer``."""

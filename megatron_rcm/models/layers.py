@@ -24,7 +24,7 @@ class AttentionContext:
     """What self-attention needs besides its input: positions, mask, cache, backend."""
 
     rope_cos: torch.Tensor
-    rope_sin: torch.Tensor
+    rope_sin: torch.Tensor  # signed: (-sin, sin) per pair (models/rope.rope_tables)
     mask: GroupMask | None
     backend: str = "auto"
     cache: object | None = None  # KVCache

@@ -53,7 +53,7 @@ class PreallocatedKVCache(KVCache):
     _sink_k: list = field(default_factory=list, repr=False)  # rebase: the sink chunks' keys, unrotated
     _cross: list = field(default_factory=list, repr=False)  # per layer: fixed buffers of the condition's K/V
     _offset: torch.Tensor | None = field(default=None, repr=False)  # int64 device scalar: the chunk's frame offset
-    _rotation: tuple | None = field(default=None, repr=False)  # (cos, sin) device buffers of the sink shift
+    _rotation: tuple | None = field(default=None, repr=False)  # (cos, signed sin) device buffers of the sink shift
     _prepared: dict = field(default_factory=dict, repr=False)  # host values the device scalars hold now
     version: int = 0  # bumped when a buffer is (re)allocated: graphs captured before it are stale
 
@@ -102,11 +102,11 @@ class PreallocatedKVCache(KVCache):
         return self._offset
 
     def sink_rotation(self, shift: int, head_dim: int, dtype: torch.dtype, device):
-        shape = (1, head_dim // 2)
+        shapes = ((1, head_dim // 2), (1, head_dim // 2, 2))  # cos, signed sin (models/rope.rope_tables)
         r = self._rotation
-        if r is None or r[0].shape != shape or r[0].dtype != dtype or r[0].device != torch.device(device):
+        if r is None or r[0].shape != shapes[0] or r[0].dtype != dtype or r[0].device != torch.device(device):
             # allocated on the stream's first call (shift 0), so no graph captured later sees it move
-            self._rotation = tuple(torch.empty(shape, dtype=dtype, device=device) for _ in range(2))
+            self._rotation = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
             self._prepared.pop("shift", None)
             self.version += 1
         if shift == 0:

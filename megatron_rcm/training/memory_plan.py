@@ -161,12 +161,13 @@ def block_saved(cfg: ModelConfig, par: ParallelConfig, tokens: int, batch: int, 
     """Bytes autograd keeps for one grad-enabled block forward over ``batch`` x ``tokens`` on one rank."""
     d, f, h, tp, cp, c = cfg.hidden_size, cfg.ffn_dim, cfg.num_attention_heads, par.tp, par.cp, comp.bytes
     # eager: torch's LayerNorm keeps its fp32 input and two statistics per token (ops/dual.layer_norm without a
-    # tangent); the compiled chains keep what inductor's partitioner picks, calibrated on the GPU
-    fp32_whole, fp32_split, stats = 7, 6, 9
+    # tangent), and a gated residual's addcmul its branch in the compute dtype (ops/dual.gated_residual); the
+    # compiled chains keep what inductor's partitioner picks, calibrated on the GPU
+    fp32_whole, fp32_split, stats, c_whole = 5, 6, 9, 5
     if comp.compiled:
-        fp32_whole, fp32_split, stats = 8 * COMPILED_FP32_KEPT, fp32_split * COMPILED_FP32_KEPT, 6
+        fp32_whole, fp32_split, stats, c_whole = 8 * COMPILED_FP32_KEPT, fp32_split * COMPILED_FP32_KEPT, 6, 3
     split = 6 + (3 if cp > 1 else 0)  # Ulysses: v keeps the all-to-all buffer of q, k, v; o is re-laid out
-    per_token = (fp32_whole * d * 4 + fp32_split * d / tp * 4 + 3 * d * c + split * d / tp * c + 2 * f / tp * c
+    per_token = (fp32_whole * d * 4 + fp32_split * d / tp * 4 + c_whole * d * c + split * d / tp * c + 2 * f / tp * c
                  + 2 * h / tp * 4 + stats * 4)
     per_sample = text_len * d / tp * (2 * c + 2 * 4) + text_len * 4 + 8 * frames * d * 4 / cp
     weights = (8 * d * d + 2 * d * f) / tp * 2 if comp.autocast_copies else 0
