@@ -304,8 +304,8 @@ class KVCache:
         return start
 
     def sink_rotation(self, shift: int, head_dim: int, dtype: torch.dtype, device):
-        """(cos, signed sin) (models/rope.rope_tables) rotating the sink keys forward by ``shift`` frames (``rope_policy='rebase'``,
-        :func:`sink_position_shift`), or None when there is nothing to move."""
+        """(cos, signed sin) of :func:`models.rope.rope_tables` rotating the sink keys forward by ``shift`` frames
+        (``rope_policy='rebase'``, :func:`sink_position_shift`), or None when there is nothing to move."""
         if shift == 0:
             return None
         position = torch.zeros(1, 3, dtype=torch.long, device=device)  # filled there: no copy to wait for

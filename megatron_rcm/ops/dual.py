@@ -137,7 +137,7 @@ def gated_residual(x, tx: Tangent, branch, tbranch: Tangent, gate, tgate: Tangen
     """x + branch * gate (computed in >= fp32 like diffusers), with tangents."""
     out_dtype = x.dtype
     if tx is None and tbranch is None and tgate is None:  # one kernel instead of three or four (eager calls):
-        return torch.addcmul(x, branch, gate).to(out_dtype), None  # the fp32 gate promotes x and branch
+        return torch.addcmul(x, branch, upcast(gate)).to(out_dtype), None  # the >= fp32 gate promotes x, branch
     y = (upcast(x) + upcast(branch) * gate).to(out_dtype)
     ty = torch.zeros((), dtype=upcast(x).dtype, device=x.device)
     if tx is not None:
