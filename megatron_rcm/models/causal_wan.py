@@ -45,8 +45,9 @@ from .rope import grid_positions, rope_tables
 # checkpoint) instead of through saved-tensor hooks, which cost the host tens of microseconds per saved tensor
 # (~85 per block). A self-forcing exit chunk is a short call whose host time comes close to its GPU time: on the
 # CPU a 30-block exit chunk's forward + backward issues in about a third less host time (benchmarks/host_overhead.py
-# --recompute reentrant; RESULTS.md, tenth session). Opt-in until a GPU A/B says what it buys: the tiny DMD step's
-# peak memory grows 2.5%, and under FSDP2 the hooks stay (parallel/fsdp.py).
+# --recompute reentrant; RESULTS.md, tenth session). Opt-in: on an H200 the 1.3B SF-DMD step ran 3.6% faster with
+# it (7.75 -> 7.47 s, one sample each, RESULTS.md eleventh session) for 5.0 GiB more peak (55.1 -> 60.1), which the
+# memory planner does not count; the tiny DMD step's peak grows 2.5%; under FSDP2 the hooks stay (parallel/fsdp.py).
 REENTRANT_RECOMPUTE = os.environ.get("MEGATRON_RCM_CHECKPOINT", "hooks") == "reentrant"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
