@@ -3,7 +3,8 @@
     python benchmarks/host_overhead.py                      # CPU: host cost of each call (tiny widths), eager
     python benchmarks/host_overhead.py --compile            # the same with the compiled elementwise chains
     python benchmarks/host_overhead.py --recompute reentrant  # checkpointed blocks as one recompute node each
-    python benchmarks/host_overhead.py --fusable-call       # one small compiled call against its eager ops
+    python benchmarks/host_overhead.py --fusable-call       # one small compiled call against its eager ops (and
+                                                            # without dynamo's guards)
     python benchmarks/host_overhead.py --device cuda        # GPU: host cost (tiny widths, real launches) beside
                                                             # the call's time at the 1.3B widths
 
@@ -126,9 +127,20 @@ def waits_per_call(args) -> dict[str, int]:
     return out
 
 
-def fusable_call_us(device, reps: int = 3000) -> list[tuple[str, float, float]]:
-    """(grad mode, eager µs, compiled µs) of one small fused call (a gated residual over [1, 48, 64]): the host's
-    fixed cost of a compiled call against the eager ops it replaces (``--fusable-call``)."""
+def _compile_without_dynamo(fn, example):
+    """inductor on a graph traced once (torch.fx), called without dynamo's frame evaluation and guards: what a
+    compiled call would cost the host if the fusion layer kept its own cache of graphs (``--fusable-call`` measures
+    it; the model does not run this path)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(torch.fx.symbolic_trace(fn), list(example))
+
+
+def fusable_call_us(device, reps: int = 3000) -> list[tuple[str, float, float, float, float]]:
+    """(grad mode, eager µs, compiled µs, compiled with a view argument µs, compiled without dynamo µs) of one small
+    fused call (a gated residual over [1, 48, 64]): the host's fixed cost of a compiled call against the eager ops it
+    replaces (``--fusable-call``). A view argument is re-aliased first (``ops/fusion._unview``: an autograd Function
+    when it carries a gradient)."""
     from megatron_rcm.ops import dual, fusion
 
     fusion.set_enabled(True, devices=(device.type,), min_elements=0)
@@ -145,13 +157,20 @@ def fusable_call_us(device, reps: int = 3000) -> list[tuple[str, float, float]]:
         sync()
         return 1e6 * (time.perf_counter() - t0) / reps
 
+    def residual(a, b, g):
+        return dual.gated_residual.eager(a, None, b, None, g, None)[0]
+
     out = []
     for grad in (False, True):
         a = x.clone().requires_grad_(grad)
+        view = x.flatten().clone().requires_grad_(grad).view_as(x)
         with torch.set_grad_enabled(grad):
+            plain = _compile_without_dynamo(residual, (a, a, gate))
             out.append(("grad" if grad else "no grad",
                         per_call(lambda: dual.gated_residual.eager(a, None, a, None, gate, None)),
-                        per_call(lambda: dual.gated_residual(a, None, a, None, gate, None))))
+                        per_call(lambda: dual.gated_residual(a, None, a, None, gate, None)),
+                        per_call(lambda: dual.gated_residual(view, None, view, None, gate, None)),
+                        per_call(lambda: plain(a, a, gate))))
     fusion.set_enabled(False)
     return out
 
@@ -177,10 +196,11 @@ def main(argv=None):
         raise SystemExit("benchmarks/host_overhead.py --device cuda needs a CUDA GPU")
     if args.fusable_call:
         torch.set_num_threads(1)
-        print(f"| gated residual [1, 48, 64], {device.type} | eager µs | compiled µs | compiled / eager |")
-        print("|---|---|---|---|")
-        for mode, eager, compiled in fusable_call_us(device):
-            print(f"| {mode} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.1f} |")
+        print(f"| gated residual [1, 48, 64], {device.type} | eager µs | compiled µs | compiled / eager | compiled, "
+              "a view argument µs | compiled without dynamo µs |")
+        print("|---|---|---|---|---|---|")
+        for mode, eager, compiled, view, plain in fusable_call_us(device):
+            print(f"| {mode} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.1f} | {view:.1f} | {plain:.1f} |")
         return
     from megatron_rcm.ops import fusion
 
