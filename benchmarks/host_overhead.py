@@ -179,6 +179,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="compiled elementwise chains (megatron_rcm.ops.fusion)")
+    ap.add_argument("--compile-guards", choices=("dynamo", "own"), default="dynamo",
+                    help="with --compile: dynamo's guards or the fusion layer's own dict of graphs (ops/fusion.py)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--frames", type=int, default=21)
     ap.add_argument("--chunk-frames", type=int, default=3)
@@ -204,7 +206,7 @@ def main(argv=None):
         return
     from megatron_rcm.ops import fusion
 
-    fusion.set_enabled(args.compile, devices=(device.type,))
+    fusion.set_enabled(args.compile, devices=(device.type,), guards=args.compile_guards)
     torch.set_num_threads(1)  # the host side of a GPU run is one thread
     waits = waits_per_call(args)
     # bf16 autocast as the training step runs on a GPU; on the CPU fp32 (its bf16 kernels would be the cost)
@@ -221,7 +223,8 @@ def main(argv=None):
         if device.type == "cuda":
             for name, fn in calls(*build(args, device, tiny=False), args.chunk_frames).items():
                 full[name] = wall_ms(fn, device, args.reps)
-    mode = ("compiled" if args.compile else "eager") + (", reentrant" if args.recompute == "reentrant" else "")
+    mode = ("compiled" if args.compile else "eager") + (", own graphs" if args.compile and args.compile_guards == "own"
+                                                         else "") + (", reentrant" if args.recompute == "reentrant" else "")
     print(f"| call ({args.layers} blocks, {device.type}) | elementwise | ops | waits | host ms | call ms | host / call |")
     print("|---|---|---|---|---|---|---|")
     for name in tiny:

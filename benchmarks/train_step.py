@@ -207,6 +207,7 @@ def run(args, kind: str, device) -> dict:
     return {"kind": kind, "attention": args.attention, "parallel": args.parallel,
             "world": par.world_size if par is not None else 1, "checkpointing": args.checkpointing,
             "replayed": args.replayed, "recompute": args.recompute, "compile_min_elements": args.compile_min_elements,
+            "compile_guards": args.compile_guards,
             "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
             "tokens_per_s": tokens / step, "tflop_per_step": flops[-1] / 1e12,
@@ -259,6 +260,14 @@ def data_parallel(args, device):
     return _PARALLEL[0]
 
 
+def compiled_label(args) -> str:
+    if not args.compile:
+        return "eager"
+    extra = [f">= {args.compile_min_elements:,} el." if args.compile_min_elements else "",
+             "own graphs" if args.compile_guards == "own" else ""]
+    return "compiled" + "".join(f", {e}" for e in extra if e)
+
+
 def ckpt_label(r) -> str:
     if not r["checkpointing"]:
         return "off"
@@ -304,6 +313,9 @@ def main(argv=None):
     ap.add_argument("--compile-min-elements", type=int, default=0, metavar="N",
                     help="with --compile: calls on tensors of fewer than N elements stay eager (e.g. 10000000: the "
                     "rollout's 4,680-token chunks eager, teacher forcing's 65,520 tokens compiled)")
+    ap.add_argument("--compile-guards", choices=("dynamo", "own"), default="dynamo",
+                    help="with --compile: how a call finds its compiled graph, dynamo's guards or the fusion layer's "
+                    "own dict of graphs (ops/fusion.py _guards)")
     ap.add_argument("--out", default=None, help="append one JSON line per kind")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the last rep and print its N most expensive GPU kernels")
@@ -336,7 +348,7 @@ def main(argv=None):
     from megatron_rcm.ops import fusion
     from megatron_rcm.ops.attention import resolve_backend
 
-    fusion.set_enabled(args.compile, min_elements=args.compile_min_elements)
+    fusion.set_enabled(args.compile, min_elements=args.compile_min_elements, guards=args.compile_guards)
 
     par = data_parallel(args, device)  # (sets this rank's GPU before anything is built)
     if par is not None and device.type == "cuda":
@@ -358,7 +370,7 @@ def main(argv=None):
         layout = "plain" if par is None else f"{args.parallel} x {par.world_size}" + (
             f" ({args.fsdp_param_dtype})" if args.fsdp_param_dtype else "")
         say(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD' + replayed} | {layout} | {used} | {ckpt_label(r)} | "
-            f"{'compiled' if args.compile else 'eager'} | "
+            f"{compiled_label(args)} | "
             f"{r['layers']} | {r['video_tokens']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
             f"{r['tflop_per_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |" +
             (f" {r['planned_gib']:.1f} | {100 * (r['planned_gib'] / r['peak_gib'] - 1):+.0f}% |" if args.plan else ""),

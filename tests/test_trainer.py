@@ -69,6 +69,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     ("model.preset=huge", "model.preset"),
     ("train.checkpoint_layers=-1", "train.checkpoint_layers"),
     ("train.compile_min_elements=-5", "train.compile_min_elements"),
+    ("train.compile_guards=fast", "train.compile_guards"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:

@@ -64,6 +64,9 @@ class TrainConfig:
     # short self-forcing chunk calls are host-bound; ops/fusion.py). 0 = compile every call. On an H200 the 1.3B
     # TF-sCM step is faster compiled, the SF-DMD step is not (benchmarks/RESULTS.md, eleventh session)
     compile_min_elements: int = 0
+    # with compile_elementwise: how a call finds its compiled graph: "dynamo" (torch.compile's guards) or "own" (one
+    # traced graph per call signature in a dict: about half the host cost per call on the CPU; ops/fusion.py)
+    compile_guards: str = "dynamo"
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -164,6 +167,8 @@ def validate_run(cfg: RunConfig) -> None:
     if cfg.train.compile_min_elements < 0:
         raise ConfigError("train.compile_min_elements", cfg.train.compile_min_elements,
                           ">= 0 (0 compiles every call when train.compile_elementwise is on)")
+    if cfg.train.compile_guards not in ("dynamo", "own"):
+        raise ConfigError("train.compile_guards", cfg.train.compile_guards, "'dynamo' or 'own'")
     if cfg.train.checkpoint_layers < 0:
         raise ConfigError("train.checkpoint_layers", cfg.train.checkpoint_layers,
                           "an integer >= 0 (0 = checkpoint every block)")

@@ -37,17 +37,33 @@ _min_elements = int(os.environ.get("MEGATRON_RCM_COMPILE_MIN_ELEMENTS", "0"))
 # site), plus the static graph it starts with: up to 9, past dynamo's default limit of 8, after which it
 # silently runs eager. Views never add graphs (_unview); tests/test_fusion_cpu.py counts them.
 RECOMPILE_LIMIT = 32
+# How a compiled call finds its graph. "dynamo": torch.compile, whose frame evaluation and guards run on every call.
+# "own": each call signature (see _signature) is traced once with make_fx, compiled by inductor (compile_fx) and
+# then looked up in a dict. Why: a compiled call then costs the host about half as much, and view arguments need no
+# re-aliasing, since nothing guards on their bases (CPU: 19.7 vs 42.5 µs with grad, 6.1 vs 21.7 without;
+# benchmarks/host_overhead.py --fusable-call, RESULTS.md eleventh session). Opt-in (MEGATRON_RCM_COMPILE_GUARDS=own,
+# set_enabled(guards=)) until a GPU A/B; past OWN_GRAPH_LIMIT signatures a function runs eager, as past dynamo's
+# limit.
+_guards = os.environ.get("MEGATRON_RCM_COMPILE_GUARDS", "dynamo")
+OWN_GRAPH_LIMIT = 64
+_graph_compiler = None  # (graph module, example inputs) -> callable; None: inductor's compile_fx (tests swap it)
 
 
 def set_enabled(flag: bool, devices: tuple[str, ...] = ("cuda",), backend="inductor",
-                min_elements: int | None = None) -> None:
+                min_elements: int | None = None, guards: str | None = None) -> None:
     """Switch the compiled path on or off for every :func:`fusable` function.
 
     ``devices`` and ``backend`` exist for tests and tools (e.g. counting the graphs dynamo makes on the
     CPU with a counting backend); training uses the defaults. Changing them drops compiled versions.
     ``min_elements`` (None: unchanged): calls on smaller tensors stay eager (see ``_min_elements``).
+    ``guards`` (None: unchanged): "dynamo" or "own" (see ``_guards``); changing it drops compiled versions.
     """
-    global _enabled, _devices, _backend, _min_elements
+    global _enabled, _devices, _backend, _min_elements, _guards
+    if guards is not None and guards != _guards:
+        if guards not in ("dynamo", "own"):
+            raise ValueError(f"guards must be 'dynamo' or 'own', got {guards!r}")
+        reset()
+        _guards = guards
     if min_elements is not None:
         if min_elements < 0:
             raise ValueError(f"min_elements must be >= 0, got {min_elements}")
@@ -67,6 +83,7 @@ def reset() -> None:
     """Forget every compiled version (the next enabled CUDA call compiles again); for tests and tools."""
     for wrapper in _registry:
         wrapper.compiled = None
+        wrapper.graphs.clear()
 
 
 class _Alias(torch.autograd.Function):
@@ -115,11 +132,83 @@ def fusable(fn: Callable | None = None, *, eager_if: Callable[..., bool] | None 
         if (not _enabled or x is None or x.device.type not in _devices or x.numel() < _min_elements
                 or (eager_if is not None and eager_if(*args, **kwargs))):
             return fn(*args, **kwargs)
+        if _guards == "own":
+            return _call_own_graph(wrapper, x, args, kwargs)
         if wrapper.compiled is None:
             wrapper.compiled = torch.compile(fn, dynamic=_DYNAMIC, backend=_backend)
         return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
 
     wrapper.eager = fn
     wrapper.compiled = None
+    wrapper.graphs = {}  # guards="own": call signature -> (compiled graph, tensor positions, output layout)
     _registry.append(wrapper)
     return wrapper
+
+
+# ------------------------------------------------------------------------------- guards="own": a dict of graphs
+def _signature(x: torch.Tensor, args, kwargs) -> tuple:
+    """Everything a traced graph is specialised on: per tensor its shape, strides, dtype, device and requires-grad;
+    every other argument by value (None tangents, eps, dtypes); the grad mode; autocast on the call's device."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return (a.shape, a.stride(), a.dtype, a.device, a.requires_grad)
+        return (type(a), a)
+
+    dev = x.device.type
+    return (torch.is_grad_enabled(), torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+            tuple(one(a) for a in args), tuple((k, one(v)) for k, v in kwargs.items()))
+
+
+def _trace_and_compile(fn, args, kwargs):
+    """(compiled graph of ``fn`` over its tensor arguments, their positions, (tuple output?, which outputs are None)).
+    Traced at the torch level (torch.fx, as dynamo would hand it over), with the other arguments as constants."""
+    pos = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    with torch.no_grad():
+        outputs = fn(*args, **kwargs)  # the output layout (which entries are None)
+    outs = outputs if isinstance(outputs, tuple) else (outputs,)
+    layout = (isinstance(outputs, tuple), tuple(o is None for o in outs))
+
+    def over_tensors(*tensors):
+        full = list(args)
+        for i, t in zip(pos, tensors):
+            full[i] = t
+        out = fn(*full, **kwargs)
+        return tuple(o for o in (out if layout[0] else (out,)) if o is not None)
+
+    names = [f"t{i}" for i in pos]  # fx names the graph's inputs after the traced function's parameters
+    graph = torch.fx.symbolic_trace(_named(over_tensors, names))
+    compiler = _graph_compiler
+    if compiler is None:
+        from torch._inductor.compile_fx import compile_fx as compiler
+    return compiler(graph, [args[i] for i in pos]), pos, layout
+
+
+def _named(fn, names):
+    """``fn(*tensors)`` as a function of named positional parameters (torch.fx traces a fixed signature)."""
+    src = f"def traced({', '.join(names)}):\n    return fn({', '.join(names)})\n"
+    scope = {"fn": fn}
+    exec(src, scope)  # noqa: S102 - a generated signature, no outside input
+    return scope["traced"]
+
+
+def _call_own_graph(wrapper, x, args, kwargs):
+    if any(isinstance(v, torch.Tensor) for v in kwargs.values()):  # not traced this way: tensors go positionally
+        return wrapper.eager(*args, **kwargs)
+    key = _signature(x, args, kwargs)
+    entry = wrapper.graphs.get(key)
+    if entry is None and key not in wrapper.graphs:
+        if len(wrapper.graphs) >= OWN_GRAPH_LIMIT:
+            return wrapper.eager(*args, **kwargs)
+        try:
+            entry = _trace_and_compile(wrapper.eager, args, kwargs)
+        except Exception:  # noqa: BLE001 - not traceable this way (e.g. a factory call on a traced dtype)
+            entry = None
+        wrapper.graphs[key] = entry
+    if entry is None:  # dynamo's path for this signature
+        if wrapper.compiled is None:
+            wrapper.compiled = torch.compile(wrapper.eager, dynamic=_DYNAMIC, backend=_backend)
+        return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
+    graph, pos, (is_tuple, none) = entry
+    outs = iter(graph(*(args[i] for i in pos)))
+    result = tuple(None if n else next(outs) for n in none)
+    return result if is_tuple else result[0]
