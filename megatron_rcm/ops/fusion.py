@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -38,7 +39,7 @@ _min_elements = int(os.environ.get("MEGATRON_RCM_COMPILE_MIN_ELEMENTS", "0"))
 # silently runs eager. Views never add graphs (_unview); tests/test_fusion_cpu.py counts them.
 RECOMPILE_LIMIT = 32
 # How a compiled call finds its graph. "dynamo": torch.compile, whose frame evaluation and guards run on every call.
-# "own": each call signature (see _signature) is traced once with make_fx, compiled by inductor (compile_fx) and
+# "own": each call signature (see _signature) is traced once with torch.fx, compiled by inductor (compile_fx) and
 # then looked up in a dict. Why: a compiled call then costs the host about half as much, and view arguments need no
 # re-aliasing, since nothing guards on their bases (CPU: 19.7 vs 42.5 µs with grad, 6.1 vs 21.7 without;
 # benchmarks/host_overhead.py --fusable-call, RESULTS.md eleventh session). Opt-in (MEGATRON_RCM_COMPILE_GUARDS=own,
@@ -134,15 +135,19 @@ def fusable(fn: Callable | None = None, *, eager_if: Callable[..., bool] | None 
             return fn(*args, **kwargs)
         if _guards == "own":
             return _call_own_graph(wrapper, x, args, kwargs)
-        if wrapper.compiled is None:
-            wrapper.compiled = torch.compile(fn, dynamic=_DYNAMIC, backend=_backend)
-        return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
+        return _call_dynamo(wrapper, args, kwargs)
 
     wrapper.eager = fn
     wrapper.compiled = None
     wrapper.graphs = {}  # guards="own": call signature -> (compiled graph, tensor positions, output layout)
     _registry.append(wrapper)
     return wrapper
+
+
+def _call_dynamo(wrapper, args, kwargs):
+    if wrapper.compiled is None:
+        wrapper.compiled = torch.compile(wrapper.eager, dynamic=_DYNAMIC, backend=_backend)
+    return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
 
 
 # ------------------------------------------------------------------------------- guards="own": a dict of graphs
@@ -201,13 +206,12 @@ def _call_own_graph(wrapper, x, args, kwargs):
             return wrapper.eager(*args, **kwargs)
         try:
             entry = _trace_and_compile(wrapper.eager, args, kwargs)
-        except Exception:  # noqa: BLE001 - not traceable this way (e.g. a factory call on a traced dtype)
+        except Exception as exc:  # noqa: BLE001 - not traceable this way: dynamo's path serves this signature
+            warnings.warn(f"fusion: {wrapper.__name__} takes dynamo's path for one call signature ({exc})")
             entry = None
         wrapper.graphs[key] = entry
-    if entry is None:  # dynamo's path for this signature
-        if wrapper.compiled is None:
-            wrapper.compiled = torch.compile(wrapper.eager, dynamic=_DYNAMIC, backend=_backend)
-        return wrapper.compiled(*(_unview(a) for a in args), **{k: _unview(v) for k, v in kwargs.items()})
+    if entry is None:
+        return _call_dynamo(wrapper, args, kwargs)
     graph, pos, (is_tuple, none) = entry
     outs = iter(graph(*(args[i] for i in pos)))
     result = tuple(None if n else next(outs) for n in none)
