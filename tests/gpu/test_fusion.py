@@ -14,11 +14,12 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
-def fused():
-    fusion.set_enabled(True)
-    yield
-    fusion.set_enabled(False)
+@pytest.fixture(params=["dynamo", "own"])
+def fused(request):
+    """Both ways a compiled call finds its graph (ops/fusion.py ``_guards``)."""
+    fusion.set_enabled(True, guards=request.param)
+    yield request.param
+    fusion.set_enabled(False, guards="dynamo")
 
 
 def _run(model, clean, x, t, ctx, mask, tx, tt):
@@ -53,3 +54,6 @@ def test_compiled_block_chains_match_eager(fused, dtype):
     assert ref[2].keys() == out[2].keys()
     for name in ref[2]:
         assert rel(out[2][name], ref[2][name]) < 10 * tol, name
+    if fused == "own":  # every call signature traced and compiled by inductor (none left to dynamo)
+        traced = [e for w in fusion._registry for e in w.graphs.values()]
+        assert traced and all(e is not None for e in traced)
