@@ -64,14 +64,14 @@ def _labels(trace: dict) -> list[tuple[float, float, int, str]]:
     return out
 
 
-def idle_by_label(trace: dict) -> tuple[dict[str, float], float, float]:
+def idle_by_label(trace: dict, labels=None) -> tuple[dict[str, float], float, float]:
     """(idle µs per innermost host label, busy µs, span µs) between the first and the last GPU work of the trace.
-    Idle time under no label is charged to ``(unlabelled)``."""
+    Idle time under no label is charged to ``(unlabelled)``. ``labels``: :func:`_labels` of the trace if known."""
     busy = busy_intervals(trace)
     if not busy:
         return {}, 0.0, 0.0
     gaps = [(a[1], b[0]) for a, b in zip(busy, busy[1:]) if b[0] > a[1]]
-    labels = sorted(_labels(trace), key=lambda s: -s[2])  # innermost first
+    labels = sorted(_labels(trace) if labels is None else labels, key=lambda s: -s[2])  # innermost first
     idle: dict[str, float] = defaultdict(float)
     for g0, g1 in gaps:
         free = [(g0, g1)]  # the parts of this gap not yet charged
@@ -100,10 +100,10 @@ def sync_calls(trace: dict) -> tuple[int, float]:
     return len(syncs), sum(syncs)
 
 
-def label_totals(trace: dict) -> dict[str, tuple[int, float]]:
+def label_totals(trace: dict, labels=None) -> dict[str, tuple[int, float]]:
     """name -> (count, host µs) of the labels, for the share of each call kind."""
     out: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for a, b, _, name in _labels(trace):
+    for a, b, _, name in _labels(trace) if labels is None else labels:
         out[name][0] += 1
         out[name][1] += b - a
     return {k: (n, t) for k, (n, t) in out.items()}
@@ -112,9 +112,10 @@ def label_totals(trace: dict) -> dict[str, tuple[int, float]]:
 def idle_table(trace: dict, top: int = 12) -> str:
     """A short markdown table: the GPU's busy and idle share of the step, then the labels that held the most
     idle time, with their host time beside."""
-    idle, busy, span = idle_by_label(trace)
+    labels = _labels(trace)  # once: a step's trace holds ~10^5 events
+    idle, busy, span = idle_by_label(trace, labels)
     n_sync, t_sync = sync_calls(trace)
-    totals = label_totals(trace)
+    totals = label_totals(trace, labels)
     total_idle = span - busy
     out = [f"GPU busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms ({100 * busy / max(span, 1e-9):.1f}%), idle "
            f"{total_idle / 1e3:.1f} ms; {n_sync} host syncs ({t_sync / 1e3:.1f} ms in them)",

@@ -4,7 +4,7 @@
     python benchmarks/host_overhead.py --compile            # the same with the compiled elementwise chains
     python benchmarks/host_overhead.py --recompute reentrant  # checkpointed blocks as one recompute node each
     python benchmarks/host_overhead.py --fusable-call       # one small compiled call against its eager ops (and
-                                                            # without dynamo's guards)
+                                                            # with the fusion layer's own graphs)
     python benchmarks/host_overhead.py --device cuda        # GPU: host cost (tiny widths, real launches) beside
                                                             # the call's time at the 1.3B widths
 
@@ -127,23 +127,13 @@ def waits_per_call(args) -> dict[str, int]:
     return out
 
 
-def _compile_without_dynamo(fn, example):
-    """inductor on a graph traced once (torch.fx), called without dynamo's frame evaluation and guards: what a
-    compiled call would cost the host if the fusion layer kept its own cache of graphs (``--fusable-call`` measures
-    it; the model does not run this path)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(torch.fx.symbolic_trace(fn), list(example))
-
-
 def fusable_call_us(device, reps: int = 3000) -> list[tuple[str, float, float, float, float]]:
-    """(grad mode, eager µs, compiled µs, compiled with a view argument µs, compiled without dynamo µs) of one small
+    """(grad mode, eager µs, compiled µs, compiled with a view argument µs, compiled with own graphs µs) of one small
     fused call (a gated residual over [1, 48, 64]): the host's fixed cost of a compiled call against the eager ops it
     replaces (``--fusable-call``). A view argument is re-aliased first (``ops/fusion._unview``: an autograd Function
-    when it carries a gradient)."""
+    when it carries a gradient); own graphs skip dynamo on each call (``ops/fusion._guards``)."""
     from megatron_rcm.ops import dual, fusion
 
-    fusion.set_enabled(True, devices=(device.type,), min_elements=0)
     x, gate = torch.randn(1, 48, 64, device=device), torch.randn(64, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -157,21 +147,19 @@ def fusable_call_us(device, reps: int = 3000) -> list[tuple[str, float, float, f
         sync()
         return 1e6 * (time.perf_counter() - t0) / reps
 
-    def residual(a, b, g):
-        return dual.gated_residual.eager(a, None, b, None, g, None)[0]
-
     out = []
     for grad in (False, True):
         a = x.clone().requires_grad_(grad)
         view = x.flatten().clone().requires_grad_(grad).view_as(x)
         with torch.set_grad_enabled(grad):
-            plain = _compile_without_dynamo(residual, (a, a, gate))
-            out.append(("grad" if grad else "no grad",
-                        per_call(lambda: dual.gated_residual.eager(a, None, a, None, gate, None)),
-                        per_call(lambda: dual.gated_residual(a, None, a, None, gate, None)),
-                        per_call(lambda: dual.gated_residual(view, None, view, None, gate, None)),
-                        per_call(lambda: plain(a, a, gate))))
-    fusion.set_enabled(False)
+            fusion.set_enabled(True, devices=(device.type,), min_elements=0, guards="dynamo")
+            row = [per_call(lambda: dual.gated_residual.eager(a, None, a, None, gate, None)),
+                   per_call(lambda: dual.gated_residual(a, None, a, None, gate, None)),
+                   per_call(lambda: dual.gated_residual(view, None, view, None, gate, None))]
+            fusion.set_enabled(True, devices=(device.type,), min_elements=0, guards="own")
+            row.append(per_call(lambda: dual.gated_residual(a, None, a, None, gate, None)))
+        out.append(("grad" if grad else "no grad", *row))
+    fusion.set_enabled(False, guards="dynamo")
     return out
 
 
@@ -199,7 +187,7 @@ def main(argv=None):
     if args.fusable_call:
         torch.set_num_threads(1)
         print(f"| gated residual [1, 48, 64], {device.type} | eager µs | compiled µs | compiled / eager | compiled, "
-              "a view argument µs | compiled without dynamo µs |")
+              "a view argument µs | compiled, own graphs µs |")
         print("|---|---|---|---|---|---|")
         for mode, eager, compiled, view, plain in fusable_call_us(device):
             print(f"| {mode} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.1f} | {view:.1f} | {plain:.1f} |")
@@ -223,8 +211,8 @@ def main(argv=None):
         if device.type == "cuda":
             for name, fn in calls(*build(args, device, tiny=False), args.chunk_frames).items():
                 full[name] = wall_ms(fn, device, args.reps)
-    mode = ("compiled" if args.compile else "eager") + (", own graphs" if args.compile and args.compile_guards == "own"
-                                                         else "") + (", reentrant" if args.recompute == "reentrant" else "")
+    mode = ("eager" if not args.compile else "compiled, own graphs" if args.compile_guards == "own" else "compiled")
+    mode += ", reentrant" if args.recompute == "reentrant" else ""
     print(f"| call ({args.layers} blocks, {device.type}) | elementwise | ops | waits | host ms | call ms | host / call |")
     print("|---|---|---|---|---|---|---|")
     for name in tiny:

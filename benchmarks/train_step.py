@@ -339,7 +339,7 @@ def main(argv=None):
         for kind in args.kinds.split(","):
             label = "off" if not args.checkpointing else (
                 f"first {args.checkpoint_layers}" if 0 < args.checkpoint_layers < args.layers else "on")
-            print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {label} | {'compiled' if args.compile else 'eager'} "
+            print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {label} | {compiled_label(args)} "
                   f"| {args.layers} | {planned_gib(args, kind):.1f} |")
         return
     device = torch.device(args.device)

@@ -65,7 +65,7 @@ class TrainConfig:
     # TF-sCM step is faster compiled, the SF-DMD step is not (benchmarks/RESULTS.md, eleventh session)
     compile_min_elements: int = 0
     # with compile_elementwise: how a call finds its compiled graph: "dynamo" (torch.compile's guards) or "own" (one
-    # traced graph per call signature in a dict: about half the host cost per call on the CPU; ops/fusion.py)
+    # traced graph per call signature in a dict: about a third less host cost per call on the CPU; ops/fusion.py)
     compile_guards: str = "dynamo"
     log_every: int = 10
     checkpoint_every: int = 100

@@ -40,11 +40,11 @@ _min_elements = int(os.environ.get("MEGATRON_RCM_COMPILE_MIN_ELEMENTS", "0"))
 RECOMPILE_LIMIT = 32
 # How a compiled call finds its graph. "dynamo": torch.compile, whose frame evaluation and guards run on every call.
 # "own": each call signature (see _signature) is traced once with torch.fx, compiled by inductor (compile_fx) and
-# then looked up in a dict. Why: a compiled call then costs the host about half as much, and view arguments need no
-# re-aliasing, since nothing guards on their bases (CPU: 19.7 vs 42.5 µs with grad, 6.1 vs 21.7 without;
-# benchmarks/host_overhead.py --fusable-call, RESULTS.md eleventh session). Opt-in (MEGATRON_RCM_COMPILE_GUARDS=own,
-# set_enabled(guards=)) until a GPU A/B; past OWN_GRAPH_LIMIT signatures a function runs eager, as past dynamo's
-# limit.
+# then looked up in a dict. Why: a compiled call then costs the host about a third less, and view arguments need no
+# re-aliasing, since nothing guards on their bases. CPU, a gated residual: 35-38 vs 52-58 µs with grad, 15.5-15.9 vs
+# 24.3-24.5 without, 3.8 µs of it the signature (benchmarks/host_overhead.py --fusable-call, RESULTS.md eleventh
+# session). Opt-in (MEGATRON_RCM_COMPILE_GUARDS=own, set_enabled(guards=)) until a GPU A/B; past OWN_GRAPH_LIMIT
+# signatures a function runs eager, as past dynamo's limit.
 _guards = os.environ.get("MEGATRON_RCM_COMPILE_GUARDS", "dynamo")
 OWN_GRAPH_LIMIT = 64
 _graph_compiler = None  # (graph module, example inputs) -> callable; None: inductor's compile_fx (tests swap it)
@@ -168,24 +168,23 @@ def _trace_and_compile(fn, args, kwargs):
     """(compiled graph of ``fn`` over its tensor arguments, their positions, (tuple output?, which outputs are None)).
     Traced at the torch level (torch.fx, as dynamo would hand it over), with the other arguments as constants."""
     pos = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    with torch.no_grad():
-        outputs = fn(*args, **kwargs)  # the output layout (which entries are None)
-    outs = outputs if isinstance(outputs, tuple) else (outputs,)
-    layout = (isinstance(outputs, tuple), tuple(o is None for o in outs))
+    layout = []  # (tuple output?, which outputs are None), recorded while tracing (None stays None there)
 
     def over_tensors(*tensors):
         full = list(args)
         for i, t in zip(pos, tensors):
             full[i] = t
         out = fn(*full, **kwargs)
-        return tuple(o for o in (out if layout[0] else (out,)) if o is not None)
+        outs = out if isinstance(out, tuple) else (out,)
+        layout[:] = [isinstance(out, tuple), tuple(o is None for o in outs)]
+        return tuple(o for o in outs if o is not None)
 
     names = [f"t{i}" for i in pos]  # fx names the graph's inputs after the traced function's parameters
     graph = torch.fx.symbolic_trace(_named(over_tensors, names))
     compiler = _graph_compiler
     if compiler is None:
         from torch._inductor.compile_fx import compile_fx as compiler
-    return compiler(graph, [args[i] for i in pos]), pos, layout
+    return compiler(graph, [args[i] for i in pos]), pos, tuple(layout)
 
 
 def _named(fn, names):
