@@ -65,6 +65,7 @@ def build(args, device, tiny: bool):
     student = build_model(cfg, CausalConfig(chunk_frames=args.chunk_frames, attention_backend=args.attention))
     student = student.to(device)
     student.gradient_checkpointing, student.reentrant_recompute = True, args.recompute == "reentrant"
+    student.keep_attention = args.keep_attention  # (backends with a separate backward: the fused kernels on a GPU)
     teacher = build_model(cfg, CausalConfig(chunk_frames=args.chunk_frames, attention_backend=args.attention))
     teacher = teacher.to(device=device, dtype=torch.bfloat16).requires_grad_(False).eval()
     h, w = (4, 4) if tiny else (args.height, args.width)
@@ -178,6 +179,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--recompute", choices=("hooks", "reentrant"), default="hooks",
                     help="how checkpointed blocks recompute (models/causal_wan.py REENTRANT_RECOMPUTE)")
+    ap.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=True,
+                    help="checkpointed blocks keep their self-attention outputs for the recompute "
+                    "(train.checkpoint_keep_attention, on by default; the fused kernels only, so a GPU)")
     ap.add_argument("--fusable-call", action="store_true",
                     help="instead: the host cost of one small compiled call against its eager ops")
     args = ap.parse_args(argv)

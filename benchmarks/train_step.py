@@ -114,6 +114,7 @@ def build(args, device):
     student = build_model(cfg, causal).to(device)
     student.gradient_checkpointing, student.checkpoint_layers = args.checkpointing, args.checkpoint_layers
     student.reentrant_recompute = args.recompute == "reentrant"
+    student.keep_attention = args.keep_attention
     teacher = copy.deepcopy(student).requires_grad_(False).to(torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     lat = torch.randn(args.batch, 16, args.frames, args.height, args.width, generator=g)
@@ -133,6 +134,7 @@ def run(args, kind: str, device) -> dict:
     if kind == "dmd":
         critic = copy.deepcopy(student)  # (before any sharding: sharded models do not deep-copy)
         critic.gradient_checkpointing, critic.checkpoint_layers = args.checkpointing, args.checkpoint_layers
+        critic.keep_attention = args.keep_attention
     par = data_parallel(args, device)
     if par is not None:
         student = par.wrap(student, "student")
@@ -206,7 +208,8 @@ def run(args, kind: str, device) -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"kind": kind, "attention": args.attention, "parallel": args.parallel,
             "world": par.world_size if par is not None else 1, "checkpointing": args.checkpointing,
-            "replayed": args.replayed, "recompute": args.recompute, "compile_min_elements": args.compile_min_elements,
+            "replayed": args.replayed, "recompute": args.recompute, "keep_attention": args.keep_attention,
+            "compile_min_elements": args.compile_min_elements,
             "compile_guards": args.compile_guards,
             "checkpoint_layers": args.checkpoint_layers, "compile": args.compile, "layers": args.layers,
             "frames": args.frames, "video_tokens": tokens, "batch": args.batch, "step_s": step, "steps_s": times,
@@ -237,7 +240,8 @@ def planned_gib(args, kind: str) -> float:
                             fsdp_reduce_dtype="float32" if args.fsdp_param_dtype else "")
     plan = mp.plan_phase(kind, kind, shape, cfg, replace(cfg, param_dtype="bfloat16"), layout, geo,
                          args.batch, precision="bf16", compiled=args.compile, checkpointing=args.checkpointing,
-                         checkpoint_layers=args.checkpoint_layers, critic_in_autocast=True, ema=False,
+                         checkpoint_layers=args.checkpoint_layers, keep_attention=args.keep_attention,
+                         critic_in_autocast=True, ema=False,
                          fused_adam=(True, False), grads_live_in_critic_step=False, critic_cfg=cfg)
     return plan.peak / mp.GIB
 
@@ -272,7 +276,8 @@ def ckpt_label(r) -> str:
     if not r["checkpointing"]:
         return "off"
     label = f"first {r['checkpoint_layers']}" if 0 < r["checkpoint_layers"] < r["layers"] else "on"
-    return label + (", reentrant" if r.get("recompute") == "reentrant" else "")
+    return label + (", reentrant" if r.get("recompute") == "reentrant" else "") + (
+        ", keeps attention" if r.get("keep_attention") else "")
 
 
 def kernel_table(prof, top: int) -> str:
@@ -308,6 +313,10 @@ def main(argv=None):
     ap.add_argument("--recompute", choices=("hooks", "reentrant"), default="hooks",
                     help="with checkpointing: saved-tensor hooks (torch's non-reentrant checkpoint) or one reentrant "
                     "recompute node per block (less host time per call; models/causal_wan.py)")
+    ap.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=True,
+                    help="with checkpointing: checkpointed blocks keep their self-attention outputs for the recompute, "
+                    "which skips the attention kernel (train.checkpoint_keep_attention, on by default; "
+                    "ops/kept_attention.py); --no-keep-attention: recompute them")
     ap.add_argument("--compile", action="store_true",
                     help="fuse the elementwise chains with torch.compile (megatron_rcm.ops.fusion)")
     ap.add_argument("--compile-min-elements", type=int, default=0, metavar="N",
@@ -337,8 +346,7 @@ def main(argv=None):
         print("| step | act. ckpt | elementwise | layers | planned peak GiB |")
         print("|---|---|---|---|---|")
         for kind in args.kinds.split(","):
-            label = "off" if not args.checkpointing else (
-                f"first {args.checkpoint_layers}" if 0 < args.checkpoint_layers < args.layers else "on")
+            label = ckpt_label({**vars(args), "layers": args.layers})
             print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {label} | {compiled_label(args)} "
                   f"| {args.layers} | {planned_gib(args, kind):.1f} |")
         return

@@ -1,7 +1,8 @@
 """The memory planner (training/memory_plan.py, ``megatron-rcm info --gpus N``) against measurements on CPU.
 
 * one block's saved activations: equal to the bytes autograd keeps in a real block (saved-tensor hooks;
-  bf16 autocast and fp32; checkpointed blocks keep their input only);
+  bf16 autocast and fp32; checkpointed blocks keep their input only, and their attention outputs exactly as
+  ``kept_attention`` counts them);
 * a whole TF-sCM and SF-DMD step: within 15% of the CPU allocator's peak (profiler memory events) with a
   memory-lean attention backend that keeps what the fused CUDA kernel keeps (q, k, v, O, log-sum-exp);
 * parameters per rank (exact; the layouts are checked on real sharded models in tests/parallel);
@@ -53,6 +54,25 @@ def test_one_block_keeps_what_the_planner_counts(backend, autocast, batch):
     assert got == mp.block_input(cfg, ONE, tokens, batch, comp)
 
 
+@pytest.mark.parametrize("autocast,batch", [(True, 1), (True, 2), (False, 1)])
+def test_a_checkpointed_block_keeps_the_attention_outputs_the_planner_counts(backend, autocast, batch, monkeypatch):
+    from megatron_rcm.ops import kept_attention
+
+    kept = []
+    record = kept_attention.AttentionStash.record
+    monkeypatch.setattr(kept_attention.AttentionStash, "record",
+                        lambda stash, o, lse: kept.append(o.nbytes + lse.nbytes) or record(stash, o, lse))
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", num_attention_heads=3, num_layers=2, text_len=10)
+    m = build_model(cfg, CausalConfig(attention_backend=backend))
+    m.gradient_checkpointing = m.keep_attention = True
+    x, ctx = torch.randn(batch, 3, 5, 20, 24), torch.randn(batch, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        m(x, torch.full((batch,), 500.0), ctx).sum().backward()
+    comp = mp.Compute(2 if autocast else 4, autocast_copies=autocast)
+    assert kept == [mp.kept_attention(cfg, ONE, 5 * 5 * 6, batch, comp)] * cfg.num_layers  # one per block
+
+
 def _cpu_peak(fn) -> int:
     """Peak of the bytes allocated while ``fn`` runs, replayed from the profiler's memory events."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -76,7 +96,7 @@ def _step(kind, backend, checkpointing, replayed=False):
     cfg = model_preset("tiny", num_layers=2)
     torch.manual_seed(0)
     student = build_model(cfg, CausalConfig(chunk_frames=chunk, attention_backend=backend))
-    student.gradient_checkpointing = checkpointing
+    student.gradient_checkpointing = student.keep_attention = checkpointing
     teacher = copy.deepcopy(student).requires_grad_(False)
     batch = {"latents": torch.randn(1, 3, frames, size, size), "context": torch.randn(1, 8, 32),
              "uncond_context": torch.zeros(1, 8, 32)}
@@ -101,7 +121,8 @@ def _step(kind, backend, checkpointing, replayed=False):
     geo = mp.Geometry(frames, (size // 4) ** 2, chunk, 8)
     shape = mp.phase_shape(kind, {"rollout": {"replayed_backprop": replayed}})
     plan = mp.plan_phase(kind, kind, shape, cfg, cfg, ONE, geo, 1, precision="bf16",
-                         checkpointing=checkpointing, critic_in_autocast=True, ema=False, fused_adam=(True, True),
+                         checkpointing=checkpointing, keep_attention=checkpointing, critic_in_autocast=True,
+                         ema=False, fused_adam=(True, True),
                          grads_live_in_critic_step=False)  # this step's order (CPU AdamW: per-tensor loop)
     return step, student, plan
 

@@ -57,12 +57,19 @@ class TrainConfig:
     # with activation_checkpointing: recompute only the first N transformer blocks this rank runs (0 = all);
     # the rest keep their activations, trading memory for the recomputation (Megatron's recompute_num_layers)
     checkpoint_layers: int = 0
+    # with activation_checkpointing: a checkpointed block keeps each self-attention's output and log-sum-exp for its
+    # recompute, which then skips the attention kernel (ops/kept_attention.py). Costs about one compute-dtype copy of
+    # the block's input per checkpointed block (the memory plan counts it); on an H200 the 1.3B TF-sCM step ran 6%
+    # and the SF-DMD step 10% faster for +5.5 and +2.9 GiB (benchmarks/RESULTS.md, twelfth session). Backends with a
+    # separate backward only (the fused CUDA kernels, the reference); elsewhere no effect
+    checkpoint_keep_attention: bool = True
     # CUDA only: fuse the norm / modulation / gate / GELU / RoPE chains with torch.compile (ops/fusion.py);
     # costs a compile per new shape family at start-up, CPU runs stay eager
     compile_elementwise: bool = False
     # with compile_elementwise: calls on tensors of fewer elements stay eager (a compiled call costs the host more;
     # short self-forcing chunk calls are host-bound; ops/fusion.py). 0 = compile every call. On an H200 the 1.3B
-    # TF-sCM step is faster compiled, the SF-DMD step is not (benchmarks/RESULTS.md, eleventh session)
+    # TF-sCM step is faster compiled; the SF-DMD step is faster with 45000000 (its 4,680-token chunk calls eager, its
+    # whole-video calls compiled: 0.95x the eager step) than eager or compiling every call (RESULTS.md, twelfth session)
     compile_min_elements: int = 0
     # with compile_elementwise: how a call finds its compiled graph: "dynamo" (torch.compile's guards) or "own" (one
     # traced graph per call signature in a dict: about a third less host cost per call on the CPU; ops/fusion.py)

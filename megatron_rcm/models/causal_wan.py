@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.model import CausalConfig, ModelConfig, validate_model
 from ..ops import dual
+from ..ops import kept_attention
 from ..ops.chunks import ChunkLayout
 from ..ops.masks import ChunkVisibility, GroupMask, kv_cache_mask
 from .image_embedding import ImageEmbedder
@@ -46,8 +47,9 @@ from .rope import grid_positions, rope_tables
 # (~85 per block). A self-forcing exit chunk is a short call whose host time comes close to its GPU time: on the
 # CPU a 30-block exit chunk's forward + backward issues in about a third less host time (benchmarks/host_overhead.py
 # --recompute reentrant; RESULTS.md, tenth session). Opt-in: on an H200 the 1.3B SF-DMD step ran 3.6% faster with
-# it (7.75 -> 7.47 s, one sample each, RESULTS.md eleventh session) for 5.0 GiB more peak (55.1 -> 60.1), which the
-# memory planner does not count; the tiny DMD step's peak grows 2.5%; under FSDP2 the hooks stay (parallel/fsdp.py).
+# it (7.75 -> 7.47 s, RESULTS.md eleventh session) for 5.0 GiB more peak (55.1 -> 60.1); with the kept attention
+# outputs (train.checkpoint_keep_attention) only 1% faster (7.04 -> 6.96 s) for 13.4 GiB more (58.0 -> 71.4; twelfth
+# session). The memory planner does not count it; under FSDP2 the hooks stay (parallel/fsdp.py).
 REENTRANT_RECOMPUTE = os.environ.get("MEGATRON_RCM_CHECKPOINT", "hooks") == "reentrant"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -118,6 +120,9 @@ class CausalWanModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_layers = 0  # with gradient_checkpointing: checkpoint only the first N blocks run here (0: all)
         self.reentrant_recompute = REENTRANT_RECOMPUTE  # False under FSDP2 (parallel/fsdp.py)
+        # with gradient_checkpointing: checkpointed blocks keep their self-attention outputs for the recompute
+        # (train.checkpoint_keep_attention; ops/kept_attention.py)
+        self.keep_attention = False
         # a converted teacher starts exactly as it was
         for extra in (self.action_embedder, self.condition_embedder.interval_embedder):
             if extra is not None:
@@ -269,7 +274,8 @@ class CausalWanModel(nn.Module):
                 continue
             ran += 1
             if use_ckpt and (self.checkpoint_layers <= 0 or ran <= self.checkpoint_layers):
-                x, tx = checkpoint(block, x, tx, mod, tmod, text, actx, i, img, use_reentrant=self.reentrant_recompute)
+                run = kept_attention.keeping(block) if self.keep_attention else block
+                x, tx = checkpoint(run, x, tx, mod, tmod, text, actx, i, img, use_reentrant=self.reentrant_recompute)
             else:
                 x, tx = block(x, tx, mod, tmod, text, actx, i, img)
         if cache is not None and write_cache:

@@ -101,7 +101,7 @@ class Attention(nn.Module):
 
                 tk, tv = zeros_before(tk), zeros_before(tv)
                 k, v = k_all, v_all
-        o, to = attention_jvp(q, k, v, tq, tk, tv, mask=ctx.mask, backend=ctx.backend)
+        o, to = attention_jvp(q, k, v, tq, tk, tv, mask=ctx.mask, backend=ctx.backend, keep=True)
         if par is not None and par.cp > 1:
             o, to = par.heads_to_seq(o, to)
         return self._out(o, to)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .attention_reference import attention_reference, attention_reference_jvp
+from . import kept_attention
+from .attention_reference import attention_reference, attention_reference_backward, attention_reference_jvp
 from .masks import GroupMask
 
 
@@ -39,6 +40,11 @@ class AttentionBackend:
     forward_jvp: Callable
     available: Callable[[torch.Tensor], bool]
     jvp_differentiable: bool = True  # False: forward_jvp builds no graph (refused while autograd records)
+    # the forward and backward apart (ops/kept_attention.py): forward_lse(q, k, v, mask, scale) -> (O, LSE) and
+    # backward(q, k, v, o, do, lse, mask, scale) -> (dq, dk, dv); a backend with both can keep a checkpointed
+    # block's self-attention outputs for its recompute (train.checkpoint_keep_attention)
+    forward_lse: Callable | None = None
+    backward: Callable | None = None
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -72,7 +78,16 @@ def _reference_jvp(q, k, v, tq, tk, tv, mask, scale):
     return attention_reference_jvp(q, k, v, tq, tk, tv, mask=mask, scale=scale)
 
 
-register_backend(AttentionBackend("reference", _reference_forward, _reference_jvp, lambda t: True))
+def _reference_forward_lse(q, k, v, mask, scale):
+    return attention_reference(q, k, v, mask=mask, scale=scale, return_lse=True)
+
+
+def _reference_backward(q, k, v, o, do, lse, mask, scale):
+    return attention_reference_backward(q, k, v, o, do, lse, mask=mask, scale=scale)
+
+
+register_backend(AttentionBackend("reference", _reference_forward, _reference_jvp, lambda t: True,
+                                  forward_lse=_reference_forward_lse, backward=_reference_backward))
 register_backend(AttentionBackend("sdpa", _sdpa_forward, _reference_jvp, lambda t: True))
 
 
@@ -126,9 +141,18 @@ def _cudnn_inference(q, k, v, mask, scale):
     return o.transpose(1, 2)
 
 
-def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None, backend: str = "auto"):
-    """O = softmax(scale q k^T + mask) v over [B, S, H, D] tensors."""
+def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None, backend: str = "auto",
+              keep: bool = False):
+    """O = softmax(scale q k^T + mask) v over [B, S, H, D] tensors.
+
+    ``keep`` (self-attention): inside a checkpointed block that keeps its attention outputs
+    (``ops/kept_attention.keeping``), a backend with a separate forward and backward records (O, LSE) in the first
+    run and skips its kernel in the recompute."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if keep and kept_attention.active() is not None:
+        impl = resolve_backend(backend, q)
+        if impl.forward_lse is not None and impl.backward is not None:
+            return kept_attention.split_attention(impl.forward_lse, impl.backward, q, k, v, mask, scale, keep=True)
     if backend == "auto":
         o = _cudnn_inference(q, k, v, mask, scale)
         if o is not None:
@@ -137,11 +161,11 @@ def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None
 
 
 def attention_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale: float | None = None,
-                  backend: str = "auto"):
-    """(O, dO) in one call; tangents may be None (zero)."""
+                  backend: str = "auto", keep: bool = False):
+    """(O, dO) in one call; tangents may be None (zero). ``keep``: see :func:`attention` (no effect with a tangent)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if tq is None and tk is None and tv is None:
-        return attention(q, k, v, mask, scale, backend), None
+        return attention(q, k, v, mask, scale, backend, keep=keep), None
     impl = resolve_backend(backend, q)
     if not impl.jvp_differentiable and records_graph(q, k, v, tq, tk, tv):
         raise RuntimeError(f"attention backend {impl.name!r} computes the JVP (a forward with tangents) without an "

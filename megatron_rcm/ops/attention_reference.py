@@ -4,13 +4,15 @@ Layout is flash-attn's: q [B, Sq, H, D], k/v [B, Sk, H, D]. Rows are processed i
 that no more than ``block x Sk`` scores live at once (the JVP holds a few of those, never S x S
 per tangent). Fully masked query rows return zeros (flash-attn's convention).
 
-Two entry points:
+Three entry points:
 
 * :func:`attention_reference` -- O = softmax(scale QK^T + mask) V, plain differentiable ops, so
   autograd gives the backward and ``torch.func.jvp`` gives the ground-truth tangent.
 * :func:`attention_reference_jvp` -- (O, dO) from explicit tangent formulas (docs/design.md, "Attention JVP"):
   dS = scale (dQ K^T + Q dK^T),  dP = P * (dS - rowsum(P * dS)),  dO = dP V + P dV.
   This is the arithmetic the fused kernel implements; the model's tangent pass calls it.
+* :func:`attention_reference_backward` -- (dQ, dK, dV) from the saved O and log-sum-exp, the fused backward's
+  formulas: what the reference backend's separate backward runs (``ops/kept_attention.py``).
 """
 from __future__ import annotations
 
@@ -109,3 +111,30 @@ def attention_reference_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, 
         outs.append(o)
         touts.append(to)
     return torch.cat(outs, dim=1), torch.cat(touts, dim=1)
+
+
+def attention_reference_backward(q, k, v, o, do, lse, mask: GroupMask | None = None, scale: float | None = None,
+                                 block_q: int | None = None):
+    """(dQ, dK, dV) of O = attention(q, k, v) from the saved O and log-sum-exp, the formulas a flash backward runs:
+    P = exp(scale q k^T - LSE), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+
+    Computed in >= fp32 and returned in the inputs' dtypes; rows without an allowed key (LSE = -inf) get zero.
+    """
+    _check_qkv(q, k, v, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, of, dof = (t.to(acc) for t in (q, k, v, o, do))
+    lse = lse.to(acc)
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # masked rows: P = 0
+    bq = _query_block(q, k, block_q)
+    dq, dk, dv = torch.empty_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    for start in range(0, q.shape[1], bq):
+        rows = slice(start, min(start + bq, q.shape[1]))
+        s, _ = _masked_scores(qf, kf, scale, mask, rows)
+        p = torch.exp(s - lse[:, :, rows, None])
+        dv += torch.einsum("bhqk,bqhd->bkhd", p, dof[:, rows])
+        delta = (dof[:, rows] * of[:, rows]).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, rows, 1]
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", dof[:, rows], vf) - delta)
+        dq[:, rows] = scale * torch.einsum("bhqk,bkhd->bqhd", ds, kf)
+        dk += scale * torch.einsum("bhqk,bqhd->bkhd", ds, qf[:, rows])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

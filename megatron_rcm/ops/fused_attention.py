@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .attention import AttentionBackend, register_backend
+from .kept_attention import split_attention
 from .masks import TILE_FULL, TILE_SKIP, GroupMask
 
 # Tile sizes the kernels summarise masks with (mirrors csrc/fused_attention_kernels.cuh).
@@ -206,31 +207,18 @@ def kernel_and_mask(kind: str, mask, q, k, *operands) -> tuple[bool, PackedMask]
 
 
 def _fwd(q, k, v, mask, scale):
+    """(O, LSE) of contiguous q, k, v."""
     sm90, m = kernel_and_mask("fwd", mask, q, k, v)
     order = forward_order(sm90, m, q)
     return _C.fwd(q, k, v, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, scale, sm90, order)
 
 
 # ---------------------------------------------------------------- autograd + backend functions
-class _FusedAttention(torch.autograd.Function):
-    """O = attention(q, k, v); backward is the CUDA kernel from dO and the saved LSE."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = _fwd(q, k, v, mask, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.mask, ctx.scale = mask, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        do = do.contiguous()
-        sm90, m = kernel_and_mask("bwd", ctx.mask, q, k, v, do)
-        dq, dk, dv = _C.bwd(q, k, v, o, do, lse, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, ctx.scale,
-                            sm90)  # Delta is made inside
-        return dq, dk, dv, None, None
+def _bwd(q, k, v, o, do, lse, mask, scale):
+    """(dq, dk, dv) from dO and the saved O and LSE (Delta is made inside the kernel)."""
+    sm90, m = kernel_and_mask("bwd", mask, q, k, v, do)
+    dq, dk, dv = _C.bwd(q, k, v, o, do, lse, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, scale, sm90)
+    return dq, dk, dv
 
 
 def _scale(q, scale):
@@ -238,8 +226,8 @@ def _scale(q, scale):
 
 
 def fused_forward(q, k, v, mask: GroupMask | None = None, scale: float | None = None):
-    """O [B, Sq, H, D], differentiable w.r.t. q, k, v."""
-    return _FusedAttention.apply(q, k, v, mask, _scale(q, scale))
+    """O [B, Sq, H, D], differentiable w.r.t. q, k, v (the backward kernel from dO and the saved LSE)."""
+    return split_attention(_fwd, _bwd, q, k, v, mask, _scale(q, scale))
 
 
 def fused_forward_lse(q, k, v, mask: GroupMask | None = None, scale: float | None = None):
@@ -268,4 +256,4 @@ def fused_available(t: torch.Tensor) -> bool:
 
 if _C is not None:
     register_backend(AttentionBackend("fused", fused_forward, fused_forward_jvp, fused_available,
-                                      jvp_differentiable=False))
+                                      jvp_differentiable=False, forward_lse=_fwd, backward=_bwd))

@@ -43,8 +43,10 @@ RECOMPILE_LIMIT = 32
 # then looked up in a dict. Why: a compiled call then costs the host about a third less, and view arguments need no
 # re-aliasing, since nothing guards on their bases. CPU, a gated residual: 35-38 vs 52-58 µs with grad, 15.5-15.9 vs
 # 24.3-24.5 without, 3.8 µs of it the signature (benchmarks/host_overhead.py --fusable-call, RESULTS.md eleventh
-# session). Opt-in (MEGATRON_RCM_COMPILE_GUARDS=own, set_enabled(guards=)) until a GPU A/B; past OWN_GRAPH_LIMIT
-# signatures a function runs eager, as past dynamo's limit.
+# session). Opt-in (MEGATRON_RCM_COMPILE_GUARDS=own, set_enabled(guards=)): on an H200 the 1.3B TF-sCM step ran 0.8%
+# faster than with dynamo in the same call (within the machines' noise), and an SF-DMD step compiling every call stayed
+# slower than eager (RESULTS.md, twelfth session). Past OWN_GRAPH_LIMIT signatures a function runs eager, as past
+# dynamo's limit.
 _guards = os.environ.get("MEGATRON_RCM_COMPILE_GUARDS", "dynamo")
 OWN_GRAPH_LIMIT = 64
 _graph_compiler = None  # (graph module, example inputs) -> callable; None: inductor's compile_fx (tests swap it)

@@ -18,7 +18,8 @@ Two parts with different standing:
   ``train.compile_elementwise`` fuses the norm chains, whose fp32 intermediates are then mostly
   recomputed: ``COMPILED_FP32_KEPT`` of them remain, calibrated on the H200 (RESULTS.md, 2026-12-01:
   5.2 GiB per unchecked block of the 1.3B TF-sCM step). Activation checkpointing keeps each
-  checkpointed block's input only and recomputes one block in backward. The step is modelled as
+  checkpointed block's input only (and with ``train.checkpoint_keep_attention`` its self-attention's output
+  and log-sum-exp) and recomputes one block in backward. The step is modelled as
   its network calls: teacher-forcing phases hold one grad-enabled [clean ; noisy] forward (the
   teacher's CFG pass and sCM/MeanFlow's JVP run without a graph before it), self-forcing phases hold
   one grad-enabled graph per chunk plus the rollout's KV cache (whose snapshots are prefixes of one
@@ -179,6 +180,13 @@ def block_input(cfg: ModelConfig, par: ParallelConfig, tokens: int, batch: int, 
     return int(batch * tokens / par.cp * cfg.hidden_size * comp.bytes)
 
 
+def kept_attention(cfg: ModelConfig, par: ParallelConfig, tokens: int, batch: int, comp: Compute) -> int:
+    """What a checkpointed block keeps for its recompute with ``train.checkpoint_keep_attention``: the
+    self-attention output (compute dtype) and log-sum-exp (fp32) of its local heads over all its tokens."""
+    d, h = cfg.hidden_size / par.tp, cfg.num_attention_heads / par.tp
+    return int(batch * tokens / par.cp * (d * comp.bytes + h * 4))
+
+
 def head_saved(cfg: ModelConfig, par: ParallelConfig, tokens: int, batch: int, comp: Compute) -> int:
     """Embedding and head of one forward (the head's LayerNorm in fp32, the projection's input)."""
     return int(batch * tokens / par.cp * cfg.hidden_size * (2 * 4 + comp.bytes))
@@ -199,13 +207,15 @@ def kv_cache(cfg: ModelConfig, par: ParallelConfig, tokens: int, batch: int, com
 
 
 def grad_forward(cfg: ModelConfig, par: ParallelConfig, tokens: int, batch: int, comp: Compute, frames: int,
-                 text_len: int, checkpointing: bool, checkpoint_layers: int) -> tuple[int, int]:
+                 text_len: int, checkpointing: bool, checkpoint_layers: int,
+                 keep_attention: bool = False) -> tuple[int, int]:
     """(held after the forward, extra at the backward's peak) of one grad-enabled forward on pipeline stage 0."""
     layers = cfg.num_layers // par.pp
     ckpt = 0 if not checkpointing else (layers if checkpoint_layers <= 0 else min(checkpoint_layers, layers))
     a = block_saved(cfg, par, tokens, batch, comp, frames, text_len)
-    held = (layers - ckpt) * a + ckpt * block_input(cfg, par, tokens, batch, comp) + \
-        head_saved(cfg, par, tokens, batch, comp)
+    kept = block_input(cfg, par, tokens, batch, comp) + \
+        (kept_attention(cfg, par, tokens, batch, comp) if keep_attention else 0)
+    held = (layers - ckpt) * a + ckpt * kept + head_saved(cfg, par, tokens, batch, comp)
     return held, int((BACKWARD_RECOMPUTE if ckpt else BACKWARD_WORKSET) * a)
 
 
@@ -277,7 +287,7 @@ def step_peak(shape: StepShape, student: ModelConfig, teacher: ModelConfig | Non
               par: ParallelConfig,
               geo: Geometry, batch: int, comp: Compute, critic_comp: Compute, time: Timeline, *, checkpointing: bool,
               checkpoint_layers: int, micro: int = 1, micro_in_flight: int = 1,
-              cast_cache: int = 0) -> tuple[dict[str, int], int]:
+              cast_cache: int = 0, keep_attention: bool = False) -> tuple[dict[str, int], int]:
     """Named parts and the peak, over one step, of everything but weights and optimizer states.
 
     Forward: the no-grad passes run first (teacher-forcing phases), then the grad graph grows; the
@@ -287,7 +297,7 @@ def step_peak(shape: StepShape, student: ModelConfig, teacher: ModelConfig | Non
     parts: dict[str, int] = {}
     layers = student.num_layers // par.pp
     fwd = dict(frames=geo.frames, text_len=geo.text_len, checkpointing=checkpointing,
-               checkpoint_layers=checkpoint_layers)
+               checkpoint_layers=checkpoint_layers, keep_attention=keep_attention)
     held, extra, passes = 0, 0, 0
     if shape.teacher_forcing:  # the teacher's CFG pass and the JVP run (no graph) before the grad forward
         tf_tokens = 2 * geo.video
@@ -336,8 +346,8 @@ def step_peak(shape: StepShape, student: ModelConfig, teacher: ModelConfig | Non
 
 def plan_phase(name: str, kind: str, shape: StepShape, student: ModelConfig, teacher: ModelConfig | None,
                par: ParallelConfig, geo: Geometry, batch: int, *, precision: str = "fp32", compiled: bool = False,
-               checkpointing: bool = False, checkpoint_layers: int = 0, micro: int = 1,
-               pp_schedule: str = "1f1b", critic_in_autocast: bool = True, ema: bool = True,
+               checkpointing: bool = False, checkpoint_layers: int = 0, keep_attention: bool = False,
+               micro: int = 1, pp_schedule: str = "1f1b", critic_in_autocast: bool = True, ema: bool = True,
                fused_adam: tuple[bool, bool] = (False, False), grads_live_in_critic_step: bool = True,
                critic_cfg: ModelConfig | None = None) -> PhasePlan:
     """The plan of one phase: models (student, EMA, frozen teacher, critic) and the step's peak.
@@ -375,7 +385,7 @@ def plan_phase(name: str, kind: str, shape: StepShape, student: ModelConfig, tea
     cast = 2 * counts.unsharded if autocast else 0  # autocast's bf16 copy of each trainable weight used
     parts, peak = step_peak(shape, student, teacher, critic_cfg or teacher, par, geo, batch, comp, critic_comp, time,
                             checkpointing=checkpointing, checkpoint_layers=checkpoint_layers, micro=micro,
-                            micro_in_flight=in_flight, cast_cache=cast)
+                            micro_in_flight=in_flight, cast_cache=cast, keep_attention=keep_attention)
     if cast:
         parts["autocast weight copies"] = cast
     plan = PhasePlan(name, kind, models, parts)
@@ -412,7 +422,8 @@ def plan_run(cfg, gpus: int, teacher_configs: dict[str, ModelConfig] | None = No
         plans.append(plan_phase(phase.name, phase.kind, shape, m, teacher, par, geo, global_batch // par.dp // micro,
                                 precision=cfg.train.precision, compiled=cfg.train.compile_elementwise,
                                 checkpointing=cfg.train.activation_checkpointing,
-                                checkpoint_layers=cfg.train.checkpoint_layers, micro=micro,
+                                checkpoint_layers=cfg.train.checkpoint_layers,
+                                keep_attention=cfg.train.checkpoint_keep_attention, micro=micro,
                                 pp_schedule=par.pp_schedule))
     return plans
 

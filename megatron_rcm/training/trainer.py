@@ -106,6 +106,7 @@ class Trainer:
         model = build_model(model_cfg or self.cfg.model, self.cfg.causal).to(self.device)
         model.gradient_checkpointing = self.cfg.train.activation_checkpointing
         model.checkpoint_layers = self.cfg.train.checkpoint_layers
+        model.keep_attention = self.cfg.train.checkpoint_keep_attention
         fusion.set_enabled(self.cfg.train.compile_elementwise, min_elements=self.cfg.train.compile_min_elements,
                            guards=self.cfg.train.compile_guards)
         return model

@@ -81,17 +81,17 @@ def run(model, kind, inp, sl):
 
 
 def loss_of(y, ty, inp, sl):
-    return (y * sl(inp["w1"])).mean() + 0.1 * (ty * sl(inp["w2"])).mean()
+    return (y * sl(inp["w1"])).mean() + (0.0 if ty is None else 0.1 * (ty * sl(inp["w2"])).mean())
 
 
 def forward(model, kind, inp, sl):
     s = lambda k: sl(inp[k])  # noqa: E731
     tpf = model.tokens_per_frame(H, W)
     image = s("img") if model.cfg.image_dim else None
-    if kind == "tf":
+    if kind in ("tf", "ckpt"):  # ckpt: no tangent (the kept attention outputs serve tangent-free recomputes)
         mask = teacher_forcing_mask(F, tpf, 1)
-        y, ty = model.forward_teacher_forcing(s("clean"), s("x"), s("t"), s("ctx"), mask, s("dx"), s("dt"),
-                                              image=image)
+        dx, dt = (None, None) if kind == "ckpt" else (s("dx"), s("dt"))
+        y, ty = model.forward_teacher_forcing(s("clean"), s("x"), s("t"), s("ctx"), mask, dx, dt, image=image)
     else:
         mask = block_causal_mask(F, tpf, 1 if kind == "frame" else 2)
         y, ty = model.forward_with_tangent(s("x"), s("t"), s("ctx"), s("dx"), s("dt"), mask=mask, image=image)
@@ -100,11 +100,16 @@ def forward(model, kind, inp, sl):
 
 def check(layout, groups, kind, errors):
     """``kind``: frame / chunk / tf mask; ``accum`` = frame mask over 2 accumulated micro-batches; ``skip`` =
-    tf mask after a grad-enabled forward whose loss was dropped (the trainer's non-finite skip)."""
+    tf mask after a grad-enabled forward whose loss was dropped (the trainer's non-finite skip); ``ckpt`` = tf mask
+    without tangent, the layout's blocks checkpointed and keeping their attention outputs (ops/kept_attention.py)
+    against the plain single process."""
     chunk = 2 if kind == "chunk" else 1
     inp = make_inputs()
     ref = make_model(chunk, image=kind == "image")
-    par = wrap(copy.deepcopy(ref), groups)
+    par = copy.deepcopy(ref)
+    if kind == "ckpt":
+        par.gradient_checkpointing = par.keep_attention = True
+    par = wrap(par, groups)
     mkind = {"accum": "frame", "image": "tf", "skip": "tf"}.get(kind, kind)
     if kind == "skip":
         forward(par, mkind, inp, lambda t: batch_for_rank(t, groups))  # graph dropped, no backward
@@ -139,7 +144,8 @@ def check(layout, groups, kind, errors):
 
     if py is not None:  # (pipeline: only the last stage has the output)
         cmp("output", py, batch_for_rank(y, groups))
-        cmp("jvp tangent", pty, batch_for_rank(ty, groups))
+        if ty is not None:
+            cmp("jvp tangent", pty, batch_for_rank(ty, groups))
     cmp("loss", gl, loss)
     rp = dict(ref.named_parameters())
     for name, p in par.named_parameters():

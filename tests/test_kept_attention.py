@@ -1,0 +1,175 @@
+"""Kept attention outputs (train.checkpoint_keep_attention): the reference backward, and checkpointed blocks whose
+recompute takes the first run's (O, LSE) instead of running attention again, with the gradients of the plain run."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import rel_err
+from megatron_rcm.ops import attention as A
+from megatron_rcm.ops import kept_attention
+from megatron_rcm.ops.attention_reference import attention_reference, attention_reference_backward
+from megatron_rcm.ops.masks import GroupMask, block_causal_mask, kv_cache_mask, teacher_forcing_mask
+from test_model import _inputs, _model
+
+
+def _qkv(b=2, sq=37, sk=53, h=3, d=16, dtype=torch.float64):
+    return (torch.randn(b, s, h, d, dtype=dtype, requires_grad=True) for s in (sq, sk, sk))
+
+
+MASKS = {
+    "none": lambda sq, sk: None,
+    "block_causal": lambda sq, sk: block_causal_mask(4, sq // 4, 1),
+    "teacher_forcing": lambda sq, sk: teacher_forcing_mask(2, sq // 4, 1),
+    "cache": lambda sq, sk: kv_cache_mask([0, 1], (sk - sq) // 2, 3, sq),  # a chunk against two cached chunks
+    "rows_masked": lambda sq, sk: GroupMask(torch.arange(sq) % 3, torch.zeros(sk, dtype=torch.long),
+                                            torch.tensor([[True, False, False], [True, True, False],
+                                                          [False, False, False]])),  # every third row sees nothing
+}
+SHAPES = {"none": (37, 53), "block_causal": (40, 40), "teacher_forcing": (40, 40), "cache": (20, 60),
+          "rows_masked": (30, 45)}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("block_q", [None, 7])  # one block of rows, and several
+def test_reference_backward_equals_autograd(name, block_q):
+    sq, sk = SHAPES[name]
+    q, k, v = _qkv(sq=sq, sk=sk)
+    mask = MASKS[name](sq, sk)
+    o, lse = attention_reference(q, k, v, mask, return_lse=True)
+    do = torch.randn_like(o)
+    want = torch.autograd.grad(o, (q, k, v), do)
+    got = attention_reference_backward(q.detach(), k.detach(), v.detach(), o.detach(), do, lse.detach(), mask,
+                                       block_q=block_q)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert rel_err(g, w) < 1e-12
+    if name == "rows_masked":
+        assert got[0][:, 2::3].abs().max() == 0  # rows that see no key: no gradient to their queries
+
+
+def test_reference_backward_in_bf16_is_within_bf16_rounding():
+    q, k, v = (t.detach() for t in _qkv())
+    o, lse = attention_reference(q, k, v, return_lse=True)
+    do = torch.randn_like(o)
+    ref = attention_reference_backward(q, k, v, o, do, lse)
+    got = attention_reference_backward(*(t.bfloat16() for t in (q, k, v, o, do)), lse.float())
+    for g, w in zip(got, ref):
+        assert g.dtype == torch.bfloat16 and rel_err(g.double(), w) < 2e-2
+
+
+@pytest.fixture
+def counted_forwards(monkeypatch):
+    """The reference backend's split forward, counting its calls (what the recompute must skip)."""
+    calls = []
+    ref = A._BACKENDS["reference"]
+    monkeypatch.setitem(A._BACKENDS, "reference",
+                        dataclasses.replace(ref, forward_lse=lambda *a: calls.append(a[0].shape) or ref.forward_lse(*a)))
+    return calls
+
+
+def _grads(model, run):
+    model.zero_grad(set_to_none=True)
+    out = run()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])  # saved-tensor hooks, or one recompute node per block
+@pytest.mark.parametrize("layout", ["block_causal", "teacher_forcing", "exit_chunk"])
+def test_checkpointed_blocks_keep_attention_with_the_gradients_of_the_plain_run(counted_forwards, reentrant,
+                                                                                  layout):
+    model = _model(chunk=1)
+    model.reentrant_recompute = reentrant
+    x, t, ctx = _inputs()
+    tpf = model.tokens_per_frame(8, 8)
+    if layout == "block_causal":
+        mask = block_causal_mask(x.shape[2], tpf, 1)
+        run = lambda: model(x, t, ctx, mask)  # noqa: E731
+    elif layout == "teacher_forcing":
+        clean = torch.randn_like(x)
+        mask = teacher_forcing_mask(x.shape[2], tpf, 1)
+        run = lambda: model.forward_teacher_forcing(clean, x, t, ctx, mask)[0]  # noqa: E731
+    else:  # a self-forcing exit step: one chunk with grad against the cache of two earlier ones (no grad)
+        cache = model.new_kv_cache(8, 8)
+        with torch.no_grad():
+            for c in range(2):
+                model.forward_chunk(x[:, :, c:c + 1], t[:, c:c + 1], ctx, cache, c, write_cache=True)
+        run = lambda: model.forward_chunk(x[:, :, 2:3], t[:, 2:3], ctx, cache, 2)[0]  # noqa: E731
+    plain = _grads(model, run)
+    model.gradient_checkpointing = True
+    recomputed = _grads(model, run)
+    counted_forwards.clear()
+    model.keep_attention = True
+    kept = _grads(model, run)
+    assert len(counted_forwards) == len(model.blocks)  # the first runs only: no recompute ran attention
+    assert plain.keys() == kept.keys() == recomputed.keys()
+    for name in plain:
+        assert rel_err(kept[name], plain[name]) < 1e-10, name
+        assert rel_err(kept[name], recomputed[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_kept_outputs_are_let_go_once_handed_over(counted_forwards, reentrant):
+    """The recompute's saved tensors hold a kept pair from the hand-over on; the stash does not (torch's reentrant
+    checkpoint keeps its recompute closure, and with it the stash, until the whole graph is released)."""
+    import weakref
+
+    model = _model()
+    model.gradient_checkpointing = model.keep_attention = True
+    model.reentrant_recompute = reentrant
+    x, t, ctx = _inputs()
+    mask = block_causal_mask(x.shape[2], model.tokens_per_frame(8, 8), 1)
+    kept = []
+    record = kept_attention.AttentionStash.record
+
+    def watched(stash, o, lse):
+        record(stash, o, lse)
+        kept.append(weakref.ref(stash.kept[-1][0]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kept_attention.AttentionStash, "record", watched)
+        out = model(x, t, ctx, mask)
+    assert len(kept) == len(model.blocks) and all(r() is not None for r in kept)
+    out.square().mean().backward()
+    assert all(r() is None for r in kept)  # freed while the graph is still referenced
+    assert len(counted_forwards) == len(model.blocks)
+
+
+def test_a_second_backward_through_a_retained_graph_recomputes_attention(counted_forwards):
+    model = _model()
+    model.gradient_checkpointing = model.keep_attention = True
+    x, t, ctx = _inputs()
+    mask = block_causal_mask(x.shape[2], model.tokens_per_frame(8, 8), 1)
+    loss = model(x, t, ctx, mask).square().mean()
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(counted_forwards) == len(model.blocks)  # the first backward replayed the kept outputs
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    assert len(counted_forwards) == 2 * len(model.blocks)  # handed over already: the second one recomputed them
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, first[n]) < 1e-12, n
+
+
+def test_stash_refuses_a_recompute_that_differs_from_the_first_run():
+    stash = kept_attention.AttentionStash()
+    o, lse = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4)
+    stash.record(o, lse)
+    stash.runs = 1
+    with pytest.raises(RuntimeError, match=r"makes \(1, 5, 2, 8\).*checkpoint_keep_attention=false"):
+        stash.take(torch.Size([1, 5, 2, 8]), o.dtype)
+    got = stash.take(o.shape, o.dtype)
+    assert got[0] is not o and got[0].data_ptr() == o.data_ptr()  # a detached alias of the first run's output
+    stash.position = 0
+    assert stash.take(o.shape, o.dtype) is None  # handed over once
+    with pytest.raises(RuntimeError, match="more attention calls"):
+        stash.take(o.shape, o.dtype)
+
+
+def test_keep_without_a_split_backend_or_outside_a_checkpoint_changes_nothing():
+    q, k, v = (t.detach() for t in _qkv(dtype=torch.float32))
+    assert kept_attention.active() is None
+    torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", keep=True), A.attention(q, k, v, backend="sdpa"))
+    run = kept_attention.keeping(lambda: A.attention(q, k, v, backend="sdpa", keep=True))
+    torch.testing.assert_close(run(), A.attention(q, k, v, backend="sdpa"))  # sdpa: no split forward, nothing kept
