@@ -346,7 +346,7 @@ def main(argv=None):
         print("| step | act. ckpt | elementwise | layers | planned peak GiB |")
         print("|---|---|---|---|---|")
         for kind in args.kinds.split(","):
-            label = ckpt_label({**vars(args), "layers": args.layers})
+            label = ckpt_label(vars(args))
             print(f"| {'TF-sCM' if kind == 'scm' else 'SF-DMD'} | {label} | {compiled_label(args)} "
                   f"| {args.layers} | {planned_gib(args, kind):.1f} |")
         return

@@ -17,25 +17,24 @@ def _qkv(b=2, sq=37, sk=53, h=3, d=16, dtype=torch.float64):
     return (torch.randn(b, s, h, d, dtype=dtype, requires_grad=True) for s in (sq, sk, sk))
 
 
-MASKS = {
-    "none": lambda sq, sk: None,
-    "block_causal": lambda sq, sk: block_causal_mask(4, sq // 4, 1),
-    "teacher_forcing": lambda sq, sk: teacher_forcing_mask(2, sq // 4, 1),
-    "cache": lambda sq, sk: kv_cache_mask([0, 1], (sk - sq) // 2, 3, sq),  # a chunk against two cached chunks
-    "rows_masked": lambda sq, sk: GroupMask(torch.arange(sq) % 3, torch.zeros(sk, dtype=torch.long),
-                                            torch.tensor([[True, False, False], [True, True, False],
-                                                          [False, False, False]])),  # every third row sees nothing
+MASKS = {  # name -> ((queries, keys), mask of them)
+    "none": ((37, 53), lambda sq, sk: None),
+    "block_causal": ((40, 40), lambda sq, sk: block_causal_mask(4, sq // 4, 1)),
+    "teacher_forcing": ((40, 40), lambda sq, sk: teacher_forcing_mask(2, sq // 4, 1)),
+    "cache": ((20, 60), lambda sq, sk: kv_cache_mask([0, 1], (sk - sq) // 2, 3, sq)),  # a chunk vs two cached ones
+    # every third query row sees no key
+    "rows_masked": ((30, 45), lambda sq, sk: GroupMask(torch.arange(sq) % 3, torch.zeros(sk, dtype=torch.long),
+                                                       torch.tensor([[True, False, False], [True, True, False],
+                                                                     [False, False, False]]))),
 }
-SHAPES = {"none": (37, 53), "block_causal": (40, 40), "teacher_forcing": (40, 40), "cache": (20, 60),
-          "rows_masked": (30, 45)}
 
 
 @pytest.mark.parametrize("name", list(MASKS))
 @pytest.mark.parametrize("block_q", [None, 7])  # one block of rows, and several
 def test_reference_backward_equals_autograd(name, block_q):
-    sq, sk = SHAPES[name]
+    (sq, sk), make_mask = MASKS[name]
     q, k, v = _qkv(sq=sq, sk=sk)
-    mask = MASKS[name](sq, sk)
+    mask = make_mask(sq, sk)
     o, lse = attention_reference(q, k, v, mask, return_lse=True)
     do = torch.randn_like(o)
     want = torch.autograd.grad(o, (q, k, v), do)
@@ -63,8 +62,8 @@ def counted_forwards(monkeypatch):
     """The reference backend's split forward, counting its calls (what the recompute must skip)."""
     calls = []
     ref = A._BACKENDS["reference"]
-    monkeypatch.setitem(A._BACKENDS, "reference",
-                        dataclasses.replace(ref, forward_lse=lambda *a: calls.append(a[0].shape) or ref.forward_lse(*a)))
+    counting = dataclasses.replace(ref, forward_lse=lambda *a: calls.append(a[0].shape) or ref.forward_lse(*a))
+    monkeypatch.setitem(A._BACKENDS, "reference", counting)
     return calls
 
 

@@ -49,7 +49,8 @@ from .rope import grid_positions, rope_tables
 # --recompute reentrant; RESULTS.md, tenth session). Opt-in: on an H200 the 1.3B SF-DMD step ran 3.6% faster with
 # it (7.75 -> 7.47 s, RESULTS.md eleventh session) for 5.0 GiB more peak (55.1 -> 60.1); with the kept attention
 # outputs (train.checkpoint_keep_attention) only 1% faster (7.04 -> 6.96 s) for 13.4 GiB more (58.0 -> 71.4; twelfth
-# session). The memory planner does not count it; under FSDP2 the hooks stay (parallel/fsdp.py).
+# session, before the kept pairs were released on hand-over: ops/kept_attention.AttentionStash). The memory planner
+# does not count it; under FSDP2 the hooks stay (parallel/fsdp.py).
 REENTRANT_RECOMPUTE = os.environ.get("MEGATRON_RCM_CHECKPOINT", "hooks") == "reentrant"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
