@@ -14,8 +14,8 @@ and defines correctness; ``"sdpa"`` uses ``F.scaled_dot_product_attention`` for 
 ``"fused"`` is the CUDA extension in ``csrc/`` (registered by :mod:`megatron_rcm.ops.fused_attention`
 when it is built). ``"auto"`` picks the fused kernel on CUDA when available, else SDPA (also on CPU,
 where its fused kernel is ~9x faster than the reference on the tiny model's training step); full-mask forwards
-that autograd does not record (streaming, the teacher's sampling) take cuDNN's SDPA on Hopper instead
-(``INFERENCE_SDPA`` below).
+that autograd does not record take cuDNN's SDPA on Hopper instead, and on request the recorded ones with cuDNN's
+backward (``INFERENCE_SDPA`` and ``TRAINING_SDPA`` below).
 """
 from __future__ import annotations
 
@@ -117,28 +117,82 @@ def resolve_backend(name: str, like: torch.Tensor) -> AttentionBackend:
 # "auto" sends full-mask forwards that autograd does not record (streaming, the teacher's sampling) to cuDNN's
 # attention on Hopper: on the H200 it runs them ~15% faster than the fused forward (benchmarks/RESULTS.md);
 # MEGATRON_RCM_INFERENCE_SDPA=fused keeps them on the fused kernel.
+# MEGATRON_RCM_TRAINING_SDPA=cudnn sends the full-mask calls autograd records there too, forward and backward (a
+# self-forcing exit chunk against its KV cache, every text cross-attention): on the H200 cuDNN's backward is
+# 1.3-1.5x the fused one at the rollout's 4,680-query shapes, its forward 1.15x, and 1.7-2.6x on the 512-key text
+# cross-attention. Opt-in: in the SF-DMD step it cut the kernels' time by 4.6%, but the step's time moved by less
+# than the runs of one device call differ (its exit chunks wait on the host, and a cuDNN call costs the host ~80 us
+# more than a fused one); RESULTS.md, thirteenth session.
 INFERENCE_SDPA = os.environ.get("MEGATRON_RCM_INFERENCE_SDPA", "cudnn")
+TRAINING_SDPA = os.environ.get("MEGATRON_RCM_TRAINING_SDPA", "fused")
 _cudnn_refused: set = set()  # shapes cuDNN declined once (no kernel): they stay on the fused kernel
+
+
+def _cudnn_key(path: str, q, k) -> tuple:
+    return path, tuple(q.shape), tuple(k.shape), q.dtype
+
+
+def _cudnn_applies(path: str, q, k, mask) -> bool:
+    """A full-mask half-precision call on a Hopper GPU whose shape cuDNN has not declined on this path."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if mask is not None and not mask.is_full():
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    return _cudnn_key(path, q, k) not in _cudnn_refused
 
 
 def _cudnn_inference(q, k, v, mask, scale):
     """O from cuDNN's SDPA for a full-mask forward without autograd, or None where it does not apply."""
-    if INFERENCE_SDPA != "cudnn" or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if mask is not None and not mask.is_full():
-        return None
-    if records_graph(q, k, v) or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return None
-    key = (tuple(q.shape), tuple(k.shape), q.dtype)
-    if key in _cudnn_refused:
+    if INFERENCE_SDPA != "cudnn" or records_graph(q, k, v) or not _cudnn_applies("inference", q, k, mask):
         return None
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     except RuntimeError:  # no cuDNN kernel for this shape/dtype
-        _cudnn_refused.add(key)
+        _cudnn_refused.add(_cudnn_key("inference", q, k))
         return None
     return o.transpose(1, 2)
+
+
+_NO_DROPOUT_RNG: dict = {}  # per device: the (seed, offset) pair cuDNN's backward takes, unused without dropout
+
+
+def cudnn_forward_lse(q, k, v, mask, scale):
+    """(O [B, S, H, D], cuDNN's LSE) of contiguous [B, S, H, D] q, k, v: cuDNN's forward with its softmax
+    statistics, what :func:`cudnn_backward` takes back (opaque to everything else)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
+    return out[0].transpose(1, 2), out[1]
+
+
+def cudnn_backward(q, k, v, o, do, lse, mask, scale):
+    """(dq, dk, dv) [B, S, H, D] from cuDNN's backward, given O and the LSE of :func:`cudnn_forward_lse`."""
+    rng = _NO_DROPOUT_RNG.get(q.device)
+    if rng is None:
+        rng = _NO_DROPOUT_RNG[q.device] = (torch.zeros(1, dtype=torch.int64, device=q.device),) * 2
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        t(do), t(q), t(k), t(v), t(o), lse, rng[0], rng[1], None, None, None, q.shape[1], k.shape[1], 0.0, False,
+        scale=scale)
+    return t(dq), t(dk), t(dv)
+
+
+def _cudnn_training(q, k, v, mask, scale, keep: bool):
+    """O (autograd records it) from cuDNN's forward and backward for a full-mask call, kept across a checkpointed
+    block's recompute like the fused kernels' (``keep``), or None where cuDNN does not apply.
+
+    A kept call takes this path whatever the grad mode, so that a block's first run and its recompute pick the
+    same backend: torch's reentrant checkpoint runs the first one under no_grad, and the recompute's backward must
+    be handed the LSE of the kernel that made it."""
+    if TRAINING_SDPA != "cudnn" or not (keep or records_graph(q, k, v)) or not _cudnn_applies("split", q, k, mask):
+        return None
+    try:
+        return kept_attention.split_attention(cudnn_forward_lse, cudnn_backward, q, k, v, mask, scale, keep=keep)
+    except RuntimeError:  # no cuDNN kernel for this shape/dtype (the forward runs first: nothing is kept yet)
+        _cudnn_refused.add(_cudnn_key("split", q, k))
+        return None
 
 
 def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None, backend: str = "auto",
@@ -149,6 +203,10 @@ def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None
     (``ops/kept_attention.keeping``), a backend with a separate forward and backward records (O, LSE) in the first
     run and skips its kernel in the recompute."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if backend == "auto":
+        o = _cudnn_training(q, k, v, mask, scale, keep and kept_attention.active() is not None)
+        if o is not None:
+            return o
     if keep and kept_attention.active() is not None:
         impl = resolve_backend(backend, q)
         if impl.forward_lse is not None and impl.backward is not None:

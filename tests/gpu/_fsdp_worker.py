@@ -3,8 +3,8 @@
 NCCL, this rank's GPU, the elementwise chains compiled (``ops/fusion.py``). (1) fp32 (TF32 off, SDPA):
 FSDP2 over all ranks equals the plain model on the whole batch - output, JVP tangent, every gradient.
 (2) bf16 compute / fp32 reduction (``fsdp_param_dtype``) with the default attention backend (the fused
-kernel when built): a teacher-forcing JVP under no_grad, a KV-cached chunk pass and a backward run and
-stay within bf16 rounding of the fp32 reference.
+kernel when built), every block checkpointed with its attention outputs kept: a teacher-forcing JVP under
+no_grad, a KV-cached chunk pass and a backward run and stay within bf16 rounding of the fp32 reference.
 """
 import copy
 import dataclasses
@@ -67,6 +67,9 @@ def main():
             model = copy.deepcopy(ref)
             model.zero_grad(set_to_none=True)
             model.causal.attention_backend = backend
+            # bf16: every block checkpointed, keeping its attention outputs for the recompute (the fused kernels'
+            # split forward/backward inside FSDP units)
+            model.gradient_checkpointing = model.keep_attention = bool(dtype)
             model = shard_model(parallelize_model(model, groups), dataclasses.replace(groups, cfg=cfg), dev)
             py, pty = run(model, inp, whole)
             checks = [("output", py, whole(y)), ("jvp tangent", pty, whole(ty))]
