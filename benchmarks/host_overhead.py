@@ -7,6 +7,8 @@
                                                             # with the fusion layer's own graphs)
     python benchmarks/host_overhead.py --device cuda        # GPU: host cost (tiny widths, real launches) beside
                                                             # the call's time at the 1.3B widths
+    python benchmarks/host_overhead.py --copies 20          # CPU, bf16 autocast: each call's copies (dtype casts,
+                                                            # cat, clone) by the line or backward node making them
 
 The SF-DMD step is ~60 network calls, most of them on one chunk (4,680 tokens). For each kind of call it makes
 this prints what the host spends to issue it and what the whole call takes:
@@ -25,8 +27,10 @@ a teacher/critic forward over the whole video (block-causal, no grad).
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
+import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +54,67 @@ class LaunchCount(TorchDispatchMode):
         if func.overloadpacket.__name__ not in _NO_LAUNCH:
             self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+_COPIES = frozenset({"_to_copy", "copy_", "cat", "clone"})
+_ROUTING = ("ops/fusion.py", "ops/kept_attention.py")  # pass calls through: the line above them made the copy
+
+
+def _short(dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
+
+
+class CopyCount(LaunchCount):
+    """Launched operators, and the copies among them by what made them: the innermost megatron_rcm line of a
+    forward op (past the wrappers that only route a call), or the backward node of an op autograd runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _COPIES:
+            kind = name
+            if name == "_to_copy" and (kwargs or {}).get("dtype") is not None:
+                kind += f" {_short(args[0].dtype)} -> {_short(kwargs['dtype'])}"
+            elif name == "copy_" and args[0].dtype != args[1].dtype:
+                kind += f" {_short(args[1].dtype)} -> {_short(args[0].dtype)}"
+            self.copies[(kind, copy_source())] += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def copy_source() -> str:
+    node = torch._C._current_autograd_node()
+    if node is not None:
+        return f"backward of {node.name()}"
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = frame.filename.replace("\\", "/")
+        if "megatron_rcm/" in path and not any(r in path for r in _ROUTING):
+            return f"{path.split('megatron_rcm/')[-1]}:{frame.lineno} {frame.name}"
+    return "(outside megatron_rcm)"
+
+
+def copies_per_call(args, top: int) -> str:
+    """Each call's launched ops and copies, and its ``top`` copy sources: what a fused store, one dtype, or a
+    compiled region would save. CPU bf16 autocast stands in for CUDA's: both run the matmuls in bf16, and the
+    model code upcasts its norms and gates itself. Each call runs in an autocast region of its own, as one
+    network call of a step does; a backward on the CPU runs inside it, so a recompute finds its weight casts
+    cached, where a GPU's autograd thread casts them again (20 per block)."""
+    device = torch.device("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fns = calls(*build(args, device, tiny=True), args.chunk_frames)
+    out = ["| call | launched ops | copies | copy | made by | count |", "|---|---|---|---|---|---|"]
+    for name, fn in fns.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16), CopyCount() as count:
+            fn()
+        total = sum(count.copies.values())
+        out.append(f"| {name} | {count.n} | {total} ({100 * total / max(count.n, 1):.0f}%) | | | |")
+        for (kind, source), n in count.copies.most_common(top):
+            out.append(f"| | | | {kind} | {source} | {n} |")
+    return "\n".join(out)
 
 
 def build(args, device, tiny: bool):
@@ -182,12 +247,17 @@ def main(argv=None):
     ap.add_argument("--keep-attention", action=argparse.BooleanOptionalAction, default=True,
                     help="checkpointed blocks keep their self-attention outputs for the recompute "
                     "(train.checkpoint_keep_attention, on by default; the fused kernels only, so a GPU)")
+    ap.add_argument("--copies", type=int, default=0, metavar="N",
+                    help="instead: each call's copies under CPU bf16 autocast, its N largest sources")
     ap.add_argument("--fusable-call", action="store_true",
                     help="instead: the host cost of one small compiled call against its eager ops")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/host_overhead.py --device cuda needs a CUDA GPU")
+    if args.copies:
+        print(copies_per_call(args, args.copies))
+        return
     if args.fusable_call:
         torch.set_num_threads(1)
         print(f"| gated residual [1, 48, 64], {device.type} | eager µs | compiled µs | compiled / eager | compiled, "

@@ -92,6 +92,28 @@ def test_host_overhead_counts_ops_and_waits_of_each_call(capsys, one_thread, rec
     assert all(float(r[4]) > 0 for r in rows) and rows[1][1] == "eager" + (", reentrant" if recompute != "hooks" else "")
 
 
+def test_host_overhead_charges_each_copy_to_the_line_or_backward_node_making_it(capsys, one_thread):
+    """--copies: every call's launched ops and copies; the norms' upcasts are charged to ``dual.upcast``, the exit
+    step's backward casts to their nodes, and a rollout chunk makes no copy in backward."""
+    _load("host_overhead").main(["--layers", "2", "--frames", "6", "--copies", "50"])
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in capsys.readouterr().out.splitlines()[2:]]
+    calls = {r[0]: i for i, r in enumerate(rows) if r[0]}
+    assert list(calls) == ["chunk, no grad", "chunk, grad", "score"]
+
+    def sources(name):
+        start = calls[name]
+        end = min([i for i in calls.values() if i > start], default=len(rows))
+        return {(r[3], r[4]): int(r[5]) for r in rows[start + 1:end]}
+
+    no_grad, grad = sources("chunk, no grad"), sources("chunk, grad")
+    assert any(kind == "_to_copy bf16 -> fp32" and src.startswith("ops/dual.py:") and src.endswith(" upcast")
+               for kind, src in no_grad)
+    assert not any(src.startswith("backward of") for _, src in no_grad)
+    assert any(src == "backward of ToCopyBackward0" for _, src in grad)
+    for name, i in calls.items():  # the copies column is the sum of the listed sources (all of them listed here)
+        assert int(rows[i][2].split()[0]) == sum(sources(name).values()) <= int(rows[i][1])
+
+
 def test_host_overhead_times_a_fusable_call_both_ways(monkeypatch):
     """--fusable-call: eager and compiled per-call µs, with and without grad (the compiler stubbed: no C++ build)."""
     from megatron_rcm.ops import fusion
