@@ -172,3 +172,78 @@ def test_keep_without_a_split_backend_or_outside_a_checkpoint_changes_nothing():
     torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", keep=True), A.attention(q, k, v, backend="sdpa"))
     run = kept_attention.keeping(lambda: A.attention(q, k, v, backend="sdpa", keep=True))
     torch.testing.assert_close(run(), A.attention(q, k, v, backend="sdpa"))  # sdpa: no split forward, nothing kept
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_training_cudnn_route_keeps_one_backend_per_block_in_both_recompute_modes(reentrant, monkeypatch):
+    """MEGATRON_RCM_TRAINING_SDPA=cudnn (ops/attention._cudnn_training) on a checkpointed exit chunk, with cuDNN
+    stood in for by the reference formulas with an LSE of another convention (log2 units, a trailing unit dim, as
+    cuDNN's is its own). A block's first run and its recompute must take the same backend: torch's reentrant
+    checkpoint runs the first one under no_grad, and a backward handed another kernel's LSE would fail or be wrong."""
+    log2e = 1.4426950408889634
+    calls = {"forward": 0, "backward": 0}
+
+    def forward_lse(q, k, v, mask, scale):
+        calls["forward"] += 1
+        o, lse = attention_reference(q, k, v, mask=mask, scale=scale, return_lse=True)
+        return o, (lse * log2e).unsqueeze(-1)
+
+    def backward(q, k, v, o, do, lse, mask, scale):
+        calls["backward"] += 1
+        assert lse.shape == q.shape[:1] + q.shape[2:3] + q.shape[1:2] + (1,), "an LSE this backend did not make"
+        return attention_reference_backward(q, k, v, o, do, lse.squeeze(-1) / log2e, mask=mask, scale=scale)
+
+    monkeypatch.setattr(A, "TRAINING_SDPA", "cudnn")
+    monkeypatch.setattr(A, "_cudnn_applies", lambda path, q, k, mask: mask is None or mask.is_full())
+    monkeypatch.setattr(A, "cudnn_forward_lse", forward_lse)
+    monkeypatch.setattr(A, "cudnn_backward", backward)
+    model = _model(chunk=1)
+    model.causal.attention_backend = "auto"
+    model.reentrant_recompute = reentrant
+    x, t, ctx = _inputs()
+    cache = model.new_kv_cache(8, 8)
+    with torch.no_grad():
+        for c in range(2):
+            model.forward_chunk(x[:, :, c:c + 1], t[:, c:c + 1], ctx, cache, c, write_cache=True)
+    run = lambda: model.forward_chunk(x[:, :, 2:3], t[:, 2:3], ctx, cache, 2)[0]  # noqa: E731
+    plain = _grads(model, run)
+    layers = len(model.blocks)
+    assert calls == {"forward": 2 * layers, "backward": 2 * layers}  # self- and cross-attention of each block
+    model.gradient_checkpointing = model.keep_attention = True
+    calls.update(forward=0, backward=0)
+    kept = _grads(model, run)
+    # the first run's self- and cross-attention, the recompute's cross-attention (self-attention kept); the
+    # reentrant first run's cross-attention is not recorded (no_grad) and takes the inference path
+    assert calls == {"forward": (2 if reentrant else 3) * layers, "backward": 2 * layers}
+    for name in plain:
+        assert rel_err(kept[name], plain[name]) < 1e-10, name
+
+
+def test_training_cudnn_route_falls_back_only_where_cudnn_declines(monkeypatch):
+    """A shape cuDNN declines goes to the other kernels from then on; any other error (here the stash's own) is
+    raised, not taken for a declined shape."""
+    monkeypatch.setattr(A, "TRAINING_SDPA", "cudnn")
+    monkeypatch.setattr(A, "_cudnn_refused", set())
+    monkeypatch.setattr(A, "_cudnn_applies", lambda path, q, k, mask: A._cudnn_key(path, q, k) not in A._cudnn_refused)
+
+    def declines(*a):
+        raise A.CudnnDeclined("no kernel")
+
+    monkeypatch.setattr(A, "cudnn_forward_lse", declines)
+    q, k, v = _qkv()
+    o = A.attention(q, k, v, backend="auto")
+    assert A._cudnn_key("split", q, k) in A._cudnn_refused
+    assert rel_err(o, attention_reference(q, k, v)) < 1e-12
+    monkeypatch.setattr(A, "_cudnn_refused", set())
+    monkeypatch.setattr(A, "cudnn_forward_lse", A._BACKENDS["reference"].forward_lse)
+    runs = []
+
+    def block():  # attends only in its second run: a recompute unlike the first, which the stash refuses
+        runs.append(1)
+        return A.attention(q, k, v, backend="auto", keep=True) if len(runs) == 2 else None
+
+    run = kept_attention.keeping(block)
+    run()
+    with pytest.raises(RuntimeError, match="more attention calls"):
+        run()
+    assert not A._cudnn_refused

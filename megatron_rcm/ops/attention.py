@@ -159,11 +159,18 @@ def _cudnn_inference(q, k, v, mask, scale):
 _NO_DROPOUT_RNG: dict = {}  # per device: the (seed, offset) pair cuDNN's backward takes, unused without dropout
 
 
+class CudnnDeclined(RuntimeError):
+    """cuDNN has no kernel for this call's shape or dtype (told apart from every other error on the way)."""
+
+
 def cudnn_forward_lse(q, k, v, mask, scale):
     """(O [B, S, H, D], cuDNN's LSE) of contiguous [B, S, H, D] q, k, v: cuDNN's forward with its softmax
     statistics, what :func:`cudnn_backward` takes back (opaque to everything else)."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
+    try:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
+    except RuntimeError as e:
+        raise CudnnDeclined(str(e)) from e
     return out[0].transpose(1, 2), out[1]
 
 
@@ -190,7 +197,7 @@ def _cudnn_training(q, k, v, mask, scale, keep: bool):
         return None
     try:
         return kept_attention.split_attention(cudnn_forward_lse, cudnn_backward, q, k, v, mask, scale, keep=keep)
-    except RuntimeError:  # no cuDNN kernel for this shape/dtype (the forward runs first: nothing is kept yet)
+    except CudnnDeclined:  # no cuDNN kernel for this shape/dtype (raised before anything is kept)
         _cudnn_refused.add(_cudnn_key("split", q, k))
         return None
 
