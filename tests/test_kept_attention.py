@@ -74,6 +74,15 @@ def _grads(model, run):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _exit_step(model, x, t, ctx):
+    """A self-forcing exit step: one chunk with grad against the cache of two earlier ones (written without grad)."""
+    cache = model.new_kv_cache(8, 8)
+    with torch.no_grad():
+        for c in range(2):
+            model.forward_chunk(x[:, :, c:c + 1], t[:, c:c + 1], ctx, cache, c, write_cache=True)
+    return lambda: model.forward_chunk(x[:, :, 2:3], t[:, 2:3], ctx, cache, 2)[0]
+
+
 @pytest.mark.parametrize("reentrant", [False, True])  # saved-tensor hooks, or one recompute node per block
 @pytest.mark.parametrize("layout", ["block_causal", "teacher_forcing", "exit_chunk"])
 def test_checkpointed_blocks_keep_attention_with_the_gradients_of_the_plain_run(counted_forwards, reentrant,
@@ -89,12 +98,8 @@ def test_checkpointed_blocks_keep_attention_with_the_gradients_of_the_plain_run(
         clean = torch.randn_like(x)
         mask = teacher_forcing_mask(x.shape[2], tpf, 1)
         run = lambda: model.forward_teacher_forcing(clean, x, t, ctx, mask)[0]  # noqa: E731
-    else:  # a self-forcing exit step: one chunk with grad against the cache of two earlier ones (no grad)
-        cache = model.new_kv_cache(8, 8)
-        with torch.no_grad():
-            for c in range(2):
-                model.forward_chunk(x[:, :, c:c + 1], t[:, c:c + 1], ctx, cache, c, write_cache=True)
-        run = lambda: model.forward_chunk(x[:, :, 2:3], t[:, 2:3], ctx, cache, 2)[0]  # noqa: E731
+    else:
+        run = _exit_step(model, x, t, ctx)
     plain = _grads(model, run)
     model.gradient_checkpointing = True
     recomputed = _grads(model, run)
@@ -200,12 +205,7 @@ def test_training_cudnn_route_keeps_one_backend_per_block_in_both_recompute_mode
     model = _model(chunk=1)
     model.causal.attention_backend = "auto"
     model.reentrant_recompute = reentrant
-    x, t, ctx = _inputs()
-    cache = model.new_kv_cache(8, 8)
-    with torch.no_grad():
-        for c in range(2):
-            model.forward_chunk(x[:, :, c:c + 1], t[:, c:c + 1], ctx, cache, c, write_cache=True)
-    run = lambda: model.forward_chunk(x[:, :, 2:3], t[:, 2:3], ctx, cache, 2)[0]  # noqa: E731
+    run = _exit_step(model, *_inputs())
     plain = _grads(model, run)
     layers = len(model.blocks)
     assert calls == {"forward": 2 * layers, "backward": 2 * layers}  # self- and cross-attention of each block
