@@ -210,11 +210,12 @@ def attention(q, k, v, mask: GroupMask | None = None, scale: float | None = None
     (``ops/kept_attention.keeping``), a backend with a separate forward and backward records (O, LSE) in the first
     run and skips its kernel in the recompute."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    keep = keep and kept_attention.active() is not None
     if backend == "auto":
-        o = _cudnn_training(q, k, v, mask, scale, keep and kept_attention.active() is not None)
+        o = _cudnn_training(q, k, v, mask, scale, keep)
         if o is not None:
             return o
-    if keep and kept_attention.active() is not None:
+    if keep:
         impl = resolve_backend(backend, q)
         if impl.forward_lse is not None and impl.backward is not None:
             return kept_attention.split_attention(impl.forward_lse, impl.backward, q, k, v, mask, scale, keep=True)
