@@ -119,7 +119,7 @@ def resolve_backend(name: str, like: torch.Tensor) -> AttentionBackend:
 # MEGATRON_RCM_INFERENCE_SDPA=fused keeps them on the fused kernel.
 # MEGATRON_RCM_TRAINING_SDPA=cudnn sends the full-mask calls autograd records there too, forward and backward (a
 # self-forcing exit chunk against its KV cache, every text cross-attention): on the H200 cuDNN's backward is
-# 1.3-1.5x the fused one at the rollout's 4,680-query shapes, its forward 1.15x, and 1.7-2.6x on the 512-key text
+# 1.2-1.5x the fused one at the rollout's 4,680-query shapes, its forward 1.15x, and 1.7-2.6x on the 512-key text
 # cross-attention. Opt-in: in the SF-DMD step it cut the kernels' time by 4.6%, but the step's time moved by less
 # than the runs of one device call differ (its exit chunks wait on the host, and a cuDNN call costs the host ~80 us
 # more than a fused one); RESULTS.md, thirteenth session.
