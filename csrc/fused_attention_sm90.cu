@@ -2,7 +2,8 @@
 // warpgroup MMA (wgmma); the backward's layout is described above its kernel. Why a second kernel:
 // mma.sync cannot feed Hopper's tensor cores at their rate, wgmma can (measurements: benchmarks/RESULTS.md).
 //
-// Layout of the work: a CTA of two warpgroups owns BQ = 128 query rows (64 each). Key tiles of BK
+// Layout of the work: a CTA of two consumer warpgroups owns BQ = 128 query rows (64 each); a third, the
+// producer, only issues the TMA loads (warp specialisation, below the Cfg). Key tiles of BK
 // rows (192 for the forward, whose two rings then fill shared memory; 64 for forward+JVP, which holds
 // four accumulators) arrive by TMA in 128-byte-swizzled shared memory (the layout wgmma reads without bank
 // conflicts; rows past the sequence end are zero-filled) through two-slot rings, one for K (and Kdot),
@@ -34,6 +35,7 @@
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -46,9 +48,16 @@ namespace sm90 {
 using namespace cute;
 namespace GM = cute::SM90::GMMA;
 
-template <typename T, int D, int BK, bool JVP>
+// WS: warp-specialised launch. A third warpgroup (the first) only issues the TMA loads and tells the two
+// consumer warpgroups each tile's index through shared memory; with setmaxnreg it gives its registers to
+// them (FlashAttention-3's structure). Without WS, one consumer thread also loads, between its products.
+template <typename T, int D, int BK, bool JVP, bool WS = false>
 struct Cfg {
-  static constexpr int NWG = 2, BQ = 64 * NWG, NT = 128 * NWG, SLOTS = 2;
+  static constexpr int NWG = 2, BQ = 64 * NWG, NT_MMA = 128 * NWG, NT = NT_MMA + (WS ? 128 : 0), SLOTS = 2;
+  static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // 128 x 24 + 256 x 240 <= 64 K registers
+  // P V of tile j-1 under the softmax of tile j needs P's and the scores' registers at once: more than the
+  // 240 of a warp-specialised forward+JVP consumer, which then runs P V to completion before the scores.
+  static constexpr bool OVERLAP = !(WS && JVP);
   using QKAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<BK>, _16>>());
   using PVAtom = decltype(GM::rs_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
   using MmaQK = decltype(make_tiled_mma(QKAtom{}, Layout<Shape<Int<NWG>, _1, _1>>{}));
@@ -62,7 +71,8 @@ struct Cfg {
   static constexpr int Q_ELEMS = BQ * D, K_ELEMS = BK * D;
   static constexpr int NQ = JVP ? 2 : 1, NKV = JVP ? 4 : 2;  // Q[,Qdot]; K, V[, Kdot, Vdot] per slot pair
   static constexpr int Q_BYTES = Q_ELEMS * int(sizeof(T)), K_BYTES = K_ELEMS * int(sizeof(T));
-  static constexpr int SMEM_BYTES = 1024 + NQ * Q_BYTES + SLOTS * NKV * K_BYTES + (4 * SLOTS + 1) * 8;
+  // ... + the barriers + (WS) each K slot's tile code
+  static constexpr int SMEM_BYTES = 1024 + NQ * Q_BYTES + SLOTS * NKV * K_BYTES + (4 * SLOTS + 1) * 8 + SLOTS * 4;
 };
 
 // One TMA descriptor per operand: [B, S, H, D] seen as the 4-D tensor (D, H, S, B); a box is 64 channels
@@ -151,14 +161,14 @@ __device__ __forceinline__ int next_tile(const int8_t* row, int kt, int n) {
 // cores busy meanwhile (intra-warpgroup overlap and ping-pong, as in FlashAttention-3). K and V
 // live in separate two-slot rings: a K slot is free once the scores of its tile are done, a V slot once
 // P V of its tile is, so each load has more than an iteration to land.
-template <typename T, int D, int BK, bool JVP>
-__global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
+template <typename T, int D, int BK, bool JVP, bool WS>
+__global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
     fwd_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps) {
 #if defined(MRCM_SM90_DEVICE)
-  using C = Cfg<T, D, BK, JVP>;
+  using C = Cfg<T, D, BK, JVP, WS>;
   using cutlass::arch::ClusterBarrier;
   using cutlass::arch::ClusterTransactionBarrier;
-  constexpr int BQ = C::BQ, NT = C::NT, NB = BK / 8, ND = D / 8, SL = C::SLOTS;
+  constexpr int BQ = C::BQ, NB = BK / 8, ND = D / 8, SL = C::SLOTS;
   constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
   // A row's running max is raised only when a tile beats it by more than this (log2 units), so most
   // tiles skip rescaling O; P stays <= 2^SLACK. fp16 keeps the exact max (P * Sdot could overflow).
@@ -175,10 +185,14 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
   uint64_t* full_v = bars + 2 * SL;
   uint64_t* empty_v = bars + 3 * SL;
   uint64_t* qbar = bars + 4 * SL;
+  // WS: the tile code of each K slot, written by the producer before the slot's barrier completes:
+  // 2 kt + (1 if the tile needs the element mask), or -1 after the last tile.
+  int* code_s = reinterpret_cast<int*>(qbar + 1);
   auto k_tile = [&](int slot, int which) { return k_ring + (slot * (C::NKV / 2) + which) * C::K_ELEMS; };
   auto v_tile = [&](int slot, int which) { return v_ring + (slot * (C::NKV / 2) + which) * C::K_ELEMS; };
 
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  // ct: the thread's index among the consumer (MMA) warpgroups; negative in the producer warpgroup.
+  const int tid = threadIdx.x, ct = WS ? tid - 128 : tid, wg = ct / 128, warp = (ct % 128) / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   // Which row of which head: in launch order, or (cta_order 1, for summaries whose rows get longer) the
   // rows from the last to the first with the heads interleaved, so the whole launch runs longest first.
@@ -197,18 +211,19 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     for (int s = 0; s < SL; ++s) {
       ClusterBarrier::init(&full_k[s], 1);
       ClusterBarrier::init(&full_v[s], 1);
-      ClusterBarrier::init(&empty_k[s], NT / 32);  // one arrival per warp
-      ClusterBarrier::init(&empty_v[s], NT / 32);
+      ClusterBarrier::init(&empty_k[s], C::NT_MMA / 32);  // one arrival per consumer warp
+      ClusterBarrier::init(&empty_v[s], C::NT_MMA / 32);
     }
     ClusterBarrier::init(qbar, 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
 
-  // Producer: thread 128, the first thread of warpgroup 1, which runs second in the ping-pong below,
-  // so the slots it refills have normally been released by warpgroup 0 already. The j-th non-skipped
-  // tile goes to slot j % SL; refilling a slot waits for the release of the tile SL earlier.
-  const bool producer = tid == 128;
+  // The loader: with WS thread 0, which does nothing else; else thread 128, the first thread of warpgroup 1,
+  // which runs second in the ping-pong below, so the slots it refills have normally been released by
+  // warpgroup 0 already. The j-th non-skipped tile goes to slot j % SL; refilling a slot waits for the
+  // release of the tile SL earlier.
+  const bool producer = tid == (WS ? 0 : 128);
   struct Ring {  // one two-slot ring: its barriers, its tiles ([slot][primal, tangent]) and its cursor
     uint64_t* full;
     uint64_t* empty;
@@ -218,12 +233,12 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     int j, kt;  // next tile to load: its rank among the non-skipped tiles, and its index
   };
   const int first = next_tile<!JVP>(trow, 0, p.Tk);
-  Ring k_ring_state{full_k, empty_k, k_ring, &maps.k, &maps.tk, 0, first};
-  Ring v_ring_state{full_v, empty_v, v_ring, &maps.v, &maps.tv, 0, first};
-  auto produce = [&](Ring& r) {
+  auto needs_mask = [&](int kt) { return trow[kt] == 2 || (kt + 1) * BK > p.Sk; };
+  auto produce = [&](Ring& r, bool coded) {
     if (r.kt >= p.Tk) return;
     const int slot = r.j % SL;
     if (r.j >= SL) ClusterBarrier::wait(&r.empty[slot], ((r.j - SL) / SL) & 1);
+    if (coded) code_s[slot] = 2 * r.kt + (needs_mask(r.kt) ? 1 : 0);  // released by the arrive below
     ClusterTransactionBarrier::arrive_and_expect_tx(&r.full[slot], ring_bytes);
     T* dst = r.tiles + slot * (C::NKV / 2) * C::K_ELEMS;
     tma_rows<BK, D>(r.primal, dst, &r.full[slot], r.kt * BK, h, b);
@@ -231,30 +246,65 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     ++r.j;
     r.kt = next_tile<!JVP>(trow, r.kt + 1, p.Tk);
   };
-  if (producer) {
+  auto load_q = [&]() {
     ClusterTransactionBarrier::arrive_and_expect_tx(qbar, (JVP ? 2 : 1) * C::Q_BYTES);
     tma_rows<BQ, D>(&maps.q, q_s, qbar, q0, h, b);
     if (JVP) tma_rows<BQ, D>(&maps.tq, qd_s, qbar, q0, h, b);
+  };
+  Ring k_ring_state{full_k, empty_k, k_ring, &maps.k, &maps.tk, 0, first};
+  Ring v_ring_state{full_v, empty_v, v_ring, &maps.v, &maps.tv, 0, first};
+  if (WS) {
+    if (tid < 128) {  // the producer warpgroup: one thread loads every tile, then ends the K ring with -1
+      cutlass::arch::warpgroup_reg_dealloc<C::PRODUCER_REGS>();
+      if (producer) {
+        load_q();
+        while (k_ring_state.kt < p.Tk) {
+          produce(k_ring_state, true);
+          produce(v_ring_state, false);
+        }
+        const int slot = k_ring_state.j % SL;
+        if (k_ring_state.j >= SL) ClusterBarrier::wait(&empty_k[slot], ((k_ring_state.j - SL) / SL) & 1);
+        code_s[slot] = -1;
+        ClusterBarrier::arrive(&full_k[slot]);
+      }
+      return;
+    }
+    cutlass::arch::warpgroup_reg_alloc<C::CONSUMER_REGS>();
+  } else if (producer) {
+    load_q();
     for (int s = 0; s < SL; ++s) {
-      produce(k_ring_state);
-      produce(v_ring_state);
+      produce(k_ring_state, false);
+      produce(v_ring_state, false);
     }
   }
   auto wait_k = [&](int j) { ClusterBarrier::wait(&full_k[j % SL], (j / SL) & 1); };
   auto wait_v = [&](int j) { ClusterBarrier::wait(&full_v[j % SL], (j / SL) & 1); };
+  // The code of the j-th live tile (after kt, the (j-1)-th): with WS the producer's, read once its K slot is
+  // full; else walked here.
+  auto code_of = [&](int j, int kt) -> int {
+    if (WS) {
+      wait_k(j);
+      return code_s[j % SL];
+    }
+    const int next = next_tile<!JVP>(trow, kt + 1, p.Tk);
+    return next < p.Tk ? 2 * next + (needs_mask(next) ? 1 : 0) : -1;
+  };
   auto release = [&](uint64_t* bar) {
     __syncwarp();
     if (lane == 0) ClusterBarrier::arrive(bar);
   };
+  auto refill = [&](Ring& r) {
+    if (!WS && producer) produce(r, false);
+  };
   // Ping-pong (FlashAttention-3): the warpgroups take turns issuing their products (named barriers 1
   // and 2), so one warpgroup's softmax runs while the other's products keep the tensor cores busy.
-  auto turn_wait = [&]() { asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "r"(NT) : "memory"); };
-  auto turn_pass = [&]() { asm volatile("bar.arrive %0, %1;\n" ::"r"(2 - wg), "r"(NT) : "memory"); };
+  auto turn_wait = [&]() { asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wg), "r"(C::NT_MMA) : "memory"); };
+  auto turn_pass = [&]() { asm volatile("bar.arrive %0, %1;\n" ::"r"(2 - wg), "r"(C::NT_MMA) : "memory"); };
 
   typename C::MmaQK mma_qk;
   typename C::MmaPV mma_pv;
-  auto thr_qk = mma_qk.get_thread_slice(tid);
-  auto thr_pv = mma_pv.get_thread_slice(tid);
+  auto thr_qk = mma_qk.get_thread_slice(ct);
+  auto thr_pv = mma_pv.get_thread_slice(ct);
   Tensor tSrQ = thr_qk.partition_fragment_A(make_tensor(make_smem_ptr(q_s), typename C::LayoutQ{}));
   Tensor tSrQd = thr_qk.partition_fragment_A(make_tensor(make_smem_ptr(qd_s), typename C::LayoutQ{}));
 
@@ -306,12 +356,13 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     }
     warpgroup_commit_batch();
   };
-  // Scores of tile kt (in accS/accSd) -> unnormalised probabilities in place; updates m, l, rr, alpha.
-  auto softmax = [&](int kt) {
+  // Scores of the tile with this code (in accS/accSd) -> unnormalised probabilities in place; updates m, l,
+  // rr, alpha.
+  auto softmax = [&](int code) {
     warpgroup_fence_operand(accS);
     if (JVP) warpgroup_fence_operand(accSd);
-    const int k0 = kt * BK;
-    if (trow[kt] == 2 || k0 + BK > p.Sk) {
+    const int k0 = (code >> 1) * BK;
+    if (code & 1) {
 #pragma unroll
       for (int j = 0; j < NB; ++j)
 #pragma unroll
@@ -379,8 +430,8 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
   };
 
   ClusterBarrier::wait(qbar, 0);
-  int kt = next_tile<!JVP>(trow, 0, p.Tk);
-  if (kt < p.Tk) {
+  int code = WS ? code_of(0, -1) : (first < p.Tk ? 2 * first + (needs_mask(first) ? 1 : 0) : -1);
+  if (code >= 0) {
     if (wg == 1) turn_pass();  // warpgroup 0 goes first
     wait_k(0);
     turn_wait();
@@ -388,11 +439,26 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     turn_pass();
     warpgroup_wait<0>();
     release(&empty_k[0]);
-    if (producer) produce(k_ring_state);
-    softmax(kt);
+    refill(k_ring_state);
+    softmax(code);
     rescale_and_convert();
     int j = 1;
-    for (kt = next_tile<!JVP>(trow, kt + 1, p.Tk); kt < p.Tk; kt = next_tile<!JVP>(trow, kt + 1, p.Tk), ++j) {
+    for (code = code_of(1, code >> 1); code >= 0; ++j, code = code_of(j, code >> 1)) {
+      if (!C::OVERLAP) {
+        wait_v(j - 1);
+        turn_wait();
+        issue_pv((j - 1) % SL);
+        warpgroup_wait<0>();  // P's registers are free before the scores' are written
+        release(&empty_v[(j - 1) % SL]);
+        wait_k(j);
+        issue_scores(j % SL);
+        turn_pass();
+        warpgroup_wait<0>();
+        release(&empty_k[j % SL]);
+        softmax(code);
+        rescale_and_convert();
+        continue;
+      }
       wait_k(j);
       wait_v(j - 1);
       turn_wait();
@@ -401,11 +467,11 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
       turn_pass();
       warpgroup_wait<1>();  // the scores have landed; P V of tile j-1 runs on under the softmax
       release(&empty_k[j % SL]);
-      if (producer) produce(k_ring_state);
-      softmax(kt);
+      refill(k_ring_state);
+      softmax(code);
       warpgroup_wait<0>();
       release(&empty_v[(j - 1) % SL]);
-      if (producer) produce(v_ring_state);
+      refill(v_ring_state);
       rescale_and_convert();
     }
     wait_v(j - 1);
@@ -813,9 +879,9 @@ cudaError_t run(Kernel kernel, dim3 grid, int threads, int smem, const AttnParam
   return cudaGetLastError();
 }
 
-template <typename T, int D, int BK, bool JVP>
+template <typename T, int D, int BK, bool JVP, bool WS>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
-  using C = Cfg<T, D, BK, JVP>;
+  using C = Cfg<T, D, BK, JVP, WS>;
   TmaMaps maps;
   memset(&maps, 0, sizeof(maps));
   bool ok = make_map<T>(&maps.q, p.q, p.B, p.Sq, p.H, D, C::BQ) && make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, BK) &&
@@ -826,7 +892,7 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
          make_map<T>(&maps.tk, p.tk, p.B, p.Sk, p.H, D, BK) && make_map<T>(&maps.tv, p.tv, p.B, p.Sk, p.H, D, BK);
   }
   if (!ok) return cudaErrorInvalidValue;
-  return run(fwd_kernel<T, D, BK, JVP>, dim3((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps,
+  return run(fwd_kernel<T, D, BK, JVP, WS>, dim3((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps,
              stream);
 }
 
@@ -858,17 +924,22 @@ cudaError_t by_type(int dtype, int head_dim, F&& f) {
 
 }  // namespace sm90
 
+// Which forward kernels run warp-specialised (Cfg's WS). Both: on an H100 the producer warpgroup made the forward
+// 1.12-1.15x as fast and forward+JVP (with P V before the scores, Cfg::OVERLAP) 1.07x on the full 32,760 mask
+// (benchmarks/RESULTS.md, fourteenth session). false is the launch before it, kept for A/B runs.
+constexpr bool SM90_WS_FWD = true, SM90_WS_JVP = true;
+
 static_assert(SM90_FWD_BK == 192 && SM90_JVP_BK == 64 && SM90_BQ == sm90::Cfg<cutlass::bfloat16_t, 128, 64, true>::BQ,
               "tile sizes in the header must match the sm90 kernels");
 
 cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   return sm90::by_type(dtype, head_dim, [&](auto t, auto d) {
-    return sm90::launch<decltype(t), decltype(d)::value, SM90_FWD_BK, false>(p, stream);
+    return sm90::launch<decltype(t), decltype(d)::value, SM90_FWD_BK, false, SM90_WS_FWD>(p, stream);
   });
 }
 cudaError_t launch_fwd_jvp_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   return sm90::by_type(dtype, head_dim, [&](auto t, auto d) {
-    return sm90::launch<decltype(t), decltype(d)::value, SM90_JVP_BK, true>(p, stream);
+    return sm90::launch<decltype(t), decltype(d)::value, SM90_JVP_BK, true, SM90_WS_JVP>(p, stream);
   });
 }
 cudaError_t launch_bwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
