@@ -4,7 +4,8 @@ sampling) on one GPU: the fused kernel vs cuDNN's and flash SDPA, side by side i
     python benchmarks/inference_attention.py
     python benchmarks/inference_attention.py --training   # forward and backward of the calls autograd records
 
-Why: ``attention(..., backend="auto")`` sends full-mask forwards that autograd does not record to cuDNN on Hopper
+Why: ``attention(..., backend="auto")`` sends full-mask forwards that autograd does not record to cuDNN on Hopper,
+except those from ``INFERENCE_FUSED_FROM`` (queries, keys) on, where the fused kernel is faster
 (``megatron_rcm/ops/attention.py``); this table is the reason and the check. Shapes of the Wan2.1-1.3B student at
 480x832 (1,560 tokens a latent frame, 12 heads x 128): a 3-frame chunk (4,680 queries) against 1-7 chunks of
 keys, and the teacher's 21 frames (32,760 tokens) both ways. TFLOP/s count 4 * Sq * Sk * H * D.

@@ -1,11 +1,14 @@
 """Kept attention outputs (train.checkpoint_keep_attention): the reference backward, and checkpointed blocks whose
 recompute takes the first run's (O, LSE) instead of running attention again, with the gradients of the plain run."""
+import contextlib
 import dataclasses
+import types
 
 import pytest
 import torch
 
 from conftest import rel_err
+from megatron_rcm.config.errors import ConfigError
 from megatron_rcm.ops import attention as A
 from megatron_rcm.ops import kept_attention
 from megatron_rcm.ops.attention_reference import attention_reference, attention_reference_backward
@@ -247,3 +250,42 @@ def test_training_cudnn_route_falls_back_only_where_cudnn_declines(monkeypatch):
     with pytest.raises(RuntimeError, match="more attention calls"):
         run()
     assert not A._cudnn_refused
+
+
+def test_inference_route_sends_only_short_calls_to_cudnn(monkeypatch):
+    """Unrecorded full-mask forwards go to cuDNN unless they have at least INFERENCE_FUSED_FROM = (queries, keys)
+    (the warp-specialised fused forward is the faster one there); both routes give the same values."""
+    calls, inside = [], []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    @contextlib.contextmanager
+    def backend_only(backend):  # the route's sdpa_kernel(CUDNN_ATTENTION): marks the calls made inside it
+        inside.append(backend)
+        yield
+        inside.pop()
+
+    def sdpa(q, k, v, **kwargs):  # cuDNN's SDPA stood in for by torch's on the CPU; counted only inside the route
+        if inside == [A.SDPBackend.CUDNN_ATTENTION]:
+            calls.append((q.shape[2], k.shape[2]))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(A, "_cudnn_applies", lambda path, q, k, mask: mask is None or mask.is_full())
+    monkeypatch.setattr(A, "sdpa_kernel", backend_only)
+    monkeypatch.setattr(A, "F", types.SimpleNamespace(scaled_dot_product_attention=sdpa))
+    monkeypatch.setattr(A, "INFERENCE_FUSED_FROM", (30, 40))
+    with torch.no_grad():
+        for sq, sk in ((37, 39), (37, 40), (37, 53), (29, 53)):
+            q, k, v = _qkv(sq=sq, sk=sk)
+            o = A.attention(q, k, v, backend="auto")
+            assert rel_err(o, attention_reference(q, k, v)) < 1e-12
+    assert calls == [(37, 39), (29, 53)]  # too few keys, too few queries; (37, 40) and (37, 53) take the other path
+    q, k, v = _qkv(sq=37, sk=20)
+    A.attention(q, k, v, backend="auto")  # recorded by autograd: never the inference route
+    assert len(calls) == 2
+
+
+def test_inference_fused_from_is_two_integers():
+    assert A._parse_fused_from("4096,12288") == (4096, 12288)
+    for bad in ("4096", "4096,12288,1", "a,b", ""):
+        with pytest.raises(ConfigError, match="MEGATRON_RCM_INFERENCE_FUSED_FROM"):
+            A._parse_fused_from(bad)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config.errors import ConfigError
 from . import kept_attention
 from .attention_reference import attention_reference, attention_reference_backward, attention_reference_jvp
 from .masks import GroupMask
@@ -114,9 +115,22 @@ def resolve_backend(name: str, like: torch.Tensor) -> AttentionBackend:
     return backend
 
 
+def _parse_fused_from(text: str) -> tuple[int, int]:
+    """(queries, keys) from MEGATRON_RCM_INFERENCE_FUSED_FROM's "Q,K"."""
+    try:
+        queries, keys = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError("MEGATRON_RCM_INFERENCE_FUSED_FROM", text, "'QUERIES,KEYS', e.g. '4096,12288'") from None
+    return queries, keys
+
+
 # "auto" sends full-mask forwards that autograd does not record (streaming, the teacher's sampling) to cuDNN's
-# attention on Hopper: on the H200 it runs them ~15% faster than the fused forward (benchmarks/RESULTS.md);
-# MEGATRON_RCM_INFERENCE_SDPA=fused keeps them on the fused kernel.
+# attention on Hopper, except those with at least INFERENCE_FUSED_FROM = (queries, keys): since the fused forward is
+# warp-specialised it is the faster one there (0.91-0.96x cuDNN's time for a 4,680-query chunk against 3-7 chunks,
+# 0.92x at 32,760 x 32,760), and cuDNN below (1.06x at 4,680 x 4,680, 2.3-2.5x on 512 text keys); RESULTS.md,
+# fourteenth session. Frame-wise chunks (1,560 queries: about one wave of the fused kernel's 128-query tiles) and
+# 9,360 keys were not measured and stay on cuDNN. MEGATRON_RCM_INFERENCE_FUSED_FROM="Q,K" moves the limits;
+# MEGATRON_RCM_INFERENCE_SDPA=fused keeps every call on the fused kernel.
 # MEGATRON_RCM_TRAINING_SDPA=cudnn sends the full-mask calls autograd records there too, forward and backward (a
 # self-forcing exit chunk against its KV cache, every text cross-attention): on the H200 cuDNN's backward is
 # 1.2-1.5x the fused one at the rollout's 4,680-query shapes, its forward 1.15x, and 1.7-2.6x on the 512-key text
@@ -124,6 +138,7 @@ def resolve_backend(name: str, like: torch.Tensor) -> AttentionBackend:
 # than the runs of one device call differ (its exit chunks wait on the host, and a cuDNN call costs the host ~80 us
 # more than a fused one); RESULTS.md, thirteenth session.
 INFERENCE_SDPA = os.environ.get("MEGATRON_RCM_INFERENCE_SDPA", "cudnn")
+INFERENCE_FUSED_FROM = _parse_fused_from(os.environ.get("MEGATRON_RCM_INFERENCE_FUSED_FROM", "4096,12288"))
 TRAINING_SDPA = os.environ.get("MEGATRON_RCM_TRAINING_SDPA", "fused")
 _cudnn_refused: set = set()  # shapes cuDNN declined once (no kernel): they stay on the fused kernel
 
@@ -144,8 +159,11 @@ def _cudnn_applies(path: str, q, k, mask) -> bool:
 
 
 def _cudnn_inference(q, k, v, mask, scale):
-    """O from cuDNN's SDPA for a full-mask forward without autograd, or None where it does not apply."""
-    if INFERENCE_SDPA != "cudnn" or records_graph(q, k, v) or not _cudnn_applies("inference", q, k, mask):
+    """O from cuDNN's SDPA for a full-mask forward without autograd below ``INFERENCE_FUSED_FROM``, or None where it
+    does not apply."""
+    fused_faster = q.shape[1] >= INFERENCE_FUSED_FROM[0] and k.shape[1] >= INFERENCE_FUSED_FROM[1]
+    if (INFERENCE_SDPA != "cudnn" or fused_faster or records_graph(q, k, v)
+            or not _cudnn_applies("inference", q, k, mask)):
         return None
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
