@@ -48,16 +48,18 @@ namespace sm90 {
 using namespace cute;
 namespace GM = cute::SM90::GMMA;
 
-// WS: warp-specialised launch. A third warpgroup (the first) only issues the TMA loads and tells the two
-// consumer warpgroups each tile's index through shared memory; with setmaxnreg it gives its registers to
-// them (FlashAttention-3's structure). Without WS, one consumer thread also loads, between its products.
-template <typename T, int D, int BK, bool JVP, bool WS = false>
+// Warp-specialised: a third warpgroup (the first) only issues the TMA loads and tells the two consumer
+// warpgroups each tile's index through shared memory; with setmaxnreg it gives its registers to them
+// (FlashAttention-3's structure; before it, one consumer thread also loaded between its products, and every
+// consumer thread walked the tile summary: the forward ran 0.85-0.91x as fast; RESULTS.md, fourteenth session).
+template <typename T, int D, int BK, bool JVP>
 struct Cfg {
-  static constexpr int NWG = 2, BQ = 64 * NWG, NT_MMA = 128 * NWG, NT = NT_MMA + (WS ? 128 : 0), SLOTS = 2;
+  static constexpr int NWG = 2, BQ = 64 * NWG, NT_MMA = 128 * NWG, NT = NT_MMA + 128, SLOTS = 2;
   static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // 128 x 24 + 256 x 240 <= 64 K registers
   // P V of tile j-1 under the softmax of tile j needs P's and the scores' registers at once: more than the
-  // 240 of a warp-specialised forward+JVP consumer, which then runs P V to completion before the scores.
-  static constexpr bool OVERLAP = !(WS && JVP);
+  // 240 of a forward+JVP consumer, which runs P V to completion before the scores (with the overlap it spilled
+  // 292 bytes and ran about 0.7x as fast as the two-warpgroup kernel; without it, 160 bytes and 1.07x on the full mask).
+  static constexpr bool OVERLAP = !JVP;
   using QKAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<BK>, _16>>());
   using PVAtom = decltype(GM::rs_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
   using MmaQK = decltype(make_tiled_mma(QKAtom{}, Layout<Shape<Int<NWG>, _1, _1>>{}));
@@ -71,7 +73,7 @@ struct Cfg {
   static constexpr int Q_ELEMS = BQ * D, K_ELEMS = BK * D;
   static constexpr int NQ = JVP ? 2 : 1, NKV = JVP ? 4 : 2;  // Q[,Qdot]; K, V[, Kdot, Vdot] per slot pair
   static constexpr int Q_BYTES = Q_ELEMS * int(sizeof(T)), K_BYTES = K_ELEMS * int(sizeof(T));
-  // ... + the barriers + (WS) each K slot's tile code
+  // ... + the barriers + each K slot's tile code
   static constexpr int SMEM_BYTES = 1024 + NQ * Q_BYTES + SLOTS * NKV * K_BYTES + (4 * SLOTS + 1) * 8 + SLOTS * 4;
 };
 
@@ -161,11 +163,11 @@ __device__ __forceinline__ int next_tile(const int8_t* row, int kt, int n) {
 // cores busy meanwhile (intra-warpgroup overlap and ping-pong, as in FlashAttention-3). K and V
 // live in separate two-slot rings: a K slot is free once the scores of its tile are done, a V slot once
 // P V of its tile is, so each load has more than an iteration to land.
-template <typename T, int D, int BK, bool JVP, bool WS>
-__global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
+template <typename T, int D, int BK, bool JVP>
+__global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     fwd_kernel(const AttnParams p, const __grid_constant__ TmaMaps maps) {
 #if defined(MRCM_SM90_DEVICE)
-  using C = Cfg<T, D, BK, JVP, WS>;
+  using C = Cfg<T, D, BK, JVP>;
   using cutlass::arch::ClusterBarrier;
   using cutlass::arch::ClusterTransactionBarrier;
   constexpr int BQ = C::BQ, NB = BK / 8, ND = D / 8, SL = C::SLOTS;
@@ -185,14 +187,14 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
   uint64_t* full_v = bars + 2 * SL;
   uint64_t* empty_v = bars + 3 * SL;
   uint64_t* qbar = bars + 4 * SL;
-  // WS: the tile code of each K slot, written by the producer before the slot's barrier completes:
+  // The tile code of each K slot, written by the producer before the slot's barrier completes:
   // 2 kt + (1 if the tile needs the element mask), or -1 after the last tile.
   int* code_s = reinterpret_cast<int*>(qbar + 1);
   auto k_tile = [&](int slot, int which) { return k_ring + (slot * (C::NKV / 2) + which) * C::K_ELEMS; };
   auto v_tile = [&](int slot, int which) { return v_ring + (slot * (C::NKV / 2) + which) * C::K_ELEMS; };
 
   // ct: the thread's index among the consumer (MMA) warpgroups; negative in the producer warpgroup.
-  const int tid = threadIdx.x, ct = WS ? tid - 128 : tid, wg = ct / 128, warp = (ct % 128) / 32, lane = tid % 32;
+  const int tid = threadIdx.x, ct = tid - 128, wg = ct / 128, warp = (ct % 128) / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   // Which row of which head: in launch order, or (cta_order 1, for summaries whose rows get longer) the
   // rows from the last to the first with the heads interleaved, so the whole launch runs longest first.
@@ -219,11 +221,9 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
   }
   __syncthreads();
 
-  // The loader: with WS thread 0, which does nothing else; else thread 128, the first thread of warpgroup 1,
-  // which runs second in the ping-pong below, so the slots it refills have normally been released by
-  // warpgroup 0 already. The j-th non-skipped tile goes to slot j % SL; refilling a slot waits for the
-  // release of the tile SL earlier.
-  const bool producer = tid == (WS ? 0 : 128);
+  // The loader: thread 0, which does nothing else. The j-th non-skipped tile goes to slot j % SL; refilling a
+  // slot waits for the release of the tile SL earlier.
+  const bool producer = tid == 0;
   struct Ring {  // one two-slot ring: its barriers, its tiles ([slot][primal, tangent]) and its cursor
     uint64_t* full;
     uint64_t* empty;
@@ -253,48 +253,32 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
   };
   Ring k_ring_state{full_k, empty_k, k_ring, &maps.k, &maps.tk, 0, first};
   Ring v_ring_state{full_v, empty_v, v_ring, &maps.v, &maps.tv, 0, first};
-  if (WS) {
-    if (tid < 128) {  // the producer warpgroup: one thread loads every tile, then ends the K ring with -1
-      cutlass::arch::warpgroup_reg_dealloc<C::PRODUCER_REGS>();
-      if (producer) {
-        load_q();
-        while (k_ring_state.kt < p.Tk) {
-          produce(k_ring_state, true);
-          produce(v_ring_state, false);
-        }
-        const int slot = k_ring_state.j % SL;
-        if (k_ring_state.j >= SL) ClusterBarrier::wait(&empty_k[slot], ((k_ring_state.j - SL) / SL) & 1);
-        code_s[slot] = -1;
-        ClusterBarrier::arrive(&full_k[slot]);
+  if (tid < 128) {  // the producer warpgroup: one thread loads every tile, then ends the K ring with -1
+    cutlass::arch::warpgroup_reg_dealloc<C::PRODUCER_REGS>();
+    if (producer) {
+      load_q();
+      while (k_ring_state.kt < p.Tk) {
+        produce(k_ring_state, true);
+        produce(v_ring_state, false);
       }
-      return;
+      const int slot = k_ring_state.j % SL;
+      if (k_ring_state.j >= SL) ClusterBarrier::wait(&empty_k[slot], ((k_ring_state.j - SL) / SL) & 1);
+      code_s[slot] = -1;
+      ClusterBarrier::arrive(&full_k[slot]);
     }
-    cutlass::arch::warpgroup_reg_alloc<C::CONSUMER_REGS>();
-  } else if (producer) {
-    load_q();
-    for (int s = 0; s < SL; ++s) {
-      produce(k_ring_state, false);
-      produce(v_ring_state, false);
-    }
+    return;
   }
+  cutlass::arch::warpgroup_reg_alloc<C::CONSUMER_REGS>();
   auto wait_k = [&](int j) { ClusterBarrier::wait(&full_k[j % SL], (j / SL) & 1); };
   auto wait_v = [&](int j) { ClusterBarrier::wait(&full_v[j % SL], (j / SL) & 1); };
-  // The code of the j-th live tile (after kt, the (j-1)-th): with WS the producer's, read once its K slot is
-  // full; else walked here.
-  auto code_of = [&](int j, int kt) -> int {
-    if (WS) {
-      wait_k(j);
-      return code_s[j % SL];
-    }
-    const int next = next_tile<!JVP>(trow, kt + 1, p.Tk);
-    return next < p.Tk ? 2 * next + (needs_mask(next) ? 1 : 0) : -1;
+  // The producer's code of the j-th live tile, read once its K slot is full.
+  auto code_of = [&](int j) -> int {
+    wait_k(j);
+    return code_s[j % SL];
   };
   auto release = [&](uint64_t* bar) {
     __syncwarp();
     if (lane == 0) ClusterBarrier::arrive(bar);
-  };
-  auto refill = [&](Ring& r) {
-    if (!WS && producer) produce(r, false);
   };
   // Ping-pong (FlashAttention-3): the warpgroups take turns issuing their products (named barriers 1
   // and 2), so one warpgroup's softmax runs while the other's products keep the tensor cores busy.
@@ -430,7 +414,7 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
   };
 
   ClusterBarrier::wait(qbar, 0);
-  int code = WS ? code_of(0, -1) : (first < p.Tk ? 2 * first + (needs_mask(first) ? 1 : 0) : -1);
+  int code = code_of(0);
   if (code >= 0) {
     if (wg == 1) turn_pass();  // warpgroup 0 goes first
     wait_k(0);
@@ -439,11 +423,10 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
     turn_pass();
     warpgroup_wait<0>();
     release(&empty_k[0]);
-    refill(k_ring_state);
     softmax(code);
     rescale_and_convert();
     int j = 1;
-    for (code = code_of(1, code >> 1); code >= 0; ++j, code = code_of(j, code >> 1)) {
+    for (code = code_of(1); code >= 0; ++j, code = code_of(j)) {
       if (!C::OVERLAP) {
         wait_v(j - 1);
         turn_wait();
@@ -455,7 +438,7 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
         turn_pass();
         warpgroup_wait<0>();
         release(&empty_k[j % SL]);
-        softmax(code);
+      softmax(code);
         rescale_and_convert();
         continue;
       }
@@ -467,11 +450,9 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP, WS>::NT, 1)
       turn_pass();
       warpgroup_wait<1>();  // the scores have landed; P V of tile j-1 runs on under the softmax
       release(&empty_k[j % SL]);
-      refill(k_ring_state);
       softmax(code);
       warpgroup_wait<0>();
       release(&empty_v[(j - 1) % SL]);
-      refill(v_ring_state);
       rescale_and_convert();
     }
     wait_v(j - 1);
@@ -879,9 +860,9 @@ cudaError_t run(Kernel kernel, dim3 grid, int threads, int smem, const AttnParam
   return cudaGetLastError();
 }
 
-template <typename T, int D, int BK, bool JVP, bool WS>
+template <typename T, int D, int BK, bool JVP>
 cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
-  using C = Cfg<T, D, BK, JVP, WS>;
+  using C = Cfg<T, D, BK, JVP>;
   TmaMaps maps;
   memset(&maps, 0, sizeof(maps));
   bool ok = make_map<T>(&maps.q, p.q, p.B, p.Sq, p.H, D, C::BQ) && make_map<T>(&maps.k, p.k, p.B, p.Sk, p.H, D, BK) &&
@@ -892,7 +873,7 @@ cudaError_t launch(const AttnParams& p, cudaStream_t stream) {
          make_map<T>(&maps.tk, p.tk, p.B, p.Sk, p.H, D, BK) && make_map<T>(&maps.tv, p.tv, p.B, p.Sk, p.H, D, BK);
   }
   if (!ok) return cudaErrorInvalidValue;
-  return run(fwd_kernel<T, D, BK, JVP, WS>, dim3((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps,
+  return run(fwd_kernel<T, D, BK, JVP>, dim3((p.Sq + C::BQ - 1) / C::BQ, p.H, p.B), C::NT, C::SMEM_BYTES, p, maps,
              stream);
 }
 
@@ -924,22 +905,17 @@ cudaError_t by_type(int dtype, int head_dim, F&& f) {
 
 }  // namespace sm90
 
-// Which forward kernels run warp-specialised (Cfg's WS). Both: on an H100 the producer warpgroup made the forward
-// 1.12-1.15x as fast and forward+JVP (with P V before the scores, Cfg::OVERLAP) 1.07x on the full 32,760 mask
-// (benchmarks/RESULTS.md, fourteenth session). false is the launch before it, kept for A/B runs.
-constexpr bool SM90_WS_FWD = true, SM90_WS_JVP = true;
-
 static_assert(SM90_FWD_BK == 192 && SM90_JVP_BK == 64 && SM90_BQ == sm90::Cfg<cutlass::bfloat16_t, 128, 64, true>::BQ,
               "tile sizes in the header must match the sm90 kernels");
 
 cudaError_t launch_fwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   return sm90::by_type(dtype, head_dim, [&](auto t, auto d) {
-    return sm90::launch<decltype(t), decltype(d)::value, SM90_FWD_BK, false, SM90_WS_FWD>(p, stream);
+    return sm90::launch<decltype(t), decltype(d)::value, SM90_FWD_BK, false>(p, stream);
   });
 }
 cudaError_t launch_fwd_jvp_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
   return sm90::by_type(dtype, head_dim, [&](auto t, auto d) {
-    return sm90::launch<decltype(t), decltype(d)::value, SM90_JVP_BK, true, SM90_WS_JVP>(p, stream);
+    return sm90::launch<decltype(t), decltype(d)::value, SM90_JVP_BK, true>(p, stream);
   });
 }
 cudaError_t launch_bwd_sm90(const AttnParams& p, int dtype, int head_dim, cudaStream_t stream) {
