@@ -58,7 +58,8 @@ struct Cfg {
   static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;  // 128 x 24 + 256 x 240 <= 64 K registers
   // P V of tile j-1 under the softmax of tile j needs P's and the scores' registers at once: more than the
   // 240 of a forward+JVP consumer, which runs P V to completion before the scores (with the overlap it spilled
-  // 292 bytes and ran about 0.7x as fast as the two-warpgroup kernel; without it, 160 bytes and 1.07x on the full mask).
+  // 292 bytes and ran about 0.7x as fast as the two-warpgroup kernel; without it, 160 bytes and 1.07x on the
+  // full mask).
   static constexpr bool OVERLAP = !JVP;
   using QKAtom = decltype(GM::ss_op_selector<T, T, float, Shape<_64, Int<BK>, _16>>());
   using PVAtom = decltype(GM::rs_op_selector<T, T, float, Shape<_64, Int<D>, _16>, GM::Major::K, GM::Major::MN>());
@@ -438,7 +439,7 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
         turn_pass();
         warpgroup_wait<0>();
         release(&empty_k[j % SL]);
-      softmax(code);
+        softmax(code);
         rescale_and_convert();
         continue;
       }
