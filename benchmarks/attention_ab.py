@@ -11,7 +11,8 @@ round, alternating.
 ``run`` times forward (+LSE), forward+JVP and backward on four cases (bf16, 12 heads x 128) in TFLOP/s
 over unmasked 64x64 tiles (forward 4 Sq Sk D H, JVP 3x, backward 2.5x) and, with ``--peers``, cuDNN's
 and flash's SDPA on the full mask. It saves two cases' outputs so ``compare`` can tell a reordering that
-must be bitwise neutral (dK, dV, the forward) from one that changes rounding.
+must be bitwise neutral (dK, dV, the forward) from one that changes rounding. ``AB_CASES=full32760,tf65520``
+(environment) limits every run to those cases.
 """
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ CASES = (("full32760", "full", 21), ("bc32760", "block_causal", 21), ("tf65520",
 SAVED = ("tf65520", "bc9360")
 OUTPUTS = ("o", "o_jvp", "t_jvp", "dq", "dk", "dv")
 H, D, TPF = 12, 128, 1560
+
+
+def selected_cases():
+    """CASES, or those named in AB_CASES (comma-separated) to spend a short device call on fewer."""
+    names = [n for n in os.environ.get("AB_CASES", "").split(",") if n]
+    unknown = sorted(set(names) - {c[0] for c in CASES})
+    if unknown:
+        raise SystemExit(f"attention_ab.py: AB_CASES names unknown cases {unknown}; choose from "
+                         f"{', '.join(c[0] for c in CASES)}")
+    return [c for c in CASES if not names or c[0] in names]
 
 
 def _bench(fn):
@@ -52,7 +63,7 @@ def run(tag: str, out: str, peers: bool) -> dict:
 
     assert fa._C is not None, "fused extension not available (MEGATRON_RCM_JIT_BUILD=1 on a GPU machine)"
     row, saved = {"tag": tag}, {}
-    for name, kind, frames in CASES:
+    for name, kind, frames in selected_cases():
         mask = _mask(kind, frames)
         sq, sk = mask.shape
         dens = float((mask.tile_summary(64, 64) != M.TILE_SKIP).float().mean())

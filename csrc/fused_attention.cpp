@@ -56,6 +56,17 @@ void check_tiles(const mrcm::AttnParams& p, int bq, int bk, const char* which) {
               " tile sizes (", bq, ", ", bk, ")");
 }
 
+// The sm_90a kernels' element mask (AttnParams::pair_bits): G rows of `tokens` bits of the other side, padded to
+// the kernel's tiles; an even word count, so the kernels read them in pairs.
+void set_pair_bits(mrcm::AttnParams& p, const at::Tensor& bits, int64_t tokens) {
+  const int64_t words = tokens / 32;
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.is_cuda() && bits.is_contiguous() && bits.numel() == p.G * words &&
+                  tokens % 64 == 0 && reinterpret_cast<uintptr_t>(bits.data_ptr()) % 8 == 0,
+              "pair bits must be contiguous int32 [G * ", words, "] on CUDA (8-byte aligned), got ", bits.numel());
+  p.pair_bits = reinterpret_cast<const uint32_t*>(bits.data_ptr<int>());
+  p.Wp = static_cast<int>(words);
+}
+
 int check_order(int64_t order) {
   TORCH_CHECK(order == 0 || order == 1, "cta_order must be 0 (launch order) or 1 (longest rows first), got ", order);
   return static_cast<int>(order);
@@ -64,7 +75,8 @@ int check_order(int64_t order) {
 void check_err(cudaError_t e) { TORCH_CHECK(e == cudaSuccess, "fused attention launch failed: ", cudaGetErrorString(e)); }
 
 std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor qg, at::Tensor kg, at::Tensor allow,
-                            at::Tensor tiles, int64_t G, double scale, bool sm90, int64_t cta_order) {
+                            at::Tensor tiles, at::Tensor key_bits, int64_t G, double scale, bool sm90,
+                            int64_t cta_order) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
@@ -76,6 +88,7 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   p.cta_order = check_order(cta_order);
 #if defined(MRCM_WITH_SM90)
   if (sm90) {
+    set_pair_bits(p, key_bits, static_cast<int64_t>(p.Tk) * mrcm::SM90_FWD_BK);
     check_err(mrcm::launch_fwd_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
     return {o, lse};
   }
@@ -86,8 +99,8 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
 
 std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> tq,
                                 std::optional<at::Tensor> tk, std::optional<at::Tensor> tv, at::Tensor qg,
-                                at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale,
-                                bool sm90, int64_t cta_order) {
+                                at::Tensor kg, at::Tensor allow, at::Tensor tiles, at::Tensor key_bits, int64_t G,
+                                double scale, bool sm90, int64_t cta_order) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   auto p = make_params(q, k, qg, kg, allow, tiles, G, scale);
@@ -112,6 +125,7 @@ std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::o
     if (!p.tq) p.tq = zero.data_ptr();
     if (!p.tk) p.tk = zero.data_ptr();
     if (!p.tv) p.tv = zero.data_ptr();
+    set_pair_bits(p, key_bits, static_cast<int64_t>(p.Tk) * mrcm::SM90_JVP_BK);
     check_err(mrcm::launch_fwd_jvp_sm90(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
     return {o, to};
   }
@@ -121,8 +135,8 @@ std::vector<at::Tensor> fwd_jvp(at::Tensor q, at::Tensor k, at::Tensor v, std::o
 }
 
 std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o, at::Tensor dout, at::Tensor lse,
-                            at::Tensor qg, at::Tensor kg, at::Tensor allow, at::Tensor tiles, int64_t G, double scale,
-                            bool sm90) {
+                            at::Tensor qg, at::Tensor kg, at::Tensor allow, at::Tensor tiles, at::Tensor query_bits,
+                            int64_t G, double scale, bool sm90) {
   check_qkv(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.is_contiguous() && dout.scalar_type() == q.scalar_type(), "bad dO");
@@ -145,9 +159,10 @@ std::vector<at::Tensor> bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   p.lse = lse.data_ptr<float>(); p.delta = delta.data_ptr<float>();
   p.dq_accum = dq.data_ptr<float>(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
 #if defined(MRCM_WITH_SM90)
-  if (sm90)
+  if (sm90) {
+    set_pair_bits(p, query_bits, static_cast<int64_t>(p.Tq) * mrcm::SM90_BWD_BQ);
     check_err(mrcm::launch_bwd_sm90(p, dtype_code(q), q.size(3), stream));
-  else
+  } else
 #endif
     check_err(mrcm::launch_bwd(p, dtype_code(q), q.size(3), stream));
   auto dq_out = at::empty_like(q);

@@ -15,6 +15,10 @@ struct AttnParams {
   float* lse; const float* delta;                   // LSE (fwd writes, bwd reads), rowsum(dO*O)
   float* dq_accum; void* dk; void* dv;              // backward outputs (dq in fp32, unscaled sum)
   const int* q_groups; const int* k_groups; const uint8_t* allow; const int8_t* tiles;
+  // sm_90a kernels' element mask, Wp words a row, bit i of row g: whether group g may pair with token i of
+  // the other side (0 past its end). Forward kernels: rows are query groups, bits keys (allow[g][k_groups[i]]);
+  // backward: rows are key groups, bits queries (allow[q_groups[i]][g]).
+  const uint32_t* pair_bits; int Wp;
   int B, H, Sq, Sk, G, Tq, Tk;                      // Tq x Tk tile summary for the kernel's tiles
   float scale;
   int cta_order;  // sm_90a forward kernels: 0 = CTA (x, y) takes row x of head y; 1 = longest rows first over all heads

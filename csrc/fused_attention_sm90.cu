@@ -13,7 +13,7 @@
 // tangent accumulator (B = sum p vdot + sum (p sdot) v): two accumulators (docs/design.md, "Attention JVP"). The two
 // warpgroups take turns on the tensor cores (ping-pong), so one's softmax hides under the other's
 // products. The tile summary (0 skip / 1 full / 2 partial) decides which key tiles are loaded at all
-// and which need the element mask.
+// and which need the element mask; that mask is a host-made bitmap (AttnParams::pair_bits).
 // What each of these choices bought is measured in benchmarks/RESULTS.md ("Kernel design history").
 //
 // Compiled only when CUTLASS/CuTe headers are found (MRCM_WITH_SM90); device code only for sm_90a.
@@ -110,11 +110,6 @@ template <> __device__ __forceinline__ uint32_t pack2<cutlass::half_t>(float a, 
 __device__ __forceinline__ float2 lds_f2(const float* ptr) {
   float2 v;
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
-  return v;
-}
-__device__ __forceinline__ int lds_i32(const int* ptr) {
-  int v;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
   return v;
 }
 // Stores take shared-window addresses: a thread's stores into a 128-byte-swizzled tile differ by XORs of
@@ -270,11 +265,11 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     return;
   }
   cutlass::arch::warpgroup_reg_alloc<C::CONSUMER_REGS>();
-  auto wait_k = [&](int j) { ClusterBarrier::wait(&full_k[j % SL], (j / SL) & 1); };
   auto wait_v = [&](int j) { ClusterBarrier::wait(&full_v[j % SL], (j / SL) & 1); };
-  // The producer's code of the j-th live tile, read once its K slot is full.
+  // The producer's code of the j-th live tile, read once its K slot is full: after this the K tile is
+  // ready too, so the scores need no wait of their own.
   auto code_of = [&](int j) -> int {
-    wait_k(j);
+    ClusterBarrier::wait(&full_k[j % SL], (j / SL) & 1);
     return code_s[j % SL];
   };
   auto release = [&](uint64_t* bar) {
@@ -346,18 +341,29 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
   auto softmax = [&](int code) {
     warpgroup_fence_operand(accS);
     if (JVP) warpgroup_fence_operand(accSd);
-    const int k0 = (code >> 1) * BK;
     if (code & 1) {
+      // The row group's bits of this tile's keys (host-made, 0 past Sk): BK / 32 words, read as pairs,
+      // shifted so that bit 8 (j % 4) + c is column 8 j + 2 t + c. Two group lookups per element, a
+      // dependent pair of global loads, made these tiles several times dearer than a full one (RESULTS.md).
+      constexpr int NW = BK / 32;
+      uint32_t w[2][NW];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint2* src = reinterpret_cast<const uint2*>(p.pair_bits + (int64_t)qg[r] * p.Wp + (code >> 1) * NW);
+#pragma unroll
+        for (int i = 0; i < NW / 2; ++i) {
+          const uint2 x = __ldg(src + i);
+          w[r][2 * i] = x.x >> (2 * t);
+          w[r][2 * i + 1] = x.y >> (2 * t);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < NB; ++j)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = 8 * j + 2 * t + c;
-          const int kgrp = k0 + col < p.Sk ? __ldg(p.k_groups + k0 + col) : -1;
+        for (int c = 0; c < 2; ++c)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            if (kgrp < 0 || !__ldg(p.allow + qg[r] * p.G + kgrp)) S(c, r, j) = -CUDART_INF_F;
-        }
+            if (!((w[r][j / 4] >> (8 * (j % 4) + c)) & 1u)) S(c, r, j) = -CUDART_INF_F;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -418,7 +424,6 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
   int code = code_of(0);
   if (code >= 0) {
     if (wg == 1) turn_pass();  // warpgroup 0 goes first
-    wait_k(0);
     turn_wait();
     issue_scores(0);
     turn_pass();
@@ -434,7 +439,6 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
         issue_pv((j - 1) % SL);
         warpgroup_wait<0>();  // P's registers are free before the scores' are written
         release(&empty_v[(j - 1) % SL]);
-        wait_k(j);
         issue_scores(j % SL);
         turn_pass();
         warpgroup_wait<0>();
@@ -443,7 +447,6 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
         rescale_and_convert();
         continue;
       }
-      wait_k(j);
       wait_v(j - 1);
       turn_wait();
       issue_scores(j % SL);  // the scores of tile j, then P V of tile j-1, in one turn
@@ -523,10 +526,10 @@ struct BwdCfg {
   using PFrag = Layout<Shape<Shape<_2, _2, _2>, _1, Int<BQ / 16>>>;
   static constexpr int TILE = 64 * D, TILE_BYTES = TILE * int(sizeof(T)), DS = 64 * 64;
   static constexpr int DQ = 64 * 64;  // a warpgroup's fp32 dQ tile: two TMA boxes of 64 rows x 32 floats
-  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, and per warpgroup the LSE, Delta
-  // and query groups of its query tile
+  // K, V (per warpgroup), the Q/dO ring, dS^T (two buffers per warpgroup), dQ, and per warpgroup the LSE and
+  // Delta of its query tile
   static constexpr int SMEM_BYTES = 1024 + (4 + 2 * SL) * TILE_BYTES + 4 * DS * int(sizeof(T)) + 2 * DQ * 4 +
-                                    6 * 64 * 4 + (2 * SL + 1) * 8;
+                                    4 * 64 * 4 + (2 * SL + 1) * 8;
   static constexpr int MAX_SMEM = 227 * 1024;
   static __host__ __device__ int col_bytes(int Tq) { return (Tq + 15) / 16 * 16; }
   static __host__ __device__ bool col_staged(int Tq) { return SMEM_BYTES + col_bytes(Tq) <= MAX_SMEM; }
@@ -550,8 +553,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   float* dq_s = reinterpret_cast<float*>(ds_s + 4 * C::DS);   // [wg][box][64 rows][32], 128B-swizzled
   float* lse_s = dq_s + 2 * C::DQ;                              // [wg][64], log2 units
   float* dl_s = lse_s + 2 * 64;                                // [wg][64]
-  int* qg_s = reinterpret_cast<int*>(dl_s + 2 * 64);            // [wg][64]: query groups, -1 past the end
-  uint64_t* full = reinterpret_cast<uint64_t*>(qg_s + 2 * 64);
+  uint64_t* full = reinterpret_cast<uint64_t*>(dl_s + 2 * 64);
   uint64_t* empty = full + SL;
   uint64_t* kvbar = empty + SL;
   int8_t* col_s = reinterpret_cast<int8_t*>(kvbar + 1);
@@ -570,7 +572,6 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
   T* my_v = v_s + wg * C::TILE;
   float* my_lse = lse_s + wg * 64;
   float* my_dl = dl_s + wg * 64;
-  int* my_qg = qg_s + wg * 64;
   float* my_dq = dq_s + wg * C::DQ;
   const bool dq_issuer = wt == 0;  // issues (and waits for) this warpgroup's dQ reduce-adds
 
@@ -651,12 +652,9 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
                      "l"(p.lse + loff + q) : "memory");
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(my_dl + wt)),
                      "l"(p.delta + loff + q) : "memory");
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(cute::cast_smem_ptr_to_uint(my_qg + wt)),
-                     "l"(p.q_groups + q) : "memory");
       } else {
         my_lse[wt] = -CUDART_INF_F;
         my_dl[wt] = 0.f;
-        my_qg[wt] = -1;
       }
     }
   };
@@ -693,19 +691,29 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
     wg_sync();  // LSE / Delta stores visible; my_dq free
     warpgroup_wait<1>();  // S^T has landed; dP^T may still be in flight
     warpgroup_fence_operand(accS);
-    // P^T = exp2(S^T scale - LSE). Only tiles that need the element mask look it up, in a branch of their
-    // own: written as one predicated loop, its lookups (address chains, loads) issued on every tile.
+    // P^T = exp2(S^T scale - LSE). Only tiles that need the element mask read it, in a branch of their own:
+    // written as one predicated loop, its loads issued on every tile. The mask of a key row is its group's
+    // bits of this tile's 64 queries (host-made, 0 past Sq), shifted so that bit 8 (jj % 4) + c is column
+    // 8 jj + 2 t + c; a key past Sk has none.
     auto exponentials = [&](auto masked) {
+      uint32_t w[2][2] = {{0u, 0u}, {0u, 0u}};
+      if (masked)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          if (kg[r] >= 0) {
+            const uint2 x = __ldg(reinterpret_cast<const uint2*>(p.pair_bits + (int64_t)kg[r] * p.Wp + q0 / 32));
+            w[r][0] = x.x >> (2 * t);
+            w[r][1] = x.y >> (2 * t);
+          }
 #pragma unroll
       for (int jj = 0; jj < NQ; ++jj) {
         const float2 lse2 = lds_f2(my_lse + 8 * jj + 2 * t);
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const int qgrp = masked ? lds_i32(my_qg + 8 * jj + 2 * t + c) : -1;
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             float pv = exp2f(fmaf(S(c, r, jj), sl2, -(c ? lse2.y : lse2.x)));
-            if (masked && (qgrp < 0 || kg[r] < 0 || !__ldg(p.allow + qgrp * p.G + kg[r]))) pv = 0.f;
+            if (masked && !((w[r][jj / 4] >> (8 * (jj % 4) + c)) & 1u)) pv = 0.f;
             S(c, r, jj) = pv;
             rP(make_coord(c, r, jj % 2), 0, jj / 2) = static_cast<T>(pv);
           }

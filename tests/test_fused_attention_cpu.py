@@ -33,6 +33,44 @@ def test_pack_mask_matches_tile_summary_and_caches():
     assert other.tiles.shape == (-(-780 // fa.FWD_TILES[0]), -(-780 // fa.FWD_TILES[1]))
 
 
+def _unpack_bits(words: torch.Tensor, g: int) -> torch.Tensor:
+    w = words.view(g, -1).long() & 0xFFFFFFFF
+    return ((w[:, :, None] >> torch.arange(32)) & 1).reshape(g, -1).bool()
+
+
+def test_pair_bits_give_each_token_its_dense_mask_row_or_column():
+    """The sm_90a kernels' element mask: the key bits of row q_groups[q] are row q of the dense mask and the query
+    bits of row k_groups[k] its column k, then zeros up to the tile grid (so a token past the end is masked
+    too), in an even number of words per group."""
+    g = torch.Generator().manual_seed(3)
+    masks = [M.teacher_forcing_mask(6, 37, 2), M.block_causal_mask(4, 61, 1), M.full_mask(90, 203),
+             M.kv_cache_mask([0, 2, 3], 50, 4, num_query_tokens=50)]
+    groups = 7  # random groups and allow matrix: bits at every position of a word, the sign bit included
+    masks.append(M.GroupMask(torch.randint(0, groups, (150,), generator=g), torch.randint(0, groups, (333,), generator=g),
+                             torch.rand(groups, groups, generator=g) < 0.5))
+    for mask in masks:
+        sq, sk = mask.shape
+        dense = mask.dense()
+        for tiles in (fa.SM90_FWD_TILES, fa.SM90_JVP_TILES, fa.SM90_BWD_TILES):
+            m = fa.pack_mask(mask, sq, sk, tiles, "cpu")
+            for bits, n, tokens, side in ((m.key_bits, sk, m.tiles.shape[1] * tiles[1], dense),
+                                          (m.query_bits, sq, m.tiles.shape[0] * tiles[0], dense.t())):
+                words = tokens // 32
+                assert bits.dtype == torch.int32 and bits.numel() == m.num_groups * words and words % 2 == 0
+                unpacked = _unpack_bits(bits, m.num_groups)
+                rows = (m.q_groups if side is dense else m.k_groups).long()
+                assert torch.equal(unpacked[rows, :n], side) and not unpacked[:, n:].any()
+    full = fa.pack_mask(None, 100, 70, fa.SM90_FWD_TILES, "cpu")
+    assert _unpack_bits(full.key_bits, 1)[0].tolist() == [True] * 70 + [False] * 122
+    assert _unpack_bits(full.query_bits, 1)[0].tolist() == [True] * 100 + [False] * 28
+    try:
+        fa.pair_bitmap(torch.ones(1, 1, dtype=torch.bool), torch.zeros(70, dtype=torch.int32), 64)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a bitmap shorter than the tokens was accepted")
+
+
 def test_longest_rows_first_only_for_growing_rows_and_short_launches():
     assert fa.rows_grow(M.block_causal_mask(4, 64, 1).tile_summary(64, 64))
     assert not fa.rows_grow(M.full_mask(300).tile_summary(64, 64))

@@ -119,7 +119,7 @@ def test_a_device_mask_is_copied_and_packed_once():
         assert mask.to(META) is on and on.to(META) is on and on.host() is mask
         assert not on.is_full()
         first = fused_attention.pack_mask(on, 64, 64, (32, 32), META)
-    assert sum(audit.events.values()) == 3 + 1, audit.table()  # ids, ids, allow; the tile summary
+    assert sum(audit.events.values()) == 3 + 1, audit.table()  # ids, ids, allow; the tile summary and bitmaps
     with SyncAudit() as audit:
         assert fused_attention.pack_mask(mask, 64, 64, (32, 32), META) is first
         assert fused_attention.pack_mask(mask.to(META), 64, 64, (32, 32), META) is first

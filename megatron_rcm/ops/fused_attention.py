@@ -97,6 +97,8 @@ class PackedMask(NamedTuple):
     k_groups: torch.Tensor  # int32 [Sk]
     allow: torch.Tensor  # uint8 [G * G]
     tiles: torch.Tensor  # int8 tile summary [Tq, Tk]
+    key_bits: torch.Tensor  # int32 [G * Tk * block_k / 32]: the sm_90a forward kernels' element mask
+    query_bits: torch.Tensor  # int32 [G * Tq * block_q / 32]: the sm_90a backward kernel's element mask
     num_groups: int
     rows_grow: bool  # the last row of tiles has more work than the first (block-causal, teacher forcing)
 
@@ -137,6 +139,24 @@ def forward_order(sm90: bool, m: PackedMask, q: torch.Tensor) -> int:
     return cta_order(m.rows_grow, m.tiles.shape[0] * q.shape[0] * q.shape[2], _sm_count(q.device))
 
 
+def pair_bitmap(allow: torch.Tensor, groups: torch.Tensor, padded: int) -> torch.Tensor:
+    """Bit i of row g = ``allow[g, groups[i]]``, tokens from ``len(groups)`` to ``padded`` off; int32
+    [G * padded / 32], bit i % 32 of word i // 32 (two's complement: bit 31 is the sign).
+
+    The sm_90a kernels test a partially masked tile's elements against these bits, one pair of words per 64
+    tokens and row: the forward kernels the keys of a query group (``allow``, ``k_groups``), the backward the
+    queries of a key group (``allow.T``, ``q_groups``). A lookup of each token's group and then of ``allow``
+    cost two dependent global loads an element and made those tiles several times dearer than full ones."""
+    g, n = allow.shape[0], groups.shape[0]
+    if padded % 32 or padded < n:
+        raise ValueError(f"padded must be a multiple of 32 and at least {n}, got {padded}")
+    bits = torch.zeros(g, padded, dtype=torch.uint8, device=allow.device)
+    bits[:, :n] = allow.bool()[:, groups.long()]
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=allow.device)  # made on the device: no copy
+    packed = (bits.view(g, -1, 8) * weights).sum(-1, dtype=torch.uint8)  # byte i // 8, bit i % 8 (no carries)
+    return packed.view(torch.int32).reshape(-1)  # little-endian bytes: word i // 32, bit i % 32
+
+
 def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], device) -> PackedMask:
     """The mask packed for the kernels' ``tiles`` (query, key tile sizes) on ``device``.
 
@@ -160,11 +180,19 @@ def pack_mask(mask: GroupMask | None, sq: int, sk: int, tiles: tuple[int, int], 
     if sub not in packs:
         summary = mask.tile_summary(*tiles).to(torch.int8)
         on_device = mask.to(device)
+        key_bits = pair_bitmap(mask.allow, mask.k_groups, summary.shape[1] * tiles[1])
+        query_bits = pair_bitmap(mask.allow.t(), mask.q_groups, summary.shape[0] * tiles[0])
+        # One host-to-device copy for the three: the bitmaps first (each an even number of words, so every part
+        # starts 8-byte aligned, as the kernels' paired loads need), the summary after them.
+        nk, nq = 4 * key_bits.numel(), 4 * query_bits.numel()
+        packed = torch.cat([key_bits.view(torch.int8), query_bits.view(torch.int8), summary.reshape(-1)]).to(device)
         packs[sub] = PackedMask(
             q_groups=on_device.q_groups.contiguous(),
             k_groups=on_device.k_groups.contiguous(),
             allow=on_device.allow.to(torch.uint8).reshape(-1).contiguous(),
-            tiles=summary.to(device).contiguous(),
+            tiles=packed[nk + nq:].view(summary.shape),
+            key_bits=packed[:nk].view(torch.int32),
+            query_bits=packed[nk:nk + nq].view(torch.int32),
             num_groups=mask.num_groups,
             rows_grow=rows_grow(summary),
         )
@@ -177,10 +205,12 @@ def _full_pack(sq: int, sk: int, tiles: tuple[int, int], device: str) -> PackedM
     each cost a mask built on the host and copied over (the host waiting for each copy)."""
     d = torch.device(device)
     rows, cols = -(-sq // tiles[0]), -(-sk // tiles[1])
-    return PackedMask(q_groups=torch.zeros(sq, dtype=torch.int32, device=d),
-                      k_groups=torch.zeros(sk, dtype=torch.int32, device=d),
-                      allow=torch.ones(1, dtype=torch.uint8, device=d),
+    q_groups, k_groups = (torch.zeros(n, dtype=torch.int32, device=d) for n in (sq, sk))
+    allow = torch.ones(1, 1, dtype=torch.bool, device=d)
+    return PackedMask(q_groups=q_groups, k_groups=k_groups, allow=allow.to(torch.uint8).reshape(-1),
                       tiles=torch.full((rows, cols), TILE_FULL, dtype=torch.int8, device=d),
+                      key_bits=pair_bitmap(allow, k_groups, cols * tiles[1]),
+                      query_bits=pair_bitmap(allow, q_groups, rows * tiles[0]),
                       num_groups=1, rows_grow=False)
 
 
@@ -210,14 +240,15 @@ def _fwd(q, k, v, mask, scale):
     """(O, LSE) of contiguous q, k, v."""
     sm90, m = kernel_and_mask("fwd", mask, q, k, v)
     order = forward_order(sm90, m, q)
-    return _C.fwd(q, k, v, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, scale, sm90, order)
+    return _C.fwd(q, k, v, m.q_groups, m.k_groups, m.allow, m.tiles, m.key_bits, m.num_groups, scale, sm90, order)
 
 
 # ---------------------------------------------------------------- autograd + backend functions
 def _bwd(q, k, v, o, do, lse, mask, scale):
     """(dq, dk, dv) from dO and the saved O and LSE (Delta is made inside the kernel)."""
     sm90, m = kernel_and_mask("bwd", mask, q, k, v, do)
-    dq, dk, dv = _C.bwd(q, k, v, o, do, lse, m.q_groups, m.k_groups, m.allow, m.tiles, m.num_groups, scale, sm90)
+    dq, dk, dv = _C.bwd(q, k, v, o, do, lse, m.q_groups, m.k_groups, m.allow, m.tiles, m.query_bits, m.num_groups,
+                        scale, sm90)
     return dq, dk, dv
 
 
@@ -245,7 +276,7 @@ def fused_forward_jvp(q, k, v, tq, tk, tv, mask: GroupMask | None = None, scale:
     order = forward_order(sm90, m, q)
     with torch.no_grad():
         o, to = _C.fwd_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, m.q_groups, m.k_groups, m.allow, m.tiles,
-                           m.num_groups, _scale(q, scale), sm90, order)
+                           m.key_bits, m.num_groups, _scale(q, scale), sm90, order)
     return o, to
 
 
