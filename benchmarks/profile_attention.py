@@ -3,7 +3,8 @@
 Why: the sm_90a forward and forward+JVP kernels run their masked cases below the full mask's rate on the
 unmasked tiles (issue 22), and neither the tile counts nor a scheduling simulation explain it. This
 script gives ``ncu`` one kernel launch per case and turns the reports into one table: time, tensor-pipe
-activity, DRAM bytes against the inputs' size (how often K/V come back from memory), the L2 hit rate, the
+activity, the SM clock (ncu runs with the clocks free, so compare kernels at equal clocks), DRAM bytes
+against the inputs' size (how often K/V come back from memory), the L2 hit rate, the
 busiest SM's active cycles over the mean (the launch ends with its busiest SM: load balance), and the
 warp-stall reasons.
 
@@ -27,10 +28,11 @@ OPS = ("fwd", "jvp", "bwd")
 # (column, raw metric, scale) of the table; a metric the report lacks prints "-".
 COLUMNS = (
     ("ms", "gpu__time_duration.sum", 1e-6),
+    ("SM GHz", "sm__cycles_elapsed.avg.per_second", 1e-9),  # ncu leaves the clocks free: compare cycles
     ("tensor %", "TPC.TriageCompute.sm__pipe_tensor_cycles_active_realtime.avg.pct_of_peak_sustained_elapsed", 1.0),
     ("SM busy %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1.0),
     ("DRAM GB", "dram__bytes_read.sum", 1e-9),
-    ("DRAM %", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1.0),
+    ("DRAM %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", 1.0),
     ("L2 hit %", "lts__t_sector_hit_rate.pct", 1.0),
     ("busiest SM / mean", None, None),
 )

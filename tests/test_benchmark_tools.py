@@ -181,23 +181,24 @@ def test_profile_table_reads_ncu_raw_csv_and_prices_dram_against_the_inputs(tmp_
     """ncu's raw CSV (names, units, one row per kernel; the last row is the profiled one) -> one table row:
     time in ms, DRAM bytes over the inputs read once, the busiest SM over the mean, the largest stalls first."""
     prof = _load("profile_attention")
-    names = ["Kernel Name", "gpu__time_duration.sum", "dram__bytes_read.sum", "lts__t_sector_hit_rate.pct",
+    names = ["Kernel Name", "gpu__time_duration.sum", "sm__cycles_elapsed.avg.per_second", "dram__bytes_read.sum",
+             "lts__t_sector_hit_rate.pct",
              "sm__cycles_active.avg", "sm__cycles_active.max",
              "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
              "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
              "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"]
     need = prof.input_bytes("tf65520", "fwd")
     assert need == 3 * 2 * 21 * 1560 * 12 * 128 * 2  # Q, K, V of [clean ; noisy], bf16
-    rows = [names, ["", "ns", "byte", "%", "cycle", "cycle", "", "", ""],
-            ["fwd_kernel", "1,000", "1", "1", "1", "1", "0", "0", "0"],  # an earlier kernel: ignored
-            ["fwd_kernel", "13,970,000", str(3 * need), "71.5", "900", "1000", "0.5", "2.25", "1.0"]]
+    rows = [names, ["", "ns", "hz", "byte", "%", "cycle", "cycle", "", "", ""],
+            ["fwd_kernel", "1,000", "1", "1", "1", "1", "1", "0", "0", "0"],  # an earlier kernel: ignored
+            ["fwd_kernel", "13,970,000", "1,729,005,924.33", str(3 * need), "71.5", "900", "1000", "0.5", "2.25", "1.0"]]
     path = tmp_path / "tf65520-fwd.raw.csv"
     path.write_text("\n".join(",".join(f'"{c}"' for c in r) for r in rows) + "\n")
     table = prof.table([str(path)], {"tf65520-fwd": need}).splitlines()
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
     row = dict(zip(head, cells))
-    assert row["case"] == "tf65520-fwd" and row["ms"] == "13.97" and row["L2 hit %"] == "71.5"
+    assert row["case"] == "tf65520-fwd" and row["ms"] == "13.97" and row["L2 hit %"] == "71.5" and row["SM GHz"] == "1.729"
     assert row["tensor %"] == "-" and row["busiest SM / mean"] == "1.111" and row["DRAM / inputs"] == "3.00"
     assert row["top stalls (cycles per issue)"] == "long_scoreboard 2.25, wait 1.00, barrier 0.50"
     empty = tmp_path / "x-fwd.raw.csv"
