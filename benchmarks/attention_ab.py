@@ -53,6 +53,41 @@ def _mask(kind, frames):
     return M.teacher_forcing_mask(frames, TPF, 1)
 
 
+def case_mask(name: str):
+    """The mask of the case called ``name`` in CASES."""
+    spec = {n: (kind, frames) for n, kind, frames in CASES}
+    if name not in spec:
+        raise SystemExit(f"attention_ab.py: unknown case {name}; choose from {', '.join(spec)}")
+    return _mask(*spec[name])
+
+
+def kernel_calls(mask):
+    """The fused kernels' calls on one case's random bf16 inputs (seed 0): {"fwd": (O, LSE), "jvp": (O, its
+    tangent), "bwd": (dQ, dK, dV) from dO}, and the inputs (q, k, v, dO). The timed A/B and the profiler
+    (``profile_attention.py``) run these same calls. The backward's forward runs at its first call."""
+    import functools
+
+    import torch
+
+    from megatron_rcm.ops import fused_attention as fa
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, tq, tk, tv, do = (torch.randn(1, mask.shape[0], H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+                               for _ in range(7))
+
+    @functools.cache
+    def graph():
+        leaves = tuple(x.clone().requires_grad_() for x in (q, k, v))
+        return fa.fused_forward(*leaves, mask), leaves
+
+    def bwd():
+        o, leaves = graph()
+        return torch.autograd.grad(o, leaves, do, retain_graph=True)
+
+    return {"fwd": lambda: fa.fused_forward_lse(q, k, v, mask),
+            "jvp": lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask), "bwd": bwd}, (q, k, v, do)
+
+
 def run(tag: str, out: str, peers: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -68,18 +103,12 @@ def run(tag: str, out: str, peers: bool) -> dict:
         sq, sk = mask.shape
         dens = float((mask.tile_summary(64, 64) != M.TILE_SKIP).float().mean())
         f1 = 4.0 * sq * sk * D * H * dens
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, tq, tk, tv, do = (torch.randn(1, sq, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
-                                   for _ in range(7))
-        row[f"{name}_fwd"] = f1 / _bench(lambda: fa.fused_forward_lse(q, k, v, mask)) / 1e9
-        row[f"{name}_jvp"] = 3 * f1 / _bench(lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask)) / 1e9
-        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-        o = fa.fused_forward(qr, kr, vr, mask)
-        grad = lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True)  # noqa: E731
-        row[f"{name}_bwd"] = 2.5 * f1 / _bench(grad) / 1e9
+        calls, (q, k, v, do) = kernel_calls(mask)
+        row[f"{name}_fwd"] = f1 / _bench(calls["fwd"]) / 1e9
+        row[f"{name}_jvp"] = 3 * f1 / _bench(calls["jvp"]) / 1e9
+        row[f"{name}_bwd"] = 2.5 * f1 / _bench(calls["bwd"]) / 1e9
         if name in SAVED:
-            saved[name] = [fa.fused_forward_lse(q, k, v, mask)[0], *fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask),
-                           *grad()]
+            saved[name] = [calls["fwd"]()[0], *calls["jvp"](), *calls["bwd"]()]
         if peers and mask.is_full():
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             for backend, peer in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
@@ -90,7 +119,7 @@ def run(tag: str, out: str, peers: bool) -> dict:
                     row[f"{name}_{peer}_bwd"] = 2.5 * f1 / _bench(
                         lambda: torch.autograd.grad(os_, (qs, ks, vs), do.transpose(1, 2), retain_graph=True)) / 1e9
                     del os_
-        del o, q, k, v, tq, tk, tv, do, qr, kr, vr
+        del calls, q, k, v, do
         torch.cuda.empty_cache()
     torch.save({k: [t.cpu() for t in v] for k, v in saved.items()}, os.path.join(out, f"{tag}.pt"))
     row = {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}

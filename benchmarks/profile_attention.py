@@ -39,47 +39,24 @@ COLUMNS = (
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio")
 
 
-def case_spec(case: str) -> tuple[str, int]:
-    """(mask kind, frames) of one attention_ab case."""
-    from attention_ab import CASES
-
-    spec = {name: (kind, frames) for name, kind, frames in CASES}
-    if case not in spec:
-        raise SystemExit(f"profile_attention.py: unknown case {case}; choose from {', '.join(spec)}")
-    return spec[case]
-
-
 def input_bytes(case: str, op: str) -> int:
     """Bytes of the kernel's [tokens, heads, dim] inputs, each read once: the least its DRAM traffic can be.
     fwd reads Q, K, V; jvp also their tangents; bwd Q, K, V, O and dO."""
-    from attention_ab import D, H, TPF
+    from attention_ab import D, H, case_mask
 
-    kind, frames = case_spec(case)
-    tokens = frames * TPF * (2 if kind == "teacher_forcing" else 1)
-    return tokens * H * D * 2 * {"fwd": 3, "jvp": 6, "bwd": 5}[op]
+    return case_mask(case).shape[0] * H * D * 2 * {"fwd": 3, "jvp": 6, "bwd": 5}[op]
 
 
 def launch(case: str, op: str, calls: int) -> None:
-    """``calls`` launches of one kernel (ncu skips the first ones: the warm-up)."""
+    """``calls`` launches of one kernel, as ``attention_ab.py`` times them (ncu skips the first ones: the
+    warm-up)."""
     import torch
 
+    from attention_ab import case_mask, kernel_calls
     from megatron_rcm.ops import fused_attention as fa
 
     assert fa._C is not None, "fused extension not available (MEGATRON_RCM_JIT_BUILD=1 on a GPU machine)"
-    from attention_ab import D, H, _mask
-
-    mask = _mask(*case_spec(case))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, tq, tk, tv, do = (torch.randn(1, mask.shape[0], H, D, device="cuda", generator=g,
-                                           dtype=torch.bfloat16) for _ in range(7))
-    if op == "fwd":
-        fn = lambda: fa.fused_forward_lse(q, k, v, mask)  # noqa: E731
-    elif op == "jvp":
-        fn = lambda: fa.fused_forward_jvp(q, k, v, tq, tk, tv, mask)  # noqa: E731
-    else:
-        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-        o = fa.fused_forward(qr, kr, vr, mask)
-        fn = lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True)  # noqa: E731
+    fn = kernel_calls(case_mask(case))[0][op]
     for _ in range(calls):
         fn()
     torch.cuda.synchronize()

@@ -112,6 +112,23 @@ __device__ __forceinline__ float2 lds_f2(const float* ptr) {
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
   return v;
 }
+// The element mask of a partial tile (AttnParams::pair_bits): a row group's NW words from word0, read in pairs and
+// shifted right by 2 t, so that bit 8 (j % 4) + c of word j / 4 is the thread's column 8 j + 2 t + c of the
+// accumulator fragment (the fragment's column of a tile's 32-token word depends on t only through 2 t).
+template <int NW>
+__device__ __forceinline__ void mask_words(const AttnParams& p, int group, int word0, int t, uint32_t (&w)[NW]) {
+  const uint2* src = reinterpret_cast<const uint2*>(p.pair_bits + (int64_t)group * p.Wp + word0);
+#pragma unroll
+  for (int i = 0; i < NW / 2; ++i) {
+    const uint2 x = __ldg(src + i);
+    w[2 * i] = x.x >> (2 * t);
+    w[2 * i + 1] = x.y >> (2 * t);
+  }
+}
+// Whether fragment column 8 j + 2 t + c may be attended, from mask_words' words.
+__device__ __forceinline__ bool mask_allows(const uint32_t* w, int j, int c) {
+  return (w[j / 4] >> (8 * (j % 4) + c)) & 1u;
+}
 // Stores take shared-window addresses: a thread's stores into a 128-byte-swizzled tile differ by XORs of
 // one base address, so the loop holds one base instead of an address per store (those had spilled).
 __device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t v) {
@@ -342,28 +359,19 @@ __global__ void __launch_bounds__(Cfg<T, D, BK, JVP>::NT, 1)
     warpgroup_fence_operand(accS);
     if (JVP) warpgroup_fence_operand(accSd);
     if (code & 1) {
-      // The row group's bits of this tile's keys (host-made, 0 past Sk): BK / 32 words, read as pairs,
-      // shifted so that bit 8 (j % 4) + c is column 8 j + 2 t + c. Two group lookups per element, a
+      // The row group's bits of this tile's keys (host-made, 0 past Sk). Two group lookups per element, a
       // dependent pair of global loads, made these tiles several times dearer than a full one (RESULTS.md).
       constexpr int NW = BK / 32;
       uint32_t w[2][NW];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const uint2* src = reinterpret_cast<const uint2*>(p.pair_bits + (int64_t)qg[r] * p.Wp + (code >> 1) * NW);
-#pragma unroll
-        for (int i = 0; i < NW / 2; ++i) {
-          const uint2 x = __ldg(src + i);
-          w[r][2 * i] = x.x >> (2 * t);
-          w[r][2 * i + 1] = x.y >> (2 * t);
-        }
-      }
+      for (int r = 0; r < 2; ++r) mask_words<NW>(p, qg[r], (code >> 1) * NW, t, w[r]);
 #pragma unroll
       for (int j = 0; j < NB; ++j)
 #pragma unroll
         for (int c = 0; c < 2; ++c)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            if (!((w[r][j / 4] >> (8 * (j % 4) + c)) & 1u)) S(c, r, j) = -CUDART_INF_F;
+            if (!mask_allows(w[r], j, c)) S(c, r, j) = -CUDART_INF_F;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -693,18 +701,13 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
     warpgroup_fence_operand(accS);
     // P^T = exp2(S^T scale - LSE). Only tiles that need the element mask read it, in a branch of their own:
     // written as one predicated loop, its loads issued on every tile. The mask of a key row is its group's
-    // bits of this tile's 64 queries (host-made, 0 past Sq), shifted so that bit 8 (jj % 4) + c is column
-    // 8 jj + 2 t + c; a key past Sk has none.
+    // bits of this tile's 64 queries (host-made, 0 past Sq); a key past Sk has none.
     auto exponentials = [&](auto masked) {
       uint32_t w[2][2] = {{0u, 0u}, {0u, 0u}};
       if (masked)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          if (kg[r] >= 0) {
-            const uint2 x = __ldg(reinterpret_cast<const uint2*>(p.pair_bits + (int64_t)kg[r] * p.Wp + q0 / 32));
-            w[r][0] = x.x >> (2 * t);
-            w[r][1] = x.y >> (2 * t);
-          }
+          if (kg[r] >= 0) mask_words<2>(p, kg[r], q0 / 32, t, w[r]);
 #pragma unroll
       for (int jj = 0; jj < NQ; ++jj) {
         const float2 lse2 = lds_f2(my_lse + 8 * jj + 2 * t);
@@ -713,7 +716,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::NT, 1)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             float pv = exp2f(fmaf(S(c, r, jj), sl2, -(c ? lse2.y : lse2.x)));
-            if (masked && !((w[r][jj / 4] >> (8 * (jj % 4) + c)) & 1u)) pv = 0.f;
+            if (masked && !mask_allows(w[r], jj, c)) pv = 0.f;
             S(c, r, jj) = pv;
             rP(make_coord(c, r, jj % 2), 0, jj / 2) = static_cast<T>(pv);
           }
